@@ -1,0 +1,87 @@
+"""The artifact references that pass between stages.
+
+A reference is small and serialisable: it names an artifact by id and fingerprint, says where its files live
+(`path`), which MLflow run made it, and carries the facts downstream stages need without opening the files.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from schemas.base import Contract
+from schemas.methods import DictionaryConfig
+from schemas.spec import CacheSpec, CorpusSpec, EvaluateSpec, LabelSpec, ModelSpec
+
+ArtifactKind = Literal["model", "corpus", "activation_cache", "dictionary", "evaluation", "labeling"]
+
+
+class ArtifactRef(Contract):
+    id: str = Field(description="Catalog id: '<kind prefix>-<first 12 hex digits of the fingerprint>'.")
+    fingerprint: str = Field(description="sha256 of (stage, stage code version, config, input fingerprints).")
+    path: str = Field(description="Local folder holding the artifact's files.")
+    mlflow_run_id: str | None = Field(None, description="The MLflow run that produced the artifact.")
+    reused: bool = Field(False, description="True when this run found the artifact complete in the catalog.")
+
+
+class ModelRef(ArtifactRef):
+    kind: Literal["model"] = "model"
+    spec: ModelSpec
+    architecture: str = Field(description="transformers architecture class, e.g. LlamaForCausalLM.")
+    n_layers: int
+    d_model: int
+    vocab_size: int
+
+
+class CorpusRef(ArtifactRef):
+    kind: Literal["corpus"] = "corpus"
+    spec: CorpusSpec
+    n_documents: int
+    n_chars: int
+
+
+class ActivationCacheRef(ArtifactRef):
+    kind: Literal["activation_cache"] = "activation_cache"
+    model: ModelRef
+    corpus: CorpusRef
+    spec: CacheSpec
+    hookpoints: list[str]
+    d_in: dict[str, int] = Field(description="Width of each hookpoint's activations.")
+    n_tokens: int
+    n_contexts: int
+    context_length: int
+
+
+class DictionaryRef(ArtifactRef):
+    kind: Literal["dictionary"] = "dictionary"
+    cache_id: str
+    hookpoint: str
+    config: DictionaryConfig
+    d_in: int
+    d_sae: int
+    final_metrics: dict[str, float] = Field(default_factory=dict, description="Last logged training figures.")
+
+
+class EvalReport(ArtifactRef):
+    kind: Literal["evaluation"] = "evaluation"
+    dictionary_id: str
+    spec: EvaluateSpec
+    n_tokens: int = Field(description="Held-out tokens the reconstruction metrics were computed on.")
+    fvu: float = Field(description="Fraction of variance unexplained: sum ||x - x_hat||^2 / sum ||x - mean||^2.")
+    explained_variance: float = Field(description="1 - fvu.")
+    mse: float = Field(description="Mean over tokens of ||x - x_hat||^2 / d_in.")
+    l0: float = Field(description="Mean number of active latents per token.")
+    dead_fraction: float = Field(description="Share of latents that never fired on the evaluation tokens.")
+    ce_loss_clean: float
+    ce_loss_spliced: float
+    ce_loss_zero: float
+    ce_loss_score: float = Field(description="(L_zero - L_spliced) / (L_zero - L_clean).")
+
+
+class LabelingRef(ArtifactRef):
+    kind: Literal["labeling"] = "labeling"
+    dictionary_id: str
+    spec: LabelSpec
+    n_features: int
+    n_labeled: int = Field(description="Latents that fired at least once and so received a label.")
