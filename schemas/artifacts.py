@@ -28,6 +28,10 @@ class ArtifactRef(Contract):
 class ModelRef(ArtifactRef):
     kind: Literal["model"] = "model"
     spec: ModelSpec
+    source: str = Field(description="The folder or hub id the model was read from.")
+    converted: bool = Field(
+        False, description="True when `path` holds a dequantised safetensors copy (made from a GGUF file)."
+    )
     architecture: str = Field(description="transformers architecture class, e.g. LlamaForCausalLM.")
     n_layers: int
     d_model: int
@@ -85,3 +89,19 @@ class LabelingRef(ArtifactRef):
     spec: LabelSpec
     n_features: int
     n_labeled: int = Field(description="Latents that fired at least once and so received a label.")
+
+
+class DictionaryResult(Contract):
+    dictionary: DictionaryRef
+    evaluation: EvalReport | None = None
+    labeling: LabelingRef | None = None
+
+
+class PipelineResult(Contract):
+    """What one pipeline run produced (or reused), with the MLflow run that tracks it."""
+
+    mlflow_run_id: str
+    model: ModelRef
+    corpus: CorpusRef
+    cache: ActivationCacheRef
+    dictionaries: list[DictionaryResult]

@@ -1,0 +1,33 @@
+"""The pipeline flow: the stages in order, as the spec declares them. No maths and no I/O here."""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from schemas.artifacts import DictionaryResult, PipelineResult
+from schemas.settings import Settings
+from schemas.spec import PipelineSpec
+from tasks.activations.task import cache_activations, prepare_corpus, register_model
+from tasks.dictionary.task import train_dictionary
+from tasks.evaluate.task import evaluate_dictionary
+from tasks.labeling.task import label_features
+from tasks.tracking.pipeline_run import log_summary, pipeline_run
+
+
+@flow(name="featureatlas-pipeline")
+def pipeline_flow(spec: PipelineSpec, progress: bool = False) -> PipelineResult:
+    settings = Settings()
+    with pipeline_run(settings, spec, progress) as ctx:
+        model = register_model(ctx, spec.model)
+        corpus = prepare_corpus(ctx, spec.corpus)
+        cache = cache_activations(ctx, model, corpus, spec.hookpoints, spec.cache)
+        results = []
+        for hookpoint, cfg in spec.dictionary_jobs():
+            dictionary = train_dictionary(ctx, cache, hookpoint, cfg)
+            evaluation = evaluate_dictionary(ctx, dictionary, cache, spec.evaluate) if spec.evaluate.enabled else None
+            labeling = label_features(ctx, dictionary, cache, spec.label) if spec.label.enabled else None
+            results.append(DictionaryResult(dictionary=dictionary, evaluation=evaluation, labeling=labeling))
+        result = PipelineResult(mlflow_run_id=ctx.parent_run_id, model=model, corpus=corpus, cache=cache,
+                                dictionaries=results)
+        log_summary(ctx, result)
+    return result

@@ -1,0 +1,142 @@
+"""Documents from the built-in corpora or local files, and their cut into fixed-length token contexts.
+
+Built-in corpora ship with every Python: `pydoc_data.topics` (the topic help, ~113k SmolLM2 tokens) and the
+docstrings of the standard library (~300k tokens). Held-out documents are chosen by a hash of the document id,
+so the split is the same on every machine and does not move when other documents are added.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import sysconfig
+from collections.abc import Iterator
+from pathlib import Path
+from typing import NamedTuple
+
+import polars as pl
+import torch
+
+from schemas.spec import CorpusSpec
+
+_MIN_DOCSTRING_CHARS = 200
+
+
+def _pydoc_topics() -> Iterator[tuple[str, str]]:
+    from pydoc_data.topics import topics
+
+    for name in sorted(topics):
+        yield f"pydoc:{name}", topics[name]
+
+
+def _stdlib_docstrings() -> Iterator[tuple[str, str]]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"test", "tests", "idle_test", "site-packages", "dist-packages", "lib2to3"}
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if skip & set(rel.parts):
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue  # a few stdlib files are templates or in other encodings; they are not prose anyway
+        nodes = [tree] + [n for n in ast.walk(tree) if isinstance(n, (ast.ClassDef, ast.FunctionDef))]
+        for node in nodes:
+            doc = ast.get_docstring(node)
+            if doc and len(doc) >= _MIN_DOCSTRING_CHARS:
+                name = getattr(node, "name", "<module>")
+                yield f"stdlib:{rel.as_posix()}:{name}:{getattr(node, 'lineno', 0)}", doc
+
+
+def _local_file(path: Path, text_field: str) -> Iterator[tuple[str, str]]:
+    if not path.exists():
+        raise FileNotFoundError(f"corpus file {str(path)!r} does not exist; fix `corpus.sources` in the spec")
+    if path.suffix == ".txt":
+        yield f"{path.name}", path.read_text(encoding="utf-8")
+    elif path.suffix == ".jsonl":
+        with path.open(encoding="utf-8") as f:
+            for i, line in enumerate(f):
+                if not line.strip():
+                    continue
+                record = json.loads(line)
+                if text_field not in record:
+                    raise ValueError(f"{path}:{i + 1}: no field {text_field!r}; set `corpus.text_field`")
+                yield f"{path.name}:{i}", str(record[text_field])
+    else:
+        df = pl.read_parquet(path)
+        if text_field not in df.columns:
+            raise ValueError(f"{path}: no column {text_field!r} (columns: {df.columns}); set `corpus.text_field`")
+        for i, text in enumerate(df[text_field].to_list()):
+            yield f"{path.name}:{i}", str(text)
+
+
+def _split(doc_id: str, heldout_fraction: float) -> str:
+    h = int(hashlib.sha256(doc_id.encode()).hexdigest()[:8], 16) / 2**32
+    return "heldout" if h < heldout_fraction else "train"
+
+
+def load_documents(spec: CorpusSpec) -> pl.DataFrame:
+    """All documents as a frame (doc_id, source, text, split), in a fixed, hash-shuffled order."""
+    rows = []
+    for source in spec.sources:
+        if source == "builtin:pydoc_topics":
+            docs = _pydoc_topics()
+        elif source == "builtin:stdlib_docstrings":
+            docs = _stdlib_docstrings()
+        else:
+            docs = _local_file(Path(source), spec.text_field)
+        rows.extend((doc_id, source, text) for doc_id, text in docs if text.strip())
+    if not rows:
+        raise ValueError(f"corpus sources {spec.sources} hold no text")
+    df = pl.DataFrame(rows, schema=["doc_id", "source", "text"], orient="row")
+    if df["doc_id"].n_unique() != df.height:
+        # two local files with one name: make ids unique by prefixing the source path
+        df = df.with_columns(doc_id=pl.col("source") + "::" + pl.col("doc_id"))
+    # order by a hash of the id: a token budget then samples every source, and the order is reproducible
+    df = df.with_columns(
+        split=pl.col("doc_id").map_elements(lambda d: _split(d, spec.heldout_fraction), return_dtype=pl.String),
+        _order=pl.col("doc_id").map_elements(
+            lambda d: hashlib.sha256(d.encode()).hexdigest(), return_dtype=pl.String
+        ),
+    )
+    return df.sort("_order").drop("_order")
+
+
+class Contexts(NamedTuple):
+    input_ids: torch.Tensor  # [n_ctx, L] int64, padded with the pad id
+    attention_mask: torch.Tensor  # [n_ctx, L] int64, 1 for real tokens
+    doc_index: torch.Tensor  # [n_ctx] int64: row of the document in the documents frame
+    heldout: torch.Tensor  # [n_ctx] bool
+
+
+def build_contexts(documents: pl.DataFrame, tokenizer, spec: CorpusSpec) -> Contexts:
+    """Cut each document into windows of `context_length` tokens until `max_tokens` real tokens are taken.
+
+    Windows never cross documents; a document's tail shorter than `min_context_tokens` is dropped.
+    """
+    L = spec.context_length
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    ids, masks, doc_index, heldout = [], [], [], []
+    total = 0
+    for i, (text, split) in enumerate(zip(documents["text"], documents["split"])):
+        tokens = tokenizer(text, add_special_tokens=True)["input_ids"]
+        for start in range(0, len(tokens), L):
+            window = tokens[start : start + L][: spec.max_tokens - total]
+            if len(window) < spec.min_context_tokens:
+                break
+            ids.append(window + [pad] * (L - len(window)))
+            masks.append([1] * len(window) + [0] * (L - len(window)))
+            doc_index.append(i)
+            heldout.append(split == "heldout")
+            total += len(window)
+        if total >= spec.max_tokens:
+            break
+    if not ids:
+        raise ValueError("the corpus yields no context; lower `corpus.min_context_tokens` or add text")
+    return Contexts(
+        torch.tensor(ids, dtype=torch.int64),
+        torch.tensor(masks, dtype=torch.int64),
+        torch.tensor(doc_index, dtype=torch.int64),
+        torch.tensor(heldout, dtype=torch.bool),
+    )

@@ -1,0 +1,60 @@
+"""Prefect task of stage 4: top-activating contexts, frequencies and first labels for every latent."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+import torch
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from schemas.artifacts import ActivationCacheRef, DictionaryRef, LabelingRef
+from schemas.spec import LabelSpec
+from tasks.common.store import ActivationCache
+from tasks.dictionary import load_dictionary
+from tasks.labeling.top_contexts import top_activating_contexts, write_feature_table
+from tasks.tracking.identity import labeling_identity, ref_identity
+from tasks.tracking.mlflow_runs import StageRun
+from tasks.tracking.stage import StageContext, run_stage
+
+
+@task(name="label_features", cache_policy=NO_CACHE)
+def label_features(
+    ctx: StageContext, dictionary: DictionaryRef, cache: ActivationCacheRef, spec: LabelSpec
+) -> LabelingRef:
+    ident = labeling_identity(ref_identity(dictionary), ref_identity(cache), spec)
+
+    def build(folder: Path, run: StageRun) -> tuple[dict, dict]:
+        store = ActivationCache(cache.path)
+        rows = store.select_rows(None)
+        if spec.max_tokens is not None:
+            rows = rows[: spec.max_tokens]
+        tokens = store.tokens
+        contexts = store.contexts()
+        vocab = dict(zip(tokens["token_id"].to_list(), tokens["token"].to_list()))
+        input_ids = contexts["input_ids"].masked_fill(contexts["attention_mask"] == 0, -1)
+        sae = load_dictionary(dictionary.path)
+        table = top_activating_contexts(
+            sae,
+            store.load(dictionary.hookpoint, rows),
+            torch.from_numpy(tokens["context"].to_numpy()[rows.numpy()].astype("int64")),
+            torch.from_numpy(tokens["position"].to_numpy()[rows.numpy()].astype("int64")),
+            input_ids,
+            lambda ids: [vocab.get(i, f"<{i}>") for i in ids],
+            top_k=spec.top_k,
+            window=spec.window,
+        )
+        table = table.with_columns(pl.lit(dictionary.id).alias("dictionary_id"))
+        write_feature_table(table, folder / "features.parquet")
+        n_labeled = int(table["label"].is_not_null().sum())
+        run.log_metrics({"n_features": table.height, "n_labeled": n_labeled,
+                         "mean_frequency": float(table["frequency"].mean())})
+        run.log_artifact(folder / "features.parquet")
+        fields = {"dictionary_id": dictionary.id, "spec": spec, "n_features": table.height,
+                  "n_labeled": n_labeled}
+        return fields, {"dictionary_id": dictionary.id, "n_features": table.height}
+
+    name = f"label_features[{dictionary.id}]"
+    return run_stage(ctx, ident, LabelingRef, name=name, config=spec.model_dump(mode="json"),
+                     parents=[dictionary, cache], build=build)

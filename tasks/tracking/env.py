@@ -1,0 +1,35 @@
+"""Point Prefect, MLflow and Hugging Face at the featureatlas home, offline and quiet.
+
+Called by the CLI and by tests before Prefect or MLflow is imported, so that nothing is written to the
+user's home folder or the working directory by surprise, and nothing tries the network.
+"""
+
+from __future__ import annotations
+
+import os
+
+from schemas.settings import Settings
+
+
+def configure_environment(settings: Settings | None = None) -> Settings:
+    settings = settings or Settings()
+    home = settings.home_dir
+    home.mkdir(parents=True, exist_ok=True)
+    defaults = {
+        "PREFECT_HOME": str(home / "prefect"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        # the 20 s default is too short for the temporary server on a busy 2-core machine
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+        "PREFECT_LOGGING_LEVEL": "INFO",
+        "MLFLOW_TRACKING_URI": settings.mlflow_uri,
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "DO_NOT_TRACK": "1",
+        "HF_HOME": str(home / "hf"),
+        "TOKENIZERS_PARALLELISM": "false",
+        "GIT_PYTHON_REFRESH": "quiet",
+    }
+    if not settings.online:
+        defaults |= {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    for key, value in defaults.items():
+        os.environ.setdefault(key, value)
+    return settings

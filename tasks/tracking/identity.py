@@ -1,0 +1,104 @@
+"""Artifact identity: fingerprint = sha256 of (stage, stage code version, config, input fingerprints).
+
+The same formulas serve the pipeline (to decide reuse) and `featureatlas run --plan` (to show it), so the
+plan never disagrees with the run. Bump a stage's version when its output changes for the same inputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+from typing import NamedTuple
+
+from pydantic import BaseModel
+
+from schemas.catalog import ID_PREFIX
+from schemas.methods import DictionaryConfig
+from schemas.spec import CacheSpec, CorpusSpec, EvaluateSpec, LabelSpec, ModelSpec
+from tasks.common.store import sha256_file
+
+STAGE_VERSIONS = {
+    "model": 1,
+    "corpus": 1,
+    "activation_cache": 1,
+    "dictionary": 1,
+    "evaluation": 1,
+    "labeling": 1,
+}
+
+
+class Identity(NamedTuple):
+    kind: str
+    id: str
+    fingerprint: str
+
+
+def _canonical(config: BaseModel | dict | list | str) -> object:
+    if isinstance(config, BaseModel):
+        return config.model_dump(mode="json")
+    return config
+
+
+def ref_identity(ref: BaseModel) -> Identity:
+    """The identity of an artifact already made (its reference carries kind, id and fingerprint)."""
+    return Identity(ref.kind, ref.id, ref.fingerprint)
+
+
+def identity(kind: str, config: object, inputs: list[str]) -> Identity:
+    payload = json.dumps(
+        {"stage": kind, "version": STAGE_VERSIONS[kind], "config": _canonical(config), "inputs": inputs},
+        sort_keys=True,
+    )
+    fp = hashlib.sha256(payload.encode()).hexdigest()
+    return Identity(kind, f"{ID_PREFIX[kind]}-{fp[:12]}", fp)
+
+
+_file_hashes: dict[tuple[str, int, float], str] = {}
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file, remembered per (path, size, mtime) within a process."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime)
+    if key not in _file_hashes:
+        _file_hashes[key] = sha256_file(path)
+    return _file_hashes[key]
+
+
+def model_identity(spec: ModelSpec, files: list[Path], source: str) -> Identity:
+    # content, not location: the same weights found at another path are the same model
+    content = [[p.name, file_digest(p)] for p in files] if files else [source, spec.revision]
+    config = {"gguf_file": spec.gguf_file, "dtype": spec.dtype, "content": content}
+    return identity("model", config, [])
+
+
+def corpus_identity(spec: CorpusSpec) -> Identity:
+    content = []
+    for s in spec.sources:
+        if s.startswith("builtin:"):
+            # the built-in text is whatever this Python ships
+            content.append([s, sys.version.split()[0]])
+        else:
+            content.append([Path(s).name, file_digest(Path(s)) if Path(s).exists() else "missing"])
+    return identity("corpus", {"spec": _canonical(spec), "content": content}, [])
+
+
+def cache_identity(model: Identity, corpus: Identity, hookpoints: list[str], spec: CacheSpec) -> Identity:
+    return identity("activation_cache", {"hookpoints": hookpoints, "cache": _canonical(spec)},
+                    [model.fingerprint, corpus.fingerprint])
+
+
+def dictionary_identity(cache: Identity, hookpoint: str, cfg: DictionaryConfig) -> Identity:
+    # the hookpoint field of a sweep entry may be unset; the resolved hookpoint is what counts
+    config = _canonical(cfg) | {"hookpoint": hookpoint}
+    return identity("dictionary", config, [cache.fingerprint])
+
+
+def evaluation_identity(dictionary: Identity, cache: Identity, spec: EvaluateSpec) -> Identity:
+    return identity("evaluation", spec, [dictionary.fingerprint, cache.fingerprint])
+
+
+def labeling_identity(dictionary: Identity, cache: Identity, spec: LabelSpec) -> Identity:
+    return identity("labeling", spec, [dictionary.fingerprint, cache.fingerprint])

@@ -1,0 +1,101 @@
+"""MLflow runs through an explicit client: one parent run per pipeline run, one nested run per stage.
+
+The explicit `MlflowClient` (rather than the fluent `mlflow.start_run`) keeps runs correct when Prefect runs
+tasks in worker threads, where the fluent API's active-run stack would not follow.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from functools import lru_cache
+from pathlib import Path
+
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunStatus
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+
+from schemas.artifacts import ArtifactRef
+
+_MAX_PARAM = 6000
+
+
+def flatten(config: dict, prefix: str = "") -> dict[str, str]:
+    out = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out |= flatten(value, f"{name}.")
+        else:
+            out[name] = str(value)[:_MAX_PARAM]
+    return out
+
+
+class StageRun:
+    """Handle on one MLflow run: params, metrics with steps, artifacts and dataset inputs."""
+
+    def __init__(self, client: MlflowClient, run_id: str):
+        self.client, self.run_id = client, run_id
+
+    def log_params(self, config: dict) -> None:
+        params = [Param(k, v) for k, v in flatten(config).items()]
+        for i in range(0, len(params), 100):
+            self.client.log_batch(self.run_id, params=params[i : i + 100])
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
+        self.client.log_batch(self.run_id, metrics=batch)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(self.run_id, k, v)
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_input(self, ref: ArtifactRef, context: str) -> None:
+        """Record that this run consumed `ref`: the lineage MLflow shows in its UI."""
+        dataset = MetaDataset(source=resolve_dataset_source(ref.path), name=ref.id, digest=ref.fingerprint[:32])
+        tags = [InputTag("mlflow.data.context", context), InputTag("featureatlas.kind", ref.kind)]
+        self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags)])
+
+
+class Tracker:
+    def __init__(self, uri: str, experiment: str, artifact_root: Path):
+        self.client = MlflowClient(uri)
+        exp = self.client.get_experiment_by_name(experiment)
+        if exp is None:
+            artifact_root.mkdir(parents=True, exist_ok=True)
+            self.experiment_id = self.client.create_experiment(experiment, artifact_location=artifact_root.as_uri())
+        else:
+            self.experiment_id = exp.experiment_id
+
+    def start(self, name: str, parent_run_id: str | None = None, tags: dict | None = None) -> StageRun:
+        tags = {MLFLOW_RUN_NAME: name, **(tags or {})}
+        if parent_run_id:
+            tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
+        run = self.client.create_run(self.experiment_id, tags=tags, run_name=name)
+        return StageRun(self.client, run.info.run_id)
+
+    def end(self, run: StageRun, ok: bool) -> None:
+        status = RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED)
+        self.client.set_terminated(run.run_id, status)
+
+    @contextmanager
+    def run(self, name: str, parent_run_id: str | None = None, tags: dict | None = None):
+        """A run that ends FINISHED, or FAILED if the block raises (the error still propagates)."""
+        run = self.start(name, parent_run_id, tags)
+        ok = False
+        try:
+            yield run
+            ok = True
+        finally:
+            self.end(run, ok)
+
+
+@lru_cache(maxsize=4)
+def open_tracker(uri: str, experiment: str, artifact_root: str) -> Tracker:
+    return Tracker(uri, experiment, Path(artifact_root))

@@ -1,0 +1,106 @@
+"""Run a stage or reuse its artifact: the one place that decides, tracks and registers.
+
+Every stage goes through `run_stage`: if the catalog holds a finished artifact with the stage's fingerprint,
+it is handed on (and the reuse is logged and recorded as a nested MLflow run pointing at the original);
+otherwise the stage builds into a temporary folder inside a nested MLflow run, the folder is renamed into
+place, and only then is the artifact registered with its lineage. A failed stage leaves no folder and no row.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+from pydantic import Field
+
+from schemas.artifacts import ArtifactRef
+from schemas.base import Contract
+from schemas.settings import Settings
+from tasks.tracking.catalog import open_catalog
+from tasks.tracking.identity import Identity
+from tasks.tracking.mlflow_runs import StageRun, Tracker, open_tracker
+
+R = TypeVar("R", bound=ArtifactRef)
+
+
+class StageContext(Contract):
+    """What every stage task needs to know about the pipeline run it belongs to."""
+
+    settings: Settings = Field(description="Where the catalog, MLflow store and artifacts live.")
+    parent_run_id: str | None = Field(None, description="The pipeline's MLflow run; stages nest under it.")
+    progress: bool = Field(False, description="Show progress bars (the CLI on a terminal).")
+
+
+def stage_logger() -> logging.Logger | logging.LoggerAdapter:
+    """Prefect's run logger inside a flow or task (so lines reach the Prefect UI), else a plain logger."""
+    try:
+        from prefect.logging import get_run_logger
+
+        return get_run_logger()
+    except Exception:  # MissingContextError outside a Prefect run: plain logging is the right fallback
+        return logging.getLogger("featureatlas")
+
+
+def tracker_for(settings: Settings) -> Tracker:
+    return open_tracker(settings.mlflow_uri, settings.experiment, str(settings.mlflow_artifacts_dir))
+
+
+def run_stage(
+    ctx: StageContext,
+    ident: Identity,
+    ref_cls: type[R],
+    *,
+    name: str,
+    config: dict,
+    parents: list[ArtifactRef],
+    build: Callable[[Path, StageRun], tuple[dict, dict]],
+) -> R:
+    """`build(folder, run)` writes the artifact into `folder` and returns (ref fields, catalog columns)."""
+    log = stage_logger()
+    settings = ctx.settings
+    catalog = open_catalog(settings.catalog)
+    tracker = tracker_for(settings)
+    tags = {"featureatlas.stage": ident.kind, "featureatlas.artifact_id": ident.id,
+            "featureatlas.fingerprint": ident.fingerprint}
+
+    found = catalog.find(ident.kind, ident.fingerprint)
+    if found is not None and Path(found["path"]).exists():
+        ref = ref_cls.model_validate(found | {"reused": True})
+        log.info("%s: reusing %s (fingerprint %s, made by MLflow run %s)", name, ref.id,
+                 ident.fingerprint[:12], ref.mlflow_run_id)
+        reuse_tags = tags | {"featureatlas.reused_from_run": str(ref.mlflow_run_id)}
+        with tracker.run(f"{name} (reused)", ctx.parent_run_id, reuse_tags) as run:
+            run.log_params(config)
+            for p in parents:
+                run.log_input(p, context=p.kind)
+        return ref
+
+    final = settings.artifacts_dir / ident.kind / ident.id
+    tmp = final.with_name(f"{final.name}.partial-{uuid.uuid4().hex[:8]}")
+    log.info("%s: building %s", name, ident.id)
+    with tracker.run(name, ctx.parent_run_id, tags) as run:
+        run.log_params(config)
+        for p in parents:
+            run.log_input(p, context=p.kind)
+        try:
+            tmp.mkdir(parents=True)
+            fields, columns = build(tmp, run)
+            if final.exists():
+                shutil.rmtree(final)  # left by a run that died after the rename, before registering
+            os.replace(tmp, final)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+        ref = ref_cls.model_validate(
+            {"id": ident.id, "fingerprint": ident.fingerprint, "path": str(final),
+             "mlflow_run_id": run.run_id, **fields}
+        )
+        catalog.register(ref, parents, config, **columns)
+        run.set_tags({"featureatlas.artifact_path": str(final)})
+    log.info("%s: registered %s at %s", name, ref.id, final)
+    return ref
