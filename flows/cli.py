@@ -31,6 +31,12 @@ console = Console()
 KINDS = list(ROWS)
 
 
+def fail(message: str, code: int = 1) -> typer.Exit:
+    """Print an error unwrapped on stderr (so it can be grepped and copied) and return the exit to raise."""
+    typer.secho(message, err=True, fg="red")
+    return typer.Exit(code)
+
+
 def demo_spec_path() -> Path:
     return Path(str(resources.files("flows") / "pipelines" / "demo.yaml"))
 
@@ -44,8 +50,7 @@ def _run(spec_path: Path, plan: bool, as_json: bool) -> None:
     try:
         spec = load_spec(spec_path)
     except SpecError as e:
-        console.print(f"[red]{e}[/red]")
-        raise typer.Exit(2) from None
+        raise fail(str(e), 2) from None
     if plan:
         _print_plan(spec, settings, as_json)
         return
@@ -64,8 +69,7 @@ def _print_plan(spec, settings: Settings, as_json: bool) -> None:
     try:
         stages = plan_pipeline(spec, settings)
     except (ValueError, FileNotFoundError) as e:
-        console.print(f"[red]{e}[/red]")
-        raise typer.Exit(2) from None
+        raise fail(str(e), 2) from None
     if as_json:
         print(json.dumps([{"stage": s.stage, "kind": s.ident.kind, "id": s.ident.id,
                            "fingerprint": s.ident.fingerprint, "parents": s.parents,
@@ -179,9 +183,7 @@ def catalog_list(
 def _get(artifact_id: str):
     found = _catalog().get(artifact_id)
     if found is None:
-        console.print(f"[red]no artifact {artifact_id!r} in the catalog; `featureatlas catalog list` shows "
-                      "the ids[/red]")
-        raise typer.Exit(1)
+        raise fail(f"no artifact {artifact_id!r} in the catalog; `featureatlas catalog list` shows the ids")
     return found
 
 

@@ -13,14 +13,13 @@ from typing import NamedTuple
 
 import polars as pl
 import torch
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 from schemas.spec import CacheSpec, CorpusSpec
 from tasks.common.corpus import build_contexts
 from tasks.common.hooks import capture_activations, resolve_hookpoint
 from tasks.common.models import LoadedModel
-from tasks.common.store import FORMAT_VERSION, ShardWriter, atomic_write_text
+from tasks.common.store import FORMAT_VERSION, ShardWriter, atomic_save_safetensors, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -91,10 +90,10 @@ def write_cache(
         }
     )
     tokens.write_parquet(out_dir / "tokens.parquet")
-    save_file(
+    atomic_save_safetensors(
         {"input_ids": contexts.input_ids, "attention_mask": contexts.attention_mask,
          "heldout": contexts.heldout.to(torch.uint8)},
-        str(out_dir / "contexts.safetensors"),
+        out_dir / "contexts.safetensors",
     )
     hp_info = {hp: w.finish() for hp, w in writers.items()}
     manifest = {

@@ -37,6 +37,7 @@ def sha256_file(path: Path) -> str:
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    tmp.chmod(0o644)  # safetensors creates files readable by the owner alone; caches are shared in a lab
     with tmp.open("rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)

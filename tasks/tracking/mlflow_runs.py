@@ -7,6 +7,7 @@ tasks in worker threads, where the fluent API's active-run stack would not follo
 from __future__ import annotations
 
 import time
+import warnings
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
@@ -58,7 +59,11 @@ class StageRun:
 
     def log_input(self, ref: ArtifactRef, context: str) -> None:
         """Record that this run consumed `ref`: the lineage MLflow shows in its UI."""
-        dataset = MetaDataset(source=resolve_dataset_source(ref.path), name=ref.id, digest=ref.fingerprint[:32])
+        with warnings.catch_warnings():
+            # MLflow registers the local-file source twice and warns that the path is ambiguous
+            warnings.simplefilter("ignore", UserWarning)
+            source = resolve_dataset_source(ref.path)
+        dataset = MetaDataset(source=source, name=ref.id, digest=ref.fingerprint[:32])
         tags = [InputTag("mlflow.data.context", context), InputTag("featureatlas.kind", ref.kind)]
         self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags)])
 

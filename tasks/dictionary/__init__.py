@@ -1,0 +1,19 @@
+"""Dictionary learning: one `Dictionary` interface, a registry of methods keyed by name, and the trainer.
+
+Importing this package registers every built-in method, so `load_dictionary` can find any saved folder.
+"""
+
+from tasks.dictionary import topk as _topk  # noqa: F401  (registers "topk")
+from tasks.dictionary.base import Dictionary, ForwardOutput
+from tasks.dictionary.registry import METHODS, build_dictionary, load_dictionary
+from tasks.dictionary.train import TrainResult, train_dictionary
+
+__all__ = [
+    "METHODS",
+    "Dictionary",
+    "ForwardOutput",
+    "TrainResult",
+    "build_dictionary",
+    "load_dictionary",
+    "train_dictionary",
+]

@@ -1,0 +1,146 @@
+"""TopK sparse autoencoder (Gao et al. 2024, "Scaling and evaluating sparse autoencoders").
+
+The encoder keeps the k largest pre-activations per token and zeroes the rest, so sparsity is set directly by
+`k` rather than through an L1 penalty (which shrinks the surviving codes). The decoder rows are kept at unit
+norm: the codes then carry the magnitudes, and decoder rows are comparable directions across latents.
+
+Latents that stop firing are revived by the AuxK loss (appendix A.2): the dead latents' own top
+pre-activations must reconstruct what the live ones missed, which gives them a gradient towards the data.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from schemas.methods import TopKConfig
+from tasks.dictionary.base import Dictionary, TrainStepOutput
+from tasks.dictionary.registry import register
+
+# Guards the divisions by a batch variance; far below any real activation variance after input scaling.
+_EPS = 1e-12
+
+
+@register
+class TopKSAE(Dictionary):
+    """W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in] (unit-norm rows), b_dec [d_in].
+
+    Parameters live in the scaled space (acts * input_scale); `encode`/`decode` take and give raw activations.
+    """
+
+    method: ClassVar[str] = "topk"
+    config_cls: ClassVar[type[TopKConfig]] = TopKConfig
+    cfg: TopKConfig
+
+    def __init__(self, cfg: TopKConfig, d_in: int) -> None:
+        super().__init__(cfg, d_in)
+        self.k = cfg.k
+        self.W_enc = nn.Parameter(torch.empty(d_in, cfg.d_sae))
+        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
+        self.W_dec = nn.Parameter(torch.empty(cfg.d_sae, d_in))
+        self.b_dec = nn.Parameter(torch.zeros(d_in))
+        # Own generator: building (or loading) a dictionary must not advance the global RNG.
+        self.reset_parameters(torch.Generator().manual_seed(cfg.seed))
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator) -> None:
+        """Random unit-norm decoder rows and W_enc = W_dec.T (Gao et al.: fewer latents die early)."""
+        W_dec = torch.randn(self.d_sae, self.d_in, generator=generator)
+        W_dec /= W_dec.norm(dim=-1, keepdim=True)
+        self.W_dec.copy_(W_dec)
+        self.W_enc.copy_(W_dec.T)
+        self.b_enc.zero_()
+        self.b_dec.zero_()
+
+    @torch.no_grad()
+    def init_from_data(self, acts: Tensor, chunk_rows: int = 65_536) -> None:
+        """Fit `input_scale` so E||acts * scale||^2 = d_in; set b_dec to the scaled mean of acts [n, d_in].
+
+        Sums run in float64 over row chunks: caches are large and often bfloat16, where a float32 running sum
+        over millions of rows loses the digits that matter.
+        """
+        n = acts.shape[0]
+        total = torch.zeros(self.d_in, dtype=torch.float64)
+        sum_sq = torch.zeros((), dtype=torch.float64)
+        for start in range(0, n, chunk_rows):
+            chunk = acts[start : start + chunk_rows].to("cpu", torch.float64)
+            total += chunk.sum(0)
+            sum_sq += chunk.pow(2).sum()
+        mean_sq_norm = float(sum_sq) / n
+        if mean_sq_norm <= 0:
+            raise ValueError("acts are all zero; input scaling needs activations with a nonzero norm")
+        scale = math.sqrt(self.d_in / mean_sq_norm)
+        self.input_scale.fill_(scale)
+        self.b_dec.copy_((total / n * scale).to(self.b_dec))
+
+    def pre_acts(self, x_scaled: Tensor) -> Tensor:
+        """Encoder pre-activations [..., d_sae] of already scaled inputs."""
+        return (x_scaled - self.b_dec) @ self.W_enc + self.b_enc
+
+    def _topk_codes(self, pre: Tensor) -> Tensor:
+        # ReLU after the top-k: a token whose k-th largest pre-activation is negative gets fewer than k codes.
+        top = pre.topk(self.k, dim=-1, sorted=False)
+        return torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu())
+
+    def encode(self, acts: Tensor) -> Tensor:
+        # Cast before scaling: bfloat16 acts times a float32 0-dim scale would stay bfloat16.
+        return self._topk_codes(self.pre_acts(acts.to(self.W_enc.dtype) * self.input_scale))
+
+    def decode(self, codes: Tensor) -> Tensor:
+        return (codes @ self.W_dec + self.b_dec) / self.input_scale
+
+    def decoder_directions(self) -> Tensor:
+        """The unit-norm decoder rows [d_sae, d_in] (a detached view; clone before modifying)."""
+        return self.W_dec.detach()
+
+    # ---- training hooks (see tasks.dictionary.train.Trainable) --------------------------------------------
+
+    def training_loss(self, acts: Tensor, dead_mask: Tensor) -> TrainStepOutput:
+        """FVU of the batch plus `auxk_coef` x AuxK, all in the scaled space; acts [batch, d_in] raw."""
+        x = acts.to(self.W_enc.dtype) * self.input_scale
+        pre = self.pre_acts(x)
+        codes = self._topk_codes(pre)
+        err = x - (codes @ self.W_dec + self.b_dec)
+        err_sq = err.pow(2).sum()
+        fvu = err_sq / (x - x.mean(0)).pow(2).sum().clamp_min(_EPS)
+        auxk = self.auxk_loss(pre, err.detach(), dead_mask)
+        return TrainStepOutput(
+            loss=fvu + self.cfg.auxk_coef * auxk,
+            mse=(err_sq / err.numel() / self.input_scale**2).detach(),
+            fvu=fvu.detach(),
+            auxk_loss=auxk.detach(),
+            codes=codes.detach(),
+        )
+
+    def auxk_loss(self, pre: Tensor, err: Tensor, dead_mask: Tensor) -> Tensor:
+        """How badly the dead latents' top-k_aux pre-activations reconstruct the residual `err` [batch, d_in].
+
+        k_aux = min(d_in // 2, n_dead). Normalised by sum(err^2), so 1 means the dead latents explain none of
+        the residual; the reconstruction has no bias, so it must explain err's mean too, and the uncentred sum
+        keeps that floor at exactly 1. Exactly 0 (not NaN) when nothing is dead or the loss is switched off.
+        """
+        n_dead = int(dead_mask.sum())
+        if n_dead == 0 or self.cfg.auxk_coef == 0:
+            return pre.new_zeros(())
+        k_aux = min(max(self.d_in // 2, 1), n_dead)
+        # Live latents get -inf so the top-k_aux picks only dead ones (k_aux <= n_dead keeps them finite).
+        dead_pre = pre.masked_fill(~dead_mask, -math.inf)
+        top = dead_pre.topk(k_aux, dim=-1, sorted=False)
+        aux_codes = torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu())
+        err_hat = aux_codes @ self.W_dec
+        return (err - err_hat).pow(2).sum() / err.pow(2).sum().clamp_min(_EPS)
+
+    @torch.no_grad()
+    def before_optimizer_step(self) -> None:
+        """Drop the gradient along each decoder row: with unit-norm rows it would only change their length."""
+        grad = self.W_dec.grad
+        if grad is not None:
+            grad -= (grad * self.W_dec).sum(-1, keepdim=True) * self.W_dec
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        """Put the decoder rows back on the unit sphere (Adam's step leaves them slightly off it)."""
+        self.W_dec /= self.W_dec.norm(dim=-1, keepdim=True).clamp_min(_EPS)

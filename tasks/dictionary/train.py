@@ -1,0 +1,170 @@
+"""Train a gradient-based dictionary on cached activations: seeded, minibatched Adam with live metrics.
+
+The loop is method-agnostic. A method supplies its losses and its constraints through the `Trainable` hooks
+(`init_from_data`, `training_loss`, `before_optimizer_step`, `after_optimizer_step`); this module owns the
+data order, the device, dead-latent bookkeeping and the metrics handed to `on_metrics` (MLflow in the flow).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from schemas.methods import DictionaryConfig
+from tasks.dictionary.base import Dictionary, TrainStepOutput
+from tasks.dictionary.registry import build_dictionary
+
+logger = logging.getLogger(__name__)
+
+MetricsCallback = Callable[[dict[str, float], int], None]
+
+
+@runtime_checkable
+class Trainable(Protocol):
+    """The hooks a dictionary needs for `train_dictionary`, on top of the `Dictionary` interface."""
+
+    def init_from_data(self, acts: Tensor) -> None: ...
+
+    def training_loss(self, acts: Tensor, dead_mask: Tensor) -> TrainStepOutput: ...
+
+    def before_optimizer_step(self) -> None: ...
+
+    def after_optimizer_step(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """A trained dictionary (on CPU, eval mode), the metrics of its last step, and the steps taken."""
+
+    dictionary: Dictionary
+    final_metrics: dict[str, float]
+    steps: int
+
+
+def resolve_device(spec: str) -> torch.device:
+    """'auto' -> CUDA when present, else CPU; 'cpu' and 'cuda[:N]' as given, checked against the machine."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError as err:
+        raise ValueError(f"device {spec!r} is not a device; use 'auto', 'cpu' or 'cuda[:N]'") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {spec!r} asked for, but this machine has no CUDA; use 'auto' or 'cpu'")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(
+            f"device {spec!r} asked for, but only {torch.cuda.device_count()} GPU(s) are visible"
+        )
+    return device
+
+
+def validate_acts(acts: Tensor, chunk_rows: int = 65_536) -> None:
+    """Refuse activations that training cannot use, saying how to fix them."""
+    if not isinstance(acts, Tensor):
+        raise TypeError(f"acts must be a torch.Tensor, got {type(acts).__name__}; use torch.from_numpy(...)")
+    if acts.ndim != 2:
+        raise ValueError(
+            f"acts must be [n_tokens, d_in], got shape {tuple(acts.shape)}; "
+            "flatten with acts.reshape(-1, acts.shape[-1])"
+        )
+    if not acts.is_floating_point():
+        raise ValueError(f"acts must be floating point, got {acts.dtype}; cast with acts.float()")
+    if acts.shape[0] < 2 or acts.shape[1] < 1:
+        raise ValueError(f"acts has shape {tuple(acts.shape)}; training needs >= 2 tokens and d_in >= 1")
+    # Chunked so a large cache is not doubled in memory by one boolean mask.
+    for start in range(0, acts.shape[0], chunk_rows):
+        finite = torch.isfinite(acts[start : start + chunk_rows]).all(dim=1)
+        if not bool(finite.all()):
+            row = start + int((~finite).nonzero()[0])
+            raise ValueError(f"acts row {row} holds NaN or inf; drop or recompute those rows before training")
+
+
+def _minibatches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[Tensor]:
+    """Row indices, batch after batch, from back-to-back shuffled passes over the data.
+
+    A batch may straddle two passes so that every batch is full: a one-row tail batch would have zero
+    variance, leaving the FVU undefined.
+    """
+    pending = torch.empty(0, dtype=torch.long)
+    while True:
+        while len(pending) < batch_size:
+            pending = torch.cat([pending, torch.randperm(n, generator=generator)])
+        yield pending[:batch_size]
+        pending = pending[batch_size:]
+
+
+def train_dictionary(
+    cfg: DictionaryConfig,
+    acts: Tensor,
+    *,
+    on_metrics: MetricsCallback | None = None,
+    progress: bool = False,
+) -> TrainResult:
+    """Train the dictionary `cfg` describes on `acts` [n, d_in] (CPU, any float dtype; it stays there).
+
+    Steps: `cfg.steps`, else `cfg.epochs` x ceil(n / batch_size). Every `cfg.log_every` steps and at the
+    last one, `on_metrics(metrics, step)` gets loss, mse (raw units), fvu, l0, dead_fraction and auxk_loss.
+    """
+    validate_acts(acts)
+    n, d_in = acts.shape
+    batch_size = min(cfg.batch_size, n)
+    steps = cfg.steps or cfg.epochs * math.ceil(n / batch_size)
+    device = resolve_device(cfg.device)
+    # Methods without a dead-latent threshold count a latent dead after a whole pass without firing.
+    dead_tokens = getattr(cfg, "dead_tokens", n)
+
+    dictionary = build_dictionary(cfg, d_in)
+    if not isinstance(dictionary, Trainable):
+        raise TypeError(f"method {cfg.method!r} lacks the Trainable hooks that train_dictionary needs")
+    dictionary.init_from_data(acts)
+    dictionary.to(device).train()
+    optimizer = torch.optim.Adam(dictionary.parameters(), lr=cfg.lr)
+    batches = _minibatches(n, batch_size, torch.Generator().manual_seed(cfg.seed))
+    tokens_since_fired = torch.zeros(dictionary.d_sae, dtype=torch.long, device=device)
+    logger.info(
+        "training %s: n=%d d_in=%d d_sae=%d batch=%d steps=%d on %s",
+        cfg.method,
+        n,
+        d_in,
+        dictionary.d_sae,
+        batch_size,
+        steps,
+        device,
+    )
+
+    metrics: dict[str, float] = {}
+    bar = tqdm(range(1, steps + 1), desc=f"train {cfg.method}", disable=not progress)
+    for step in bar:
+        batch = acts[next(batches)].to(device, non_blocking=True)
+        out = dictionary.training_loss(batch, tokens_since_fired >= dead_tokens)
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        dictionary.before_optimizer_step()
+        optimizer.step()
+        dictionary.after_optimizer_step()
+
+        tokens_since_fired += batch.shape[0]
+        tokens_since_fired[(out.codes > 0).any(0)] = 0
+        # Metrics are read back only when logged: each .item() waits for the GPU.
+        if step % cfg.log_every == 0 or step == steps:
+            metrics = {
+                "loss": out.loss.item(),
+                "mse": out.mse.item(),
+                "fvu": out.fvu.item(),
+                "l0": (out.codes > 0).sum(-1).float().mean().item(),
+                "dead_fraction": (tokens_since_fired >= dead_tokens).float().mean().item(),
+                "auxk_loss": out.auxk_loss.item(),
+            }
+            bar.set_postfix(fvu=f"{metrics['fvu']:.4f}", l0=f"{metrics['l0']:.1f}")
+            if on_metrics is not None:
+                on_metrics(metrics, step)
+
+    logger.info("trained %s in %d steps: %s", cfg.method, steps, metrics)
+    return TrainResult(dictionary=dictionary.cpu().eval(), final_metrics=metrics, steps=steps)

@@ -1,0 +1,41 @@
+"""Test-wide set-up: state in a temporary home (never the user's), offline, seeded."""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+
+_HOME = tempfile.mkdtemp(prefix="featureatlas-test-")
+os.environ["FEATUREATLAS_HOME"] = _HOME
+
+from schemas.settings import Settings  # noqa: E402
+from tasks.tracking.env import configure_environment  # noqa: E402
+
+configure_environment(Settings())
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Settings:
+    """A fresh featureatlas home for one test: its own catalog, MLflow store and artifacts."""
+    monkeypatch.setenv("FEATUREATLAS_HOME", str(tmp_path / "home"))
+    return Settings()
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield

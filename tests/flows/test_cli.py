@@ -1,0 +1,71 @@
+"""The Typer CLI, driven as a user would through CliRunner."""
+
+from __future__ import annotations
+
+import json
+
+import yaml
+from typer.testing import CliRunner
+
+from flows.cli import app
+from tests.flows.test_pipeline import tiny_spec
+
+runner = CliRunner()
+
+
+def write_spec(tmp_path, **overrides):
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(tiny_spec(tmp_path, **overrides)))
+    return path
+
+
+def test_bad_spec_exits_2_with_the_key_path(tmp_path, home):  # noqa: ARG001
+    path = tmp_path / "bad.yaml"
+    path.write_text("model: {path: m}\nhookpoints: [h]\ndictionaries: [{method: topk, kk: 3}]\n")
+    result = runner.invoke(app, ["run", str(path)])
+    assert result.exit_code == 2
+    assert "dictionaries.0.topk: unknown key 'kk'" in result.output
+
+
+def test_missing_model_folder_is_reported_by_plan(tmp_path, home):  # noqa: ARG001
+    path = write_spec(tmp_path, model={"path": str(tmp_path / "no-such-model")})
+    result = runner.invoke(app, ["run", str(path), "--plan"])
+    assert result.exit_code == 2
+    assert "is not a local folder and hub downloads are off" in result.output
+
+
+def test_unknown_catalog_kind_and_id(home):  # noqa: ARG001
+    result = runner.invoke(app, ["catalog", "list", "--kind", "sae"])
+    assert result.exit_code != 0 and "unknown kind 'sae'" in result.output
+    result = runner.invoke(app, ["catalog", "show", "dict-000000000000"])
+    assert result.exit_code == 1 and "no artifact 'dict-000000000000'" in result.output
+
+
+def test_run_then_browse_catalog_and_plan_reuse(tmp_path, home, prefect_harness):  # noqa: ARG001
+    path = write_spec(tmp_path)
+    plan = json.loads(runner.invoke(app, ["run", str(path), "--plan", "--json"]).stdout)
+    assert [s["kind"] for s in plan] == ["model", "corpus", "activation_cache", "dictionary", "evaluation",
+                                         "labeling"]
+    assert not any(s["reuse"] for s in plan)
+
+    result = runner.invoke(app, ["run", str(path), "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    dict_id = out["dictionaries"][0]["dictionary"]["id"]
+    assert dict_id == plan[3]["id"]  # the plan predicted the id the run produced
+
+    listed = json.loads(runner.invoke(app, ["catalog", "list", "--kind", "dictionary", "--json"]).stdout)
+    assert [r["id"] for r in listed] == [dict_id]
+    assert listed[0]["path"] == out["dictionaries"][0]["dictionary"]["path"]
+
+    shown = json.loads(runner.invoke(app, ["catalog", "show", dict_id, "--json"]).stdout)
+    assert shown["parents"] == [out["cache"]["id"]]
+    assert len(shown["children"]) == 2
+
+    lineage = json.loads(runner.invoke(app, ["catalog", "lineage", dict_id, "--json"]).stdout)
+    assert lineage["ancestors"] == {out["cache"]["id"]: {out["model"]["id"]: {}, out["corpus"]["id"]: {}}}
+    tree = runner.invoke(app, ["catalog", "lineage", dict_id]).output
+    assert out["model"]["id"] in tree and out["dictionaries"][0]["evaluation"]["id"] in tree
+
+    replan = json.loads(runner.invoke(app, ["run", str(path), "--plan", "--json"]).stdout)
+    assert all(s["reuse"] for s in replan)
