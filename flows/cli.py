@@ -23,8 +23,11 @@ from schemas.settings import Settings
 from schemas.spec import SpecError, load_spec
 from tasks.tracking.env import configure_environment
 
-app = typer.Typer(help="featureatlas: declarative, tracked pipelines for finding features in neural networks.",
-                  no_args_is_help=True, add_completion=False)
+app = typer.Typer(
+    help="featureatlas: declarative, tracked pipelines for finding features in neural networks.",
+    no_args_is_help=True,
+    add_completion=False,
+)
 catalog_app = typer.Typer(help="Browse the metadata catalog.", no_args_is_help=True)
 app.add_typer(catalog_app, name="catalog")
 console = Console()
@@ -71,16 +74,35 @@ def _print_plan(spec, settings: Settings, as_json: bool) -> None:
     except (ValueError, FileNotFoundError) as e:
         raise fail(str(e), 2) from None
     if as_json:
-        print(json.dumps([{"stage": s.stage, "kind": s.ident.kind, "id": s.ident.id,
-                           "fingerprint": s.ident.fingerprint, "parents": s.parents,
-                           "reuse": s.reuse, "path": s.path} for s in stages], indent=1))
+        print(
+            json.dumps(
+                [
+                    {
+                        "stage": s.stage,
+                        "kind": s.ident.kind,
+                        "id": s.ident.id,
+                        "fingerprint": s.ident.fingerprint,
+                        "parents": s.parents,
+                        "reuse": s.reuse,
+                        "path": s.path,
+                    }
+                    for s in stages
+                ],
+                indent=1,
+            )
+        )
         return
     table = Table(title=f"plan for {spec.name!r}")
     for col in ("stage", "artifact", "fingerprint", "inputs", "action"):
         table.add_column(col)
     for s in stages:
-        table.add_row(s.stage, s.ident.id, s.ident.fingerprint[:16], ", ".join(s.parents),
-                      "[green]reuse[/green]" if s.reuse else "[yellow]run[/yellow]")
+        table.add_row(
+            s.stage,
+            s.ident.id,
+            s.ident.fingerprint[:16],
+            ", ".join(s.parents),
+            "[green]reuse[/green]" if s.reuse else "[yellow]run[/yellow]",
+        )
     console.print(table)
 
 
@@ -98,29 +120,41 @@ def _print_result(result, settings: Settings) -> None:
         table.add_column(col)
     for r in children:
         secs = ((r.info.end_time or r.info.start_time) - r.info.start_time) / 1000
-        table.add_row(r.data.tags.get("mlflow.runName", ""), r.data.tags.get("featureatlas.artifact_id", ""),
-                      f"{secs:.1f}")
+        table.add_row(
+            r.data.tags.get("mlflow.runName", ""),
+            r.data.tags.get("featureatlas.artifact_id", ""),
+            f"{secs:.1f}",
+        )
     console.print(table)
     for d in result.dictionaries:
         ev = d.evaluation
-        line = f"[bold]{d.dictionary.id}[/bold] ({d.dictionary.config.method}, {d.dictionary.hookpoint}, " \
-               f"d_sae={d.dictionary.d_sae})"
+        line = (
+            f"[bold]{d.dictionary.id}[/bold] ({d.dictionary.config.method}, {d.dictionary.hookpoint}, "
+            f"d_sae={d.dictionary.d_sae})"
+        )
         if ev is not None:
-            line += (f": FVU {ev.fvu:.3f}  L0 {ev.l0:.1f}  dead {ev.dead_fraction:.3f}  "
-                     f"CE-loss score {ev.ce_loss_score:.3f} (clean {ev.ce_loss_clean:.3f}, spliced "
-                     f"{ev.ce_loss_spliced:.3f}, zero {ev.ce_loss_zero:.3f})")
+            line += (
+                f": FVU {ev.fvu:.3f}  L0 {ev.l0:.1f}  dead {ev.dead_fraction:.3f}  "
+                f"CE-loss score {ev.ce_loss_score:.3f} (clean {ev.ce_loss_clean:.3f}, spliced "
+                f"{ev.ce_loss_spliced:.3f}, zero {ev.ce_loss_zero:.3f})"
+            )
         console.print(line)
         if d.labeling is not None:
             console.print(f"  labels: {Path(d.labeling.path) / 'features.parquet'}")
     console.print(f"MLflow run {result.mlflow_run_id}: see it with `featureatlas ui`")
-    console.print(f"catalog: `featureatlas catalog lineage {result.dictionaries[0].dictionary.id}`"
-                  if result.dictionaries else "")
+    console.print(
+        f"catalog: `featureatlas catalog lineage {result.dictionaries[0].dictionary.id}`"
+        if result.dictionaries
+        else ""
+    )
 
 
 @app.command()
 def run(
     spec: Annotated[Path, typer.Argument(help="Pipeline spec (YAML).")],
-    plan: Annotated[bool, typer.Option("--plan", help="Print the DAG, fingerprints and reuse; run nothing.")] = False,
+    plan: Annotated[
+        bool, typer.Option("--plan", help="Print the DAG, fingerprints and reuse; run nothing.")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Run a pipeline spec as a Prefect flow (finished stages with matching fingerprints are reused)."""
@@ -144,14 +178,33 @@ def ui(
     """Open the MLflow UI on the featureatlas store (runs nested per pipeline, inputs show lineage)."""
     settings = _settings()
     console.print(f"MLflow UI on http://{host}:{port} (store {settings.mlflow_uri}); Ctrl-C stops it")
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", settings.mlflow_uri,
-           "--host", host, "--port", str(port), "--workers", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        settings.mlflow_uri,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
     raise typer.Exit(subprocess.call(cmd, env=os.environ.copy()))
 
 
 def _row_dict(kind: str, row) -> dict:
-    return {"id": row.id, "kind": kind, "path": row.uri, "fingerprint": row.fingerprint,
-            "mlflow_run_id": row.mlflow_run_id, "created_at": row.created_at.isoformat(), "config": row.config}
+    return {
+        "id": row.id,
+        "kind": kind,
+        "path": row.uri,
+        "fingerprint": row.fingerprint,
+        "mlflow_run_id": row.mlflow_run_id,
+        "created_at": row.created_at.isoformat(),
+        "config": row.config,
+    }
 
 
 def _catalog():
@@ -167,7 +220,9 @@ def catalog_list(
 ) -> None:
     """List registered artifacts."""
     if kind is not None and kind not in KINDS:
-        raise typer.BadParameter(f"unknown kind {kind!r}; choose one of {', '.join(KINDS)}", param_hint="--kind")
+        raise typer.BadParameter(
+            f"unknown kind {kind!r}; choose one of {', '.join(KINDS)}", param_hint="--kind"
+        )
     rows = _catalog().list(kind)
     if as_json:
         print(json.dumps([_row_dict(k, r) for k, r in rows], indent=1))
@@ -188,13 +243,18 @@ def _get(artifact_id: str):
 
 
 @catalog_app.command("show")
-def catalog_show(artifact_id: Annotated[str, typer.Argument(help="Artifact id, e.g. dict-0123abcd4567.")],
-                 as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+def catalog_show(
+    artifact_id: Annotated[str, typer.Argument(help="Artifact id, e.g. dict-0123abcd4567.")],
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
     """Show one artifact: where it lives, its config, its MLflow run, its parents and children."""
     kind, row = _get(artifact_id)
     cat = _catalog()
-    info = _row_dict(kind, row) | {"parents": cat.parents(row.id), "children": cat.children(row.id),
-                                   "ref": row.ref}
+    info = _row_dict(kind, row) | {
+        "parents": cat.parents(row.id),
+        "children": cat.children(row.id),
+        "ref": row.ref,
+    }
     if as_json:
         print(json.dumps(info, indent=1))
         return
@@ -202,8 +262,10 @@ def catalog_show(artifact_id: Annotated[str, typer.Argument(help="Artifact id, e
 
 
 @catalog_app.command("lineage")
-def catalog_lineage(artifact_id: Annotated[str, typer.Argument(help="Artifact id.")],
-                    as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+def catalog_lineage(
+    artifact_id: Annotated[str, typer.Argument(help="Artifact id.")],
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
     """Ancestors and descendants of an artifact, as trees."""
     _get(artifact_id)
     cat = _catalog()
@@ -214,8 +276,12 @@ def catalog_lineage(artifact_id: Annotated[str, typer.Argument(help="Artifact id
     ancestors, descendants = walk(artifact_id, cat.parents), walk(artifact_id, cat.children)
     if as_json:
         paths = {k: r.uri for k, r in ((r.id, r) for _, r in cat.list())}
-        print(json.dumps({"id": artifact_id, "ancestors": ancestors, "descendants": descendants,
-                          "paths": paths}, indent=1))
+        print(
+            json.dumps(
+                {"id": artifact_id, "ancestors": ancestors, "descendants": descendants, "paths": paths},
+                indent=1,
+            )
+        )
         return
 
     def grow(tree: Tree, children: dict) -> Tree:

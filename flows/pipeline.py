@@ -24,10 +24,13 @@ def pipeline_flow(spec: PipelineSpec, progress: bool = False) -> PipelineResult:
         results = []
         for hookpoint, cfg in spec.dictionary_jobs():
             dictionary = train_dictionary(ctx, cache, hookpoint, cfg)
-            evaluation = evaluate_dictionary(ctx, dictionary, cache, spec.evaluate) if spec.evaluate.enabled else None
+            evaluation = (
+                evaluate_dictionary(ctx, dictionary, cache, spec.evaluate) if spec.evaluate.enabled else None
+            )
             labeling = label_features(ctx, dictionary, cache, spec.label) if spec.label.enabled else None
             results.append(DictionaryResult(dictionary=dictionary, evaluation=evaluation, labeling=labeling))
-        result = PipelineResult(mlflow_run_id=ctx.parent_run_id, model=model, corpus=corpus, cache=cache,
-                                dictionaries=results)
+        result = PipelineResult(
+            mlflow_run_id=ctx.parent_run_id, model=model, corpus=corpus, cache=cache, dictionaries=results
+        )
         log_summary(ctx, result)
     return result

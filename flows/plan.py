@@ -41,13 +41,18 @@ def plan_pipeline(spec: PipelineSpec, settings: Settings) -> list[PlannedStage]:
     _, model = model_ident(spec.model, settings.online)
     corpus = corpus_identity(spec.corpus)
     cache = cache_identity(model, corpus, spec.hookpoints, spec.cache)
-    stages = [planned("register_model", model, []), planned("prepare_corpus", corpus, []),
-              planned("cache_activations", cache, [model, corpus])]
+    stages = [
+        planned("register_model", model, []),
+        planned("prepare_corpus", corpus, []),
+        planned("cache_activations", cache, [model, corpus]),
+    ]
     for hookpoint, cfg in spec.dictionary_jobs():
         d = dictionary_identity(cache, hookpoint, cfg)
         stages.append(planned(f"train_dictionary[{cfg.method}, {hookpoint}]", d, [cache]))
         if spec.evaluate.enabled:
-            stages.append(planned("evaluate_dictionary", evaluation_identity(d, cache, spec.evaluate), [d, cache]))
+            stages.append(
+                planned("evaluate_dictionary", evaluation_identity(d, cache, spec.evaluate), [d, cache])
+            )
         if spec.label.enabled:
             stages.append(planned("label_features", labeling_identity(d, cache, spec.label), [d, cache]))
     return stages

@@ -72,7 +72,9 @@ class EvalReport(ArtifactRef):
     dictionary_id: str
     spec: EvaluateSpec
     n_tokens: int = Field(description="Held-out tokens the reconstruction metrics were computed on.")
-    fvu: float = Field(description="Fraction of variance unexplained: sum ||x - x_hat||^2 / sum ||x - mean||^2.")
+    fvu: float = Field(
+        description="Fraction of variance unexplained: sum ||x - x_hat||^2 / sum ||x - mean||^2."
+    )
     explained_variance: float = Field(description="1 - fvu.")
     mse: float = Field(description="Mean over tokens of ||x - x_hat||^2 / d_in.")
     l0: float = Field(description="Mean number of active latents per token.")

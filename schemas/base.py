@@ -1,4 +1,4 @@
-"""The base class of every contract: frozen, closed to unknown keys, with errors that name the allowed keys."""
+"""The base of every contract: frozen, closed to unknown keys, with errors that name the allowed keys."""
 
 from __future__ import annotations
 

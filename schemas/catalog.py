@@ -1,9 +1,9 @@
 """The SQL metadata catalog: one table per artifact kind, and the lineage edges between artifacts.
 
-Every artifact row holds its content fingerprint, the MLflow run that made it, where its files live, the config
-it was made with, and the full artifact reference as JSON (so a reused artifact is handed downstream exactly as
-it was first registered). The schema is managed by Alembic (`schemas/migrations`); change a table here and add
-a revision there.
+Every artifact row holds its content fingerprint, the MLflow run that made it, where its files live, the
+config it was made with, and the full artifact reference as JSON (so a reused artifact is handed downstream
+exactly as it was first registered). The schema is managed by Alembic (`schemas/migrations`): change a
+table here and add a revision there.
 """
 
 from __future__ import annotations

@@ -21,7 +21,9 @@ class TrainingConfig(Contract):
     lr: float = Field(4e-4, gt=0, description="Adam learning rate.")
     batch_size: int = Field(1024, ge=1, description="Token rows per optimizer step.")
     epochs: int = Field(1, ge=1, description="Passes over the training tokens (ignored if `steps` is set).")
-    steps: int | None = Field(None, ge=1, description="Optimizer steps; default: `epochs` passes over the data.")
+    steps: int | None = Field(
+        None, ge=1, description="Optimizer steps; default: `epochs` passes over the data."
+    )
     seed: int = Field(0, description="Seed for initialisation and the data order.")
     device: str = Field("auto", description="'auto' (CUDA when present, else CPU), 'cpu' or 'cuda[:N]'.")
     log_every: int = Field(20, ge=1, description="Log loss, FVU and L0 to MLflow every this many steps.")

@@ -13,9 +13,15 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="FEATUREATLAS_", frozen=True, extra="ignore")
 
-    home: Path = Field(Path(".featureatlas"), description="Folder for the catalog, MLflow store and artifacts.")
-    catalog_url: str | None = Field(None, description="SQLAlchemy URL of the catalog (default: SQLite in home).")
-    mlflow_tracking_uri: str | None = Field(None, description="MLflow tracking URI (default: SQLite in home).")
+    home: Path = Field(
+        Path(".featureatlas"), description="Folder for the catalog, MLflow store and artifacts."
+    )
+    catalog_url: str | None = Field(
+        None, description="SQLAlchemy URL of the catalog (default: SQLite in home)."
+    )
+    mlflow_tracking_uri: str | None = Field(
+        None, description="MLflow tracking URI (default: SQLite in home)."
+    )
     experiment: str = Field("featureatlas", description="MLflow experiment that pipeline runs go to.")
     online: bool = Field(False, description="Allow downloads from the model hub.")
 

@@ -26,10 +26,14 @@ class ModelSpec(Contract):
         description="A local folder, 'package:<name>' (the folder of an installed Python package that ships "
         "weights), or a hub id (only used when FEATUREATLAS_ONLINE=1)."
     )
-    gguf_file: str | None = Field(None, description="A GGUF file inside `path` to load (dequantised on load).")
+    gguf_file: str | None = Field(
+        None, description="A GGUF file inside `path` to load (dequantised on load)."
+    )
     revision: str | None = Field(None, description="Hub revision; ignored for local folders.")
     dtype: DType = Field("float32", description="Dtype the model runs in.")
-    device: str = Field("auto", description="'auto' (CUDA when present, else CPU), 'cpu', 'cuda' or 'cuda:N'.")
+    device: str = Field(
+        "auto", description="'auto' (CUDA when present, else CPU), 'cpu', 'cuda' or 'cuda:N'."
+    )
 
     @field_validator("device")
     @classmethod
@@ -52,7 +56,9 @@ class CorpusSpec(Contract):
     )
     text_field: str = Field("text", description="Field holding the text in .jsonl and .parquet files.")
     context_length: int = Field(128, ge=8, le=8192, description="Tokens per context window.")
-    max_tokens: int = Field(250_000, ge=256, description="Token budget: stop once this many tokens are cached.")
+    max_tokens: int = Field(
+        250_000, ge=256, description="Token budget: stop once this many tokens are cached."
+    )
     heldout_fraction: float = Field(
         0.1, ge=0.0, lt=1.0, description="Share of documents held out for evaluation (split by document)."
     )
@@ -77,8 +83,8 @@ class CacheSpec(Contract):
     batch_size: int = Field(8, ge=1, description="Contexts per forward pass.")
     exclude_first_token: bool = Field(
         True,
-        description="Leave position 0 of every context out of training, evaluation and labeling: it acts as an "
-        "attention sink with norms far above the rest and wrecks SAE training. It is still cached.",
+        description="Leave position 0 of every context out of training, evaluation and labeling: it acts "
+        "as an attention sink with norms far above the rest and wrecks SAE training. It is still cached.",
     )
 
 
@@ -128,7 +134,9 @@ class PipelineSpec(Contract):
 
     def dictionary_jobs(self) -> list[tuple[str, DictionaryConfig]]:
         """(hookpoint, config) pairs: a config without a hookpoint is trained on every hookpoint."""
-        return [(hp, d) for d in self.dictionaries for hp in ([d.hookpoint] if d.hookpoint else self.hookpoints)]
+        return [
+            (hp, d) for d in self.dictionaries for hp in ([d.hookpoint] if d.hookpoint else self.hookpoints)
+        ]
 
 
 class SpecError(ValueError):
@@ -149,7 +157,8 @@ def load_spec(path: str | Path) -> PipelineSpec:
     corpus = raw.get("corpus")
     if isinstance(corpus, dict) and isinstance(corpus.get("sources"), list):
         corpus["sources"] = [
-            s if not isinstance(s, str) or s.startswith("builtin:") or Path(s).is_absolute()
+            s
+            if not isinstance(s, str) or s.startswith("builtin:") or Path(s).is_absolute()
             else str((path.parent / s).resolve())
             for s in corpus["sources"]
         ]

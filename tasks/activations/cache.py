@@ -57,11 +57,15 @@ def write_cache(
     out_dir.mkdir(parents=True, exist_ok=True)
     writers: dict[str, ShardWriter] = {}
     bs = cache.batch_size
+    report_every = max(1, (n_ctx // bs) // 10)
     for start in tqdm(range(0, n_ctx, bs), desc="caching activations", unit="batch", disable=not progress):
         ids = contexts.input_ids[start : start + bs].to(device)
         mask = contexts.attention_mask[start : start + bs].to(device)
-        acts = capture_activations(model, hookpoints, ids, mask)
+        with torch.inference_mode():  # ~15% faster than no_grad on CPU: no version counters
+            acts = capture_activations(model, hookpoints, ids, mask)
         keep = mask.bool()
+        if (start // bs) % report_every == 0:
+            log.info("cached %d of %d contexts", start, n_ctx)
         for hp in hookpoints:
             if hp not in writers:
                 writers[hp] = ShardWriter(out_dir, hp, acts[hp].shape[-1], cache.dtype, cache.shard_tokens)
@@ -91,8 +95,11 @@ def write_cache(
     )
     tokens.write_parquet(out_dir / "tokens.parquet")
     atomic_save_safetensors(
-        {"input_ids": contexts.input_ids, "attention_mask": contexts.attention_mask,
-         "heldout": contexts.heldout.to(torch.uint8)},
+        {
+            "input_ids": contexts.input_ids,
+            "attention_mask": contexts.attention_mask,
+            "heldout": contexts.heldout.to(torch.uint8),
+        },
         out_dir / "contexts.safetensors",
     )
     hp_info = {hp: w.finish() for hp, w in writers.items()}

@@ -66,7 +66,9 @@ def _local_file(path: Path, text_field: str) -> Iterator[tuple[str, str]]:
     else:
         df = pl.read_parquet(path)
         if text_field not in df.columns:
-            raise ValueError(f"{path}: no column {text_field!r} (columns: {df.columns}); set `corpus.text_field`")
+            raise ValueError(
+                f"{path}: no column {text_field!r} (columns: {df.columns}); set `corpus.text_field`"
+            )
         for i, text in enumerate(df[text_field].to_list()):
             yield f"{path.name}:{i}", str(text)
 
@@ -95,7 +97,9 @@ def load_documents(spec: CorpusSpec) -> pl.DataFrame:
         df = df.with_columns(doc_id=pl.col("source") + "::" + pl.col("doc_id"))
     # order by a hash of the id: a token budget then samples every source, and the order is reproducible
     df = df.with_columns(
-        split=pl.col("doc_id").map_elements(lambda d: _split(d, spec.heldout_fraction), return_dtype=pl.String),
+        split=pl.col("doc_id").map_elements(
+            lambda d: _split(d, spec.heldout_fraction), return_dtype=pl.String
+        ),
         _order=pl.col("doc_id").map_elements(
             lambda d: hashlib.sha256(d.encode()).hexdigest(), return_dtype=pl.String
         ),

@@ -104,7 +104,10 @@ def export_model(source: str, spec: ModelSpec, out_dir: Path) -> LoadedModel:
     loaded = load_model(source, spec)
     model = loaded.model
     # a model dequantised from GGUF refuses save_pretrained while it remembers its quantizer
-    quantizer, qconfig = getattr(model, "hf_quantizer", None), getattr(model.config, "quantization_config", None)
+    quantizer, qconfig = (
+        getattr(model, "hf_quantizer", None),
+        getattr(model.config, "quantization_config", None),
+    )
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config

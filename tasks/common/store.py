@@ -62,7 +62,12 @@ class ShardWriter:
     def __init__(self, folder: Path, hookpoint: str, d_in: int, dtype: str, shard_tokens: int):
         self.folder = folder / "acts" / hookpoint_dir(hookpoint)
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.hookpoint, self.d_in, self.dtype, self.shard_tokens = hookpoint, d_in, DTYPES[dtype], shard_tokens
+        self.hookpoint, self.d_in, self.dtype, self.shard_tokens = (
+            hookpoint,
+            d_in,
+            DTYPES[dtype],
+            shard_tokens,
+        )
         self.buffer: list[torch.Tensor] = []
         self.buffered = 0
         self.shards: list[dict] = []
@@ -93,8 +98,12 @@ class ShardWriter:
         path = self.folder / f"{len(self.shards):05d}.safetensors"
         atomic_save_safetensors({"acts": shard}, path)
         self.shards.append(
-            {"file": str(path.relative_to(self.folder.parent.parent)), "rows": int(shard.shape[0]),
-             "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+            {
+                "file": str(path.relative_to(self.folder.parent.parent)),
+                "rows": int(shard.shape[0]),
+                "bytes": path.stat().st_size,
+                "sha256": sha256_file(path),
+            }
         )
 
     def finish(self) -> dict:
@@ -123,7 +132,9 @@ class ActivationCache:
         self.folder = Path(folder)
         manifest_path = self.folder / "manifest.json"
         if not manifest_path.is_file():
-            raise CacheIntegrityError(f"{self.folder} has no manifest.json: it is not a finished activation cache")
+            raise CacheIntegrityError(
+                f"{self.folder} has no manifest.json: it is not a finished activation cache"
+            )
         self.manifest = json.loads(manifest_path.read_text())
         if verify:
             self.verify()
@@ -138,7 +149,9 @@ class ActivationCache:
             for shard in info["shards"]:
                 path = self.folder / shard["file"]
                 if not path.is_file():
-                    raise CacheIntegrityError(f"shard {path} of hookpoint {hp!r} is missing; rebuild the cache")
+                    raise CacheIntegrityError(
+                        f"shard {path} of hookpoint {hp!r} is missing; rebuild the cache"
+                    )
                 if path.stat().st_size != shard["bytes"] or sha256_file(path) != shard["sha256"]:
                     raise CacheIntegrityError(
                         f"shard {path} of hookpoint {hp!r} is truncated or corrupt (checksum mismatch); "

@@ -14,7 +14,7 @@ from tasks.common.store import ActivationCache
 from tasks.dictionary.train import train_dictionary as fit
 from tasks.tracking.identity import dictionary_identity, ref_identity
 from tasks.tracking.mlflow_runs import StageRun
-from tasks.tracking.stage import StageContext, run_stage
+from tasks.tracking.stage import StageContext, run_stage, stage_logger
 
 
 @task(name="train_dictionary", cache_policy=NO_CACHE)
@@ -29,16 +29,40 @@ def train_dictionary(
         store = ActivationCache(cache.path)
         acts = store.load(hookpoint, store.select_rows("train"))
         t0 = time.perf_counter()
-        result = fit(cfg, acts, on_metrics=lambda m, step: run.log_metrics(m, step), progress=ctx.progress)
+        log = stage_logger()
+
+        def on_metrics(metrics: dict[str, float], step: int) -> None:
+            run.log_metrics(metrics, step)
+            if step % (cfg.log_every * 5) == 0:
+                log.info(
+                    "step %d: fvu %.4f l0 %.1f dead %.3f",
+                    step,
+                    metrics["fvu"],
+                    metrics["l0"],
+                    metrics["dead_fraction"],
+                )
+
+        result = fit(cfg, acts, on_metrics=on_metrics, progress=ctx.progress)
         seconds = time.perf_counter() - t0
         result.dictionary.save(folder)
         run.log_metrics({"train_seconds": seconds, "train_tokens": acts.shape[0]})
         run.log_artifact(folder / "cfg.json")
         d = result.dictionary
-        fields = {"cache_id": cache.id, "hookpoint": hookpoint, "config": cfg, "d_in": d.d_in,
-                  "d_sae": d.d_sae, "final_metrics": result.final_metrics}
-        columns = {"cache_id": cache.id, "method": cfg.method, "hookpoint": hookpoint, "d_in": d.d_in,
-                   "d_sae": d.d_sae}
+        fields = {
+            "cache_id": cache.id,
+            "hookpoint": hookpoint,
+            "config": cfg,
+            "d_in": d.d_in,
+            "d_sae": d.d_sae,
+            "final_metrics": result.final_metrics,
+        }
+        columns = {
+            "cache_id": cache.id,
+            "method": cfg.method,
+            "hookpoint": hookpoint,
+            "d_in": d.d_in,
+            "d_sae": d.d_sae,
+        }
         return fields, columns
 
     config = cfg.model_dump(mode="json") | {"hookpoint": hookpoint}

@@ -44,13 +44,27 @@ def evaluate_dictionary(
         sae = load_dictionary(dictionary.path, device=str(loaded.device))
         recon = reconstruction_metrics(sae, store.load(dictionary.hookpoint, rows), device=str(loaded.device))
         ids, mask = heldout_contexts(store, spec.ce_contexts)
-        ce = ce_loss_score(loaded.model, sae, dictionary.hookpoint, ids, mask, batch_size=spec.batch_size,
-                           exclude_first_token=store.manifest["exclude_first_token"], device=str(loaded.device))
+        ce = ce_loss_score(
+            loaded.model,
+            sae,
+            dictionary.hookpoint,
+            ids,
+            mask,
+            batch_size=spec.batch_size,
+            exclude_first_token=store.manifest["exclude_first_token"],
+            device=str(loaded.device),
+        )
         metrics = {
-            "n_tokens": recon.n_tokens, "fvu": recon.fvu, "explained_variance": recon.explained_variance,
-            "mse": recon.mse, "l0": recon.l0, "dead_fraction": recon.dead_fraction,
-            "ce_loss_clean": ce.ce_loss_clean, "ce_loss_spliced": ce.ce_loss_spliced,
-            "ce_loss_zero": ce.ce_loss_zero, "ce_loss_score": ce.ce_loss_score,
+            "n_tokens": recon.n_tokens,
+            "fvu": recon.fvu,
+            "explained_variance": recon.explained_variance,
+            "mse": recon.mse,
+            "l0": recon.l0,
+            "dead_fraction": recon.dead_fraction,
+            "ce_loss_clean": ce.ce_loss_clean,
+            "ce_loss_spliced": ce.ce_loss_spliced,
+            "ce_loss_zero": ce.ce_loss_zero,
+            "ce_loss_score": ce.ce_loss_score,
         }
         (folder / "eval.json").write_text(json.dumps(metrics, indent=1))
         run.log_metrics(metrics)
@@ -59,5 +73,12 @@ def evaluate_dictionary(
         return fields, {"dictionary_id": dictionary.id, "metrics": metrics}
 
     name = f"evaluate_dictionary[{dictionary.id}]"
-    return run_stage(ctx, ident, EvalReport, name=name, config=spec.model_dump(mode="json"),
-                     parents=[dictionary, cache], build=build)
+    return run_stage(
+        ctx,
+        ident,
+        EvalReport,
+        name=name,
+        config=spec.model_dump(mode="json"),
+        parents=[dictionary, cache],
+        build=build,
+    )

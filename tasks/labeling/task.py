@@ -48,13 +48,29 @@ def label_features(
         table = table.with_columns(pl.lit(dictionary.id).alias("dictionary_id"))
         write_feature_table(table, folder / "features.parquet")
         n_labeled = int(table["label"].is_not_null().sum())
-        run.log_metrics({"n_features": table.height, "n_labeled": n_labeled,
-                         "mean_frequency": float(table["frequency"].mean())})
+        run.log_metrics(
+            {
+                "n_features": table.height,
+                "n_labeled": n_labeled,
+                "mean_frequency": float(table["frequency"].mean()),
+            }
+        )
         run.log_artifact(folder / "features.parquet")
-        fields = {"dictionary_id": dictionary.id, "spec": spec, "n_features": table.height,
-                  "n_labeled": n_labeled}
+        fields = {
+            "dictionary_id": dictionary.id,
+            "spec": spec,
+            "n_features": table.height,
+            "n_labeled": n_labeled,
+        }
         return fields, {"dictionary_id": dictionary.id, "n_features": table.height}
 
     name = f"label_features[{dictionary.id}]"
-    return run_stage(ctx, ident, LabelingRef, name=name, config=spec.model_dump(mode="json"),
-                     parents=[dictionary, cache], build=build)
+    return run_stage(
+        ctx,
+        ident,
+        LabelingRef,
+        name=name,
+        config=spec.model_dump(mode="json"),
+        parents=[dictionary, cache],
+        build=build,
+    )

@@ -1,7 +1,7 @@
 """The SQL metadata catalog: register finished artifacts with their lineage, find them by fingerprint.
 
-Any SQLAlchemy URL works; SQLite (the default) runs in WAL mode so a reader never blocks the writer. The schema
-is brought to the newest Alembic revision when the catalog is opened.
+Any SQLAlchemy URL works; SQLite (the default) runs in WAL mode so a reader never blocks the writer. The
+schema is brought to the newest Alembic revision when the catalog is opened.
 """
 
 from __future__ import annotations
@@ -54,10 +54,17 @@ class Catalog:
         with Session(self.engine) as s, s.begin():
             if s.get(row_cls, ref.id) is not None:
                 return
-            s.add(row_cls(
-                id=ref.id, fingerprint=ref.fingerprint, uri=ref.path, mlflow_run_id=ref.mlflow_run_id,
-                config=config, ref=ref.model_dump(mode="json", exclude={"reused"}), **columns,
-            ))
+            s.add(
+                row_cls(
+                    id=ref.id,
+                    fingerprint=ref.fingerprint,
+                    uri=ref.path,
+                    mlflow_run_id=ref.mlflow_run_id,
+                    config=config,
+                    ref=ref.model_dump(mode="json", exclude={"reused"}),
+                    **columns,
+                )
+            )
             for p in parents:
                 s.add(LineageEdge(child_id=ref.id, parent_id=p.id, child_kind=ref.kind, parent_kind=p.kind))
 

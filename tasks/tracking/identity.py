@@ -86,8 +86,11 @@ def corpus_identity(spec: CorpusSpec) -> Identity:
 
 
 def cache_identity(model: Identity, corpus: Identity, hookpoints: list[str], spec: CacheSpec) -> Identity:
-    return identity("activation_cache", {"hookpoints": hookpoints, "cache": _canonical(spec)},
-                    [model.fingerprint, corpus.fingerprint])
+    return identity(
+        "activation_cache",
+        {"hookpoints": hookpoints, "cache": _canonical(spec)},
+        [model.fingerprint, corpus.fingerprint],
+    )
 
 
 def dictionary_identity(cache: Identity, hookpoint: str, cfg: DictionaryConfig) -> Identity:

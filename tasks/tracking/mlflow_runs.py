@@ -74,7 +74,9 @@ class Tracker:
         exp = self.client.get_experiment_by_name(experiment)
         if exp is None:
             artifact_root.mkdir(parents=True, exist_ok=True)
-            self.experiment_id = self.client.create_experiment(experiment, artifact_location=artifact_root.as_uri())
+            self.experiment_id = self.client.create_experiment(
+                experiment, artifact_location=artifact_root.as_uri()
+            )
         else:
             self.experiment_id = exp.experiment_id
 

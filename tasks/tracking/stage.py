@@ -65,14 +65,22 @@ def run_stage(
     settings = ctx.settings
     catalog = open_catalog(settings.catalog)
     tracker = tracker_for(settings)
-    tags = {"featureatlas.stage": ident.kind, "featureatlas.artifact_id": ident.id,
-            "featureatlas.fingerprint": ident.fingerprint}
+    tags = {
+        "featureatlas.stage": ident.kind,
+        "featureatlas.artifact_id": ident.id,
+        "featureatlas.fingerprint": ident.fingerprint,
+    }
 
     found = catalog.find(ident.kind, ident.fingerprint)
     if found is not None and Path(found["path"]).exists():
         ref = ref_cls.model_validate(found | {"reused": True})
-        log.info("%s: reusing %s (fingerprint %s, made by MLflow run %s)", name, ref.id,
-                 ident.fingerprint[:12], ref.mlflow_run_id)
+        log.info(
+            "%s: reusing %s (fingerprint %s, made by MLflow run %s)",
+            name,
+            ref.id,
+            ident.fingerprint[:12],
+            ref.mlflow_run_id,
+        )
         reuse_tags = tags | {"featureatlas.reused_from_run": str(ref.mlflow_run_id)}
         with tracker.run(f"{name} (reused)", ctx.parent_run_id, reuse_tags) as run:
             run.log_params(config)
@@ -97,8 +105,13 @@ def run_stage(
             if tmp.exists():
                 shutil.rmtree(tmp)
         ref = ref_cls.model_validate(
-            {"id": ident.id, "fingerprint": ident.fingerprint, "path": str(final),
-             "mlflow_run_id": run.run_id, **fields}
+            {
+                "id": ident.id,
+                "fingerprint": ident.fingerprint,
+                "path": str(final),
+                "mlflow_run_id": run.run_id,
+                **fields,
+            }
         )
         catalog.register(ref, parents, config, **columns)
         run.set_tags({"featureatlas.artifact_path": str(final)})

@@ -19,9 +19,10 @@ from tests.helpers import TINY_TEXT, build_tiny_llama, build_tiny_tokenizer
 @pytest.fixture
 def corpus(tmp_path) -> CorpusSpec:
     path = tmp_path / "docs.jsonl"
-    path.write_text("\n".join(json.dumps({"text": " ".join(TINY_TEXT[i:i + 5])}) for i in range(12)))
-    return CorpusSpec(sources=[str(path)], context_length=16, max_tokens=600, heldout_fraction=0.3,
-                      min_context_tokens=4)
+    path.write_text("\n".join(json.dumps({"text": " ".join(TINY_TEXT[i : i + 5])}) for i in range(12)))
+    return CorpusSpec(
+        sources=[str(path)], context_length=16, max_tokens=600, heldout_fraction=0.3, min_context_tokens=4
+    )
 
 
 @pytest.fixture
@@ -30,8 +31,15 @@ def cached(tmp_path, corpus):
     docs = load_documents(corpus)
     out = tmp_path / "cache"
     spec = CacheSpec(shard_tokens=100, batch_size=4)
-    summary = write_cache(LoadedModel(model, tok, torch.device("cpu")), docs, corpus, spec,
-                          ["model.layers.0", "model.layers.1"], out, header={"model_id": "m"})
+    summary = write_cache(
+        LoadedModel(model, tok, torch.device("cpu")),
+        docs,
+        corpus,
+        spec,
+        ["model.layers.0", "model.layers.1"],
+        out,
+        header={"model_id": "m"},
+    )
     return model, tok, docs, out, summary
 
 
@@ -43,8 +51,9 @@ def test_rows_are_the_models_hidden_states(cached, corpus):
     assert summary.n_tokens == real == store.tokens.height <= corpus.max_tokens
     # recompute with output_hidden_states and compare row by row
     with torch.no_grad():
-        hs = model(input_ids=contexts.input_ids, attention_mask=contexts.attention_mask,
-                   output_hidden_states=True).hidden_states
+        hs = model(
+            input_ids=contexts.input_ids, attention_mask=contexts.attention_mask, output_hidden_states=True
+        ).hidden_states
     mask = contexts.attention_mask.bool()
     torch.testing.assert_close(store.load("model.layers.0"), hs[1][mask])
     torch.testing.assert_close(store.load("model.layers.1"), hs[2][mask], rtol=1e-4, atol=1e-5)
@@ -95,8 +104,15 @@ def test_corrupt_or_missing_shard_is_refused_by_name(cached):
 def test_bad_hookpoint_fails_before_any_work(tmp_path, corpus):
     model, tok = build_tiny_llama(), build_tiny_tokenizer()
     with pytest.raises(ValueError, match=r"'model.layer.1' not found.*model.layers.1"):
-        write_cache(LoadedModel(model, tok, torch.device("cpu")), load_documents(corpus), corpus, CacheSpec(),
-                    ["model.layer.1"], tmp_path / "c", header={})
+        write_cache(
+            LoadedModel(model, tok, torch.device("cpu")),
+            load_documents(corpus),
+            corpus,
+            CacheSpec(),
+            ["model.layer.1"],
+            tmp_path / "c",
+            header={},
+        )
     assert not (tmp_path / "c").exists()
 
 

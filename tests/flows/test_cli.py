@@ -44,8 +44,14 @@ def test_unknown_catalog_kind_and_id(home):  # noqa: ARG001
 def test_run_then_browse_catalog_and_plan_reuse(tmp_path, home, prefect_harness):  # noqa: ARG001
     path = write_spec(tmp_path)
     plan = json.loads(runner.invoke(app, ["run", str(path), "--plan", "--json"]).stdout)
-    assert [s["kind"] for s in plan] == ["model", "corpus", "activation_cache", "dictionary", "evaluation",
-                                         "labeling"]
+    assert [s["kind"] for s in plan] == [
+        "model",
+        "corpus",
+        "activation_cache",
+        "dictionary",
+        "evaluation",
+        "labeling",
+    ]
     assert not any(s["reuse"] for s in plan)
 
     result = runner.invoke(app, ["run", str(path), "--json"])

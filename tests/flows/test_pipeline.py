@@ -16,11 +16,16 @@ from tests.helpers import TINY_TEXT, save_tiny_llama
 def tiny_spec(tmp_path: Path, **overrides) -> dict:
     model_dir = save_tiny_llama(tmp_path / "tiny-llama")
     corpus = tmp_path / "corpus.jsonl"
-    corpus.write_text("\n".join(json.dumps({"text": " ".join(TINY_TEXT[i:i + 6])}) for i in range(24)))
+    corpus.write_text("\n".join(json.dumps({"text": " ".join(TINY_TEXT[i : i + 6])}) for i in range(24)))
     spec = {
         "name": "tiny",
         "model": {"path": str(model_dir)},
-        "corpus": {"sources": [str(corpus)], "context_length": 32, "max_tokens": 4096, "heldout_fraction": 0.25},
+        "corpus": {
+            "sources": [str(corpus)],
+            "context_length": 32,
+            "max_tokens": 4096,
+            "heldout_fraction": 0.25,
+        },
         "hookpoints": ["model.layers.1"],
         "cache": {"shard_tokens": 512, "batch_size": 8},
         "dictionaries": [{"method": "topk", "d_sae": 64, "k": 4, "batch_size": 256, "epochs": 2}],
@@ -48,10 +53,13 @@ def test_flow_tracks_registers_and_reuses(tmp_path, home, pipeline):
     ids = {first.model.id, first.corpus.id, first.cache.id, d.dictionary.id, d.evaluation.id, d.labeling.id}
     assert {r.id for _, r in catalog.list()} == ids
     assert set(catalog.edges()) == {
-        (first.cache.id, first.model.id), (first.cache.id, first.corpus.id),
+        (first.cache.id, first.model.id),
+        (first.cache.id, first.corpus.id),
         (d.dictionary.id, first.cache.id),
-        (d.evaluation.id, d.dictionary.id), (d.evaluation.id, first.cache.id),
-        (d.labeling.id, d.dictionary.id), (d.labeling.id, first.cache.id),
+        (d.evaluation.id, d.dictionary.id),
+        (d.evaluation.id, first.cache.id),
+        (d.labeling.id, d.dictionary.id),
+        (d.labeling.id, first.cache.id),
     }
     for ref in (first.cache, d.dictionary, d.evaluation, d.labeling):
         assert Path(ref.path).is_dir() and not ref.reused
@@ -62,8 +70,9 @@ def test_flow_tracks_registers_and_reuses(tmp_path, home, pipeline):
     # MLflow: one parent run, one nested run per stage, inputs recorded for lineage
     client = MlflowClient(home.mlflow_uri)
     exp = client.get_experiment_by_name(home.experiment)
-    children = client.search_runs([exp.experiment_id],
-                                  filter_string=f"tags.mlflow.parentRunId = '{first.mlflow_run_id}'")
+    children = client.search_runs(
+        [exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{first.mlflow_run_id}'"
+    )
     stages = sorted(r.data.tags["featureatlas.stage"] for r in children)
     assert stages == sorted(["model", "corpus", "activation_cache", "dictionary", "evaluation", "labeling"])
     train_run = next(r for r in children if r.data.tags["featureatlas.stage"] == "dictionary")
@@ -79,14 +88,18 @@ def test_flow_tracks_registers_and_reuses(tmp_path, home, pipeline):
     assert second.cache.reused and second.dictionaries[0].dictionary.reused
     assert second.dictionaries[0].evaluation.fvu == d.evaluation.fvu
     assert len(catalog.list()) == len(ids)
-    rerun = client.search_runs([exp.experiment_id],
-                               filter_string=f"tags.mlflow.parentRunId = '{second.mlflow_run_id}'")
+    rerun = client.search_runs(
+        [exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{second.mlflow_run_id}'"
+    )
     assert len(rerun) == 6
     assert all(r.data.tags.get("featureatlas.reused_from_run") for r in rerun)
 
     # a changed dictionary config trains anew but reuses the cache
-    spec2 = parse_spec(tiny_spec(tmp_path, dictionaries=[{"method": "topk", "d_sae": 64, "k": 2,
-                                                          "batch_size": 256, "epochs": 1}]))
+    spec2 = parse_spec(
+        tiny_spec(
+            tmp_path, dictionaries=[{"method": "topk", "d_sae": 64, "k": 2, "batch_size": 256, "epochs": 1}]
+        )
+    )
     third = pipeline(spec2)
     assert third.cache.reused and not third.dictionaries[0].dictionary.reused
     assert third.dictionaries[0].dictionary.id != d.dictionary.id
@@ -98,10 +111,16 @@ def test_failed_stage_leaves_no_artifact(tmp_path, home, pipeline):
         pipeline(spec)
     catalog = open_catalog(home.catalog)
     assert [k for k, _ in catalog.list()] == ["model", "corpus"]  # the cache was never registered
-    leftovers = list((home.artifacts_dir / "activation_cache").glob("*")) if (
-        home.artifacts_dir / "activation_cache").exists() else []
+    leftovers = (
+        list((home.artifacts_dir / "activation_cache").glob("*"))
+        if (home.artifacts_dir / "activation_cache").exists()
+        else []
+    )
     assert leftovers == []
     client = MlflowClient(home.mlflow_uri)
     exp = client.get_experiment_by_name(home.experiment)
     failed = client.search_runs([exp.experiment_id], filter_string="attributes.status = 'FAILED'")
-    assert {r.data.tags.get("featureatlas.stage", "pipeline") for r in failed} == {"activation_cache", "pipeline"}
+    assert {r.data.tags.get("featureatlas.stage", "pipeline") for r in failed} == {
+        "activation_cache",
+        "pipeline",
+    }

@@ -11,8 +11,11 @@ from schemas.spec import PipelineSpec, SpecError, load_spec, parse_spec
 
 
 def base(**overrides) -> dict:
-    spec = {"model": {"path": "some/model"}, "hookpoints": ["model.layers.1"],
-            "dictionaries": [{"method": "topk", "d_sae": 64, "k": 4}]}
+    spec = {
+        "model": {"path": "some/model"},
+        "hookpoints": ["model.layers.1"],
+        "dictionaries": [{"method": "topk", "d_sae": 64, "k": 4}],
+    }
     spec.update(overrides)
     return spec
 
@@ -56,8 +59,12 @@ def test_cross_field_errors_carry_the_fix():
 
 
 def test_sweep_without_hookpoint_trains_on_every_hookpoint():
-    spec = parse_spec(base(hookpoints=["a", "b"], dictionaries=[{"method": "topk", "k": 4},
-                                                                {"method": "topk", "k": 8, "hookpoint": "b"}]))
+    spec = parse_spec(
+        base(
+            hookpoints=["a", "b"],
+            dictionaries=[{"method": "topk", "k": 4}, {"method": "topk", "k": 8, "hookpoint": "b"}],
+        )
+    )
     assert [(hp, d.k) for hp, d in spec.dictionary_jobs()] == [("a", 4), ("b", 4), ("b", 8)]
 
 
@@ -77,8 +84,10 @@ def test_load_spec_errors(tmp_path: Path):
 def test_relative_corpus_paths_resolve_against_the_spec_folder(tmp_path: Path):
     (tmp_path / "sub").mkdir()
     f = tmp_path / "sub" / "spec.yaml"
-    f.write_text("model: {path: m}\nhookpoints: [h]\ndictionaries: [{method: topk}]\n"
-                 "corpus: {sources: [data/a.txt, builtin:pydoc_topics]}\n")
+    f.write_text(
+        "model: {path: m}\nhookpoints: [h]\ndictionaries: [{method: topk}]\n"
+        "corpus: {sources: [data/a.txt, builtin:pydoc_topics]}\n"
+    )
     spec = load_spec(f)
     assert spec.corpus.sources == [str(tmp_path / "sub" / "data" / "a.txt"), "builtin:pydoc_topics"]
 

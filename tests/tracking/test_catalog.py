@@ -12,15 +12,30 @@ from tasks.tracking.identity import corpus_identity, identity
 
 def corpus_ref(tmp_path, name: str) -> CorpusRef:
     ident = identity("corpus", {"name": name}, [])
-    return CorpusRef(id=ident.id, fingerprint=ident.fingerprint, path=str(tmp_path / name), mlflow_run_id="r1",
-                     spec=CorpusSpec(), n_documents=3, n_chars=30)
+    return CorpusRef(
+        id=ident.id,
+        fingerprint=ident.fingerprint,
+        path=str(tmp_path / name),
+        mlflow_run_id="r1",
+        spec=CorpusSpec(),
+        n_documents=3,
+        n_chars=30,
+    )
 
 
 def test_migrations_create_every_table(tmp_path):
     cat = Catalog(f"sqlite:///{tmp_path / 'c.db'}")
     tables = set(inspect(cat.engine).get_table_names())
-    assert {"models", "corpora", "activation_caches", "dictionaries", "evaluations", "labelings",
-            "lineage_edges", "alembic_version"} <= tables
+    assert {
+        "models",
+        "corpora",
+        "activation_caches",
+        "dictionaries",
+        "evaluations",
+        "labelings",
+        "lineage_edges",
+        "alembic_version",
+    } <= tables
     Catalog(cat.url)  # opening again (already at head) is a no-op
 
 

@@ -79,6 +79,13 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    for table in ("lineage_edges", "labelings", "evaluations", "dictionaries", "activation_caches", "corpora",
-                  "models"):
+    for table in (
+        "lineage_edges",
+        "labelings",
+        "evaluations",
+        "dictionaries",
+        "activation_caches",
+        "corpora",
+        "models",
+    ):
         op.drop_table(table)

@@ -1,0 +1,143 @@
+"""Hookpoints by module name: find a module, read its output, or replace its output during a forward pass.
+
+A hookpoint is the dotted name `model.named_modules()` gives a module, e.g. `model.layers.6` for the output
+of the seventh decoder block (the residual stream after it). Caching, evaluation and labeling all go through
+these helpers, so every stage reads the same tensor for the same name.
+
+Modules return either a Tensor or a tuple whose first element is the hidden state (transformers 4.x decoder
+blocks), or a `ModelOutput`; `unwrap_output` / `rewrap_output` hide the difference.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["capture_activations", "resolve_hookpoint", "rewrap_output", "splice", "unwrap_output"]
+
+_HINT = "e.g. 'model.layers.N' is the output of decoder block N (the residual stream after it)"
+
+
+class _StopForward(Exception):
+    """Raised from a hook once every requested hookpoint has fired, to skip the rest of the model."""
+
+
+def resolve_hookpoint(model: nn.Module, name: str) -> nn.Module:
+    """The submodule called `name` in `model.named_modules()`; a ValueError with close matches if none is."""
+    modules = dict(model.named_modules())
+    if name in modules:
+        return modules[name]
+    close = difflib.get_close_matches(name, [n for n in modules if n], n=5, cutoff=0.6)
+    suggestion = f"close matches: {close}" if close else "no close matches"
+    raise ValueError(
+        f"hookpoint {name!r} not found in {type(model).__name__}; {suggestion}. "
+        f"Hookpoints are module names from model.named_modules(); {_HINT}."
+    )
+
+
+def unwrap_output(output: Any) -> Tensor:
+    """The hidden-state tensor inside a module's output: the output itself, or its first element."""
+    if isinstance(output, Tensor):
+        return output
+    if hasattr(output, "to_tuple"):  # a transformers ModelOutput
+        output = output.to_tuple()
+    first = output[0] if isinstance(output, (tuple, list)) and output else None
+    if not isinstance(first, Tensor):
+        raise TypeError(
+            f"cannot read a hidden state from a module output of type {type(output).__name__}; "
+            f"pick a hookpoint whose module returns a Tensor or a tuple starting with one ({_HINT})"
+        )
+    return first
+
+
+def rewrap_output(output: Any, new: Tensor) -> Any:
+    """The inverse of `unwrap_output`: `output` with its hidden-state tensor replaced by `new`."""
+    if isinstance(output, Tensor):
+        return new
+    if isinstance(output, tuple):
+        return (new, *output[1:])
+    if isinstance(output, list):
+        return [new, *output[1:]]
+    if hasattr(output, "to_tuple"):
+        # ModelOutput: a shallow copy keeps the other fields; its __setitem__ also updates the attribute.
+        replaced = copy.copy(output)
+        replaced[next(iter(output.keys()))] = new
+        return replaced
+    raise TypeError(f"cannot replace the hidden state in a module output of type {type(output).__name__}")
+
+
+@torch.no_grad()
+def capture_activations(
+    model: nn.Module,
+    hookpoints: list[str],
+    input_ids: Tensor,
+    attention_mask: Tensor | None = None,
+    *,
+    stop_early: bool = True,
+) -> dict[str, Tensor]:
+    """Run `model` on `input_ids [batch, seq]` and return each hookpoint's output `[batch, seq, d]`, detached.
+
+    With `stop_early`, the forward pass ends as soon as the last requested hookpoint has fired, so later
+    layers (and the large `lm_head`) never run: caching layer 6 of a 24-layer model costs a quarter of a pass.
+    A hookpoint whose module runs more than once in a pass is refused, since its activation is ambiguous
+    (with `stop_early` and that hookpoint last, the pass ends at its first call, which is returned).
+    """
+    if not hookpoints:
+        raise ValueError("capture_activations needs at least one hookpoint, e.g. ['model.layers.0']")
+    modules = {name: resolve_hookpoint(model, name) for name in hookpoints}
+    captured: dict[str, Tensor] = {}
+
+    def make_hook(name: str) -> Callable[..., None]:
+        def hook(_module: nn.Module, _args: Any, output: Any) -> None:
+            if name in captured:
+                raise ValueError(
+                    f"hookpoint {name!r} ran twice in one forward pass, so its activation is ambiguous; "
+                    f"pick a module that runs once per pass ({_HINT})"
+                )
+            # clone: a later layer may update the same storage in place before we return it.
+            captured[name] = unwrap_output(output).detach().clone()
+            if stop_early and len(captured) == len(modules):
+                raise _StopForward
+
+        return hook
+
+    handles = [module.register_forward_hook(make_hook(name)) for name, module in modules.items()]
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    missing = [name for name in hookpoints if name not in captured]
+    if missing:
+        raise ValueError(
+            f"hookpoints {missing} never ran during the forward pass; "
+            f"pick modules on the forward path ({_HINT})"
+        )
+    return {name: captured[name] for name in hookpoints}
+
+
+@contextmanager
+def splice(model: nn.Module, hookpoint: str, fn: Callable[[Tensor], Tensor]) -> Iterator[nn.Module]:
+    """Within the block, replace `hookpoint`'s output tensor by `fn(output)`, keeping any tuple around it.
+
+    Yields the hooked module. The hook is removed on leaving the block, also when the block raises.
+    """
+    module = resolve_hookpoint(model, hookpoint)
+
+    def hook(_module: nn.Module, _args: Any, output: Any) -> Any:
+        return rewrap_output(output, fn(unwrap_output(output)))
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield module
+    finally:
+        handle.remove()

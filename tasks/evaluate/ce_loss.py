@@ -1,0 +1,151 @@
+"""The CE-loss score: how much of the language model's next-token loss survives splicing the dictionary in.
+
+Three passes over the same held-out contexts give three mean next-token cross-entropies:
+  clean   - the model as it is;
+  spliced - the hookpoint's output replaced by the dictionary's reconstruction decode(encode(x));
+  zero    - the hookpoint's output replaced by zeros (the "ablate everything" baseline).
+score = (L_zero - L_spliced) / (L_zero - L_clean): 1.0 for a perfect reconstruction, 0.0 for one no better
+than zeros. Position 0 can be left clean in both spliced runs: it is an attention sink with huge norms that
+dictionaries are not trained on, and replacing it would measure the sink rather than the dictionary.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import Tensor, nn
+
+from schemas.base import Contract
+from tasks.common.hooks import splice
+from tasks.evaluate.metrics import dictionary_placement
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CELossResult", "ce_loss_score"]
+
+
+class CELossResult(Contract):
+    """Mean next-token cross-entropy (nats) with and without the dictionary, and the score from them."""
+
+    ce_loss_clean: float = Field(description="Loss of the unmodified model.")
+    ce_loss_spliced: float = Field(description="Loss with the hookpoint output reconstructed.")
+    ce_loss_zero: float = Field(description="Loss with the hookpoint output replaced by zeros.")
+    ce_loss_score: float = Field(description="(L_zero - L_spliced) / (L_zero - L_clean); 1.0 is lossless.")
+    n_tokens: int = Field(description="Next-token predictions averaged over (both positions real).")
+
+
+def _next_token_loss_sum(logits: Tensor, input_ids: Tensor, attention_mask: Tensor) -> tuple[float, int]:
+    """Summed cross-entropy of predicting token t+1 at position t, where both positions are real."""
+    # Both ends must be real: with left padding the first real token would be "predicted" from a pad.
+    valid = (attention_mask[:, 1:] == 1) & (attention_mask[:, :-1] == 1)
+    losses = F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).double(), input_ids[:, 1:].flatten(), reduction="none"
+    ).view_as(valid)
+    return losses[valid].sum().item(), int(valid.sum().item())
+
+
+def _keep_first(new: Tensor, clean: Tensor, first: Tensor | None) -> Tensor:
+    """`new`, except that each row's first real position keeps its clean activation."""
+    if first is None:
+        return new
+    rows = torch.arange(new.shape[0], device=new.device)
+    new = new.clone()
+    new[rows, first] = clean[rows, first]
+    return new
+
+
+def _reconstruct(dictionary: nn.Module, first: Tensor | None) -> Callable[[Tensor], Tensor]:
+    def fn(out: Tensor) -> Tensor:
+        if out.shape[-1] != dictionary.d_in:
+            raise ValueError(
+                f"the hookpoint's output has width {out.shape[-1]} but the dictionary's d_in is "
+                f"{dictionary.d_in}; evaluate the dictionary at the hookpoint it was trained on"
+            )
+        # Run in the dictionary's own dtype/device (float32 beside a bfloat16 model, say), then cast back.
+        device, dtype = dictionary_placement(dictionary, out.device, out.dtype)
+        x_hat = dictionary.decode(dictionary.encode(out.to(device=device, dtype=dtype)))
+        return _keep_first(x_hat.to(device=out.device, dtype=out.dtype), out, first)
+
+    return fn
+
+
+def _zeros(first: Tensor | None) -> Callable[[Tensor], Tensor]:
+    return lambda out: _keep_first(torch.zeros_like(out), out, first)
+
+
+@torch.no_grad()
+def ce_loss_score(
+    model: nn.Module,
+    dictionary: nn.Module,
+    hookpoint: str,
+    input_ids: Tensor,
+    attention_mask: Tensor | None = None,
+    *,
+    batch_size: int = 8,
+    exclude_first_token: bool = True,
+    device: torch.device | str = "cpu",
+) -> CELossResult:
+    """Clean, spliced and zero-ablated mean next-token loss of a causal LM on `input_ids [n_ctx, L]`.
+
+    `attention_mask [n_ctx, L]` marks real tokens (1) and padding (0); losses average over every real
+    next-token prediction of all contexts (token-weighted, not per batch). With `exclude_first_token`, each
+    context's first real position keeps its clean activation in the spliced and zero runs. The model must
+    already be on `device`; it runs in eval mode and is restored to its previous mode afterwards.
+    """
+    if input_ids.ndim != 2 or input_ids.shape[1] < 2:
+        raise ValueError(f"input_ids must be [n_ctx, L] with L >= 2, got {list(input_ids.shape)}")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    elif attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"attention_mask {list(attention_mask.shape)} must match input_ids {list(input_ids.shape)}"
+        )
+
+    totals = {"clean": 0.0, "spliced": 0.0, "zero": 0.0}
+    n_tokens = 0
+    was_training = model.training
+    model.eval()  # dropout would make the three runs differ by noise
+    try:
+        for start in range(0, input_ids.shape[0], batch_size):
+            ids = input_ids[start : start + batch_size].to(device)
+            mask = attention_mask[start : start + batch_size].to(device)
+            # argmax finds the first 1 in each row: position 0 unless the batch is left-padded.
+            first = mask.int().argmax(dim=1) if exclude_first_token else None
+            runs = {"clean": None, "spliced": _reconstruct(dictionary, first), "zero": _zeros(first)}
+            for name, fn in runs.items():
+                if fn is None:
+                    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+                else:
+                    with splice(model, hookpoint, fn):
+                        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+                loss_sum, count = _next_token_loss_sum(logits, ids, mask)
+                totals[name] += loss_sum
+            n_tokens += count
+    finally:
+        model.train(was_training)
+
+    if n_tokens == 0:
+        raise ValueError("no next-token predictions: every context has fewer than two real tokens")
+    clean, spliced, zero = (totals[k] / n_tokens for k in ("clean", "spliced", "zero"))
+    if math.isclose(zero, clean, rel_tol=1e-9, abs_tol=1e-12):
+        raise ValueError(
+            f"zeroing hookpoint {hookpoint!r} leaves the loss unchanged ({clean:.6f}): the hookpoint has no "
+            "effect on the loss, so the CE-loss score is undefined; pick a hookpoint on the residual path, "
+            "e.g. 'model.layers.N'"
+        )
+    score = (zero - spliced) / (zero - clean)
+    log.info(
+        "CE loss at %s: clean=%.4f spliced=%.4f zero=%.4f score=%.4f", hookpoint, clean, spliced, zero, score
+    )
+    return CELossResult(
+        ce_loss_clean=clean,
+        ce_loss_spliced=spliced,
+        ce_loss_zero=zero,
+        ce_loss_score=score,
+        n_tokens=n_tokens,
+    )

@@ -1,0 +1,198 @@
+"""Top-activating contexts of every latent, and a first label read off them.
+
+One streamed pass over the activation rows keeps, per latent, the `top_k` largest codes seen so far (each
+batch's `torch.topk` merged with the running one) and a firing count, so memory stays at
+[batch_size, d_sae] + [d_sae, top_k] whatever the number of rows. Afterwards each kept row is turned into a
+window of text around its token, and the token that most often carries the maximum becomes the first label:
+a latent whose top contexts all peak on " cat" is labeled '" cat"'. Richer (LLM-written) labels build on this.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import polars as pl
+import torch
+from torch import Tensor, nn
+
+from tasks.evaluate.metrics import dictionary_placement
+
+log = logging.getLogger(__name__)
+
+__all__ = ["FEATURE_TABLE_SCHEMA", "top_activating_contexts", "write_feature_table"]
+
+CONTEXT_STRUCT = pl.Struct(
+    {"context": pl.Int64, "position": pl.Int64, "activation": pl.Float64, "text": pl.String}
+)
+# One row per latent. frequency: share of rows with code > 0; max_activation: largest code seen (contexts
+# keep only codes > 0); label: the commonest max token among the top contexts, JSON-quoted so that leading
+# spaces and newlines show ('" cat"'), null if the latent never fired; label_share: its share of them.
+FEATURE_TABLE_SCHEMA = pl.Schema(
+    {
+        "latent": pl.Int64,
+        "frequency": pl.Float64,
+        "max_activation": pl.Float64,
+        "label": pl.String,
+        "label_share": pl.Float64,
+        "top_tokens": pl.List(pl.String),
+        "contexts": pl.List(CONTEXT_STRUCT),
+    }
+)
+
+
+def _validate(
+    acts: Tensor, row_context: Tensor, row_position: Tensor, context_tokens: Tensor, d_in: int
+) -> None:
+    n = acts.shape[0]
+    if acts.ndim != 2 or acts.shape[1] != d_in:
+        raise ValueError(f"acts must be [n, d_in] = [n, {d_in}] for this dictionary, got {list(acts.shape)}")
+    if row_context.shape != (n,) or row_position.shape != (n,):
+        raise ValueError(
+            f"row_context {list(row_context.shape)} and row_position {list(row_position.shape)} must both be "
+            f"[n] = [{n}]: one context index and one position per activation row"
+        )
+    if context_tokens.ndim != 2:
+        raise ValueError(f"context_tokens must be [n_ctx, L], got {list(context_tokens.shape)}")
+    n_ctx, length = context_tokens.shape
+    if n and not (int(row_context.min()) >= 0 and int(row_context.max()) < n_ctx):
+        raise ValueError(f"row_context must index context_tokens' {n_ctx} rows (0..{n_ctx - 1})")
+    if n and not (int(row_position.min()) >= 0 and int(row_position.max()) < length):
+        raise ValueError(f"row_position must be a position within context_tokens' length {length}")
+
+
+@torch.no_grad()
+def _stream_top_k(
+    dictionary: nn.Module, acts: Tensor, top_k: int, batch_size: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per latent: the top_k codes `[d_sae, top_k]`, their row indices, and how many rows had code > 0."""
+    device, dtype = dictionary_placement(dictionary, acts.device, acts.dtype)
+    d_sae, n = dictionary.d_sae, acts.shape[0]
+    top_vals = torch.full((d_sae, 0), float("-inf"), device=device)
+    top_rows = torch.zeros((d_sae, 0), dtype=torch.int64, device=device)
+    fired = torch.zeros(d_sae, dtype=torch.int64, device=device)
+    for start in range(0, n, batch_size):
+        codes = dictionary.encode(acts[start : start + batch_size].to(device=device, dtype=dtype)).float()
+        fired += (codes > 0).sum(dim=0)
+        vals, rows = torch.topk(codes, min(top_k, codes.shape[0]), dim=0)
+        # Merge [d_sae, kept] with this batch's [d_sae, k'] and keep the best top_k of the union.
+        merged_vals = torch.cat([top_vals, vals.T], dim=1)
+        merged_rows = torch.cat([top_rows, rows.T + start], dim=1)
+        top_vals, order = torch.topk(merged_vals, min(top_k, merged_vals.shape[1]), dim=1)
+        top_rows = torch.gather(merged_rows, 1, order)
+    return top_vals.cpu(), top_rows.cpu(), fired.cpu()
+
+
+def _mark(strings: list[str], centre: int) -> str:
+    """Join token strings, wrapping the centre one in «» with its leading whitespace left outside."""
+    tok = strings[centre]
+    body = tok.lstrip()
+    marked = f"{tok[: len(tok) - len(body)]}«{body}»"
+    return "".join(strings[:centre]) + marked + "".join(strings[centre + 1 :])
+
+
+def top_activating_contexts(
+    dictionary: nn.Module,
+    acts: Tensor,
+    row_context: Tensor,
+    row_position: Tensor,
+    context_tokens: Tensor,
+    token_strings: Callable[[list[int]], list[str]],
+    *,
+    top_k: int = 10,
+    window: int = 8,
+    batch_size: int = 4096,
+) -> pl.DataFrame:
+    """One row per latent (schema `FEATURE_TABLE_SCHEMA`) with its firing frequency, top contexts and label.
+
+    `acts [n, d_in]` are activation rows; row i came from position `row_position[i]` of context
+    `row_context[i]`, whose token ids are `context_tokens[row_context[i]]` (negative ids mark the end).
+    `token_strings` maps token ids to display strings (e.g. `lambda ids: [tok.decode([i]) for i in ids]`).
+    Only rows where a latent's code is > 0 count as its contexts; a latent that never fired gets no
+    contexts and a null label. Rows to leave out (e.g. position 0) should be left out of `acts` by the caller.
+    """
+    if top_k < 1 or batch_size < 1 or window < 0:
+        raise ValueError(
+            f"need top_k >= 1, batch_size >= 1, window >= 0; got {top_k}, {batch_size}, {window}"
+        )
+    _validate(acts, row_context, row_position, context_tokens, dictionary.d_in)
+    n = acts.shape[0]
+    if n == 0:
+        raise ValueError("acts has no rows; label on at least one activation row")
+    top_vals, top_rows, fired = _stream_top_k(dictionary, acts, top_k, batch_size)
+    context_tokens = context_tokens.cpu()
+
+    # Gather every window first so the (possibly slow) token_strings runs once on the distinct ids.
+    vals_list, rows_list = top_vals.tolist(), top_rows.tolist()
+    kept_rows = sorted({r for vals, rows in zip(vals_list, rows_list) for v, r in zip(vals, rows) if v > 0})
+    ctx_of, pos_of = row_context.cpu()[kept_rows].tolist(), row_position.cpu()[kept_rows].tolist()
+    windows: dict[int, tuple[int, int, list[int], int]] = {}
+    for row, ctx, pos in zip(kept_rows, ctx_of, pos_of):
+        lo = max(pos - window, 0)
+        ids = context_tokens[ctx, lo : pos + window + 1].tolist()
+        centre = pos - lo
+        if ids[centre] < 0:
+            raise ValueError(
+                f"activation row {row} points at position {pos} of context {ctx}, which holds no token "
+                f"(id {ids[centre]}); row_context/row_position must match context_tokens"
+            )
+        # Negative ids mark the end of a short context: drop them from the window.
+        before = [t for t in ids[:centre] if t >= 0]
+        after = [t for t in ids[centre + 1 :] if t >= 0]
+        windows[row] = (ctx, pos, [*before, ids[centre], *after], len(before))
+    distinct = sorted({t for *_, ids, _ in windows.values() for t in ids})
+    strings = token_strings(distinct)
+    if len(strings) != len(distinct):
+        raise ValueError(f"token_strings returned {len(strings)} strings for {len(distinct)} token ids")
+    display = dict(zip(distinct, strings))
+    # Per row, once: (context, position, max token string, marked text); a row can top several latents.
+    shown = {}
+    for row, (ctx, pos, ids, centre) in windows.items():
+        toks = [display[t] for t in ids]
+        shown[row] = (ctx, pos, toks[centre], _mark(toks, centre))
+
+    records = []
+    for latent, (vals, rows) in enumerate(zip(vals_list, rows_list)):
+        top = [(v, shown[r]) for v, r in zip(vals, rows) if v > 0]
+        top_tokens = [tok for _, (_, _, tok, _) in top]
+        contexts = [
+            {"context": ctx, "position": pos, "activation": v, "text": text} for v, (ctx, pos, _, text) in top
+        ]
+        # most_common keeps first-seen order on ties, so a tie goes to the token of the strongest context.
+        label, count = Counter(top_tokens).most_common(1)[0] if top_tokens else (None, 0)
+        records.append(
+            {
+                "latent": latent,
+                "frequency": int(fired[latent]) / n,
+                "max_activation": vals[0],
+                "label": None if label is None else json.dumps(label, ensure_ascii=False),
+                "label_share": count / len(top_tokens) if top_tokens else None,
+                "top_tokens": top_tokens,
+                "contexts": contexts,
+            }
+        )
+    df = pl.DataFrame(records, schema=FEATURE_TABLE_SCHEMA)
+    log.info("labeled %d of %d latents from %d rows", int((fired > 0).sum()), dictionary.d_sae, n)
+    return df
+
+
+def write_feature_table(df: pl.DataFrame, path: str | Path) -> Path:
+    """Write `df` to Parquet at `path` atomically: a temporary file in the same folder, fsync, rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            df.write_parquet(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
