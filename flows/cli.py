@@ -6,6 +6,7 @@ Each command builds a spec or a query and calls a flow or the catalog; nothing e
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -293,6 +294,18 @@ def catalog_lineage(
     console.print(grow(Tree(f"[bold]{artifact_id}[/bold] used by"), descendants))
 
 
+def _show_stage_logs() -> None:
+    """Progress lines of the stage code (`tasks.*` loggers) on stderr, in Prefect's console format."""
+    handler = logging.StreamHandler()
+    fmt = "%(asctime)s.%(msecs)03d | %(levelname)-7s | %(name)s - %(message)s"
+    handler.setFormatter(logging.Formatter(fmt, datefmt="%H:%M:%S"))
+    stage_log = logging.getLogger("tasks")
+    stage_log.addHandler(handler)
+    stage_log.setLevel(logging.INFO)
+    stage_log.propagate = False
+
+
 def main() -> None:
     configure_environment(Settings())
+    _show_stage_logs()
     app()

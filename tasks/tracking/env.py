@@ -21,8 +21,6 @@ def configure_environment(settings: Settings | None = None) -> Settings:
         # the 20 s default is too short for the temporary server on a busy 2-core machine
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
         "PREFECT_LOGGING_LEVEL": "INFO",
-        # the plain `logging` loggers of the stage code show in Prefect's console and UI too
-        "PREFECT_LOGGING_EXTRA_LOGGERS": "tasks",
         "MLFLOW_TRACKING_URI": settings.mlflow_uri,
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "DO_NOT_TRACK": "1",

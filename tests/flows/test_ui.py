@@ -1,0 +1,58 @@
+"""`featureatlas ui` serves the MLflow UI on loopback over the featureatlas store, showing the run tree."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+from tasks.tracking.stage import tracker_for
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ui_serves_the_run_tree(home):
+    tracker = tracker_for(home)
+    with tracker.run("pipeline") as parent, tracker.run("train_dictionary", parent.run_id) as child:
+        child.log_metrics({"fvu": 0.25}, step=1)
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from flows.cli import main; main()", "ui", "--port", str(port)],
+        env=os.environ.copy(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        body = {"experiment_ids": [tracker.experiment_id], "max_results": 10}
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/api/2.0/mlflow/runs/search",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(request, timeout=5) as r:
+                    runs = json.loads(r.read())["runs"]
+                break
+            except OSError:
+                assert proc.poll() is None, proc.stdout.read().decode()
+                assert time.monotonic() < deadline, "the MLflow UI did not answer within 120 s"
+                time.sleep(1)
+        tags = {r["info"]["run_name"]: {t["key"]: t["value"] for t in r["data"]["tags"]} for r in runs}
+        assert tags["train_dictionary"]["mlflow.parentRunId"] == parent.run_id
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as r:
+            assert r.status == 200 and b"<html" in r.read(2000).lower()
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
