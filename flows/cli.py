@@ -31,7 +31,7 @@ app = typer.Typer(
 )
 catalog_app = typer.Typer(help="Browse the metadata catalog.", no_args_is_help=True)
 app.add_typer(catalog_app, name="catalog")
-console = Console()
+console = Console(soft_wrap=True)
 KINDS = list(ROWS)
 
 
@@ -107,6 +107,29 @@ def _print_plan(spec, settings: Settings, as_json: bool) -> None:
     console.print(table)
 
 
+def _print_examples(table_path: Path, n: int = 5) -> None:
+    """A few clearly labeled latents, so the labels can be judged at a glance."""
+    import polars as pl
+
+    table = pl.read_parquet(table_path)
+    # latents whose top contexts all peak on one visible token, one latent per label
+    best = (
+        table.filter(
+            (pl.col("label_share") == 1.0)
+            & (pl.col("frequency") > 1e-3)
+            & (pl.col("label").str.strip_chars('" \\n') != "")
+        )
+        .sort("max_activation", descending=True)
+        .unique("label", keep="first", maintain_order=True)
+        .head(n)
+    )
+    console.print(f"  labels: {table_path} ({table['label'].is_not_null().sum()} of {table.height} labeled)")
+    for row in best.iter_rows(named=True):
+        context = row["contexts"][0]["text"]
+        line = f"    latent {row['latent']:>5} {row['label']:>14}  freq {row['frequency']:.4f}  {context!r}"
+        console.print(line, markup=False)
+
+
 def _print_result(result, settings: Settings) -> None:
     from tasks.tracking.stage import tracker_for
 
@@ -141,7 +164,7 @@ def _print_result(result, settings: Settings) -> None:
             )
         console.print(line)
         if d.labeling is not None:
-            console.print(f"  labels: {Path(d.labeling.path) / 'features.parquet'}")
+            _print_examples(Path(d.labeling.path) / "features.parquet")
     console.print(f"MLflow run {result.mlflow_run_id}: see it with `featureatlas ui`")
     console.print(
         f"catalog: `featureatlas catalog lineage {result.dictionaries[0].dictionary.id}`"
