@@ -31,7 +31,8 @@ app = typer.Typer(
 )
 catalog_app = typer.Typer(help="Browse the metadata catalog.", no_args_is_help=True)
 app.add_typer(catalog_app, name="catalog")
-console = Console(soft_wrap=True)
+# piped output (logs, CI, README examples) is not cut to 80 columns
+console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 KINDS = list(ROWS)
 
 
