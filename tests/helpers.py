@@ -1,5 +1,5 @@
-"""Builders for tiny, locally made parts: Llama, Gemma, GPT-2 and BERT configs with random weights, and a small
-trained tokenizer."""
+"""Builders for tiny, locally made parts: Llama, Gemma, GPT-2 and BERT configs with random weights, and a
+small trained tokenizer."""
 
 from __future__ import annotations
 

@@ -26,8 +26,8 @@ __all__ = ["ALIASES", "Site", "resolve_site"]
 
 HINT = (
     "e.g. 'model.layers.N' is the output of decoder block N (the residual stream after it); aliases "
-    "resid_post.N, mlp_out.N, mlp_hidden.N, attn_out.N, attn_z.N work on Llama-, Gemma-, GPT-2- and BERT-style "
-    "models"
+    "resid_post.N, mlp_out.N, mlp_hidden.N, attn_out.N, attn_z.N work on Llama-, Gemma-, GPT-2- and "
+    "BERT-style models"
 )
 
 # Where each alias lives inside a block, tried in order: (module path relative to the block, read input?).
