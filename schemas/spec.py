@@ -86,6 +86,12 @@ class CacheSpec(Contract):
         description="Leave position 0 of every context out of training, evaluation and labeling: it acts "
         "as an attention sink with norms far above the rest and wrecks SAE training. It is still cached.",
     )
+    exclude_special_tokens: bool = Field(
+        True,
+        description="Leave special tokens (BOS, CLS, SEP, EOS: the tokenizer's special ids, flagged "
+        "`is_special` in tokens.parquet) out of training, evaluation and labeling; their activations have "
+        "huge norms. They are still cached.",
+    )
 
 
 class EvaluateSpec(Contract):
@@ -112,7 +118,11 @@ class PipelineSpec(Contract):
     name: str = Field("pipeline", description="Name of the pipeline; the MLflow experiment's run name.")
     model: ModelSpec
     corpus: CorpusSpec = Field(default_factory=CorpusSpec)
-    hookpoints: list[str] = Field(min_length=1, description="Module names, e.g. 'model.layers.6'.")
+    hookpoints: list[str] = Field(
+        min_length=1,
+        description="Module names, e.g. 'model.layers.6', or aliases resid_post.L, mlp_out.L, mlp_hidden.L, "
+        "attn_out.L, attn_z.L.",
+    )
     cache: CacheSpec = Field(default_factory=CacheSpec)
     dictionaries: list[DictionaryConfig] = Field(
         min_length=1, description="Dictionaries to learn; a list of several is a sweep."
