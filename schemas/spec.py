@@ -30,6 +30,12 @@ class ModelSpec(Contract):
         None, description="A GGUF file inside `path` to load (dequantised on load)."
     )
     revision: str | None = Field(None, description="Hub revision; ignored for local folders.")
+    kind: Literal["causal_lm", "encoder"] = Field(
+        "causal_lm",
+        description="'causal_lm' loads with AutoModelForCausalLM (Llama, Gemma, GPT-2, ...); 'encoder' with "
+        "AutoModel (BERT-style, no LM head: caching, training and labeling work, the CE-loss evaluation does "
+        "not).",
+    )
     dtype: DType = Field("float32", description="Dtype the model runs in.")
     device: str = Field(
         "auto", description="'auto' (CUDA when present, else CPU), 'cpu', 'cuda' or 'cuda:N'."
@@ -132,6 +138,11 @@ class PipelineSpec(Contract):
 
     @model_validator(mode="after")
     def _dictionary_hookpoints(self) -> PipelineSpec:
+        if self.model.kind == "encoder" and self.evaluate.enabled:
+            raise ValueError(
+                "evaluate: the CE-loss score needs next-token predictions, which an encoder model does not "
+                "make; set `evaluate: {enabled: false}` or use a causal LM"
+            )
         if len(set(self.hookpoints)) != len(self.hookpoints):
             raise ValueError("hookpoints: a hookpoint is listed twice; list each once")
         for i, d in enumerate(self.dictionaries):

@@ -22,7 +22,7 @@ from tasks.common.store import sha256_file
 STAGE_VERSIONS = {
     "model": 1,
     "corpus": 1,
-    "activation_cache": 1,
+    "activation_cache": 2,  # 2: is_special column, special tokens excluded, layout and rms in the manifest
     "dictionary": 1,
     "evaluation": 1,
     "labeling": 1,
@@ -71,6 +71,8 @@ def model_identity(spec: ModelSpec, files: list[Path], source: str) -> Identity:
     # content, not location: the same weights found at another path are the same model
     content = [[p.name, file_digest(p)] for p in files] if files else [source, spec.revision]
     config = {"gguf_file": spec.gguf_file, "dtype": spec.dtype, "content": content}
+    if spec.kind != "causal_lm":
+        config["kind"] = spec.kind  # only when set: causal LMs keep the ids they had before `kind` existed
     return identity("model", config, [])
 
 
