@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
@@ -23,6 +24,7 @@ import polars as pl
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+from safetensors.torch import save as save_bytes
 
 from tasks.common.models import DTYPES
 
@@ -43,6 +45,16 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> Non
     tmp.chmod(0o644)  # safetensors creates files readable by the owner alone; caches are shared in a lab
     with tmp.open("rb") as f:
         os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_bytes(data: bytes, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.chmod(0o644)
     os.replace(tmp, path)
 
 
@@ -88,6 +100,12 @@ class ShardWriter:
         self.buffer: list[torch.Tensor] = []
         self.buffered = 0
         self.shards: list[dict] = []
+        self.n_shards = 0  # shards handed to the writer thread (self.shards lists those written)
+        # one thread per hookpoint writes, fsyncs, hashes and sums shards in order while the model runs on
+        self._pool = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=f"shards-{hookpoint_dir(hookpoint)}"
+        )
+        self._pending: list[Future] = []
         # float64 sums: float32 loses the small per-dimension variances over 10^6 rows
         self.sum = torch.zeros(d_in, dtype=torch.float64)
         self.sumsq = torch.zeros(d_in, dtype=torch.float64)
@@ -98,7 +116,8 @@ class ShardWriter:
         """Take over the first `n_shards` finished shards of an interrupted run; delete any later ones."""
         for i in range(n_shards):
             path = self.folder / f"{i:05d}.safetensors"
-            self._record(load_file(str(path))["acts"], path)
+            self._record(load_file(str(path))["acts"], path, sha256_file(path))
+        self.n_shards = n_shards
         for path in self.folder.iterdir():
             if not path.name.endswith(".safetensors") or int(path.name.split(".")[0]) >= n_shards:
                 path.unlink()  # a later shard, or a temporary file a kill left behind
@@ -116,11 +135,19 @@ class ShardWriter:
         data = torch.cat(self.buffer)
         shard, rest = data[:n], data[n:]
         self.buffer, self.buffered = ([rest] if rest.shape[0] else []), rest.shape[0]
-        path = self.folder / f"{len(self.shards):05d}.safetensors"
-        atomic_save_safetensors({"acts": shard}, path)
-        self._record(shard, path)
+        path = self.folder / f"{self.n_shards:05d}.safetensors"
+        self.n_shards += 1
+        # at most two shards in flight: writing may lag behind the model, memory stays bounded
+        while len(self._pending) >= 2:
+            self._pending.pop(0).result()  # re-raises a failed write here, in the caller's thread
+        self._pending.append(self._pool.submit(self._write, shard, path))
 
-    def _record(self, shard: torch.Tensor, path: Path) -> None:
+    def _write(self, shard: torch.Tensor, path: Path) -> None:
+        data = save_bytes({"acts": shard.contiguous()})
+        atomic_write_bytes(data, path)
+        self._record(shard, path, hashlib.sha256(data).hexdigest())
+
+    def _record(self, shard: torch.Tensor, path: Path, sha256: str) -> None:
         a64 = shard.double()
         self.sum += a64.sum(0)
         self.sumsq += (a64 * a64).sum(0)
@@ -131,13 +158,17 @@ class ShardWriter:
                 "file": str(path.relative_to(self.root)),
                 "rows": int(shard.shape[0]),
                 "bytes": path.stat().st_size,
-                "sha256": sha256_file(path),
+                "sha256": sha256,
             }
         )
 
     def finish(self) -> dict:
         if self.buffered:
             self._flush(self.buffered)
+        for future in self._pending:
+            future.result()
+        self._pending = []
+        self._pool.shutdown()
         n = max(self.rows, 1)
         mean = self.sum / n
         var = self.sumsq / n - mean**2
