@@ -79,7 +79,7 @@ def main() -> None:
     print(f"forward through {n_blocks} of {loaded.model.config.num_hidden_layers} blocks")
 
     # warm-up (allocator, kernels) on two batches, then the measured passes
-    warm = type(contexts)(*(t[: 2 * args.batch_size] for t in contexts))
+    warm = type(contexts)(*(None if t is None else t[: 2 * args.batch_size] for t in contexts))
     bare_forward(loaded.model, warm, args.batch_size, n_blocks)
     bare_s = bare_forward(loaded.model, contexts, args.batch_size, n_blocks)
 

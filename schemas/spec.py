@@ -68,7 +68,15 @@ class CorpusSpec(Contract):
     heldout_fraction: float = Field(
         0.1, ge=0.0, lt=1.0, description="Share of documents held out for evaluation (split by document)."
     )
-    min_context_tokens: int = Field(16, ge=2, description="Drop the tail of a document shorter than this.")
+    min_context_tokens: int = Field(
+        16, ge=2, description="Drop the tail of a document shorter than this (unpacked contexts only)."
+    )
+    pack: bool = Field(
+        False,
+        description="Pack documents (each followed by EOS) end to end into full contexts of "
+        "`context_length` tokens, train and held-out documents separately, until exactly `max_tokens` tokens "
+        "(or the whole corpus) are taken. Off: one document per context window, tails dropped.",
+    )
 
     @field_validator("sources")
     @classmethod

@@ -70,7 +70,7 @@ def _token_table(tokenizer, documents: pl.DataFrame, contexts: Contexts, shard_t
     token_ids = contexts.input_ids[contexts.attention_mask.bool()]
     strings = _token_strings(tokenizer, token_ids.tolist())
     special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.int64)
-    doc_ids = documents["doc_id"].gather(contexts.doc_index[context_of_row].numpy())
+    doc_ids = documents["doc_id"].gather(contexts.doc_of_tokens().numpy())
     row = torch.arange(int(lengths.sum()))
     return pl.DataFrame(
         {

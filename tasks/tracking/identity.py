@@ -21,7 +21,7 @@ from tasks.common.store import sha256_file
 
 STAGE_VERSIONS = {
     "model": 1,
-    "corpus": 1,
+    "corpus": 2,  # 2: document order no longer puts every held-out document first
     "activation_cache": 2,  # 2: is_special column, special tokens excluded, layout and rms in the manifest
     "dictionary": 1,
     "evaluation": 1,
