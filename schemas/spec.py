@@ -55,9 +55,9 @@ class CorpusSpec(Contract):
     sources: list[str] = Field(
         default_factory=lambda: list(BUILTIN_CORPORA),
         description="Built-in corpora ('builtin:pydoc_topics': the topic help shipped with Python; "
-        "'builtin:stdlib_docstrings': docstrings of the standard library) or local .txt, .jsonl or "
-        ".parquet files (one document per .txt file; per record otherwise). Relative paths are read from "
-        "the spec file's folder.",
+        "'builtin:stdlib_docstrings': docstrings of the standard library), local .txt, .jsonl or "
+        ".parquet files (one document per .txt file; per record otherwise) or folders written by `datasets`' "
+        "save_to_disk (one document per record). Relative paths are read from the spec file's folder.",
         min_length=1,
     )
     text_field: str = Field("text", description="Field holding the text in .jsonl and .parquet files.")
@@ -84,8 +84,11 @@ class CorpusSpec(Contract):
         for s in v:
             if s.startswith("builtin:") and s not in BUILTIN_CORPORA:
                 raise ValueError(f"unknown built-in corpus {s!r}; available: {', '.join(BUILTIN_CORPORA)}")
-            if not s.startswith("builtin:") and Path(s).suffix not in (".txt", ".jsonl", ".parquet"):
-                raise ValueError(f"corpus file {s!r} must end in .txt, .jsonl or .parquet")
+            if not s.startswith("builtin:") and Path(s).suffix not in ("", ".txt", ".jsonl", ".parquet"):
+                raise ValueError(
+                    f"corpus file {s!r} must end in .txt, .jsonl or .parquet, or be a folder written by "
+                    "`datasets`' save_to_disk (a path without a suffix)"
+                )
         return v
 
 

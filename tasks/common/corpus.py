@@ -1,4 +1,4 @@
-"""Documents from the built-in corpora or local files, and their cut into fixed-length token contexts.
+"""Documents from the built-in corpora, local files or saved `datasets`, cut or packed into token contexts.
 
 Built-in corpora ship with every Python: `pydoc_data.topics` (the topic help, ~113k SmolLM2 tokens) and the
 docstrings of the standard library (~300k tokens). Held-out documents are chosen by a hash of the document id,
@@ -49,10 +49,27 @@ def _stdlib_docstrings() -> Iterator[tuple[str, str]]:
                 yield f"stdlib:{rel.as_posix()}:{name}:{getattr(node, 'lineno', 0)}", doc
 
 
+def _saved_dataset(path: Path, text_field: str) -> Iterator[tuple[str, str]]:
+    """Records of a `datasets` Dataset or DatasetDict (every split, in name order) saved with save_to_disk."""
+    from datasets import Dataset, load_from_disk
+
+    loaded = load_from_disk(str(path))
+    parts = {"": loaded} if isinstance(loaded, Dataset) else {f"{k}:": loaded[k] for k in sorted(loaded)}
+    for prefix, ds in parts.items():
+        if text_field not in ds.column_names:
+            raise ValueError(
+                f"{path}: no column {text_field!r} (columns: {ds.column_names}); set `corpus.text_field`"
+            )
+        for i, text in enumerate(ds[text_field]):
+            yield f"{path.name}:{prefix}{i}", str(text)
+
+
 def _local_file(path: Path, text_field: str) -> Iterator[tuple[str, str]]:
     if not path.exists():
         raise FileNotFoundError(f"corpus file {str(path)!r} does not exist; fix `corpus.sources` in the spec")
-    if path.suffix == ".txt":
+    if path.is_dir():
+        yield from _saved_dataset(path, text_field)
+    elif path.suffix == ".txt":
         yield f"{path.name}", path.read_text(encoding="utf-8")
     elif path.suffix == ".jsonl":
         with path.open(encoding="utf-8") as f:

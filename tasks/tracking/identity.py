@@ -67,6 +67,15 @@ def file_digest(path: Path) -> str:
     return _file_hashes[key]
 
 
+def _source_digest(path: Path) -> str:
+    """A local corpus file's sha256, or for a saved `datasets` folder the sha256 of its files' digests."""
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+        listing = json.dumps([[str(p.relative_to(path)), file_digest(p)] for p in files])
+        return hashlib.sha256(listing.encode()).hexdigest()
+    return file_digest(path) if path.exists() else "missing"
+
+
 def model_identity(spec: ModelSpec, files: list[Path], source: str) -> Identity:
     # content, not location: the same weights found at another path are the same model
     content = [[p.name, file_digest(p)] for p in files] if files else [source, spec.revision]
@@ -83,7 +92,7 @@ def corpus_identity(spec: CorpusSpec) -> Identity:
             # the built-in text is whatever this Python ships
             content.append([s, sys.version.split()[0]])
         else:
-            content.append([Path(s).name, file_digest(Path(s)) if Path(s).exists() else "missing"])
+            content.append([Path(s).name, _source_digest(Path(s))])
     return identity("corpus", {"spec": _canonical(spec), "content": content}, [])
 
 

@@ -47,3 +47,22 @@ def test_packing_a_small_corpus_takes_all_of_it(docs):
     everything = sum(len(tok(t)["input_ids"]) + 1 for t in documents["text"])
     c = build_contexts(documents, tok, spec.model_copy(update={"max_tokens": 10**6}))
     assert int(c.attention_mask.sum()) == everything
+
+
+def test_saved_dataset_folder_is_a_corpus(tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    folder = tmp_path / "saved"
+    DatasetDict(
+        {
+            "train": Dataset.from_dict({"body": TINY_TEXT[:3]}),
+            "test": Dataset.from_dict({"body": TINY_TEXT[3:5]}),
+        }
+    ).save_to_disk(str(folder))
+    docs = load_documents(CorpusSpec(sources=[str(folder)], text_field="body"))
+    assert sorted(docs["doc_id"].to_list()) == [f"saved:test:{i}" for i in range(2)] + [
+        f"saved:train:{i}" for i in range(3)
+    ]
+    assert set(docs["text"].to_list()) == set(TINY_TEXT[:5])
+    with pytest.raises(ValueError, match=r"no column 'text'.*body"):
+        load_documents(CorpusSpec(sources=[str(folder)]))
