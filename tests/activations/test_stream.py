@@ -80,3 +80,17 @@ def test_truncated_shard_is_refused_by_name(cache_dir, tmp_path):
     unverified = ActivationCache(copy, verify=False)
     with pytest.raises(CacheIntegrityError, match=r"00002.safetensors.*truncated"):
         list(unverified.stream("model.layers.0", unverified.select_rows(None), batch_size=32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_shard_writer_makes_safetensors_bytes(tmp_path, dtype):
+    import hashlib
+
+    from safetensors.torch import save
+
+    from tasks.common.store import write_acts_shard
+
+    acts = torch.randn(7, 5).to(dtype)
+    sha = write_acts_shard(acts, tmp_path / "s.safetensors")
+    data = (tmp_path / "s.safetensors").read_bytes()
+    assert data == save({"acts": acts}) and sha == hashlib.sha256(data).hexdigest()
