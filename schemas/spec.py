@@ -30,6 +30,12 @@ class ModelSpec(Contract):
         None, description="A GGUF file inside `path` to load (dequantised on load)."
     )
     revision: str | None = Field(None, description="Hub revision; ignored for local folders.")
+    kind: Literal["causal_lm", "encoder"] = Field(
+        "causal_lm",
+        description="'causal_lm' loads with AutoModelForCausalLM (Llama, Gemma, GPT-2, ...); 'encoder' with "
+        "AutoModel (BERT-style, no LM head: caching, training and labeling work, the CE-loss evaluation does "
+        "not).",
+    )
     dtype: DType = Field("float32", description="Dtype the model runs in.")
     device: str = Field(
         "auto", description="'auto' (CUDA when present, else CPU), 'cpu', 'cuda' or 'cuda:N'."
@@ -49,9 +55,9 @@ class CorpusSpec(Contract):
     sources: list[str] = Field(
         default_factory=lambda: list(BUILTIN_CORPORA),
         description="Built-in corpora ('builtin:pydoc_topics': the topic help shipped with Python; "
-        "'builtin:stdlib_docstrings': docstrings of the standard library) or local .txt, .jsonl or "
-        ".parquet files (one document per .txt file; per record otherwise). Relative paths are read from "
-        "the spec file's folder.",
+        "'builtin:stdlib_docstrings': docstrings of the standard library), local .txt, .jsonl or "
+        ".parquet files (one document per .txt file; per record otherwise) or folders written by `datasets`' "
+        "save_to_disk (one document per record). Relative paths are read from the spec file's folder.",
         min_length=1,
     )
     text_field: str = Field("text", description="Field holding the text in .jsonl and .parquet files.")
@@ -62,7 +68,15 @@ class CorpusSpec(Contract):
     heldout_fraction: float = Field(
         0.1, ge=0.0, lt=1.0, description="Share of documents held out for evaluation (split by document)."
     )
-    min_context_tokens: int = Field(16, ge=2, description="Drop the tail of a document shorter than this.")
+    min_context_tokens: int = Field(
+        16, ge=2, description="Drop the tail of a document shorter than this (unpacked contexts only)."
+    )
+    pack: bool = Field(
+        False,
+        description="Pack documents (each followed by EOS) end to end into full contexts of "
+        "`context_length` tokens, train and held-out documents separately, until exactly `max_tokens` tokens "
+        "(or the whole corpus) are taken. Off: one document per context window, tails dropped.",
+    )
 
     @field_validator("sources")
     @classmethod
@@ -70,8 +84,11 @@ class CorpusSpec(Contract):
         for s in v:
             if s.startswith("builtin:") and s not in BUILTIN_CORPORA:
                 raise ValueError(f"unknown built-in corpus {s!r}; available: {', '.join(BUILTIN_CORPORA)}")
-            if not s.startswith("builtin:") and Path(s).suffix not in (".txt", ".jsonl", ".parquet"):
-                raise ValueError(f"corpus file {s!r} must end in .txt, .jsonl or .parquet")
+            if not s.startswith("builtin:") and Path(s).suffix not in ("", ".txt", ".jsonl", ".parquet"):
+                raise ValueError(
+                    f"corpus file {s!r} must end in .txt, .jsonl or .parquet, or be a folder written by "
+                    "`datasets`' save_to_disk (a path without a suffix)"
+                )
         return v
 
 
@@ -85,6 +102,12 @@ class CacheSpec(Contract):
         True,
         description="Leave position 0 of every context out of training, evaluation and labeling: it acts "
         "as an attention sink with norms far above the rest and wrecks SAE training. It is still cached.",
+    )
+    exclude_special_tokens: bool = Field(
+        True,
+        description="Leave special tokens (BOS, CLS, SEP, EOS: the tokenizer's special ids, flagged "
+        "`is_special` in tokens.parquet) out of training, evaluation and labeling; their activations have "
+        "huge norms. They are still cached.",
     )
 
 
@@ -112,7 +135,11 @@ class PipelineSpec(Contract):
     name: str = Field("pipeline", description="Name of the pipeline; the MLflow experiment's run name.")
     model: ModelSpec
     corpus: CorpusSpec = Field(default_factory=CorpusSpec)
-    hookpoints: list[str] = Field(min_length=1, description="Module names, e.g. 'model.layers.6'.")
+    hookpoints: list[str] = Field(
+        min_length=1,
+        description="Module names, e.g. 'model.layers.6', or aliases resid_post.L, mlp_out.L, mlp_hidden.L, "
+        "attn_out.L, attn_z.L.",
+    )
     cache: CacheSpec = Field(default_factory=CacheSpec)
     dictionaries: list[DictionaryConfig] = Field(
         min_length=1, description="Dictionaries to learn; a list of several is a sweep."
@@ -122,6 +149,11 @@ class PipelineSpec(Contract):
 
     @model_validator(mode="after")
     def _dictionary_hookpoints(self) -> PipelineSpec:
+        if self.model.kind == "encoder" and self.evaluate.enabled:
+            raise ValueError(
+                "evaluate: the CE-loss score needs next-token predictions, which an encoder model does not "
+                "make; set `evaluate: {enabled: false}` or use a causal LM"
+            )
         if len(set(self.hookpoints)) != len(self.hookpoints):
             raise ValueError("hookpoints: a hookpoint is listed twice; list each once")
         for i, d in enumerate(self.dictionaries):

@@ -148,4 +148,5 @@ def cache_activations(
         config={"hookpoints": hookpoints, **spec.model_dump(mode="json")},
         parents=[model, corpus],
         build=build,
+        resumable=True,  # a killed run resumes from its last complete shard
     )

@@ -1,4 +1,4 @@
-"""Documents from the built-in corpora or local files, and their cut into fixed-length token contexts.
+"""Documents from the built-in corpora, local files or saved `datasets`, cut or packed into token contexts.
 
 Built-in corpora ship with every Python: `pydoc_data.topics` (the topic help, ~113k SmolLM2 tokens) and the
 docstrings of the standard library (~300k tokens). Held-out documents are chosen by a hash of the document id,
@@ -49,10 +49,27 @@ def _stdlib_docstrings() -> Iterator[tuple[str, str]]:
                 yield f"stdlib:{rel.as_posix()}:{name}:{getattr(node, 'lineno', 0)}", doc
 
 
+def _saved_dataset(path: Path, text_field: str) -> Iterator[tuple[str, str]]:
+    """Records of a `datasets` Dataset or DatasetDict (every split, in name order) saved with save_to_disk."""
+    from datasets import Dataset, load_from_disk
+
+    loaded = load_from_disk(str(path))
+    parts = {"": loaded} if isinstance(loaded, Dataset) else {f"{k}:": loaded[k] for k in sorted(loaded)}
+    for prefix, ds in parts.items():
+        if text_field not in ds.column_names:
+            raise ValueError(
+                f"{path}: no column {text_field!r} (columns: {ds.column_names}); set `corpus.text_field`"
+            )
+        for i, text in enumerate(ds[text_field]):
+            yield f"{path.name}:{prefix}{i}", str(text)
+
+
 def _local_file(path: Path, text_field: str) -> Iterator[tuple[str, str]]:
     if not path.exists():
         raise FileNotFoundError(f"corpus file {str(path)!r} does not exist; fix `corpus.sources` in the spec")
-    if path.suffix == ".txt":
+    if path.is_dir():
+        yield from _saved_dataset(path, text_field)
+    elif path.suffix == ".txt":
         yield f"{path.name}", path.read_text(encoding="utf-8")
     elif path.suffix == ".jsonl":
         with path.open(encoding="utf-8") as f:
@@ -95,13 +112,14 @@ def load_documents(spec: CorpusSpec) -> pl.DataFrame:
     if df["doc_id"].n_unique() != df.height:
         # two local files with one name: make ids unique by prefixing the source path
         df = df.with_columns(doc_id=pl.col("source") + "::" + pl.col("doc_id"))
-    # order by a hash of the id: a token budget then samples every source, and the order is reproducible
+    # order by a hash of the id: a token budget then samples every source, and the order is reproducible.
+    # A salted hash, not the one that picks the split: otherwise held-out documents would all come first.
     df = df.with_columns(
         split=pl.col("doc_id").map_elements(
             lambda d: _split(d, spec.heldout_fraction), return_dtype=pl.String
         ),
         _order=pl.col("doc_id").map_elements(
-            lambda d: hashlib.sha256(d.encode()).hexdigest(), return_dtype=pl.String
+            lambda d: hashlib.sha256(f"order:{d}".encode()).hexdigest(), return_dtype=pl.String
         ),
     )
     return df.sort("_order").drop("_order")
@@ -110,17 +128,72 @@ def load_documents(spec: CorpusSpec) -> pl.DataFrame:
 class Contexts(NamedTuple):
     input_ids: torch.Tensor  # [n_ctx, L] int64, padded with the pad id
     attention_mask: torch.Tensor  # [n_ctx, L] int64, 1 for real tokens
-    doc_index: torch.Tensor  # [n_ctx] int64: row of the document in the documents frame
+    doc_index: torch.Tensor  # [n_ctx] int64: row of the (first) document in the documents frame
     heldout: torch.Tensor  # [n_ctx] bool
+    token_doc: torch.Tensor | None = None  # [n_ctx, L] int64 document row per position (-1: padding)
+
+    def doc_of_tokens(self) -> torch.Tensor:
+        """Document row of every real token, in row order [n_tokens]."""
+        if self.token_doc is not None:
+            return self.token_doc[self.attention_mask.bool()]
+        return torch.repeat_interleave(self.doc_index, self.attention_mask.sum(1))
+
+
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+
+
+def pack_contexts(documents: pl.DataFrame, tokenizer, spec: CorpusSpec) -> Contexts:
+    """Documents end to end (each followed by EOS) in full contexts, train and held-out kept apart.
+
+    Exactly min(`max_tokens`, corpus tokens) real tokens are taken: every context is full except the last
+    one of each split.
+    """
+    L, eos = spec.context_length, tokenizer.eos_token_id
+    open_ctx: dict[bool, tuple[list[int], list[int]]] = {False: ([], []), True: ([], [])}
+    done: list[tuple[list[int], list[int], bool]] = []
+    total = 0
+    for i, (text, split) in enumerate(zip(documents["text"], documents["split"])):
+        tokens = tokenizer(text, add_special_tokens=True)["input_ids"]
+        if eos is not None and (not tokens or tokens[-1] != eos):
+            tokens.append(eos)  # marks the document boundary for the model
+        heldout = split == "heldout"
+        ids, docs = open_ctx[heldout]
+        pos = 0
+        while pos < len(tokens) and total < spec.max_tokens:
+            take = min(L - len(ids), len(tokens) - pos, spec.max_tokens - total)
+            ids.extend(tokens[pos : pos + take])
+            docs.extend([i] * take)
+            pos, total = pos + take, total + take
+            if len(ids) == L:
+                done.append((ids.copy(), docs.copy(), heldout))
+                ids.clear()
+                docs.clear()
+        if total >= spec.max_tokens:
+            break
+    done.extend((ids, docs, heldout) for heldout, (ids, docs) in open_ctx.items() if ids)
+    if not done:
+        raise ValueError("the corpus yields no context; add text")
+    pad = _pad_id(tokenizer)
+    return Contexts(
+        torch.tensor([ids + [pad] * (L - len(ids)) for ids, _, _ in done], dtype=torch.int64),
+        torch.tensor([[1] * len(ids) + [0] * (L - len(ids)) for ids, _, _ in done], dtype=torch.int64),
+        torch.tensor([docs[0] for _, docs, _ in done], dtype=torch.int64),
+        torch.tensor([h for _, _, h in done], dtype=torch.bool),
+        torch.tensor([docs + [-1] * (L - len(docs)) for _, docs, _ in done], dtype=torch.int64),
+    )
 
 
 def build_contexts(documents: pl.DataFrame, tokenizer, spec: CorpusSpec) -> Contexts:
     """Cut each document into windows of `context_length` tokens until `max_tokens` real tokens are taken.
 
-    Windows never cross documents; a document's tail shorter than `min_context_tokens` is dropped.
+    Windows never cross documents; a document's tail shorter than `min_context_tokens` is dropped. With
+    `spec.pack`, documents are packed end to end instead (`pack_contexts`).
     """
+    if spec.pack:
+        return pack_contexts(documents, tokenizer, spec)
     L = spec.context_length
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    pad = _pad_id(tokenizer)
     ids, masks, doc_index, heldout = [], [], [], []
     total = 0
     for i, (text, split) in enumerate(zip(documents["text"], documents["split"])):

@@ -1,8 +1,10 @@
-"""Hookpoints by module name: find a module, read its output, or replace its output during a forward pass.
+"""Hookpoints: find a site, read its activation, or replace it during a forward pass.
 
 A hookpoint is the dotted name `model.named_modules()` gives a module, e.g. `model.layers.6` for the output
-of the seventh decoder block (the residual stream after it). Caching, evaluation and labeling all go through
-these helpers, so every stage reads the same tensor for the same name.
+of the seventh decoder block (the residual stream after it), or an alias such as `mlp_hidden.6` that
+`tasks.common.hookpoints` resolves per architecture (some aliases read a module's *input*, via a forward
+pre-hook). Caching, evaluation and labeling all go through these helpers, so every stage reads the same tensor
+for the same name.
 
 Modules return either a Tensor or a tuple whose first element is the hidden state (transformers 4.x decoder
 blocks), or a `ModelOutput`; `unwrap_output` / `rewrap_output` hide the difference.
@@ -11,7 +13,6 @@ blocks), or a `ModelOutput`; `unwrap_output` / `rewrap_output` hide the differen
 from __future__ import annotations
 
 import copy
-import difflib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -19,9 +20,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["capture_activations", "resolve_hookpoint", "rewrap_output", "splice", "unwrap_output"]
+from tasks.common.hookpoints import HINT as _HINT
+from tasks.common.hookpoints import Site, resolve_site
 
-_HINT = "e.g. 'model.layers.N' is the output of decoder block N (the residual stream after it)"
+__all__ = [
+    "capture_activations",
+    "resolve_hookpoint",
+    "resolve_site",
+    "rewrap_output",
+    "splice",
+    "unwrap_output",
+]
 
 
 class _StopForward(Exception):
@@ -29,16 +38,34 @@ class _StopForward(Exception):
 
 
 def resolve_hookpoint(model: nn.Module, name: str) -> nn.Module:
-    """The submodule called `name` in `model.named_modules()`; a ValueError with close matches if none is."""
-    modules = dict(model.named_modules())
-    if name in modules:
-        return modules[name]
-    close = difflib.get_close_matches(name, [n for n in modules if n], n=5, cutoff=0.6)
-    suggestion = f"close matches: {close}" if close else "no close matches"
-    raise ValueError(
-        f"hookpoint {name!r} not found in {type(model).__name__}; {suggestion}. "
-        f"Hookpoints are module names from model.named_modules(); {_HINT}."
-    )
+    """The module a hookpoint (module name or alias) hooks; a ValueError with close matches if none."""
+    return resolve_site(model, name).module
+
+
+def _first_arg(site: Site, args: tuple) -> Tensor:
+    if not args or not isinstance(args[0], Tensor):
+        raise TypeError(
+            f"hookpoint {site.name!r} reads the input of {site.module_name}, but that module was not called "
+            "with a tensor as its first positional argument; hook its output or another module instead"
+        )
+    return args[0]
+
+
+def _register(site: Site, fn: Callable[[Tensor], Tensor | None]) -> torch.utils.hooks.RemovableHandle:
+    """Hook `site`: `fn` sees its activation; a tensor `fn` returns replaces the activation."""
+    if site.read == "input":
+
+        def pre_hook(_module: nn.Module, args: tuple) -> tuple | None:
+            new = fn(_first_arg(site, args))
+            return None if new is None else (new, *args[1:])
+
+        return site.module.register_forward_pre_hook(pre_hook)
+
+    def hook(_module: nn.Module, _args: Any, output: Any) -> Any:
+        new = fn(unwrap_output(output))
+        return None if new is None else rewrap_output(output, new)
+
+    return site.module.register_forward_hook(hook)
 
 
 def unwrap_output(output: Any) -> Tensor:
@@ -90,24 +117,24 @@ def capture_activations(
     """
     if not hookpoints:
         raise ValueError("capture_activations needs at least one hookpoint, e.g. ['model.layers.0']")
-    modules = {name: resolve_hookpoint(model, name) for name in hookpoints}
+    sites = {name: resolve_site(model, name) for name in hookpoints}
     captured: dict[str, Tensor] = {}
 
-    def make_hook(name: str) -> Callable[..., None]:
-        def hook(_module: nn.Module, _args: Any, output: Any) -> None:
+    def make_hook(name: str) -> Callable[[Tensor], None]:
+        def hook(act: Tensor) -> None:
             if name in captured:
                 raise ValueError(
                     f"hookpoint {name!r} ran twice in one forward pass, so its activation is ambiguous; "
                     f"pick a module that runs once per pass ({_HINT})"
                 )
             # clone: a later layer may update the same storage in place before we return it.
-            captured[name] = unwrap_output(output).detach().clone()
-            if stop_early and len(captured) == len(modules):
+            captured[name] = act.detach().clone()
+            if stop_early and len(captured) == len(sites):
                 raise _StopForward
 
         return hook
 
-    handles = [module.register_forward_hook(make_hook(name)) for name, module in modules.items()]
+    handles = [_register(site, make_hook(name)) for name, site in sites.items()]
     try:
         model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     except _StopForward:
@@ -127,17 +154,14 @@ def capture_activations(
 
 @contextmanager
 def splice(model: nn.Module, hookpoint: str, fn: Callable[[Tensor], Tensor]) -> Iterator[nn.Module]:
-    """Within the block, replace `hookpoint`'s output tensor by `fn(output)`, keeping any tuple around it.
+    """Within the block, replace `hookpoint`'s activation `x` by `fn(x)`, keeping any tuple around it.
 
-    Yields the hooked module. The hook is removed on leaving the block, also when the block raises.
+    For a site read from a module's input (`mlp_hidden.L`, `attn_z.L`) the input is replaced before the module
+    runs. Yields the hooked module. The hook is removed on leaving the block, also when the block raises.
     """
-    module = resolve_hookpoint(model, hookpoint)
-
-    def hook(_module: nn.Module, _args: Any, output: Any) -> Any:
-        return rewrap_output(output, fn(unwrap_output(output)))
-
-    handle = module.register_forward_hook(hook)
+    site = resolve_site(model, hookpoint)
+    handle = _register(site, fn)
     try:
-        yield module
+        yield site.module
     finally:
         handle.remove()

@@ -1,5 +1,8 @@
 """Loading a `transformers` language model from a local folder, a GGUF file, an installed package or the hub.
 
+Causal LMs load with `AutoModelForCausalLM`; encoders (BERT-style, `ModelSpec.kind: encoder`) with
+`AutoModel`.
+
 GGUF checkpoints are dequantised on every load (~10-40 s for SmolLM2 on 2 cores); `export_model` writes the
 dequantised weights once as a plain safetensors folder that later loads read in about a second.
 """
@@ -75,13 +78,14 @@ def source_files(source: str, gguf_file: str | None) -> list[Path]:
 
 
 def _from_pretrained(source: str, spec: ModelSpec, device: torch.device) -> LoadedModel:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     kwargs = {"gguf_file": spec.gguf_file} if spec.gguf_file else {}
     if spec.revision and not Path(source).exists():
         kwargs["revision"] = spec.revision
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[spec.dtype], **kwargs)
+    auto = AutoModel if spec.kind == "encoder" else AutoModelForCausalLM
+    model = auto.from_pretrained(source, dtype=DTYPES[spec.dtype], **kwargs)
     model.eval().requires_grad_(False).to(device)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

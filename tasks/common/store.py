@@ -15,15 +15,20 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import polars as pl
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from tasks.common.models import DTYPES
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: token column is_special, per-hookpoint layout, rms and mean_squared_norm
 
 
 def sha256_file(path: Path) -> str:
@@ -43,6 +48,33 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> Non
     os.replace(tmp, path)
 
 
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+
+def write_acts_shard(acts: torch.Tensor, path: Path) -> str:
+    """Write `acts [rows, d_in]` as a one-tensor safetensors file, atomically; return its sha256.
+
+    The same bytes `safetensors.torch.save({"acts": acts})` makes (a test holds them equal), streamed from the
+    tensor's memory without the serialised copy, and hashed on the way out instead of read back.
+    """
+    acts = acts.contiguous()
+    raw = memoryview((acts.view(torch.int16) if acts.dtype == torch.bfloat16 else acts).numpy()).cast("B")
+    meta = {"dtype": _ST_DTYPES[acts.dtype], "shape": list(acts.shape), "data_offsets": [0, raw.nbytes]}
+    header = json.dumps({"acts": meta}, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # safetensors pads the header to 8-byte alignment
+    h = hashlib.sha256()
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as f:
+        for part in (struct.pack("<Q", len(header)), header, raw):
+            h.update(part)
+            f.write(part)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.chmod(0o644)
+    os.replace(tmp, path)
+    return h.hexdigest()
+
+
 def atomic_write_text(text: str, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("w") as f:
@@ -57,9 +89,22 @@ def hookpoint_dir(hookpoint: str) -> str:
 
 
 class ShardWriter:
-    """Buffers rows of one hookpoint and writes fixed-size shards, keeping running statistics."""
+    """Buffers rows of one hookpoint and writes fixed-size shards, keeping statistics per shard.
 
-    def __init__(self, folder: Path, hookpoint: str, d_in: int, dtype: str, shard_tokens: int):
+    Statistics are summed shard by shard (in float64, from the rows as stored), so a cache resumed after a
+    kill, which re-reads its finished shards, ends with exactly the figures of one made in a single run.
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        hookpoint: str,
+        d_in: int,
+        dtype: str,
+        shard_tokens: int,
+        layout: dict | None = None,
+    ):
+        self.root = folder
         self.folder = folder / "acts" / hookpoint_dir(hookpoint)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.hookpoint, self.d_in, self.dtype, self.shard_tokens = (
@@ -68,24 +113,36 @@ class ShardWriter:
             DTYPES[dtype],
             shard_tokens,
         )
+        self.layout = layout or {}
         self.buffer: list[torch.Tensor] = []
         self.buffered = 0
         self.shards: list[dict] = []
+        self.n_shards = 0  # shards handed to the writer thread (self.shards lists those written)
+        # one thread per hookpoint writes, fsyncs, hashes and sums shards in order while the model runs on
+        self._pool = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=f"shards-{hookpoint_dir(hookpoint)}"
+        )
+        self._pending: list[Future] = []
         # float64 sums: float32 loses the small per-dimension variances over 10^6 rows
         self.sum = torch.zeros(d_in, dtype=torch.float64)
         self.sumsq = torch.zeros(d_in, dtype=torch.float64)
         self.norm_sum = 0.0
         self.rows = 0
 
+    def adopt(self, n_shards: int) -> None:
+        """Take over the first `n_shards` finished shards of an interrupted run; delete any later ones."""
+        for i in range(n_shards):
+            path = self.folder / f"{i:05d}.safetensors"
+            self._record(load_file(str(path))["acts"], path, sha256_file(path))
+        self.n_shards = n_shards
+        for path in self.folder.iterdir():
+            if not path.name.endswith(".safetensors") or int(path.name.split(".")[0]) >= n_shards:
+                path.unlink()  # a later shard, or a temporary file a kill left behind
+
     def add(self, acts: torch.Tensor) -> None:
         if acts.shape[-1] != self.d_in:
             raise ValueError(f"{self.hookpoint}: got width {acts.shape[-1]}, expected {self.d_in}")
         acts = acts.detach().to("cpu", self.dtype)
-        a64 = acts.double()
-        self.sum += a64.sum(0)
-        self.sumsq += (a64 * a64).sum(0)
-        self.norm_sum += float(a64.norm(dim=-1).sum())
-        self.rows += acts.shape[0]
         self.buffer.append(acts)
         self.buffered += acts.shape[0]
         while self.buffered >= self.shard_tokens:
@@ -95,34 +152,96 @@ class ShardWriter:
         data = torch.cat(self.buffer)
         shard, rest = data[:n], data[n:]
         self.buffer, self.buffered = ([rest] if rest.shape[0] else []), rest.shape[0]
-        path = self.folder / f"{len(self.shards):05d}.safetensors"
-        atomic_save_safetensors({"acts": shard}, path)
+        path = self.folder / f"{self.n_shards:05d}.safetensors"
+        self.n_shards += 1
+        # at most two shards in flight: writing may lag behind the model, memory stays bounded
+        while len(self._pending) >= 2:
+            self._pending.pop(0).result()  # re-raises a failed write here, in the caller's thread
+        self._pending.append(self._pool.submit(self._write, shard, path))
+
+    def _write(self, shard: torch.Tensor, path: Path) -> None:
+        self._record(shard, path, write_acts_shard(shard, path))
+
+    def _record(self, shard: torch.Tensor, path: Path, sha256: str) -> None:
+        a64 = shard.double()
+        sq = a64 * a64
+        self.sum += a64.sum(0)
+        self.sumsq += sq.sum(0)
+        self.norm_sum += float(sq.sum(1).sqrt().sum())
+        self.rows += shard.shape[0]
         self.shards.append(
             {
-                "file": str(path.relative_to(self.folder.parent.parent)),
+                "file": str(path.relative_to(self.root)),
                 "rows": int(shard.shape[0]),
                 "bytes": path.stat().st_size,
-                "sha256": sha256_file(path),
+                "sha256": sha256,
             }
         )
 
     def finish(self) -> dict:
         if self.buffered:
             self._flush(self.buffered)
-        mean = self.sum / max(self.rows, 1)
-        var = self.sumsq / max(self.rows, 1) - mean**2
+        for future in self._pending:
+            future.result()
+        self._pending = []
+        self._pool.shutdown()
+        n = max(self.rows, 1)
+        mean = self.sum / n
+        var = self.sumsq / n - mean**2
         return {
             "d_in": self.d_in,
             "rows": self.rows,
+            **self.layout,
             "shards": self.shards,
             "mean": mean.tolist(),
+            "rms": (self.sumsq / n).sqrt().tolist(),
             "total_variance": float(var.clamp_min(0).sum()),
-            "mean_norm": self.norm_sum / max(self.rows, 1),
+            "mean_norm": self.norm_sum / n,
+            "mean_squared_norm": float(self.sumsq.sum()) / n,
         }
+
+
+def finished_shards(folder: Path, hookpoint: str, shard_tokens: int) -> int:
+    """How many full shards (00000, 00001, ... without a gap) an interrupted run left for `hookpoint`.
+
+    Shards are renamed into place only once fsynced, so a shard under its final name is complete; its size is
+    still checked against its own header, which costs nothing and catches a copy cut short.
+    """
+    shard_dir = folder / "acts" / hookpoint_dir(hookpoint)
+    n = 0
+    while (path := shard_dir / f"{n:05d}.safetensors").is_file():
+        try:
+            with safe_open(str(path), "pt") as f:
+                rows = f.get_slice("acts").get_shape()[0]
+        except (SafetensorError, OSError):  # cut short or unreadable: not a usable shard
+            break
+        if rows != shard_tokens:
+            break
+        n += 1
+    return n
+
+
+class StreamBatch(NamedTuple):
+    acts: torch.Tensor  # [batch, d_in]
+    rows: torch.Tensor  # [batch] int64: the rows of the token table they belong to
 
 
 class CacheIntegrityError(RuntimeError):
     """A shard is missing, truncated or does not match its checksum."""
+
+
+def check_shard_size(folder: Path, hookpoint: str, shard: dict) -> Path:
+    """The shard's path, once it is known to exist with the size the manifest records."""
+    path = folder / shard["file"]
+    if not path.is_file():
+        raise CacheIntegrityError(f"shard {path} of hookpoint {hookpoint!r} is missing; rebuild the cache")
+    size = path.stat().st_size
+    if size != shard["bytes"]:
+        raise CacheIntegrityError(
+            f"shard {path} of hookpoint {hookpoint!r} is truncated or corrupt ({size} bytes, the manifest "
+            f"says {shard['bytes']}; checksum mismatch); delete the cache folder and run the pipeline again"
+        )
+    return path
 
 
 class ActivationCache:
@@ -147,14 +266,10 @@ class ActivationCache:
     def verify(self) -> None:
         for hp, info in self.manifest["hookpoints"].items():
             for shard in info["shards"]:
-                path = self.folder / shard["file"]
-                if not path.is_file():
+                path = check_shard_size(self.folder, hp, shard)
+                if sha256_file(path) != shard["sha256"]:
                     raise CacheIntegrityError(
-                        f"shard {path} of hookpoint {hp!r} is missing; rebuild the cache"
-                    )
-                if path.stat().st_size != shard["bytes"] or sha256_file(path) != shard["sha256"]:
-                    raise CacheIntegrityError(
-                        f"shard {path} of hookpoint {hp!r} is truncated or corrupt (checksum mismatch); "
+                        f"shard {path} of hookpoint {hp!r} is corrupt (checksum mismatch); "
                         "delete the cache folder and run the pipeline again"
                     )
 
@@ -167,21 +282,66 @@ class ActivationCache:
     def contexts(self) -> dict[str, torch.Tensor]:
         return load_file(str(self.folder / "contexts.safetensors"))
 
-    def select_rows(self, split: str | None = None, exclude_first_token: bool | None = None) -> torch.Tensor:
-        """Row indices of the token table for a split ('train', 'heldout' or None for all)."""
+    def select_rows(
+        self,
+        split: str | None = None,
+        exclude_first_token: bool | None = None,
+        exclude_special_tokens: bool | None = None,
+    ) -> torch.Tensor:
+        """Row indices of the token table for a split ('train', 'heldout' or None for all).
+
+        By default the cache's own settings decide whether position 0 and special tokens (BOS, CLS, SEP, ...)
+        are left out; pass False to keep them.
+        """
         if exclude_first_token is None:
             exclude_first_token = self.manifest["exclude_first_token"]
+        if exclude_special_tokens is None:
+            exclude_special_tokens = self.manifest.get("exclude_special_tokens", False)  # format 1 had none
         df = self.tokens
         if split is not None:
             df = df.filter(pl.col("split") == split)
         if exclude_first_token:
             df = df.filter(pl.col("position") > 0)
+        if exclude_special_tokens and "is_special" in df.columns:
+            df = df.filter(~pl.col("is_special"))
         return torch.from_numpy(df["row"].to_numpy().astype("int64"))
 
     def load(self, hookpoint: str, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Activations of `hookpoint` for the given rows (all rows when None), as one CPU tensor."""
+        info = self._info(hookpoint)
+        data = torch.cat([load_file(str(self.folder / s["file"]))["acts"] for s in info["shards"]])
+        return data if rows is None else data[rows]
+
+    def stream(
+        self,
+        hookpoint: str,
+        rows: torch.Tensor | None = None,
+        *,
+        batch_size: int = 4096,
+        seed: int = 0,
+        epoch: int = 0,
+        buffer_shards: int = 4,
+    ) -> Iterator[StreamBatch]:
+        """Shuffled batches of `rows` (default: the train split), at most `buffer_shards` shards in memory.
+
+        See `tasks.common.stream.stream_batches`.
+        """
+        from tasks.common.stream import stream_batches
+
+        if rows is None:
+            rows = self.select_rows("train")
+        return stream_batches(
+            self, hookpoint, rows, batch_size=batch_size, seed=seed, epoch=epoch, buffer_shards=buffer_shards
+        )
+
+    def read_shard(self, hookpoint: str, index: int) -> torch.Tensor:
+        """One shard of `hookpoint` [rows, d_in]; a missing or truncated file is refused by name."""
+        info = self._info(hookpoint)
+        shard = info["shards"][index]
+        return load_file(str(check_shard_size(self.folder, hookpoint, shard)))["acts"]
+
+    def _info(self, hookpoint: str) -> dict:
         info = self.manifest["hookpoints"].get(hookpoint)
         if info is None:
             raise ValueError(f"hookpoint {hookpoint!r} is not in this cache; cached: {self.hookpoints}")
-        data = torch.cat([load_file(str(self.folder / s["file"]))["acts"] for s in info["shards"]])
-        return data if rows is None else data[rows]
+        return info

@@ -21,8 +21,8 @@ from tasks.common.store import sha256_file
 
 STAGE_VERSIONS = {
     "model": 1,
-    "corpus": 1,
-    "activation_cache": 1,
+    "corpus": 2,  # 2: document order no longer puts every held-out document first
+    "activation_cache": 2,  # 2: is_special column, special tokens excluded, layout and rms in the manifest
     "dictionary": 1,
     "evaluation": 1,
     "labeling": 1,
@@ -67,10 +67,21 @@ def file_digest(path: Path) -> str:
     return _file_hashes[key]
 
 
+def _source_digest(path: Path) -> str:
+    """A local corpus file's sha256, or for a saved `datasets` folder the sha256 of its files' digests."""
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+        listing = json.dumps([[str(p.relative_to(path)), file_digest(p)] for p in files])
+        return hashlib.sha256(listing.encode()).hexdigest()
+    return file_digest(path) if path.exists() else "missing"
+
+
 def model_identity(spec: ModelSpec, files: list[Path], source: str) -> Identity:
     # content, not location: the same weights found at another path are the same model
     content = [[p.name, file_digest(p)] for p in files] if files else [source, spec.revision]
     config = {"gguf_file": spec.gguf_file, "dtype": spec.dtype, "content": content}
+    if spec.kind != "causal_lm":
+        config["kind"] = spec.kind  # only when set: causal LMs keep the ids they had before `kind` existed
     return identity("model", config, [])
 
 
@@ -81,7 +92,7 @@ def corpus_identity(spec: CorpusSpec) -> Identity:
             # the built-in text is whatever this Python ships
             content.append([s, sys.version.split()[0]])
         else:
-            content.append([Path(s).name, file_digest(Path(s)) if Path(s).exists() else "missing"])
+            content.append([Path(s).name, _source_digest(Path(s))])
     return identity("corpus", {"spec": _canonical(spec), "content": content}, [])
 
 

@@ -3,16 +3,21 @@
 Every stage goes through `run_stage`: if the catalog holds a finished artifact with the stage's fingerprint,
 it is handed on (and the reuse is logged and recorded as a nested MLflow run pointing at the original);
 otherwise the stage builds into a temporary folder inside a nested MLflow run, the folder is renamed into
-place, and only then is the artifact registered with its lineage. A failed stage leaves no folder and no row.
+place, and only then is the artifact registered with its lineage. A failed stage leaves no folder and no row,
+except a resumable stage (activation caching): it builds in `<id>.partial`, one folder per fingerprint that a
+failed or killed run leaves behind, and the next run with the same fingerprint resumes there. A lock file
+beside it keeps two processes from building into the same folder at once.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import shutil
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
@@ -50,6 +55,24 @@ def tracker_for(settings: Settings) -> Tracker:
     return open_tracker(settings.mlflow_uri, settings.experiment, str(settings.mlflow_artifacts_dir))
 
 
+@contextlib.contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `lock_path` (created if needed); refuse at once if another process has it."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with lock_path.open("a") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(
+                f"another process is building {lock_path.name.removesuffix('.lock')}; wait for it to finish "
+                "(its result will then be reused)"
+            ) from None
+        try:
+            yield
+        finally:
+            lock_path.unlink(missing_ok=True)  # while still held: a waiting process then fails, not races
+
+
 def run_stage(
     ctx: StageContext,
     ident: Identity,
@@ -59,8 +82,13 @@ def run_stage(
     config: dict,
     parents: list[ArtifactRef],
     build: Callable[[Path, StageRun], tuple[dict, dict]],
+    resumable: bool = False,
 ) -> R:
-    """`build(folder, run)` writes the artifact into `folder` and returns (ref fields, catalog columns)."""
+    """`build(folder, run)` writes the artifact into `folder` and returns (ref fields, catalog columns).
+
+    With `resumable`, `folder` is `<id>.partial` and may hold what an interrupted build left; `build` must
+    resume from it. It is kept when the build fails after writing something, and never registered.
+    """
     log = stage_logger()
     settings = ctx.settings
     catalog = open_catalog(settings.catalog)
@@ -89,20 +117,31 @@ def run_stage(
         return ref
 
     final = settings.artifacts_dir / ident.kind / ident.id
-    tmp = final.with_name(f"{final.name}.partial-{uuid.uuid4().hex[:8]}")
+    if resumable:
+        tmp = final.with_name(f"{final.name}.partial")
+        lock = _exclusive(final.with_name(f"{final.name}.partial.lock"))
+    else:
+        tmp = final.with_name(f"{final.name}.partial-{uuid.uuid4().hex[:8]}")
+        lock = contextlib.nullcontext()
     log.info("%s: building %s", name, ident.id)
-    with tracker.run(name, ctx.parent_run_id, tags) as run:
+    with lock, tracker.run(name, ctx.parent_run_id, tags) as run:
         run.log_params(config)
         for p in parents:
             run.log_input(p, context=p.kind)
+        if resumable and tmp.is_dir() and any(tmp.iterdir()):
+            log.info("%s: resuming from %s, left by an interrupted run", name, tmp)
+        ok = False
         try:
-            tmp.mkdir(parents=True)
+            tmp.mkdir(parents=True, exist_ok=resumable)
             fields, columns = build(tmp, run)
             if final.exists():
                 shutil.rmtree(final)  # left by a run that died after the rename, before registering
             os.replace(tmp, final)
+            ok = True
         finally:
-            if tmp.exists():
+            if not ok and resumable and tmp.is_dir() and any(tmp.iterdir()):
+                log.warning("%s: kept %s; running the stage again resumes from it", name, tmp)
+            elif tmp.exists():
                 shutil.rmtree(tmp)
         ref = ref_cls.model_validate(
             {

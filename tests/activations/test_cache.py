@@ -73,6 +73,9 @@ def test_manifest_shards_and_statistics(cached):
     acts = ActivationCache(out).load("model.layers.0").double()
     torch.testing.assert_close(torch.tensor(info["mean"], dtype=torch.float64), acts.mean(0))
     assert info["mean_norm"] == pytest.approx(float(acts.norm(dim=1).mean()), rel=1e-6)
+    torch.testing.assert_close(torch.tensor(info["rms"], dtype=torch.float64), acts.pow(2).mean(0).sqrt())
+    assert info["mean_squared_norm"] == pytest.approx(float(acts.pow(2).sum(1).mean()), rel=1e-9)
+    assert info["module"] == "model.layers.0" and info["read"] == "output"
     assert m["n_train_tokens"] + m["n_heldout_tokens"] == m["n_tokens"]
 
 
@@ -126,3 +129,28 @@ def test_builtin_pydoc_corpus_is_real_text():
     docs = load_documents(CorpusSpec(sources=["builtin:pydoc_topics"]))
     assert docs.height > 50 and docs["text"].str.len_chars().sum() > 300_000
     assert set(docs["split"].unique()) == {"train", "heldout"}
+
+
+def test_special_tokens_are_flagged_and_left_out_by_default(tmp_path, corpus):
+    tok = build_tiny_tokenizer(bos=True)
+    docs = load_documents(corpus)
+    write_cache(
+        LoadedModel(build_tiny_llama(), tok, torch.device("cpu")),
+        docs,
+        corpus,
+        CacheSpec(shard_tokens=100, batch_size=4, exclude_first_token=False),
+        ["resid_post.1"],
+        tmp_path / "c",
+        header={},
+    )
+    store = ActivationCache(tmp_path / "c")
+    t = store.tokens
+    bos = t.filter(pl.col("token_id") == tok.bos_token_id)
+    # BOS starts each document's first context only; later contexts of a document start mid-text
+    assert bos.height == t.filter(pl.col("is_special"))["doc_id"].n_unique() > 0
+    assert bos["position"].unique().to_list() == [0] and bos["is_special"].all()
+    assert t.filter(pl.col("position") == 0).height > bos.height
+    assert store.manifest["n_special_tokens"] == bos.height
+    kept = set(store.select_rows(None).tolist())
+    assert kept == set(t.filter(~pl.col("is_special"))["row"].to_list())  # position 0 kept, BOS not
+    assert len(store.select_rows(None, exclude_special_tokens=False)) == t.height

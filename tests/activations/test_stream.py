@@ -1,0 +1,96 @@
+"""The shuffled streaming reader: every selected row once per epoch, batches mixing shards, bounded reads,
+truncated shards refused by name."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from schemas.spec import CacheSpec, CorpusSpec
+from tasks.activations.cache import write_cache
+from tasks.common.corpus import load_documents
+from tasks.common.models import LoadedModel
+from tasks.common.store import ActivationCache, CacheIntegrityError
+from tests.helpers import TINY_TEXT, build_tiny_llama, build_tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("stream")
+    path = tmp / "docs.jsonl"
+    path.write_text("\n".join(json.dumps({"text": " ".join(TINY_TEXT[i : i + 5])}) for i in range(12)))
+    corpus = CorpusSpec(
+        sources=[str(path)], context_length=16, max_tokens=900, heldout_fraction=0.3, min_context_tokens=4
+    )
+    write_cache(
+        LoadedModel(build_tiny_llama(), build_tiny_tokenizer(bos=True), torch.device("cpu")),
+        load_documents(corpus),
+        corpus,
+        CacheSpec(shard_tokens=64, batch_size=4),
+        ["model.layers.0"],
+        tmp / "cache",
+        header={"model_id": "m"},
+    )
+    return tmp / "cache"
+
+
+def test_every_row_exactly_once_per_epoch(cache_dir):
+    store = ActivationCache(cache_dir)
+    rows = store.select_rows("train")
+    full = store.load("model.layers.0")
+    epochs = []
+    for epoch in range(2):
+        batches = list(
+            store.stream("model.layers.0", rows, batch_size=50, seed=3, epoch=epoch, buffer_shards=3)
+        )
+        assert [len(b.rows) for b in batches[:-1]] == [50] * (len(batches) - 1) and len(batches[-1].rows) > 0
+        seen = torch.cat([b.rows for b in batches])
+        assert sorted(seen.tolist()) == sorted(rows.tolist())  # each selected row once, nothing else
+        for b in batches:
+            torch.testing.assert_close(b.acts, full[b.rows], rtol=0, atol=0)
+        epochs.append(seen)
+    assert not torch.equal(epochs[0], epochs[1])  # a new order each epoch
+    again = torch.cat([b.rows for b in store.stream("model.layers.0", rows, batch_size=50, seed=3, epoch=1)])
+    assert not torch.equal(again, epochs[0])
+    # shuffled across sequences and shards: the first batch draws from several shards and many contexts
+    first = epochs[0][:50]
+    shard_tokens = store.manifest["shard_tokens"]
+    assert len(set((first // shard_tokens).tolist())) >= 2
+    assert len(set(store.tokens["context"].to_numpy()[first.numpy()].tolist())) >= 8  # of ~12 in 3 shards
+
+
+def test_same_seed_same_batches_and_defaults_to_train(cache_dir):
+    store = ActivationCache(cache_dir)
+    a = [b.rows for b in store.stream("model.layers.0", batch_size=64, seed=1)]
+    b = [b.rows for b in store.stream("model.layers.0", batch_size=64, seed=1)]
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert sorted(torch.cat(a).tolist()) == sorted(store.select_rows("train").tolist())
+
+
+def test_truncated_shard_is_refused_by_name(cache_dir, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(cache_dir, copy)
+    shard = copy / "acts" / "model.layers.0" / "00002.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(CacheIntegrityError, match=r"model.layers.0/00002.safetensors.*truncated"):
+        ActivationCache(copy)
+    unverified = ActivationCache(copy, verify=False)
+    with pytest.raises(CacheIntegrityError, match=r"00002.safetensors.*truncated"):
+        list(unverified.stream("model.layers.0", unverified.select_rows(None), batch_size=32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_shard_writer_makes_safetensors_bytes(tmp_path, dtype):
+    import hashlib
+
+    from safetensors.torch import save
+
+    from tasks.common.store import write_acts_shard
+
+    acts = torch.randn(7, 5).to(dtype)
+    sha = write_acts_shard(acts, tmp_path / "s.safetensors")
+    data = (tmp_path / "s.safetensors").read_bytes()
+    assert data == save({"acts": acts}) and sha == hashlib.sha256(data).hexdigest()
