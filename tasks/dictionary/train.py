@@ -1,7 +1,8 @@
 """Train a gradient-based dictionary on cached activations: seeded, minibatched Adam with live metrics.
 
 The loop is method-agnostic. A method supplies its losses and its constraints through the `Trainable` hooks
-(`init_from_data`, `training_loss`, `before_optimizer_step`, `after_optimizer_step`); this module owns the
+(`init_from_data`, `training_loss`, `before_optimizer_step`, `after_optimizer_step`, and optionally
+`after_step(step)` for updates outside the gradient, such as bias adaptation); this module owns the
 data order, the device, dead-latent bookkeeping and the metrics handed to `on_metrics` (MLflow in the flow).
 """
 
@@ -125,6 +126,8 @@ def train_dictionary(
         raise TypeError(f"method {cfg.method!r} lacks the Trainable hooks that train_dictionary needs")
     dictionary.init_from_data(acts)
     dictionary.to(device).train()
+    # Optional hook, run after each complete step (1-based), e.g. GBA's every-T-steps bias update.
+    after_step = getattr(dictionary, "after_step", None)
     optimizer = torch.optim.Adam(dictionary.parameters(), lr=cfg.lr)
     batches = _minibatches(n, batch_size, torch.Generator().manual_seed(cfg.seed))
     tokens_since_fired = torch.zeros(dictionary.d_sae, dtype=torch.long, device=device)
@@ -149,6 +152,8 @@ def train_dictionary(
         dictionary.before_optimizer_step()
         optimizer.step()
         dictionary.after_optimizer_step()
+        if after_step is not None:
+            after_step(step)
 
         tokens_since_fired += batch.shape[0]
         tokens_since_fired[(out.codes > 0).any(0)] = 0
