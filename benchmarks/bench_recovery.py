@@ -41,7 +41,10 @@ def make_toy(n: int, seed: int = 0) -> tuple[Tensor, Tensor]:
 def recovery(features: Tensor, learned: Tensor) -> dict[str, float]:
     learned = learned / learned.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     best = (features @ learned.T).max(dim=1).values
-    return {"frr_08": round((best > 0.8).float().mean().item(), 4), "frr_09": round((best > 0.9).float().mean().item(), 4)}
+    return {
+        "frr_08": round((best > 0.8).float().mean().item(), 4),
+        "frr_09": round((best > 0.9).float().mean().item(), 4),
+    }
 
 
 def main() -> None:

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from schemas.methods import BAConfig, GBAConfig
 from tasks.dictionary.base import Dictionary, TrainStepOutput
 from tasks.dictionary.registry import register
+from tasks.dictionary.scaling import fit_input_scale
 
 _EPS = 1e-12
 
@@ -61,20 +62,11 @@ class GBASAE(Dictionary):
         return torch.logspace(math.log10(cfg.freq_high), math.log10(cfg.freq_low), cfg.n_groups)
 
     @torch.no_grad()
-    def init_from_data(self, acts: Tensor, chunk_rows: int = 65_536) -> None:
-        """Fit `input_scale` so E||acts * scale||^2 = 1; set b_pre to the scaled mean (float64 sums)."""
-        n = acts.shape[0]
-        total = torch.zeros(self.d_in, dtype=torch.float64)
-        sum_sq = torch.zeros((), dtype=torch.float64)
-        for start in range(0, n, chunk_rows):
-            chunk = acts[start : start + chunk_rows].to("cpu", torch.float64)
-            total += chunk.sum(0)
-            sum_sq += chunk.pow(2).sum()
-        if float(sum_sq) <= 0:
-            raise ValueError("acts are all zero; input scaling needs activations with a nonzero norm")
-        scale = math.sqrt(n / float(sum_sq))
-        self.input_scale.fill_(scale)
-        self.b_pre.copy_((total / n * scale).to(self.b_pre))
+    def init_from_data(self, acts: Tensor) -> None:
+        """Fit `input_scale` so E||acts * scale||^2 = 1 (unit scale); set b_pre to the scaled mean."""
+        stats = fit_input_scale(acts, target_sq_norm=1.0)
+        self.input_scale.fill_(stats.scale)
+        self.b_pre.copy_(stats.scaled_mean.to(self.b_pre))
 
     def pre_acts(self, x_scaled: Tensor) -> Tensor:
         """y = W (x - b_pre) + b, [..., d_sae], of already scaled inputs."""
