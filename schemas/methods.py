@@ -127,7 +127,32 @@ class MPConfig(TrainingConfig):
         return self
 
 
+class SemiNMFConfig(TrainingConfig):
+    """Semi-NMF A ~ F G^T: signed features F (sparse combinations of neurons), token weights G >= 0.
+
+    Not gradient-trained: `lr`, `epochs` and `steps` are unused; `batch_size` is the token chunk of each pass.
+    """
+
+    method: Literal["snmf"] = "snmf"
+    sparsity: float = Field(
+        0.01, gt=0, le=1, description="Share of each column of F kept (largest magnitudes) after its update."
+    )
+    init: Literal["random", "svd"] = Field(
+        "svd", description="Start from random G, or from the activations' top singular directions."
+    )
+    max_iters: int = Field(
+        200, ge=1, description="Most alternating F/G updates (each one pass over the tokens)."
+    )
+    patience: int = Field(
+        10, ge=1, description="Stop after this many passes without a relative loss improvement above `tol`."
+    )
+    tol: float = Field(1e-4, ge=0, description="Relative loss improvement that counts as progress.")
+    encode_iters: int = Field(
+        100, ge=1, description="Multiplicative NNLS iterations per token in `encode` (codes against F)."
+    )
+
+
 DictionaryConfig = Annotated[
-    Union[TopKConfig, GBAConfig, BAConfig, MPConfig],  # noqa: UP007
+    Union[TopKConfig, GBAConfig, BAConfig, MPConfig, SemiNMFConfig],  # noqa: UP007
     Field(discriminator="method"),
 ]

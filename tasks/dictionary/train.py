@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from schemas.methods import DictionaryConfig
 from tasks.dictionary.base import Dictionary, TrainStepOutput
-from tasks.dictionary.registry import build_dictionary
+from tasks.dictionary.registry import METHODS, build_dictionary
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +114,10 @@ def train_dictionary(
     last one, `on_metrics(metrics, step)` gets loss, mse (raw units), fvu, l0, dead_fraction and auxk_loss.
     """
     validate_acts(acts)
+    # A method that is not gradient-trained (semi-NMF) brings its own `fit` with this function's signature.
+    own_fit = getattr(METHODS.get(cfg.method), "fit", None)
+    if own_fit is not None:
+        return own_fit(cfg, acts, on_metrics=on_metrics, progress=progress)
     n, d_in = acts.shape
     batch_size = min(cfg.batch_size, n)
     steps = cfg.steps or cfg.epochs * math.ceil(n / batch_size)
