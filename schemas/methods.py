@@ -48,4 +48,111 @@ class TopKConfig(TrainingConfig):
         return self
 
 
-DictionaryConfig = Annotated[Union[TopKConfig], Field(discriminator="method")]  # noqa: UP007
+# ---- issue 4b: bias adaptation, matching pursuit, semi-NMF ----------------------------------------------
+
+
+class _BiasAdaptationFields(TrainingConfig):
+    """Fields shared by BA and GBA (Chen et al. 2025, "Taming Polysemanticity"): biases move by rule."""
+
+    update_every: int = Field(
+        50,
+        ge=1,
+        description="T: steps between bias updates; firing frequencies are counted over these steps.",
+    )
+    gamma_minus: float = Field(
+        0.01,
+        gt=0,
+        description="Bias decrease per update, times the latent's max pre-activation, if it fires too often.",
+    )
+    gamma_plus: float = Field(
+        0.01,
+        gt=0,
+        description="Bias increase per update, times its group's mean max pre-activation, if it never fires.",
+    )
+    dead_eps: float = Field(
+        1e-6,
+        ge=0,
+        description="A latent firing on a smaller share of the recent tokens than this counts as dead.",
+    )
+
+
+class GBAConfig(_BiasAdaptationFields):
+    """Group Bias Adaptation: a tied ReLU SAE whose latent groups aim at geometric target frequencies."""
+
+    method: Literal["gba"] = "gba"
+    n_groups: int = Field(
+        10, ge=1, description="K: number of latent groups, each with its own target frequency."
+    )
+    freq_high: float = Field(
+        0.5, gt=0, le=1, description="Target firing frequency of the first (densest) group."
+    )
+    freq_low: float = Field(
+        1e-3, gt=0, le=1, description="Target firing frequency of the last (sparsest) group."
+    )
+
+    @model_validator(mode="after")
+    def _groups_fit(self) -> GBAConfig:
+        if self.n_groups > self.d_sae:
+            raise ValueError(f"n_groups={self.n_groups} exceeds d_sae={self.d_sae}; choose n_groups <= d_sae")
+        if self.freq_low > self.freq_high:
+            raise ValueError(f"freq_low={self.freq_low} is above freq_high={self.freq_high}; swap them")
+        return self
+
+
+class BAConfig(_BiasAdaptationFields):
+    """Bias Adaptation: GBA with a single group, every latent aiming at one target firing frequency."""
+
+    method: Literal["ba"] = "ba"
+    target_freq: float = Field(
+        0.01, gt=0, le=1, description="Target share of tokens each latent fires on (the features' true rate)."
+    )
+
+
+class MPConfig(TrainingConfig):
+    """Matching-pursuit SAE: greedy selection of unit-norm atoms on the residual, k steps per token."""
+
+    method: Literal["mp"] = "mp"
+    k: int = Field(16, ge=1, description="Greedy steps (selected atoms, with repeats) per token in training.")
+    residual_threshold: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Stop a token early once ||residual|| <= this times ||x - b_dec|| (0: always k steps).",
+    )
+
+    @model_validator(mode="after")
+    def _k_below_d_sae(self) -> MPConfig:
+        if self.k > self.d_sae:
+            raise ValueError(f"k={self.k} exceeds d_sae={self.d_sae}; choose k <= d_sae")
+        return self
+
+
+class SemiNMFConfig(TrainingConfig):
+    """Semi-NMF A ~ F G^T: signed features F (sparse combinations of neurons), token weights G >= 0.
+
+    Not gradient-trained: `lr`, `epochs` and `steps` are unused; `batch_size` is the token chunk of each pass.
+    """
+
+    method: Literal["snmf"] = "snmf"
+    sparsity: float = Field(
+        0.01, gt=0, le=1, description="Share of each column of F kept (largest magnitudes) after its update."
+    )
+    init: Literal["random", "svd"] = Field(
+        "svd", description="Start from random G, or from the activations' top singular directions."
+    )
+    max_iters: int = Field(
+        200, ge=1, description="Most alternating F/G updates (each one pass over the tokens)."
+    )
+    patience: int = Field(
+        10, ge=1, description="Stop after this many passes without a relative loss improvement above `tol`."
+    )
+    tol: float = Field(1e-4, ge=0, description="Relative loss improvement that counts as progress.")
+    encode_iters: int = Field(
+        100, ge=1, description="Multiplicative NNLS iterations per token in `encode` (codes against F)."
+    )
+
+
+DictionaryConfig = Annotated[
+    Union[TopKConfig, GBAConfig, BAConfig, MPConfig, SemiNMFConfig],  # noqa: UP007
+    Field(discriminator="method"),
+]

@@ -3,6 +3,9 @@
 Importing this package registers every built-in method, so `load_dictionary` can find any saved folder.
 """
 
+from tasks.dictionary import gba as _gba  # noqa: F401  (registers "gba" and "ba")
+from tasks.dictionary import mp as _mp  # noqa: F401  (registers "mp")
+from tasks.dictionary import snmf as _snmf  # noqa: F401  (registers "snmf")
 from tasks.dictionary import topk as _topk  # noqa: F401  (registers "topk")
 from tasks.dictionary.base import Dictionary, ForwardOutput
 from tasks.dictionary.registry import METHODS, build_dictionary, load_dictionary

@@ -1,7 +1,8 @@
 """Train a gradient-based dictionary on cached activations: seeded, minibatched Adam with live metrics.
 
 The loop is method-agnostic. A method supplies its losses and its constraints through the `Trainable` hooks
-(`init_from_data`, `training_loss`, `before_optimizer_step`, `after_optimizer_step`); this module owns the
+(`init_from_data`, `training_loss`, `before_optimizer_step`, `after_optimizer_step`, and optionally
+`after_step(step)` for updates outside the gradient, such as bias adaptation); this module owns the
 data order, the device, dead-latent bookkeeping and the metrics handed to `on_metrics` (MLflow in the flow).
 """
 
@@ -19,7 +20,7 @@ from tqdm.auto import tqdm
 
 from schemas.methods import DictionaryConfig
 from tasks.dictionary.base import Dictionary, TrainStepOutput
-from tasks.dictionary.registry import build_dictionary
+from tasks.dictionary.registry import METHODS, build_dictionary
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +114,10 @@ def train_dictionary(
     last one, `on_metrics(metrics, step)` gets loss, mse (raw units), fvu, l0, dead_fraction and auxk_loss.
     """
     validate_acts(acts)
+    # A method that is not gradient-trained (semi-NMF) brings its own `fit` with this function's signature.
+    own_fit = getattr(METHODS.get(cfg.method), "fit", None)
+    if own_fit is not None:
+        return own_fit(cfg, acts, on_metrics=on_metrics, progress=progress)
     n, d_in = acts.shape
     batch_size = min(cfg.batch_size, n)
     steps = cfg.steps or cfg.epochs * math.ceil(n / batch_size)
@@ -125,6 +130,8 @@ def train_dictionary(
         raise TypeError(f"method {cfg.method!r} lacks the Trainable hooks that train_dictionary needs")
     dictionary.init_from_data(acts)
     dictionary.to(device).train()
+    # Optional hook, run after each complete step (1-based), e.g. GBA's every-T-steps bias update.
+    after_step = getattr(dictionary, "after_step", None)
     optimizer = torch.optim.Adam(dictionary.parameters(), lr=cfg.lr)
     batches = _minibatches(n, batch_size, torch.Generator().manual_seed(cfg.seed))
     tokens_since_fired = torch.zeros(dictionary.d_sae, dtype=torch.long, device=device)
@@ -149,6 +156,8 @@ def train_dictionary(
         dictionary.before_optimizer_step()
         optimizer.step()
         dictionary.after_optimizer_step()
+        if after_step is not None:
+            after_step(step)
 
         tokens_since_fired += batch.shape[0]
         tokens_since_fired[(out.codes > 0).any(0)] = 0

@@ -1,0 +1,152 @@
+"""(Group) Bias Adaptation (Chen et al. 2025, "Taming Polysemanticity: Provable Feature Recovery via SAEs").
+
+A tied SAE: unit-norm rows w_m of W [d_sae, d_in] both encode and decode,
+    y = W (x - b_pre) + b,   z = ReLU(y),   x_hat = sum_m a_m z_m w_m + b_pre,
+trained on 0.5 ||x_hat - x||^2 with no sparsity penalty. Adam moves only W and the output scales a; the
+biases b are buffers moved by a rule instead: every T steps each latent's firing frequency over those steps is
+compared with its group's target. A latent that fires too often has its bias lowered by gamma_minus times its
+largest pre-activation (floor -1); one that never fires has it raised by gamma_plus times its group's mean
+largest pre-activation (ceiling 0). Group targets run geometrically from `freq_high` to `freq_low`, so
+one run covers features of unknown frequency; BA is the single group, aimed at the true frequency.
+
+Inputs are scaled so that E||x||^2 = 1 (the paper's unit scale): the bias bounds -1 and 0 assume it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from schemas.methods import BAConfig, GBAConfig
+from tasks.dictionary.base import Dictionary, TrainStepOutput
+from tasks.dictionary.registry import register
+from tasks.dictionary.scaling import fit_input_scale
+
+_EPS = 1e-12
+
+
+@register
+class GBASAE(Dictionary):
+    """W [d_sae, d_in] (unit-norm rows, tied), a [d_sae]; buffers b [d_sae], b_pre [d_in]; scaled space."""
+
+    method: ClassVar[str] = "gba"
+    config_cls: ClassVar[type[GBAConfig]] = GBAConfig
+    cfg: GBAConfig | BAConfig
+
+    def __init__(self, cfg: GBAConfig | BAConfig, d_in: int) -> None:
+        super().__init__(cfg, d_in)
+        self.W = nn.Parameter(torch.empty(cfg.d_sae, d_in))
+        self.a = nn.Parameter(torch.ones(cfg.d_sae))
+        self.register_buffer("b", torch.zeros(cfg.d_sae))
+        self.register_buffer("b_pre", torch.zeros(d_in))
+        # Each latent's target firing frequency (saved, so a loaded model shows what it was trained towards).
+        targets = self.group_targets()
+        group = torch.arange(cfg.d_sae) * len(targets) // cfg.d_sae
+        self.register_buffer("group", group)
+        self.register_buffer("target_freq", targets[group])
+        # Statistics of the pre-activations since the last bias update (not saved: training state only).
+        self.register_buffer("_fired", torch.zeros(cfg.d_sae), persistent=False)
+        self.register_buffer("_max_pre", torch.full((cfg.d_sae,), -math.inf), persistent=False)
+        self.register_buffer("_seen", torch.zeros(()), persistent=False)
+        g = torch.Generator().manual_seed(cfg.seed)
+        with torch.no_grad():
+            W = torch.randn(cfg.d_sae, d_in, generator=g)
+            self.W.copy_(W / W.norm(dim=-1, keepdim=True))
+
+    def group_targets(self) -> Tensor:
+        """Target firing frequency of each group [K], geometric from freq_high down to freq_low."""
+        cfg = self.cfg
+        return torch.logspace(math.log10(cfg.freq_high), math.log10(cfg.freq_low), cfg.n_groups)
+
+    @torch.no_grad()
+    def init_from_data(self, acts: Tensor) -> None:
+        """Fit `input_scale` so E||acts * scale||^2 = 1 (unit scale); set b_pre to the scaled mean."""
+        stats = fit_input_scale(acts, target_sq_norm=1.0)
+        self.input_scale.fill_(stats.scale)
+        self.b_pre.copy_(stats.scaled_mean.to(self.b_pre))
+
+    def pre_acts(self, x_scaled: Tensor) -> Tensor:
+        """y = W (x - b_pre) + b, [..., d_sae], of already scaled inputs."""
+        return (x_scaled - self.b_pre) @ self.W.T + self.b
+
+    def encode(self, acts: Tensor) -> Tensor:
+        return self.pre_acts(acts.to(self.W.dtype) * self.input_scale).relu()
+
+    def decode(self, codes: Tensor) -> Tensor:
+        return ((codes * self.a) @ self.W + self.b_pre) / self.input_scale
+
+    def decoder_directions(self) -> Tensor:
+        """The unit-norm rows of W [d_sae, d_in], flipped where the output scale a_m is negative."""
+        return (self.W * torch.sign(self.a).unsqueeze(-1)).detach()
+
+    # ---- training hooks (see tasks.dictionary.train.Trainable) --------------------------------------------
+
+    def training_loss(self, acts: Tensor, dead_mask: Tensor) -> TrainStepOutput:  # noqa: ARG002
+        """0.5 ||x_hat - x||^2 per token, averaged over the batch, in the scaled space; acts raw."""
+        x = acts.to(self.W.dtype) * self.input_scale
+        pre = self.pre_acts(x)
+        codes = pre.relu()
+        err = x - ((codes * self.a) @ self.W + self.b_pre)
+        err_sq = err.pow(2).sum()
+        with torch.no_grad():
+            self._fired += (pre > 0).sum(0)
+            self._max_pre.copy_(torch.maximum(self._max_pre, pre.max(0).values))
+            self._seen += x.shape[0]
+        return TrainStepOutput(
+            loss=0.5 * err_sq / x.shape[0],
+            mse=(err_sq / err.numel() / self.input_scale**2).detach(),
+            fvu=(err_sq / (x - x.mean(0)).pow(2).sum().clamp_min(_EPS)).detach(),
+            auxk_loss=err_sq.new_zeros(()),
+            codes=codes.detach(),
+        )
+
+    @torch.no_grad()
+    def before_optimizer_step(self) -> None:
+        """Drop the gradient along each row of W: with unit-norm rows it would only change their length."""
+        grad = self.W.grad
+        if grad is not None:
+            grad -= (grad * self.W).sum(-1, keepdim=True) * self.W
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        self.W /= self.W.norm(dim=-1, keepdim=True).clamp_min(_EPS)
+
+    @torch.no_grad()
+    def after_step(self, step: int) -> None:
+        """Every `update_every` steps, adapt the biases to the firing frequencies counted since the last."""
+        if step % self.cfg.update_every == 0 and self._seen > 0:
+            self.adapt_biases()
+
+    @torch.no_grad()
+    def adapt_biases(self) -> None:
+        """The (G)BA rule on the statistics gathered since the last call; then start counting afresh."""
+        cfg = self.cfg
+        freq = self._fired / self._seen
+        r = self._max_pre
+        n_groups = int(self.group.max()) + 1
+        # Mean |max pre-activation| per group: the step size that revives a group's dead latents.
+        r_bar = torch.zeros(n_groups, device=r.device).index_add_(0, self.group, r.abs())
+        r_bar /= torch.bincount(self.group, minlength=n_groups).to(r_bar)
+        too_often = freq > self.target_freq
+        dead = freq < cfg.dead_eps
+        lowered = (self.b - cfg.gamma_minus * r).clamp_min(-1.0)
+        raised = (self.b + cfg.gamma_plus * r_bar[self.group]).clamp_max(0.0)
+        self.b.copy_(torch.where(too_often, lowered, torch.where(dead, raised, self.b)))
+        self._fired.zero_()
+        self._max_pre.fill_(-math.inf)
+        self._seen.zero_()
+
+
+@register
+class BASAE(GBASAE):
+    """Bias Adaptation: one group, every latent aiming at `target_freq`."""
+
+    method: ClassVar[str] = "ba"
+    config_cls: ClassVar[type[BAConfig]] = BAConfig
+    cfg: BAConfig
+
+    def group_targets(self) -> Tensor:
+        return torch.tensor([self.cfg.target_freq])

@@ -1,0 +1,192 @@
+"""Semi-nonnegative matrix factorisation of activations, A ~ F G^T (Ding, Li & Jordan 2010).
+
+A [d_in, n] holds one column per token; F [d_in, d_sae] is signed (each feature a combination of neurons) and
+G [n, d_sae] >= 0 (how much each token uses each feature). One pass over the tokens does, in order:
+    F <- A G (G^T G + 1e-6 I)^-1                       least squares, exact given G
+    keep the top `sparsity` share of each column of F by magnitude, zero the rest
+    rescale so G's columns have unit norm (F's columns take the inverse factor; F G^T is unchanged)
+    G <- G * sqrt((P+ + G Q-) / (P- + G Q+)),  P = A^T F, Q = F^T F, X+ = (|X| + X)/2, X- = (|X| - X)/2
+The multiplicative G update never raises the loss for fixed F. Sums over tokens run chunk by chunk
+(`batch_size` rows), so only G (n x d_sae) and one chunk of activations are in memory at once; the cache
+may be a memory-mapped tensor. Training stops after `patience` passes without progress, keeping the best
+iterate.
+
+Not gradient-trained, so it brings its own `fit`, which `train_dictionary` hands the work to. `encode` is a
+non-negative least-squares solve against F (the same multiplicative update, F fixed). The saved F has
+unit-norm columns (rows of `W_dec`); the codes carry the magnitudes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from schemas.methods import SemiNMFConfig
+from tasks.dictionary.base import Dictionary
+from tasks.dictionary.registry import register
+from tasks.dictionary.scaling import fit_input_scale
+from tasks.dictionary.train import MetricsCallback, TrainResult
+
+_EPS = 1e-12
+_RIDGE = 1e-6
+
+
+def multiplicative_update(G: Tensor, P: Tensor, Q: Tensor) -> Tensor:
+    """One semi-NMF step for G [m, r] >= 0 given P = A^T F [m, r] and Q = F^T F [r, r]."""
+    numer = P.clamp_min(0) + G @ (-Q).clamp_min(0)
+    denom = (-P).clamp_min(0) + G @ Q.clamp_min(0)
+    return G * torch.sqrt(numer / denom.clamp_min(_EPS))
+
+
+def sparsify_columns(F: Tensor, share: float) -> Tensor:
+    """F [d_in, r] with all but the ceil(share * d_in) largest-magnitude entries of each column zeroed."""
+    keep = max(1, math.ceil(share * F.shape[0]))
+    if keep >= F.shape[0]:
+        return F
+    idx = F.abs().topk(keep, dim=0).indices
+    return torch.zeros_like(F).scatter(0, idx, F.gather(0, idx))
+
+
+@register
+class SemiNMF(Dictionary):
+    """W_dec [d_sae, d_in] = F^T, unit-norm rows (a buffer: nothing takes gradients); scaled space."""
+
+    method: ClassVar[str] = "snmf"
+    config_cls: ClassVar[type[SemiNMFConfig]] = SemiNMFConfig
+    cfg: SemiNMFConfig
+
+    def __init__(self, cfg: SemiNMFConfig, d_in: int) -> None:
+        super().__init__(cfg, d_in)
+        self.register_buffer("W_dec", torch.zeros(cfg.d_sae, d_in))
+
+    @classmethod
+    def fit(
+        cls,
+        cfg: SemiNMFConfig,
+        acts: Tensor,
+        *,
+        on_metrics: MetricsCallback | None = None,
+        progress: bool = False,
+    ) -> TrainResult:
+        """Factorise acts [n, d_in] (validated by the caller); see the module docstring."""
+        return fit_snmf(cfg, acts, on_metrics=on_metrics, progress=progress)
+
+    def encode(self, acts: Tensor) -> Tensor:
+        """Codes g >= 0 minimising ||x - F g|| per token, by `encode_iters` multiplicative steps."""
+        x = acts.to(self.W_dec.dtype) * self.input_scale
+        F = self.W_dec.T
+        Q = F.T @ F
+        P = x @ F
+        # Start from the clipped unconstrained solution; the floor keeps every code free to grow (a
+        # multiplicative update cannot move an exact zero).
+        eye = torch.eye(self.d_sae, dtype=Q.dtype, device=Q.device)
+        G = torch.linalg.solve(Q + _RIDGE * eye, P.reshape(-1, self.d_sae).T).T.reshape(P.shape)
+        G = G.clamp_min(0) + 1e-3 * G.abs().mean()
+        for _ in range(self.cfg.encode_iters):
+            G = multiplicative_update(G, P, Q)
+        return G
+
+    def decode(self, codes: Tensor) -> Tensor:
+        return codes @ self.W_dec / self.input_scale
+
+    def decoder_directions(self) -> Tensor:
+        return self.W_dec.detach()
+
+
+def _chunks(acts: Tensor, rows: int, scale: float) -> Iterator[tuple[slice, Tensor]]:
+    for start in range(0, acts.shape[0], rows):
+        sl = slice(start, start + rows)
+        yield sl, acts[sl].to(torch.float32) * scale
+
+
+def _init_G(cfg: SemiNMFConfig, acts: Tensor, rows: int, scale: float) -> Tensor:
+    """G [n, d_sae] > 0: uniform random, or the tokens' projections on the top singular directions."""
+    n, d_in = acts.shape
+    g = torch.Generator().manual_seed(cfg.seed)
+    if cfg.init == "random":
+        return torch.rand(n, cfg.d_sae, generator=g) + 1e-3
+    gram = torch.zeros(d_in, d_in, dtype=torch.float64)
+    for _, x in _chunks(acts, rows, scale):
+        gram += (x.T @ x).double()
+    _, vecs = torch.linalg.eigh(gram)  # ascending eigenvalues
+    top = vecs.flip(-1)[:, : cfg.d_sae].float()
+    if cfg.d_sae > d_in:  # more features than dimensions: random directions for the rest
+        extra = torch.randn(d_in, cfg.d_sae - d_in, generator=g)
+        top = torch.cat([top, extra / extra.norm(dim=0)], dim=1)
+    G = torch.empty(n, cfg.d_sae)
+    for sl, x in _chunks(acts, rows, scale):
+        G[sl] = x @ top
+    # A singular direction's sign is arbitrary: orient each so that most of its mass is positive.
+    flip = G.clamp_min(0).sum(0) < (-G).clamp_min(0).sum(0)
+    G[:, flip] *= -1
+    return G.clamp_min(0) + 1e-2 * G.abs().mean()
+
+
+def fit_snmf(
+    cfg: SemiNMFConfig,
+    acts: Tensor,
+    *,
+    on_metrics: MetricsCallback | None = None,
+    progress: bool = False,
+) -> TrainResult:
+    """Alternating semi-NMF on acts [n, d_in]; metrics after every pass; the best pass's F is kept."""
+    n, d_in = acts.shape
+    model = SemiNMF(cfg, d_in)
+    scale, mean = fit_input_scale(acts, target_sq_norm=float(d_in))
+    mean = mean.float()
+    model.input_scale.fill_(scale)
+    rows = min(cfg.batch_size, n)
+    G = _init_G(cfg, acts, rows, scale)
+    total_sq = centred_sq = 0.0
+    for _, x in _chunks(acts, rows, scale):
+        total_sq += x.pow(2).sum().item()
+        centred_sq += (x - mean).pow(2).sum().item()
+
+    best_loss, best_F, best_metrics, since_progress, it = math.inf, None, {}, 0, 0
+    eye = torch.eye(cfg.d_sae, dtype=torch.float64)
+    for it in tqdm(range(1, cfg.max_iters + 1), desc="fit snmf", disable=not progress):
+        AG = torch.zeros(d_in, cfg.d_sae, dtype=torch.float64)
+        GtG = torch.zeros(cfg.d_sae, cfg.d_sae, dtype=torch.float64)
+        for sl, x in _chunks(acts, rows, scale):
+            AG += (x.T @ G[sl]).double()
+            GtG += (G[sl].T @ G[sl]).double()
+        F = torch.linalg.solve(GtG + _RIDGE * eye, AG.T).T.float()
+        F = sparsify_columns(F, cfg.sparsity)
+        norms = GtG.diagonal().sqrt().float().clamp_min(_EPS)
+        G /= norms
+        F *= norms
+        Q = F.T @ F
+        err_sq, nonzero = 0.0, 0.0
+        for sl, x in _chunks(acts, rows, scale):
+            G[sl] = multiplicative_update(G[sl], x @ F, Q)
+            err_sq += (x - G[sl] @ F.T).pow(2).sum().item()
+            nonzero += (G[sl] > 1e-6 * G[sl].amax(dim=-1, keepdim=True)).sum().item()
+        loss = err_sq / total_sq
+        metrics = {
+            "loss": loss,
+            "mse": err_sq / (n * d_in) / scale**2,
+            "fvu": err_sq / max(centred_sq, _EPS),
+            "l0": nonzero / n,
+            "dead_fraction": (F.abs().sum(0) == 0).float().mean().item(),
+            "auxk_loss": 0.0,
+        }
+        if loss < best_loss:
+            since_progress = 0 if loss < best_loss * (1 - cfg.tol) else since_progress + 1
+            best_loss, best_F, best_metrics = loss, F.clone(), metrics
+        else:
+            since_progress += 1
+        stop = since_progress >= cfg.patience
+        if on_metrics is not None and (it % cfg.log_every == 0 or it == cfg.max_iters or stop):
+            on_metrics(metrics, it)
+        if stop:
+            break
+    assert best_F is not None  # max_iters >= 1 and the first pass always improves on inf
+    with torch.no_grad():
+        model.W_dec.copy_((best_F / best_F.norm(dim=0).clamp_min(_EPS)).T)
+    # The metrics of the kept (best) pass, which may precede the last one.
+    return TrainResult(dictionary=model.eval(), final_metrics=best_metrics, steps=it)

@@ -1,0 +1,93 @@
+"""Matching-pursuit SAE: pursuit worked by hand, early stopping, error non-increasing in the steps, gradients
+through the selected scores, planted recovery, persistence and spec validation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from schemas.methods import MPConfig
+from schemas.spec import SpecError, parse_spec
+from tasks.dictionary import build_dictionary, load_dictionary, train_dictionary
+from tasks.dictionary.mp import MPSAE
+from tests.dictionary.test_topk import plant
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def hand_set_mp(**overrides) -> MPSAE:
+    """d_in 2, d_sae 3, atoms e1, e2, (0.6, 0.8); b_dec 0."""
+    sae = build_dictionary(MPConfig(**({"d_sae": 3, "k": 3, "device": "cpu"} | overrides)), d_in=2)
+    with torch.no_grad():
+        sae.W_dec.copy_(torch.tensor([[1.0, 0], [0, 1], [0.6, 0.8]]))
+    return sae
+
+
+# x = (1, 2). Step 1: scores relu(1, 2, 0.6 + 1.6) = (1, 2, 2.2): atom 2 takes 2.2;
+#   r = (1, 2) - 2.2 * (0.6, 0.8) = (-0.32, 0.24).
+# Step 2: scores relu(-0.32, 0.24, -0.192 + 0.192) = (0, 0.24, 0): atom 1 takes 0.24; r = (-0.32, 0).
+# Step 3: scores relu(-0.32, 0, -0.192) are all 0: nothing changes.
+# Codes (0, 0.24, 2.2); x_hat = 0.24 * e2 + 2.2 * (0.6, 0.8) = (1.32, 2.0).
+X = torch.tensor([[1.0, 2.0]])
+
+
+def test_pursuit_hand_worked():
+    sae = hand_set_mp()
+    out = sae(X)
+    torch.testing.assert_close(out.codes, torch.tensor([[0.0, 0.24, 2.2]]))
+    torch.testing.assert_close(out.acts_hat, torch.tensor([[1.32, 2.0]]))
+    # One step at inference: only atom 2.
+    torch.testing.assert_close(sae.encode(X, k=1), torch.tensor([[0.0, 0, 2.2]]))
+
+
+def test_residual_threshold_stops_early():
+    # ||x|| = sqrt(5) = 2.236; after step 1 ||r|| = 0.4 <= 0.5 * 2.236: the token stops after one atom.
+    sae = hand_set_mp(residual_threshold=0.5)
+    torch.testing.assert_close(sae.encode(X), torch.tensor([[0.0, 0, 2.2]]))
+
+
+def test_error_never_increases_with_more_steps():
+    acts = plant(500, d_in=16, n_features=48, k_true=6).acts
+    sae = build_dictionary(MPConfig(d_sae=48, k=4), d_in=16)
+    sae.init_from_data(acts)
+    with torch.no_grad():
+        errors = [(sae.decode(sae.encode(acts, k=k)) - acts).pow(2).sum(-1) for k in range(1, 13)]
+    for fewer, more in zip(errors, errors[1:]):
+        assert bool((more <= fewer + 1e-5).all())
+    assert errors[-1].mean() < 0.5 * errors[0].mean()
+
+
+def test_gradients_reach_only_selected_atoms():
+    sae = hand_set_mp(k=1)
+    out = sae.training_loss(torch.tensor([[1.0, 2.0], [1.1, 2.1]]), torch.zeros(3, dtype=torch.bool))
+    out.loss.backward()
+    # Both tokens pick atom 2 alone: atoms 0 and 1 take no part in the reconstruction.
+    assert sae.W_dec.grad[:2].abs().max() == 0 and sae.W_dec.grad[2].abs().max() > 0
+
+
+def test_recovers_planted_dictionary_and_round_trips(tmp_path):
+    truth = plant(8000, d_in=16, n_features=32, k_true=3)
+    cfg = MPConfig(d_sae=64, k=3, lr=3e-3, batch_size=256, steps=300, device="cpu")
+    sae = train_dictionary(cfg, truth.acts).dictionary
+    best = (truth.directions @ sae.decoder_directions().T).max(dim=1).values
+    assert (best > 0.9).float().mean().item() >= 0.9
+    torch.testing.assert_close(sae.W_dec.norm(dim=-1), torch.ones(64))
+
+    sae.save(tmp_path / "mp")
+    loaded = load_dictionary(tmp_path / "mp")
+    assert type(loaded) is MPSAE and loaded.cfg == sae.cfg
+    with torch.no_grad():
+        assert torch.equal(loaded.encode(truth.acts[:100], k=5), sae.encode(truth.acts[:100], k=5))
+
+
+def test_spec_accepts_mp_and_refuses_k_above_d_sae():
+    base = {"model": {"path": "m"}, "hookpoints": ["h"]}
+    assert parse_spec(base | {"dictionaries": [{"method": "mp", "k": 8}]}).dictionaries[0].k == 8
+    with pytest.raises(SpecError, match="k <= d_sae"):
+        parse_spec(base | {"dictionaries": [{"method": "mp", "d_sae": 4, "k": 8}]})
