@@ -41,7 +41,9 @@ def _read(source: str, target: str | None) -> tuple[pl.DataFrame, str]:
 
         name = source.removeprefix("sklearn:")
         if name not in SKLEARN_DATASETS:
-            raise ValueError(f"unknown dataset {source!r}; available: sklearn:{', sklearn:'.join(SKLEARN_DATASETS)}")
+            raise ValueError(
+                f"unknown dataset {source!r}; available: sklearn:{', sklearn:'.join(SKLEARN_DATASETS)}"
+            )
         bunch = getattr(datasets, f"load_{name}")(as_frame=True)
         return pl.from_pandas(bunch.frame), target or "target"
     path = Path(source)
@@ -59,7 +61,11 @@ def _read(source: str, target: str | None) -> tuple[pl.DataFrame, str]:
 
 
 def load_table(
-    source: str, target: str | None, task: Literal["auto", "classification", "regression"], heldout: float, seed: int
+    source: str,
+    target: str | None,
+    task: Literal["auto", "classification", "regression"],
+    heldout: float,
+    seed: int,
 ) -> Table:
     """Read, check and split a table; every problem is reported with what to change."""
     df, target = _read(source, target)
@@ -69,7 +75,10 @@ def load_table(
     bad = [c for c in feats if not df[c].dtype.is_numeric()]
     if bad:
         raise ValueError(f"{source}: non-numeric feature columns {bad}; encode them as numbers or drop them")
-    nans = {c: int(df[c].is_null().sum() + (df[c].is_nan().sum() if df[c].dtype.is_float() else 0)) for c in df.columns}
+    nans = {
+        c: int(df[c].is_null().sum() + (df[c].is_nan().sum() if df[c].dtype.is_float() else 0))
+        for c in df.columns
+    }
     nans = {c: k for c, k in nans.items() if k}
     if nans:
         raise ValueError(f"{source}: missing values (column: count) {nans}; impute or drop those rows first")
@@ -79,7 +88,11 @@ def load_table(
         raise ValueError(f"{source}: constant feature columns {const} carry no information; drop them")
     y = df[target].to_numpy()
     if task == "auto":
-        task = "classification" if (not np.issubdtype(y.dtype, np.floating) or len(np.unique(y)) <= 10) else "regression"
+        task = (
+            "classification"
+            if (not np.issubdtype(y.dtype, np.floating) or len(np.unique(y)) <= 10)
+            else "regression"
+        )
     if task == "classification":
         y = np.unique(y, return_inverse=True)[1].astype(np.float64)
     rng = np.random.default_rng(seed)
@@ -151,6 +164,8 @@ def fit_reference(name: ReferenceName, table: Table, seed: int) -> Predictor:
         case "mlp":
             return _mlp(table, n_classes, seed)
         case other:
-            raise ValueError(f"reference model {other!r} not known; use 'linear', 'gradient_boosting' or 'mlp'")
+            raise ValueError(
+                f"reference model {other!r} not known; use 'linear', 'gradient_boosting' or 'mlp'"
+            )
     est.fit(table.X_train, table.y_train)
     return _sklearn_predictor(est, table.task, n_classes)

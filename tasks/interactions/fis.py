@@ -43,7 +43,9 @@ def predict_batched(f: Predictor, Z: torch.Tensor) -> torch.Tensor:
     return out.reshape(*lead, n, *out.shape[1:])
 
 
-def model_losses(f: Predictor, X: torch.Tensor, y: torch.Tensor, M: torch.Tensor, loss: LossName) -> torch.Tensor:
+def model_losses(
+    f: Predictor, X: torch.Tensor, y: torch.Tensor, M: torch.Tensor, loss: LossName
+) -> torch.Tensor:
     """Mean loss of each scaling model: `X [n, p]`, `M [B, p]` -> `[B]`."""
     return pointwise_loss(predict_batched(f, X * M[:, None, :]), y, loss).mean(-1)
 

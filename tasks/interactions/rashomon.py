@@ -54,9 +54,14 @@ def explore(
     *,
     step: float = 0.1,
     max_rejections: int = 4,
-    max_steps: int = 500,
+    max_steps: int = 100,
+    max_scale: float = 2.0,
 ) -> Exploration:
-    """Greedy per-feature scaling search, all features, directions and budgets advanced in one batch."""
+    """Greedy per-feature scaling search, all features, directions and budgets advanced in one batch.
+
+    Scalings stay within [0, max_scale]: a step outside counts as a rejection, so a feature the model barely
+    uses (whose scaling never costs loss) does not run off to huge or sign-flipped values.
+    """
     p = X.shape[1]
     with torch.no_grad():
         ref_loss = float(model_losses(f, X, y, torch.ones(1, p, dtype=X.dtype), loss)[0])
@@ -76,6 +81,7 @@ def explore(
         M[torch.arange(len(active)), feat[active]] = cand
         with torch.no_grad():
             ok = model_losses(f, X, y, M, loss) <= bound[active]
+        ok &= (cand >= 0) & (cand <= max_scale)
         m[active[ok]] = cand[ok]
         rejected = active[~ok]
         size[rejected] /= 10

@@ -1,4 +1,4 @@
-"""Score every pair of a fitted model: the FIS cloud over the Rashomon set, its range and the reference value."""
+"""Score every pair of a fitted model: its FIS cloud over the Rashomon set, range and reference value."""
 
 from __future__ import annotations
 
@@ -46,8 +46,9 @@ def score_pairs(
     n_permutations: int,
     seed: int,
     classifier: bool,
+    max_scale: float = 2.0,
 ) -> Scores:
-    ex = explore(f, X, y, loss, rate)
+    ex = explore(f, X, y, loss, rate, max_scale=max_scale)
     check_feasible(ex, rate)
     gen = torch.Generator().manual_seed(seed)
     perms = torch.stack([torch.randperm(X.shape[0], generator=gen) for _ in range(n_permutations)])
@@ -69,6 +70,8 @@ def score_pairs(
     table = pl.DataFrame(rows).sort("fis_range", descending=True)
     mult = None
     if classifier:
-        models = torch.cat([torch.cat([c.M[c.in_set] for c in clouds]), torch.ones(1, X.shape[1], dtype=X.dtype)])
+        models = torch.cat(
+            [torch.cat([c.M[c.in_set] for c in clouds]), torch.ones(1, X.shape[1], dtype=X.dtype)]
+        )
         mult = multiplicity(f, X, models)
     return Scores(ex, clouds, table, mult)
