@@ -2,8 +2,8 @@
 
 Halo: for one pair, each split `a + b = 1` and sign combination `q` is a point at angle
 `atan2(a, b) + q * pi / 2` whose radius is the actual loss increase of applying both scalings together.
-Without interaction the increases add up to `a * eps + b * eps = eps`: the points lie on the circle of radius `eps`;
-bumps in or out of it show the pair interacting. Several epsilons give nested rings.
+Without interaction the increases add up to `a * eps + b * eps = eps`: the points lie on the circle of radius
+`eps`; bumps in or out of it show the pair interacting. Several epsilons give nested rings.
 Swarm: per pair, the FIS values over the set coloured by model loss, with a box and the reference marked.
 """
 
