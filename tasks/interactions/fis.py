@@ -74,13 +74,13 @@ def pair_fis(
     i, j = pair
     Z = X * M[:, None, :]  # [B, n, p]
     K = perms.shape[0]
-    variants = []
-    for cols in ([i], [j], [i, j]):
-        Zk = Z.unsqueeze(1).expand(-1, K, -1, -1).clone()  # [B, K, n, p]
-        # row k of the batch gets permutation k on the chosen columns
-        Zk[..., cols] = Z[:, perms][..., cols]
-        variants.append(Zk)
-    stacked = torch.stack(variants, 1)  # [B, 3, K, n, p]
+    # one copy of Z per (set, permutation), filled in place: [B, 3, K, n, p] with sets {i}, {j}, {i, j}
+    stacked = Z[:, None, None].expand(-1, 3, K, -1, -1).clone()
+    shuffled = Z[:, perms][..., [i, j]]  # [B, K, n, 2]: permutation k applied to rows of columns i and j
+    stacked[:, 0, ..., i] = shuffled[..., 0]
+    stacked[:, 1, ..., j] = shuffled[..., 1]
+    stacked[:, 2, ..., i] = shuffled[..., 0]
+    stacked[:, 2, ..., j] = shuffled[..., 1]  # the same permutation on both columns: moved together
     base = pointwise_loss(predict_batched(f, Z), y, loss).mean(-1)  # [B]
     permuted = pointwise_loss(predict_batched(f, stacked), y, loss).mean(-1).mean(-1)  # [B, 3]
     phi = permuted - base[:, None]
