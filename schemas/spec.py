@@ -112,8 +112,8 @@ class InteractionsSpec(Contract):
     enabled: bool = Field(False, description="Run the interaction-scoring stage.")
     table: str | None = Field(
         None,
-        description="A .csv or .parquet file (absolute path) or 'sklearn:breast_cancer', 'sklearn:diabetes', "
-        "'sklearn:wine'. The stage fits the reference model on it.",
+        description="A .csv or .parquet file (relative to the spec file's folder) or "
+        "'sklearn:breast_cancer', 'sklearn:diabetes' or 'sklearn:wine'.",
     )
     target: str | None = Field(None, description="Target column (default 'target' for sklearn datasets).")
     task: Literal["auto", "classification", "regression"] = Field(
@@ -204,6 +204,11 @@ def load_spec(path: str | Path) -> PipelineSpec:
             else str((path.parent / s).resolve())
             for s in corpus["sources"]
         ]
+    inter = raw.get("interactions")
+    if isinstance(inter, dict) and isinstance(inter.get("table"), str):
+        table = inter["table"]
+        if not table.startswith("sklearn:") and not Path(table).is_absolute():
+            inter["table"] = str((path.parent / table).resolve())
     return parse_spec(raw, origin=str(path))
 
 

@@ -60,7 +60,7 @@ def halo_plot(rings: list[tuple[Exploration, PairCloud]], names: tuple[str, str]
 
 def swarm_plot(clouds: list[PairCloud], ref_loss: float, names: list[str], path: Path) -> Path:
     """FIS over the set per pair (rows), coloured by the model's loss increase; red cross: the reference."""
-    fig, ax = plt.subplots(figsize=(7, 0.45 * len(clouds) + 1.5))
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(clouds) + 1.5))
     rng = np.random.default_rng(0)
     vmax = max(float((c.loss[c.in_set] - ref_loss).max()) for c in clouds if c.in_set.any()) or 1.0
     sc = None
