@@ -53,7 +53,7 @@ def halo_plot(rings: list[tuple[Exploration, PairCloud]], names: tuple[str, str]
     ax.set_title(f"halo: {names[0]} x {names[1]}\ndashed: no-interaction circle")
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -79,6 +79,6 @@ def swarm_plot(clouds: list[PairCloud], ref_loss: float, names: list[str], path:
     if sc is not None:
         fig.colorbar(sc, ax=ax, label="loss increase over L*")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
