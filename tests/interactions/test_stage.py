@@ -76,6 +76,16 @@ def test_spec_section_is_off_by_default_and_asks_for_a_table():
     )
 
 
+def test_relative_table_is_read_from_the_spec_folder(tmp_path):
+    from schemas.spec import load_spec
+
+    (tmp_path / "spec.yaml").write_text(
+        "model: {path: m}\nhookpoints: [h]\ndictionaries: [{method: topk, d_sae: 64, k: 4}]\n"
+        "interactions: {enabled: true, table: data/t.csv, target: y}\n"
+    )
+    assert load_spec(tmp_path / "spec.yaml").interactions.table == str(tmp_path / "data" / "t.csv")
+
+
 @pytest.mark.parametrize(
     ("frame", "target", "message"),
     [
