@@ -10,6 +10,7 @@ from schemas.spec import PipelineSpec
 from tasks.activations.task import cache_activations, prepare_corpus, register_model
 from tasks.dictionary.task import train_dictionary
 from tasks.evaluate.task import evaluate_dictionary
+from tasks.interactions.task import score_interactions
 from tasks.labeling.task import label_features
 from tasks.tracking.pipeline_run import log_summary, pipeline_run
 
@@ -29,8 +30,14 @@ def pipeline_flow(spec: PipelineSpec, progress: bool = False) -> PipelineResult:
             )
             labeling = label_features(ctx, dictionary, cache, spec.label) if spec.label.enabled else None
             results.append(DictionaryResult(dictionary=dictionary, evaluation=evaluation, labeling=labeling))
+        interactions = score_interactions(ctx, spec.interactions) if spec.interactions.enabled else None
         result = PipelineResult(
-            mlflow_run_id=ctx.parent_run_id, model=model, corpus=corpus, cache=cache, dictionaries=results
+            mlflow_run_id=ctx.parent_run_id,
+            model=model,
+            corpus=corpus,
+            cache=cache,
+            dictionaries=results,
+            interactions=interactions,
         )
         log_summary(ctx, result)
     return result

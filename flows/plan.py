@@ -18,6 +18,7 @@ from tasks.tracking.identity import (
     corpus_identity,
     dictionary_identity,
     evaluation_identity,
+    interactions_identity,
     labeling_identity,
 )
 
@@ -55,4 +56,6 @@ def plan_pipeline(spec: PipelineSpec, settings: Settings) -> list[PlannedStage]:
             )
         if spec.label.enabled:
             stages.append(planned("label_features", labeling_identity(d, cache, spec.label), [d, cache]))
+    if spec.interactions.enabled:
+        stages.append(planned("score_interactions", interactions_identity(spec.interactions), []))
     return stages

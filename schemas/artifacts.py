@@ -12,9 +12,11 @@ from pydantic import Field
 
 from schemas.base import Contract
 from schemas.methods import DictionaryConfig
-from schemas.spec import CacheSpec, CorpusSpec, EvaluateSpec, LabelSpec, ModelSpec
+from schemas.spec import CacheSpec, CorpusSpec, EvaluateSpec, InteractionsSpec, LabelSpec, ModelSpec
 
-ArtifactKind = Literal["model", "corpus", "activation_cache", "dictionary", "evaluation", "labeling"]
+ArtifactKind = Literal[
+    "model", "corpus", "activation_cache", "dictionary", "evaluation", "labeling", "interactions"
+]
 
 
 class ArtifactRef(Contract):
@@ -93,6 +95,21 @@ class LabelingRef(ArtifactRef):
     n_labeled: int = Field(description="Latents that fired at least once and so received a label.")
 
 
+class InteractionScoresRef(ArtifactRef):
+    """`scores.parquet` (per pair: reference FIS, range over the Rashomon set), `halo.png`, `swarm.png`."""
+
+    kind: Literal["interactions"] = "interactions"
+    spec: InteractionsSpec
+    source: str = Field(description="The table the reference model was fitted on.")
+    n_features: int
+    n_pairs: int
+    ref_loss: float = Field(description="L*: the reference model's held-out loss.")
+    epsilon: float = Field(description="rate * L*.")
+    top_pair: list[str] = Field(description="The pair whose FIS varies most over the set.")
+    ambiguity: float | None = Field(None, description="Classifiers: share of points some model relabels.")
+    discrepancy: float | None = Field(None, description="Classifiers: most points one model relabels.")
+
+
 class DictionaryResult(Contract):
     dictionary: DictionaryRef
     evaluation: EvalReport | None = None
@@ -107,3 +124,4 @@ class PipelineResult(Contract):
     corpus: CorpusRef
     cache: ActivationCacheRef
     dictionaries: list[DictionaryResult]
+    interactions: InteractionScoresRef | None = None

@@ -77,6 +77,14 @@ class LabelingRow(ArtifactRow, Base):
     n_features: Mapped[int] = mapped_column(Integer)
 
 
+class InteractionsRow(ArtifactRow, Base):
+    __tablename__ = "interactions"
+    source: Mapped[str] = mapped_column(Text)
+    reference: Mapped[str] = mapped_column(String(64))
+    n_features: Mapped[int] = mapped_column(Integer)
+    metrics: Mapped[dict] = mapped_column(JSON)
+
+
 class LineageEdge(Base):
     """`child` was derived from `parent`."""
 
@@ -95,6 +103,7 @@ ROWS: dict[str, type[ArtifactRow]] = {
     "dictionary": DictionaryRow,
     "evaluation": EvaluationRow,
     "labeling": LabelingRow,
+    "interactions": InteractionsRow,
 }
 ID_PREFIX = {
     "model": "model",
@@ -103,4 +112,5 @@ ID_PREFIX = {
     "dictionary": "dict",
     "evaluation": "eval",
     "labeling": "labels",
+    "interactions": "fis",
 }

@@ -129,6 +129,45 @@ class LabelSpec(Contract):
     max_tokens: int | None = Field(None, description="Tokens scanned (default: the whole cache).")
 
 
+class InteractionsSpec(Contract):
+    """Rashomon-set interaction scoring of a tabular model (off unless `enabled`)."""
+
+    enabled: bool = Field(False, description="Run the interaction-scoring stage.")
+    table: str | None = Field(
+        None,
+        description="A .csv or .parquet file (relative to the spec file's folder) or "
+        "'sklearn:breast_cancer', 'sklearn:diabetes' or 'sklearn:wine'.",
+    )
+    target: str | None = Field(None, description="Target column (default 'target' for sklearn datasets).")
+    task: Literal["auto", "classification", "regression"] = Field(
+        "auto", description="'auto': classification when the target has at most 10 distinct values."
+    )
+    reference: Literal["linear", "gradient_boosting", "mlp"] = Field(
+        "linear",
+        description="Reference learner: logistic/ridge regression, gradient boosting or a small torch MLP.",
+    )
+    rate: float = Field(0.1, gt=0, le=1, description="epsilon = rate * L*: the Rashomon set's loss bound.")
+    halo_rates: list[float] = Field(
+        default_factory=lambda: [0.05, 0.1, 0.2], description="Rates of the nested rings of the halo plot."
+    )
+    n_permutations: int = Field(3, ge=1, le=100, description="Row permutations per importance estimate.")
+    heldout_fraction: float = Field(
+        0.3, gt=0, lt=1, description="Share of rows held out; L*, the set and the scores use them."
+    )
+    max_scale: float = Field(2.0, gt=1, description="Largest per-feature scaling m_i explored.")
+    plot_pairs: int = Field(10, ge=1, description="Most variable pairs shown in the swarm plot.")
+    seed: int = Field(0, description="Seed of the split, the reference fit and the permutations.")
+
+    @model_validator(mode="after")
+    def _needs_table(self) -> InteractionsSpec:
+        if self.enabled and self.table is None:
+            raise ValueError(
+                "interactions.table is required when interactions are enabled: give a .csv/.parquet path "
+                "or 'sklearn:breast_cancer' (probes on dictionary latents are not supported yet)"
+            )
+        return self
+
+
 class PipelineSpec(Contract):
     """A whole pipeline: one model, one corpus, hookpoints, and the dictionaries to learn on them."""
 
@@ -146,6 +185,9 @@ class PipelineSpec(Contract):
     )
     evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec)
     label: LabelSpec = Field(default_factory=LabelSpec)
+    interactions: InteractionsSpec = Field(
+        default_factory=InteractionsSpec, description="Rashomon-set interaction scoring (off by default)."
+    )
 
     @model_validator(mode="after")
     def _dictionary_hookpoints(self) -> PipelineSpec:
@@ -194,6 +236,11 @@ def load_spec(path: str | Path) -> PipelineSpec:
             else str((path.parent / s).resolve())
             for s in corpus["sources"]
         ]
+    inter = raw.get("interactions")
+    if isinstance(inter, dict) and isinstance(inter.get("table"), str):
+        table = inter["table"]
+        if not table.startswith("sklearn:") and not Path(table).is_absolute():
+            inter["table"] = str((path.parent / table).resolve())
     return parse_spec(raw, origin=str(path))
 
 

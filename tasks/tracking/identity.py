@@ -16,7 +16,7 @@ from pydantic import BaseModel
 
 from schemas.catalog import ID_PREFIX
 from schemas.methods import DictionaryConfig
-from schemas.spec import CacheSpec, CorpusSpec, EvaluateSpec, LabelSpec, ModelSpec
+from schemas.spec import CacheSpec, CorpusSpec, EvaluateSpec, InteractionsSpec, LabelSpec, ModelSpec
 from tasks.common.store import sha256_file
 
 STAGE_VERSIONS = {
@@ -26,6 +26,7 @@ STAGE_VERSIONS = {
     "dictionary": 1,
     "evaluation": 1,
     "labeling": 1,
+    "interactions": 1,
 }
 
 
@@ -116,3 +117,15 @@ def evaluation_identity(dictionary: Identity, cache: Identity, spec: EvaluateSpe
 
 def labeling_identity(dictionary: Identity, cache: Identity, spec: LabelSpec) -> Identity:
     return identity("labeling", spec, [dictionary.fingerprint, cache.fingerprint])
+
+
+def interactions_identity(spec: InteractionsSpec) -> Identity:
+    # a file table is identified by its content; an sklearn dataset by the scikit-learn version shipping it
+    table = spec.table or ""
+    if table.startswith("sklearn:"):
+        from importlib.metadata import version
+
+        content = [table, version("scikit-learn")]
+    else:
+        content = [Path(table).name, file_digest(Path(table)) if Path(table).exists() else "missing"]
+    return identity("interactions", {"spec": _canonical(spec), "content": content}, [])

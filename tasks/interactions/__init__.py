@@ -1,0 +1,1 @@
+"""Rashomon-set interaction scoring: how much feature interactions vary across equally good models."""
