@@ -6,7 +6,8 @@ and the magnitude path, rescaled per latent by exp(r_mag), decides how strongly,
     pi_mag = (x - b_dec) W_enc * exp(r_mag) + b_mag,    z = 1[pi_gate > 0] * relu(pi_mag).
 The L1 penalty acts on relu(pi_gate) only, so it shrinks the gate, not the magnitudes; the step function
 passes no gradient, so an auxiliary loss makes relu(pi_gate) reconstruct x through a frozen copy of the
-decoder, giving the gate path its training signal. Decoder rows stay at unit norm.
+decoder, giving the gate path its training signal (logged as `auxk_loss`, divided by the batch variance).
+Decoder rows stay at unit norm.
 """
 
 from __future__ import annotations
