@@ -18,7 +18,16 @@ class TrainingConfig(Contract):
 
     hookpoint: str | None = Field(None, description="Hookpoint to train on; default: every cached hookpoint.")
     d_sae: int = Field(2048, ge=1, description="Number of latents.")
-    lr: float = Field(4e-4, gt=0, description="Adam learning rate.")
+    lr: float = Field(4e-4, gt=0, description="Peak AdamW learning rate (reached after `warmup_steps`).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay (0: plain Adam).")
+    warmup_steps: int = Field(0, ge=0, description="Steps of linear learning-rate warm-up from 0 to `lr`.")
+    decay_fraction: float = Field(
+        0.0, ge=0, le=1, description="Final fraction of the steps over which the lr decays linearly to 0."
+    )
+    b_dec_init: Literal["mean", "geometric_median", "zeros"] = Field(
+        "mean",
+        description="Initial decoder bias: the data mean, its geometric median (outlier-robust) or zeros.",
+    )
     batch_size: int = Field(1024, ge=1, description="Token rows per optimizer step.")
     epochs: int = Field(1, ge=1, description="Passes over the training tokens (ignored if `steps` is set).")
     steps: int | None = Field(
@@ -152,7 +161,112 @@ class SemiNMFConfig(TrainingConfig):
     )
 
 
+# ---- issue 4 (part a): relu, batchtopk, matryoshka, jumprelu, gated, threshold ----------------------------
+
+
+class ReLUConfig(TrainingConfig):
+    """ReLU SAE with an L1 penalty; `scaled_l1` is Anthropic's April-2024 variant (penalty weighted by decoder
+    row norms, decoder unconstrained)."""
+
+    method: Literal["relu"] = "relu"
+    l1_coef: float = Field(5.0, ge=0, description="L1 penalty weight, relative to the summed squared error.")
+    scaled_l1: bool = Field(
+        False,
+        description="Weight each latent's |code| by its decoder row norm and leave the decoder unconstrained "
+        "(False: plain L1 with unit-norm decoder rows).",
+    )
+    l1_warmup_steps: int = Field(0, ge=0, description="Steps over which the L1 weight ramps linearly from 0.")
+
+
+class BatchTopKConfig(TopKConfig):
+    """BatchTopK SAE (Bussmann et al. 2024): keep the top k*batch pre-activations across the whole batch."""
+
+    method: Literal["batchtopk"] = "batchtopk"  # type: ignore[assignment]
+    threshold_beta: float = Field(
+        0.999, ge=0, lt=1, description="EMA decay of the inference threshold (smallest kept code per batch)."
+    )
+
+
+class MatryoshkaConfig(BatchTopKConfig):
+    """Matryoshka BatchTopK SAE: each nested prefix of the latents must reconstruct the input alone."""
+
+    method: Literal["matryoshka"] = "matryoshka"  # type: ignore[assignment]
+    prefixes: tuple[int, ...] | None = Field(
+        None,
+        description="Increasing prefix sizes ending at d_sae; default: d_sae/8, d_sae/4, d_sae/2, d_sae.",
+    )
+
+    @model_validator(mode="after")
+    def _prefixes_nested(self) -> MatryoshkaConfig:
+        p = self.prefixes
+        if p is not None and (
+            not p or p[-1] != self.d_sae or any(a >= b for a, b in zip(p, p[1:])) or p[0] < 1
+        ):
+            raise ValueError(
+                f"prefixes={p} must be strictly increasing, >= 1 and end at d_sae={self.d_sae}; "
+                f"e.g. ({self.d_sae // 4}, {self.d_sae})"
+            )
+        return self
+
+    def prefix_sizes(self) -> tuple[int, ...]:
+        """The prefixes to use: the configured ones or the default halving ladder."""
+        if self.prefixes is not None:
+            return self.prefixes
+        return tuple(sorted({max(1, self.d_sae // div) for div in (8, 4, 2, 1)}))
+
+
+class JumpReLUConfig(TrainingConfig):
+    """JumpReLU SAE (Rajamanoharan et al. 2024): per-latent learnable thresholds, straight-through grads."""
+
+    method: Literal["jumprelu"] = "jumprelu"
+    sparsity: Literal["step", "tanh"] = Field(
+        "step", description="L0 penalty: the step function (with STE) or Anthropic's tanh(c |z| ||d||)."
+    )
+    l0_coef: float = Field(1.0, ge=0, description="Sparsity penalty weight, relative to squared error.")
+    bandwidth: float = Field(0.05, gt=0, description="Width of the STE's rectangle kernel (scaled units).")
+    init_threshold: float = Field(0.1, gt=0, description="Initial threshold of every latent (scaled units).")
+    tanh_c: float = Field(4.0, gt=0, description="Steepness c of the tanh penalty (sparsity='tanh').")
+
+    @model_validator(mode="after")
+    def _bandwidth_below_threshold(self) -> JumpReLUConfig:
+        if self.bandwidth > 2 * self.init_threshold:
+            raise ValueError(
+                f"bandwidth={self.bandwidth} is wider than 2 x init_threshold={self.init_threshold}: the STE "
+                "window would reach negative pre-activations; lower bandwidth or raise init_threshold"
+            )
+        return self
+
+
+class GatedConfig(TrainingConfig):
+    """Gated SAE (Rajamanoharan et al. 2024): a gate path picks latents, a magnitude path sizes them."""
+
+    method: Literal["gated"] = "gated"
+    l1_coef: float = Field(5.0, ge=0, description="Weight of the L1 penalty on the gate pre-activations.")
+
+
+class ThresholdConfig(TrainingConfig):
+    """Threshold-activated SAE ("Towards Atoms of LLMs"): z = (W_enc x) * 1[W_enc x >= tau]."""
+
+    method: Literal["threshold"] = "threshold"
+    tau: float = Field(0.5, gt=0, description="Global activation threshold (scaled units), fixed.")
+    use_bias: bool = Field(False, description="Learn b_enc and b_dec (False: the paper's bias-free form).")
+
+
 DictionaryConfig = Annotated[
-    Union[TopKConfig, GBAConfig, BAConfig, MPConfig, SemiNMFConfig],  # noqa: UP007
+    Union[  # noqa: UP007
+        TopKConfig,
+        # issue 4a
+        ReLUConfig,
+        BatchTopKConfig,
+        MatryoshkaConfig,
+        JumpReLUConfig,
+        GatedConfig,
+        ThresholdConfig,
+        # issue 4b
+        GBAConfig,
+        BAConfig,
+        MPConfig,
+        SemiNMFConfig,
+    ],
     Field(discriminator="method"),
 ]

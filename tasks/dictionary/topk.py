@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from schemas.methods import TopKConfig
 from tasks.dictionary.base import Dictionary, TrainStepOutput
 from tasks.dictionary.registry import register
+from tasks.dictionary.sae_common import input_statistics
 
 # Guards the divisions by a batch variance; far below any real activation variance after input scaling.
 _EPS = 1e-12
@@ -56,25 +57,11 @@ class TopKSAE(Dictionary):
         self.b_dec.zero_()
 
     @torch.no_grad()
-    def init_from_data(self, acts: Tensor, chunk_rows: int = 65_536) -> None:
-        """Fit `input_scale` so E||acts * scale||^2 = d_in; set b_dec to the scaled mean of acts [n, d_in].
-
-        Sums run in float64 over row chunks: caches are large and often bfloat16, where a float32 running sum
-        over millions of rows loses the digits that matter.
-        """
-        n = acts.shape[0]
-        total = torch.zeros(self.d_in, dtype=torch.float64)
-        sum_sq = torch.zeros((), dtype=torch.float64)
-        for start in range(0, n, chunk_rows):
-            chunk = acts[start : start + chunk_rows].to("cpu", torch.float64)
-            total += chunk.sum(0)
-            sum_sq += chunk.pow(2).sum()
-        mean_sq_norm = float(sum_sq) / n
-        if mean_sq_norm <= 0:
-            raise ValueError("acts are all zero; input scaling needs activations with a nonzero norm")
-        scale = math.sqrt(self.d_in / mean_sq_norm)
+    def init_from_data(self, acts: Tensor) -> None:
+        """Fit `input_scale` so E||acts * scale||^2 = d_in; set b_dec per `b_dec_init` (default: the mean)."""
+        scale, b_dec = input_statistics(acts, self.cfg.b_dec_init)
         self.input_scale.fill_(scale)
-        self.b_dec.copy_((total / n * scale).to(self.b_dec))
+        self.b_dec.copy_(b_dec.to(self.b_dec))
 
     def pre_acts(self, x_scaled: Tensor) -> Tensor:
         """Encoder pre-activations [..., d_sae] of already scaled inputs."""

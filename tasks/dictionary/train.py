@@ -1,9 +1,11 @@
-"""Train a gradient-based dictionary on cached activations: seeded, minibatched Adam with live metrics.
+"""Train a gradient-based dictionary on cached activations: seeded, minibatched AdamW with live metrics.
 
 The loop is method-agnostic. A method supplies its losses and its constraints through the `Trainable` hooks
 (`init_from_data`, `training_loss`, `before_optimizer_step`, `after_optimizer_step`, and optionally
 `after_step(step)` for updates outside the gradient, such as bias adaptation); this module owns the
-data order, the device, dead-latent bookkeeping and the metrics handed to `on_metrics` (MLflow in the flow).
+data order, the device, the optimizer and its learning-rate schedule (linear warm-up, constant, linear
+decay), dead-latent bookkeeping, the check that the loss stays finite and bounded, and the metrics handed to
+`on_metrics` (MLflow in the flow).
 """
 
 from __future__ import annotations
@@ -101,6 +103,34 @@ def _minibatches(n: int, batch_size: int, generator: torch.Generator) -> Iterato
         pending = pending[batch_size:]
 
 
+def lr_factor(step: int, steps: int, warmup_steps: int, decay_fraction: float) -> float:
+    """Multiplier of the peak lr at optimizer step `step` (1-based): warm-up, flat, decay to 0."""
+    factor = 1.0
+    if warmup_steps > 0:
+        factor = min(factor, step / warmup_steps)
+    decay_steps = int(decay_fraction * steps)
+    if decay_steps > 0:
+        factor = min(factor, (steps - step + 1) / decay_steps)
+    return factor
+
+
+# A loss this many times above the first step's means the run has diverged; no sane schedule climbs so far.
+DIVERGENCE_FACTOR = 1e3
+
+
+def check_loss(loss: float, step: int, first_loss: float | None) -> None:
+    """Stop with the step named when the loss is NaN/inf or exploded past DIVERGENCE_FACTOR x its start."""
+    if not math.isfinite(loss):
+        raise FloatingPointError(
+            f"loss became {loss} at step {step}; lower the learning rate (lr) or add warmup_steps"
+        )
+    if first_loss is not None and loss > DIVERGENCE_FACTOR * max(first_loss, 1e-6):
+        raise FloatingPointError(
+            f"loss diverged at step {step}: {loss:.3g}, over {DIVERGENCE_FACTOR:g}x the first step's "
+            f"{first_loss:.3g}; lower the learning rate (lr) or add warmup_steps"
+        )
+
+
 def train_dictionary(
     cfg: DictionaryConfig,
     acts: Tensor,
@@ -111,7 +141,9 @@ def train_dictionary(
     """Train the dictionary `cfg` describes on `acts` [n, d_in] (CPU, any float dtype; it stays there).
 
     Steps: `cfg.steps`, else `cfg.epochs` x ceil(n / batch_size). Every `cfg.log_every` steps and at the
-    last one, `on_metrics(metrics, step)` gets loss, mse (raw units), fvu, l0, dead_fraction and auxk_loss.
+    last one, `on_metrics(metrics, step)` gets loss, mse (raw units), fvu, l0, dead_fraction, auxk_loss and
+    lr. The loss is checked at the first step and every logged step: NaN, inf or a blow-up past
+    DIVERGENCE_FACTOR x the first loss raise FloatingPointError naming the step.
     """
     validate_acts(acts)
     # A method that is not gradient-trained (semi-NMF) brings its own `fit` with this function's signature.
@@ -132,7 +164,9 @@ def train_dictionary(
     dictionary.to(device).train()
     # Optional hook, run after each complete step (1-based), e.g. GBA's every-T-steps bias update.
     after_step = getattr(dictionary, "after_step", None)
-    optimizer = torch.optim.Adam(dictionary.parameters(), lr=cfg.lr)
+    # Frozen parameters (a bias-free method's zero biases) stay out of the optimizer and its weight decay.
+    params = [p for p in dictionary.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     batches = _minibatches(n, batch_size, torch.Generator().manual_seed(cfg.seed))
     tokens_since_fired = torch.zeros(dictionary.d_sae, dtype=torch.long, device=device)
     logger.info(
@@ -147,6 +181,7 @@ def train_dictionary(
     )
 
     metrics: dict[str, float] = {}
+    first_loss: float | None = None
     bar = tqdm(range(1, steps + 1), desc=f"train {cfg.method}", disable=not progress)
     for step in bar:
         batch = acts[next(batches)].to(device, non_blocking=True)
@@ -154,6 +189,9 @@ def train_dictionary(
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         dictionary.before_optimizer_step()
+        lr = cfg.lr * lr_factor(step, steps, cfg.warmup_steps, cfg.decay_fraction)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
         optimizer.step()
         dictionary.after_optimizer_step()
         if after_step is not None:
@@ -162,7 +200,11 @@ def train_dictionary(
         tokens_since_fired += batch.shape[0]
         tokens_since_fired[(out.codes > 0).any(0)] = 0
         # Metrics are read back only when logged: each .item() waits for the GPU.
+        if step == 1:
+            first_loss = out.loss.item()
+            check_loss(first_loss, step, None)
         if step % cfg.log_every == 0 or step == steps:
+            check_loss(out.loss.item(), step, first_loss)
             metrics = {
                 "loss": out.loss.item(),
                 "mse": out.mse.item(),
@@ -170,6 +212,7 @@ def train_dictionary(
                 "l0": (out.codes > 0).sum(-1).float().mean().item(),
                 "dead_fraction": (tokens_since_fired >= dead_tokens).float().mean().item(),
                 "auxk_loss": out.auxk_loss.item(),
+                "lr": lr,
             }
             bar.set_postfix(fvu=f"{metrics['fvu']:.4f}", l0=f"{metrics['l0']:.1f}")
             if on_metrics is not None:

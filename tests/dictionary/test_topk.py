@@ -17,7 +17,7 @@ from tasks.dictionary import METHODS, TrainResult, build_dictionary, load_dictio
 from tasks.dictionary.registry import register
 from tasks.dictionary.topk import TopKSAE
 
-METRIC_KEYS = {"loss", "mse", "fvu", "l0", "dead_fraction", "auxk_loss"}
+METRIC_KEYS = {"loss", "mse", "fvu", "l0", "dead_fraction", "auxk_loss", "lr"}
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,159 @@
+"""Training-step speed of every SAE variant against the floor of one dense encoder matmul.
+
+For each method: tokens/s of a full training step (loss, backward, the method's decoder constraint, AdamW),
+the peak memory of that step, and `matmul_ratio` = step time / time of one dense [batch, d_in] x [d_in, d_sae]
+matmul measured in the same process (every method must at least encode, so ~3 is the floor of forward +
+backward). Each method runs in its own subprocess so that its peak memory is its own: on CUDA
+`torch.cuda.max_memory_allocated`; on CPU the rise of the process's max RSS over its size just before the
+dictionary is built (model, optimizer state and the step's intermediates; the input batch and the torch
+runtime excluded).
+
+    python benchmarks/bench_train.py                 # d_in 576, d_sae 4608, batch 4096, CPU, all threads
+    python benchmarks/bench_train.py --d-sae 1152    # smaller, e.g. on a slow CPU
+
+The last line printed is one JSON object keyed by method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+METHODS = ("topk", "batchtopk", "matryoshka", "relu", "jumprelu", "gated", "threshold")
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _median_seconds(fn, repeats: int, device: str) -> float:
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _rss_mb() -> float:
+    """Current resident set size (Linux /proc), in MiB."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def run_one(method: str, args: argparse.Namespace) -> dict[str, float]:
+    """Time `args.steps` training steps of `method` (after one warm-up step) in this process."""
+    import torch
+    from pydantic import TypeAdapter
+
+    from schemas.methods import DictionaryConfig
+    from tasks.dictionary import build_dictionary
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = args.device
+    g = torch.Generator().manual_seed(0)
+    acts = torch.randn(args.batch, args.d_in, generator=g).to(device)
+    weight = torch.randn(args.d_in, args.d_sae, generator=g).to(device)
+    matmul_s = _median_seconds(lambda: acts @ weight, args.steps + 1, device)
+
+    fields = {"method": method, "d_sae": args.d_sae, "device": device}
+    if method in ("topk", "batchtopk", "matryoshka"):
+        fields["k"] = args.k
+    cfg = TypeAdapter(DictionaryConfig).validate_python(fields)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    rss_before = _rss_mb()
+    sae = build_dictionary(cfg, args.d_in)
+    sae.init_from_data(acts.cpu())
+    sae.to(device).train()
+    optimizer = torch.optim.AdamW([p for p in sae.parameters() if p.requires_grad], lr=cfg.lr)
+    dead = torch.zeros(args.d_sae, dtype=torch.bool, device=device)
+
+    def step() -> None:
+        out = sae.training_loss(acts, dead)
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        sae.before_optimizer_step()
+        optimizer.step()
+        sae.after_optimizer_step()
+
+    step()  # warm-up: allocates optimizer state and caches kernels
+    step_s = _median_seconds(step, args.steps, device)
+    if device.startswith("cuda"):
+        peak_mb = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss_before
+    return {
+        "tokens_per_s": round(args.batch / step_s, 1),
+        "step_ms": round(step_s * 1e3, 2),
+        "matmul_ms": round(matmul_s * 1e3, 2),
+        "matmul_ratio": round(step_s / matmul_s, 2),
+        "peak_mb": round(peak_mb, 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--d-in", type=int, default=576)
+    parser.add_argument("--d-sae", type=int, default=4608)
+    parser.add_argument("--batch", type=int, default=4096)
+    parser.add_argument("--k", type=int, default=32, help="k of the TopK family")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per method (median reported)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.child:
+        print(json.dumps(run_one(args.child, args)))
+        return
+
+    root = Path(__file__).resolve().parents[1]
+    passthrough = [a for a in sys.argv[1:] if not a.startswith("--methods")]
+    results: dict[str, dict[str, float]] = {}
+    print(f"d_in {args.d_in}, d_sae {args.d_sae}, batch {args.batch}, k {args.k}, device {args.device}")
+    print(f"{'method':<11} {'tokens/s':>10} {'step ms':>9} {'matmul ms':>10} {'ratio':>6} {'peak MB':>8}")
+    for method in args.methods.split(","):
+        proc = subprocess.run(
+            [sys.executable, __file__, *passthrough, "--child", method],
+            capture_output=True,
+            text=True,
+            cwd=root,
+            env={"PYTHONPATH": str(root), **_env()},
+            check=True,
+        )
+        row = json.loads(proc.stdout.strip().splitlines()[-1])
+        results[method] = row
+        print(
+            f"{method:<11} {row['tokens_per_s']:>10.0f} {row['step_ms']:>9.1f} {row['matmul_ms']:>10.1f} "
+            f"{row['matmul_ratio']:>6.2f} {row['peak_mb']:>8.0f}",
+            flush=True,
+        )
+    print(
+        json.dumps(
+            {m: {k: r[k] for k in ("tokens_per_s", "matmul_ratio", "peak_mb")} for m, r in results.items()}
+        )
+    )
+
+
+def _env() -> dict[str, str]:
+    import os
+
+    return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+
+
+if __name__ == "__main__":
+    main()

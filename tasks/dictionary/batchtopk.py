@@ -1,0 +1,61 @@
+"""BatchTopK SAE (Bussmann et al. 2024): in training, keep the top k*batch pre-activations across the whole
+batch, so tokens share a budget of k codes on average; at inference, keep codes above one learned threshold.
+
+The threshold is an exponential moving average of the smallest code the batch top-k kept (dictionary_learning
+`trainers/batch_top_k.py`), stored as a buffer so it is saved in weights.safetensors with the parameters.
+Everything else (AuxK, unit-norm decoder, input scaling) is the TopK SAE's.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from schemas.methods import BatchTopKConfig
+from tasks.dictionary.registry import register
+from tasks.dictionary.topk import TopKSAE
+
+
+def batch_topk(pre: Tensor, k: int) -> Tensor:
+    """Codes [..., d_sae]: the k * n_tokens largest positive entries of pre over all tokens, others zero."""
+    flat = pre.reshape(-1, pre.shape[-1])
+    keep = min(k * flat.shape[0], flat.numel())
+    top = flat.flatten().topk(keep, sorted=False)
+    codes = torch.zeros_like(flat).flatten().scatter(-1, top.indices, top.values.relu())
+    return codes.reshape(pre.shape)
+
+
+@register
+class BatchTopKSAE(TopKSAE):
+    """A TopK SAE whose training activation is batch top-k and whose inference activation is a threshold."""
+
+    method: ClassVar[str] = "batchtopk"
+    config_cls: ClassVar[type[BatchTopKConfig]] = BatchTopKConfig
+    cfg: BatchTopKConfig
+
+    def __init__(self, cfg: BatchTopKConfig, d_in: int) -> None:
+        super().__init__(cfg, d_in)
+        # -1 marks "not fitted yet": the first training batch sets it without averaging.
+        self.register_buffer("threshold", torch.full((), -1.0))
+
+    def _topk_codes(self, pre: Tensor) -> Tensor:
+        if self.training:
+            codes = batch_topk(pre, self.k)
+            self._update_threshold(codes.detach())
+            return codes
+        # Strictly above: a threshold of exactly 0 must not turn every zero pre-activation into a code.
+        return pre * (pre > self.threshold.clamp_min(0)).to(pre.dtype)
+
+    @torch.no_grad()
+    def _update_threshold(self, codes: Tensor) -> None:
+        positive = codes[codes > 0]
+        if positive.numel() == 0:
+            return
+        smallest = positive.min()
+        if self.threshold < 0:
+            self.threshold.copy_(smallest)
+        else:
+            beta = self.cfg.threshold_beta
+            self.threshold.mul_(beta).add_((1 - beta) * smallest)

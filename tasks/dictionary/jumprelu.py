@@ -1,0 +1,110 @@
+"""JumpReLU SAE (Rajamanoharan et al. 2024, "Jumping Ahead"): z_i = pre_i * 1[pre_i > theta_i].
+
+Each latent has its own threshold theta_i, learned through straight-through estimators (STEs): the step
+function's derivative in theta is replaced by a rectangle kernel of width `bandwidth`,
+    d/dtheta H(pre - theta) ~ -(1/eps) K((pre - theta)/eps),   d/dtheta JumpReLU ~ -(theta/eps) K(...),
+with K(u) = 1[|u| < 1/2]. The sparsity penalty is the L0 (step, through the STE) or Anthropic's
+tanh(c |z_i| ||W_dec_i||). The threshold is stored directly, not as its log: in log space the gradient is
+scaled by theta itself, and a small threshold barely moves (a known failure in other libraries); here it is
+clamped to stay positive after each step instead.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from schemas.methods import JumpReLUConfig
+from tasks.dictionary.base import TrainStepOutput
+from tasks.dictionary.registry import register
+from tasks.dictionary.sae_common import LinearSAE
+
+# Smallest threshold allowed after an optimizer step: theta <= 0 would let every positive pre-activation fire.
+_MIN_THRESHOLD = 1e-6
+
+
+def _kernel(pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+    """Rectangle kernel K((pre - theta)/eps) / eps, the STE's stand-in for the Dirac delta."""
+    return ((pre - threshold).abs() < bandwidth / 2).to(pre.dtype) / bandwidth
+
+
+class _JumpReLU(torch.autograd.Function):
+    """pre * 1[pre > theta]; grad in pre passes where it fires, grad in theta via the kernel."""
+
+    @staticmethod
+    def forward(ctx, pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return pre * (pre > threshold).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        pre, threshold = ctx.saved_tensors
+        grad_pre = grad * (pre > threshold).to(pre.dtype)
+        grad_theta = -(threshold * _kernel(pre, threshold, ctx.bandwidth) * grad)
+        return grad_pre, grad_theta.reshape(-1, threshold.shape[-1]).sum(0), None
+
+
+class _Step(torch.autograd.Function):
+    """1[pre > theta]; no grad in pre, grad in theta via the kernel."""
+
+    @staticmethod
+    def forward(ctx, pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return (pre > threshold).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        pre, threshold = ctx.saved_tensors
+        grad_theta = -(_kernel(pre, threshold, ctx.bandwidth) * grad)
+        return torch.zeros_like(pre), grad_theta.reshape(-1, threshold.shape[-1]).sum(0), None
+
+
+@register
+class JumpReLUSAE(LinearSAE):
+    """Linear encoder, per-latent `threshold` [d_sae], unit-norm decoder rows."""
+
+    method: ClassVar[str] = "jumprelu"
+    config_cls: ClassVar[type[JumpReLUConfig]] = JumpReLUConfig
+    cfg: JumpReLUConfig
+
+    def __init__(self, cfg: JumpReLUConfig, d_in: int) -> None:
+        super().__init__(cfg, d_in)
+        self.threshold = nn.Parameter(torch.full((cfg.d_sae,), cfg.init_threshold))
+
+    def activation(self, pre: Tensor) -> Tensor:
+        return _JumpReLU.apply(pre, self.threshold, self.cfg.bandwidth)
+
+    def sparsity_penalty(self, pre: Tensor, codes: Tensor) -> Tensor:
+        """Summed over the batch: L0 through the step STE, or sum tanh(c |z_i| ||W_dec_i||)."""
+        match self.cfg.sparsity:
+            case "step":
+                return _Step.apply(pre, self.threshold, self.cfg.bandwidth).sum()
+            case "tanh":
+                return torch.tanh(self.cfg.tanh_c * codes.abs() * self.W_dec.norm(dim=-1)).sum()
+            case other:
+                raise ValueError(f"sparsity {other!r} unknown; use 'step' or 'tanh'")
+
+    def training_loss(self, acts: Tensor, dead_mask: Tensor) -> TrainStepOutput:  # noqa: ARG002
+        x = self.scaled(acts)
+        pre = self.pre_acts(x)
+        codes = self.activation(pre)
+        err = x - self.decode_scaled(codes)
+        err_sq = err.pow(2).sum()
+        var = self.batch_variance(x)
+        fvu = err_sq / var
+        return TrainStepOutput(
+            loss=fvu + self.cfg.l0_coef * self.sparsity_penalty(pre, codes) / var,
+            mse=(err_sq / err.numel() / self.input_scale**2).detach(),
+            fvu=fvu.detach(),
+            auxk_loss=err_sq.new_zeros(()),
+            codes=codes.detach(),
+        )
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        super().after_optimizer_step()
+        self.threshold.clamp_(min=_MIN_THRESHOLD)
