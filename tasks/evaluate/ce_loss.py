@@ -30,7 +30,7 @@ from tasks.evaluate.metrics import dictionary_placement
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CELossResult", "ce_loss_score"]
+__all__ = ["CELossResult", "ce_loss_score", "keep_first", "next_token_loss_sum"]
 
 
 class CELossResult(Contract):
@@ -51,7 +51,7 @@ class CELossResult(Contract):
     n_tokens: int = Field(description="Next-token predictions averaged over (both positions real).")
 
 
-def _next_token_loss_sum(logits: Tensor, input_ids: Tensor, attention_mask: Tensor) -> tuple[float, int]:
+def next_token_loss_sum(logits: Tensor, input_ids: Tensor, attention_mask: Tensor) -> tuple[float, int]:
     """Summed cross-entropy of predicting token t+1 at position t, where both positions are real."""
     # Both ends must be real: with left padding the first real token would be "predicted" from a pad.
     valid = (attention_mask[:, 1:] == 1) & (attention_mask[:, :-1] == 1)
@@ -62,14 +62,14 @@ def _next_token_loss_sum(logits: Tensor, input_ids: Tensor, attention_mask: Tens
 
 
 def _kl_sum(clean: Tensor, spliced: Tensor, attention_mask: Tensor) -> float:
-    """Summed KL(clean || spliced) of next-token distributions over the positions `_next_token_loss_sum` scores."""
+    """Summed KL(clean || spliced) of next-token distributions over the positions `next_token_loss_sum` scores."""
     valid = (attention_mask[:, 1:] == 1) & (attention_mask[:, :-1] == 1)
     log_p = F.log_softmax(clean[:, :-1][valid].double(), dim=-1)
     log_q = F.log_softmax(spliced[:, :-1][valid].double(), dim=-1)
     return (log_p.exp() * (log_p - log_q)).sum().item()
 
 
-def _keep_first(new: Tensor, clean: Tensor, first: Tensor | None) -> Tensor:
+def keep_first(new: Tensor, clean: Tensor, first: Tensor | None) -> Tensor:
     """`new`, except that each row's first real position keeps its clean activation."""
     if first is None:
         return new
@@ -89,13 +89,13 @@ def _reconstruct(dictionary: nn.Module, first: Tensor | None) -> Callable[[Tenso
         # Run in the dictionary's own dtype/device (float32 beside a bfloat16 model, say), then cast back.
         device, dtype = dictionary_placement(dictionary, out.device, out.dtype)
         x_hat = dictionary.decode(dictionary.encode(out.to(device=device, dtype=dtype)))
-        return _keep_first(x_hat.to(device=out.device, dtype=out.dtype), out, first)
+        return keep_first(x_hat.to(device=out.device, dtype=out.dtype), out, first)
 
     return fn
 
 
 def _zeros(first: Tensor | None) -> Callable[[Tensor], Tensor]:
-    return lambda out: _keep_first(torch.zeros_like(out), out, first)
+    return lambda out: keep_first(torch.zeros_like(out), out, first)
 
 
 def _constant(value: Tensor, first: Tensor | None) -> Callable[[Tensor], Tensor]:
@@ -105,7 +105,7 @@ def _constant(value: Tensor, first: Tensor | None) -> Callable[[Tensor], Tensor]
                 f"the ablation mean has width {value.shape[-1]} but the hookpoint's output has width "
                 f"{out.shape[-1]}; take the mean from the cache of this hookpoint"
             )
-        return _keep_first(value.to(out).expand_as(out).clone(), out, first)
+        return keep_first(value.to(out).expand_as(out).clone(), out, first)
 
     return fn
 
@@ -161,7 +161,7 @@ def ce_loss_score(
                 else:
                     with splice(model, hookpoint, fn):
                         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-                loss_sum, count = _next_token_loss_sum(logits, ids, mask)
+                loss_sum, count = next_token_loss_sum(logits, ids, mask)
                 totals[name] += loss_sum
                 if name == "clean":
                     clean_logits = logits
