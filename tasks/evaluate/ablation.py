@@ -30,7 +30,7 @@ class LatentAblation(Contract):
 
     latent: int = Field(description="Index of the ablated latent.")
     frequency: float = Field(description="Share of scored positions where the latent fired.")
-    loss_change: float = Field(description="Mean next-token loss with the latent ablated minus without (nats).")
+    loss_change: float = Field(description="Mean next-token loss ablated minus clean (nats).")
     mean_abs_logit_change: float = Field(description="Mean over positions and vocabulary of |delta logit|.")
     top_promoted: list[int] = Field(description="Token ids whose mean logit rose most when ablating.")
     top_suppressed: list[int] = Field(description="Token ids whose mean logit fell most when ablating.")
@@ -116,6 +116,10 @@ def ablate_latents(
         model.train(was_training)
     results.sort(key=lambda r: -abs(r.loss_change))
     if results:
-        log.info("ablation at %s: strongest latent %d (%+.4f nats)", hookpoint, results[0].latent,
-                 results[0].loss_change)
+        log.info(
+            "ablation at %s: strongest latent %d (%+.4f nats)",
+            hookpoint,
+            results[0].latent,
+            results[0].loss_change,
+        )
     return results

@@ -9,8 +9,9 @@ score = (L_zero - L_spliced) / (L_zero - L_clean): 1.0 for a perfect reconstruct
 than zeros; the mean-ablation score is the same with L_mean. Zero ablation is the laxer baseline on the
 residual stream (zeros are far off-distribution), so the mean score is usually the lower, more honest one.
 Beside the scores: the spliced loss increase L_spliced - L_clean (nats) and the mean KL divergence
-KL(clean || spliced) of the next-token distributions over the scored positions. Position 0 can be left clean in both spliced runs: it is an attention sink with huge norms that
-dictionaries are not trained on, and replacing it would measure the sink rather than the dictionary.
+KL(clean || spliced) of the next-token distributions over the scored positions.
+Position 0 can be left clean in every altered run: it is an attention sink with huge norms that dictionaries
+are not trained on, and replacing it would measure the sink rather than the dictionary.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def next_token_loss_sum(logits: Tensor, input_ids: Tensor, attention_mask: Tenso
 
 
 def _kl_sum(clean: Tensor, spliced: Tensor, attention_mask: Tensor) -> float:
-    """Summed KL(clean || spliced) of next-token distributions over the positions `next_token_loss_sum` scores."""
+    """Summed KL(clean || spliced) of next-token distributions where `next_token_loss_sum` scores."""
     valid = (attention_mask[:, 1:] == 1) & (attention_mask[:, :-1] == 1)
     log_p = F.log_softmax(clean[:, :-1][valid].double(), dim=-1)
     log_q = F.log_softmax(spliced[:, :-1][valid].double(), dim=-1)

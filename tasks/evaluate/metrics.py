@@ -42,7 +42,7 @@ class ReconstructionMetrics(Contract):
     )
     cosine_similarity: float = Field(description="Mean over tokens of cos(x, x_hat); 0 where either is 0.")
     norm_ratio: float = Field(description="Mean over tokens of ||x_hat|| / ||x|| (tokens with x != 0).")
-    dense_fraction: float = Field(description="Share of latents firing on more than `dense_threshold` of rows.")
+    dense_fraction: float = Field(description="Share of latents firing on > `dense_threshold` of rows.")
     dense_threshold: float = Field(description="Firing frequency above which a latent counts as dense.")
     freq_hist_edges: list[float] = Field(
         description="log10 firing-frequency bin edges; dead latents are counted apart, in `dead_fraction`."

@@ -37,7 +37,7 @@ class SteeringResult(Contract):
     top_promoted: list[int] = Field(description="Token ids whose last-position logit rose most.")
     top_suppressed: list[int] = Field(description="Token ids whose last-position logit fell most.")
     continuation: list[int] = Field(description="Greedy continuation of the prompt, steered.")
-    continuation_text: str | None = Field(None, description="The continuation decoded, when a tokenizer is given.")
+    continuation_text: str | None = Field(None, description="Continuation, decoded if given a tokenizer.")
 
 
 @torch.no_grad()

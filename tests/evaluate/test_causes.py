@@ -1,4 +1,4 @@
-"""Features as causes on the tiny Llama: latent ablation and KL-targeted steering with hand-built dictionaries."""
+"""Features as causes on the tiny Llama: latent ablation and KL-targeted steering, hand-built dictionaries."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ HOOKPOINT = "model.layers.1"
 
 
 class Identity(nn.Module):
-    """codes = relu([x, -x]), decode = codes[:d] - codes[d:] = x: latent i (i < d) writes +e_i, d + i writes -e_i."""
+    """decode(encode(x)) = x with codes relu([x, -x]): latent i < d writes e_i, latent d + i writes -e_i."""
 
     def __init__(self, d: int):
         super().__init__()
@@ -51,7 +51,9 @@ def test_contribution_and_direction_of_a_planted_latent():
 def test_ablating_a_latent_removes_exactly_its_share(model, input_ids):
     # Latent 0 of the identity is relu(x_0) writing +e_0: ablating it leaves min(x_0, 0) in coordinate 0
     # and every other coordinate as it was. Check against that splice made by hand.
-    (result,) = ablate_latents(model, Identity(32), HOOKPOINT, input_ids, None, [0], exclude_first_token=False)
+    (result,) = ablate_latents(
+        model, Identity(32), HOOKPOINT, input_ids, None, [0], exclude_first_token=False
+    )
     ids = input_ids
     clean = ce_loss_score(model, Identity(32), HOOKPOINT, ids, exclude_first_token=False).ce_loss_clean
 
