@@ -12,10 +12,9 @@ from __future__ import annotations
 import logging
 
 import torch
-from pydantic import Field
 from torch import Tensor, nn
 
-from schemas.base import Contract
+from schemas.evaluation import LatentAblation
 from tasks.common.hooks import capture_activations, splice
 from tasks.evaluate.ce_loss import keep_first, next_token_loss_sum
 from tasks.evaluate.metrics import dictionary_placement
@@ -23,17 +22,6 @@ from tasks.evaluate.metrics import dictionary_placement
 log = logging.getLogger(__name__)
 
 __all__ = ["LatentAblation", "ablate_latents", "latent_contribution", "most_frequent_latents"]
-
-
-class LatentAblation(Contract):
-    """The effect of removing one latent's contribution everywhere."""
-
-    latent: int = Field(description="Index of the ablated latent.")
-    frequency: float = Field(description="Share of scored positions where the latent fired.")
-    loss_change: float = Field(description="Mean next-token loss ablated minus clean (nats).")
-    mean_abs_logit_change: float = Field(description="Mean over positions and vocabulary of |delta logit|.")
-    top_promoted: list[int] = Field(description="Token ids whose mean logit rose most when ablating.")
-    top_suppressed: list[int] = Field(description="Token ids whose mean logit fell most when ablating.")
 
 
 def latent_contribution(dictionary: nn.Module, x: Tensor, latent: int) -> tuple[Tensor, Tensor]:

@@ -13,31 +13,15 @@ import math
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from torch import Tensor, nn
 
-from schemas.base import Contract
+from schemas.evaluation import SteeringResult
 from tasks.common.hooks import splice
 from tasks.evaluate.metrics import dictionary_placement
 
 log = logging.getLogger(__name__)
 
 __all__ = ["SteeringResult", "decoder_direction", "steer_latent"]
-
-
-class SteeringResult(Contract):
-    """One latent steered in one direction, at the strength that hits the KL target."""
-
-    latent: int = Field(description="Index of the steered latent.")
-    sign: int = Field(description="+1 adds the decoder direction, -1 subtracts it.")
-    alpha: float = Field(description="Norm of the added vector (signed), in the hookpoint's units.")
-    kl: float = Field(description="KL(clean || steered) of the next-token distribution at the prompt's end.")
-    target_kl: float = Field(description="The KL the search aimed at.")
-    reached: bool = Field(description="Whether |kl - target_kl| <= tolerance * target_kl.")
-    top_promoted: list[int] = Field(description="Token ids whose last-position logit rose most.")
-    top_suppressed: list[int] = Field(description="Token ids whose last-position logit fell most.")
-    continuation: list[int] = Field(description="Greedy continuation of the prompt, steered.")
-    continuation_text: str | None = Field(None, description="Continuation, decoded if given a tokenizer.")
 
 
 @torch.no_grad()
