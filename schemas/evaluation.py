@@ -1,5 +1,6 @@
 """The richer figures of an evaluation, nested in `EvalReport.details`: whole-set direction and sparsity
-figures, the mean-ablation CE-loss baseline and KL, and features as causes (ablation and steering).
+figures, the mean-ablation CE-loss baseline and KL, features as causes (ablation and steering) and the
+geometry of the decoder directions.
 
 They live apart from `schemas/artifacts.py` so the report keeps its flat headline fields and older reports
 (without details) still load.
@@ -38,6 +39,17 @@ class SteeringResult(Contract):
     continuation_text: str | None = Field(None, description="Continuation, decoded if given a tokenizer.")
 
 
+class DecoderGeometry(Contract):
+    """Overlap figures of the unit decoder directions."""
+
+    n_directions: int = Field(description="Latents with a nonzero decoder direction.")
+    coherence: float = Field(description="Max |cos| between two different latents' decoder directions.")
+    mean_max_cosine: float = Field(description="Mean over latents of the |cos| to the nearest other latent.")
+    duplicate_fraction: float = Field(description="Share of latents with a neighbour above the threshold.")
+    duplicate_threshold: float = Field(description="|cos| above which two latents count as duplicates.")
+    neuron_alignment: float = Field(description="Mean over latents of max_k |d_j[k]| (1: neuron basis).")
+
+
 class EvalDetails(Contract):
     """Everything an evaluation measures beyond the headline fields of `EvalReport`."""
 
@@ -62,3 +74,4 @@ class EvalDetails(Contract):
     steering: list[SteeringResult] = Field(
         default_factory=list, description="Chosen latents steered to the KL target, both signs."
     )
+    geometry: DecoderGeometry | None = Field(None, description="Overlap of the decoder directions.")

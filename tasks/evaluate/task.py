@@ -20,6 +20,7 @@ from tasks.dictionary import load_dictionary
 from tasks.evaluate.ablation import ablate_latents, most_frequent_latents
 from tasks.evaluate.ce_loss import ce_loss_score
 from tasks.evaluate.compatibility import check_dictionary_fits
+from tasks.evaluate.geometry import decoder_geometry
 from tasks.evaluate.metrics import reconstruction_metrics
 from tasks.evaluate.steering import steer_latent
 from tasks.tracking.catalog import open_catalog
@@ -126,6 +127,7 @@ def evaluate_dictionary(
             **recon.model_dump(include=set(EvalDetails.model_fields)),
             **ce.model_dump(include=set(EvalDetails.model_fields)),
             **causal_figures(loaded, sae, hookpoint, ids, mask, spec, exclude_first),
+            geometry=decoder_geometry(sae),
         )
         metrics = {
             "n_tokens": recon.n_tokens,
@@ -145,6 +147,7 @@ def evaluate_dictionary(
             for k, v in details.model_dump().items()
             if isinstance(v, float | int) and not isinstance(v, bool)
         }
+        scalars |= {f"geometry_{k}": v for k, v in details.geometry.model_dump().items()}
         if details.ablations:
             scalars["ablation_max_loss_change"] = abs(details.ablations[0].loss_change)
         if details.steering:

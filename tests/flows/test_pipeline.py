@@ -89,6 +89,7 @@ def test_flow_tracks_registers_and_reuses(tmp_path, home, pipeline):
     details = d.evaluation.details
     assert eval_run.data.metrics["kl_spliced"] == pytest.approx(details.kl_spliced)
     assert details.ce_loss_score_mean is not None and details.ablations and len(details.steering) == 4
+    assert 0 <= details.geometry.coherence <= 1 + 1e-6
     assert sum(details.freq_hist_counts) == round((1 - d.evaluation.dead_fraction) * d.dictionary.d_sae)
     assert second_details_roundtrip(d.evaluation)
 
