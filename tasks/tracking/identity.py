@@ -24,7 +24,7 @@ STAGE_VERSIONS = {
     "corpus": 1,
     "activation_cache": 1,
     "dictionary": 1,
-    "evaluation": 1,
+    "evaluation": 2,  # issue 5: details (mean ablation, KL, ablation, steering, geometry)
     "labeling": 1,
 }
 
