@@ -318,6 +318,43 @@ def catalog_lineage(
     console.print(grow(Tree(f"[bold]{artifact_id}[/bold] used by"), descendants))
 
 
+@app.command()
+def compare(
+    out: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option("--out", help="Folder for compare.csv and frontier.png (default: <artifacts>/compare)."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable table.")] = False,
+) -> None:
+    """Table of every evaluated dictionary and frontier plots (FVU, CE-loss score, dead fraction vs L0)."""
+    from tasks.evaluate.compare import comparison_rows, frontier_plot, log_comparison, write_table
+
+    settings = _settings()
+    rows = comparison_rows(_catalog())
+    if not rows:
+        raise fail("no evaluated dictionaries in the catalog; run a pipeline with `evaluate` enabled first")
+    out = out or settings.artifacts_dir / "compare"
+    out.mkdir(parents=True, exist_ok=True)
+    files = [write_table(rows, out / "compare.csv"), frontier_plot(rows, out / "frontier.png")]
+    run_id = log_comparison(settings, rows, files)
+    if as_json:
+        print(
+            json.dumps({"rows": [r.model_dump() for r in rows], "files": [str(f) for f in files]}, indent=1)
+        )
+        return
+    table = Table(title=f"{len(rows)} evaluated dictionaries")
+    columns = ["dictionary_id", "method", "hookpoint", "d_sae", "l0", "fvu", "ce_loss_score",
+               "ce_loss_score_mean", "dead_fraction", "dense_fraction"]  # fmt: skip
+    for col in columns:
+        table.add_column(col)
+    for r in rows:
+        table.add_row(
+            *(f"{v:.4g}" if isinstance(v, float) else str(v) for v in (getattr(r, c) for c in columns))
+        )
+    console.print(table)
+    console.print(f"plots: {files[1]}\ntable: {files[0]}\nMLflow run: {run_id}")
+
+
 def _show_stage_logs() -> None:
     """Progress lines of the stage code (`tasks.*` loggers) on stderr, in Prefect's console format."""
     handler = logging.StreamHandler()

@@ -11,6 +11,7 @@ from typing import Literal
 from pydantic import Field
 
 from schemas.base import Contract
+from schemas.evaluation import EvalDetails
 from schemas.methods import DictionaryConfig
 from schemas.spec import CacheSpec, CorpusSpec, EvaluateSpec, InteractionsSpec, LabelSpec, ModelSpec
 
@@ -85,6 +86,9 @@ class EvalReport(ArtifactRef):
     ce_loss_spliced: float
     ce_loss_zero: float
     ce_loss_score: float = Field(description="(L_zero - L_spliced) / (L_zero - L_clean).")
+    details: EvalDetails | None = Field(
+        None, description="Direction, sparsity, mean-ablation, ablation and steering figures (newer reports)."
+    )
 
 
 class LabelingRef(ArtifactRef):

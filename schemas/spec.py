@@ -118,6 +118,30 @@ class EvaluateSpec(Contract):
     max_tokens: int = Field(32_768, ge=64, description="Held-out tokens used for FVU, L0 and dead fraction.")
     ce_contexts: int = Field(32, ge=1, description="Held-out contexts for the CE-loss score.")
     batch_size: int = Field(8, ge=1, description="Contexts per forward pass when splicing.")
+    dense_threshold: float = Field(
+        0.1, gt=0, le=1, description="A latent firing on more than this share of tokens counts as dense."
+    )
+    hist_bins_per_decade: int = Field(2, ge=1, description="Frequency-histogram bins per power of ten.")
+    mean_ablation: bool = Field(
+        True, description="Also score against mean ablation (the cache's per-dimension mean)."
+    )
+    ablation_latents: int = Field(
+        8, ge=0, description="Ablate the N most frequent latents one at a time and rank them (0: skip)."
+    )
+    ablation_contexts: int = Field(4, ge=1, description="Held-out contexts each latent ablation runs on.")
+    steering_latents: int = Field(
+        2, ge=0, description="Steer the N most frequent latents, both signs, to the KL target (0: skip)."
+    )
+    steering_target_kl: float = Field(1.0, gt=0, description="Next-token KL (nats) steering aims at.")
+    steering_tolerance: float = Field(0.05, gt=0, lt=1, description="Relative tolerance on the steering KL.")
+    steering_prompt: str = Field(
+        "The", min_length=1, description="Neutral prompt whose next-token distribution steering moves."
+    )
+    steering_new_tokens: int = Field(8, ge=0, description="Greedy tokens generated with steering on.")
+    force: bool = Field(
+        False,
+        description="Evaluate even on a model or hookpoint other than the one trained on.",
+    )
 
 
 class LabelSpec(Contract):

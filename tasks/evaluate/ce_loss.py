@@ -1,12 +1,17 @@
 """The CE-loss score: how much of the language model's next-token loss survives splicing the dictionary in.
 
-Three passes over the same held-out contexts give three mean next-token cross-entropies:
+Up to four passes over the same held-out contexts give mean next-token cross-entropies:
   clean   - the model as it is;
   spliced - the hookpoint's output replaced by the dictionary's reconstruction decode(encode(x));
-  zero    - the hookpoint's output replaced by zeros (the "ablate everything" baseline).
+  zero    - the hookpoint's output replaced by zeros (the "ablate everything" baseline);
+  mean    - (when the cache's per-dimension mean is given) the output replaced by that mean.
 score = (L_zero - L_spliced) / (L_zero - L_clean): 1.0 for a perfect reconstruction, 0.0 for one no better
-than zeros. Position 0 can be left clean in both spliced runs: it is an attention sink with huge norms that
-dictionaries are not trained on, and replacing it would measure the sink rather than the dictionary.
+than zeros; the mean-ablation score is the same with L_mean. Zero ablation is the laxer baseline on the
+residual stream (zeros are far off-distribution), so the mean score is usually the lower, more honest one.
+Beside the scores: the spliced loss increase L_spliced - L_clean (nats) and the mean KL divergence
+KL(clean || spliced) of the next-token distributions over the scored positions.
+Position 0 can be left clean in every altered run: it is an attention sink with huge norms that dictionaries
+are not trained on, and replacing it would measure the sink rather than the dictionary.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from tasks.evaluate.metrics import dictionary_placement
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CELossResult", "ce_loss_score"]
+__all__ = ["CELossResult", "ce_loss_score", "keep_first", "next_token_loss_sum"]
 
 
 class CELossResult(Contract):
@@ -36,10 +41,18 @@ class CELossResult(Contract):
     ce_loss_spliced: float = Field(description="Loss with the hookpoint output reconstructed.")
     ce_loss_zero: float = Field(description="Loss with the hookpoint output replaced by zeros.")
     ce_loss_score: float = Field(description="(L_zero - L_spliced) / (L_zero - L_clean); 1.0 is lossless.")
+    ce_loss_mean: float | None = Field(None, description="Loss with the output replaced by the cache mean.")
+    ce_loss_score_mean: float | None = Field(
+        None, description="(L_mean - L_spliced) / (L_mean - L_clean): the score against mean ablation."
+    )
+    ce_loss_increase: float = Field(0.0, description="L_spliced - L_clean, in nats per token.")
+    kl_spliced: float = Field(
+        0.0, description="Mean over scored positions of KL(clean || spliced) of the next-token distribution."
+    )
     n_tokens: int = Field(description="Next-token predictions averaged over (both positions real).")
 
 
-def _next_token_loss_sum(logits: Tensor, input_ids: Tensor, attention_mask: Tensor) -> tuple[float, int]:
+def next_token_loss_sum(logits: Tensor, input_ids: Tensor, attention_mask: Tensor) -> tuple[float, int]:
     """Summed cross-entropy of predicting token t+1 at position t, where both positions are real."""
     # Both ends must be real: with left padding the first real token would be "predicted" from a pad.
     valid = (attention_mask[:, 1:] == 1) & (attention_mask[:, :-1] == 1)
@@ -49,7 +62,15 @@ def _next_token_loss_sum(logits: Tensor, input_ids: Tensor, attention_mask: Tens
     return losses[valid].sum().item(), int(valid.sum().item())
 
 
-def _keep_first(new: Tensor, clean: Tensor, first: Tensor | None) -> Tensor:
+def _kl_sum(clean: Tensor, spliced: Tensor, attention_mask: Tensor) -> float:
+    """Summed KL(clean || spliced) of next-token distributions where `next_token_loss_sum` scores."""
+    valid = (attention_mask[:, 1:] == 1) & (attention_mask[:, :-1] == 1)
+    log_p = F.log_softmax(clean[:, :-1][valid].double(), dim=-1)
+    log_q = F.log_softmax(spliced[:, :-1][valid].double(), dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum().item()
+
+
+def keep_first(new: Tensor, clean: Tensor, first: Tensor | None) -> Tensor:
     """`new`, except that each row's first real position keeps its clean activation."""
     if first is None:
         return new
@@ -69,13 +90,25 @@ def _reconstruct(dictionary: nn.Module, first: Tensor | None) -> Callable[[Tenso
         # Run in the dictionary's own dtype/device (float32 beside a bfloat16 model, say), then cast back.
         device, dtype = dictionary_placement(dictionary, out.device, out.dtype)
         x_hat = dictionary.decode(dictionary.encode(out.to(device=device, dtype=dtype)))
-        return _keep_first(x_hat.to(device=out.device, dtype=out.dtype), out, first)
+        return keep_first(x_hat.to(device=out.device, dtype=out.dtype), out, first)
 
     return fn
 
 
 def _zeros(first: Tensor | None) -> Callable[[Tensor], Tensor]:
-    return lambda out: _keep_first(torch.zeros_like(out), out, first)
+    return lambda out: keep_first(torch.zeros_like(out), out, first)
+
+
+def _constant(value: Tensor, first: Tensor | None) -> Callable[[Tensor], Tensor]:
+    def fn(out: Tensor) -> Tensor:
+        if out.shape[-1] != value.shape[-1]:
+            raise ValueError(
+                f"the ablation mean has width {value.shape[-1]} but the hookpoint's output has width "
+                f"{out.shape[-1]}; take the mean from the cache of this hookpoint"
+            )
+        return keep_first(value.to(out).expand_as(out).clone(), out, first)
+
+    return fn
 
 
 @torch.no_grad()
@@ -89,6 +122,7 @@ def ce_loss_score(
     batch_size: int = 8,
     exclude_first_token: bool = True,
     device: torch.device | str = "cpu",
+    mean: Tensor | None = None,
 ) -> CELossResult:
     """Clean, spliced and zero-ablated mean next-token loss of a causal LM on `input_ids [n_ctx, L]`.
 
@@ -96,6 +130,7 @@ def ce_loss_score(
     next-token prediction of all contexts (token-weighted, not per batch). With `exclude_first_token`, each
     context's first real position keeps its clean activation in the spliced and zero runs. The model must
     already be on `device`; it runs in eval mode and is restored to its previous mode afterwards.
+    `mean [d_in]` (the cache's per-dimension mean at the hookpoint) adds the mean-ablation baseline.
     """
     if input_ids.ndim != 2 or input_ids.shape[1] < 2:
         raise ValueError(f"input_ids must be [n_ctx, L] with L >= 2, got {list(input_ids.shape)}")
@@ -106,7 +141,8 @@ def ce_loss_score(
             f"attention_mask {list(attention_mask.shape)} must match input_ids {list(input_ids.shape)}"
         )
 
-    totals = {"clean": 0.0, "spliced": 0.0, "zero": 0.0}
+    totals = {"clean": 0.0, "spliced": 0.0, "zero": 0.0, "mean": 0.0}
+    kl_total = 0.0
     n_tokens = 0
     was_training = model.training
     model.eval()  # dropout would make the three runs differ by noise
@@ -117,21 +153,28 @@ def ce_loss_score(
             # argmax finds the first 1 in each row: position 0 unless the batch is left-padded.
             first = mask.int().argmax(dim=1) if exclude_first_token else None
             runs = {"clean": None, "spliced": _reconstruct(dictionary, first), "zero": _zeros(first)}
+            if mean is not None:
+                runs["mean"] = _constant(mean, first)
+            clean_logits = None
             for name, fn in runs.items():
                 if fn is None:
                     logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
                 else:
                     with splice(model, hookpoint, fn):
                         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-                loss_sum, count = _next_token_loss_sum(logits, ids, mask)
+                loss_sum, count = next_token_loss_sum(logits, ids, mask)
                 totals[name] += loss_sum
+                if name == "clean":
+                    clean_logits = logits
+                elif name == "spliced":
+                    kl_total += _kl_sum(clean_logits, logits, mask)
             n_tokens += count
     finally:
         model.train(was_training)
 
     if n_tokens == 0:
         raise ValueError("no next-token predictions: every context has fewer than two real tokens")
-    clean, spliced, zero = (totals[k] / n_tokens for k in ("clean", "spliced", "zero"))
+    clean, spliced, zero, ablated = (totals[k] / n_tokens for k in ("clean", "spliced", "zero", "mean"))
     if math.isclose(zero, clean, rel_tol=1e-9, abs_tol=1e-12):
         raise ValueError(
             f"zeroing hookpoint {hookpoint!r} leaves the loss unchanged ({clean:.6f}): the hookpoint has no "
@@ -139,6 +182,10 @@ def ce_loss_score(
             "e.g. 'model.layers.N'"
         )
     score = (zero - spliced) / (zero - clean)
+    # A mean ablation that leaves the loss unchanged gives no score rather than failing the whole evaluation.
+    score_mean = None
+    if mean is not None and not math.isclose(ablated, clean, rel_tol=1e-9, abs_tol=1e-12):
+        score_mean = (ablated - spliced) / (ablated - clean)
     log.info(
         "CE loss at %s: clean=%.4f spliced=%.4f zero=%.4f score=%.4f", hookpoint, clean, spliced, zero, score
     )
@@ -147,5 +194,9 @@ def ce_loss_score(
         ce_loss_spliced=spliced,
         ce_loss_zero=zero,
         ce_loss_score=score,
+        ce_loss_mean=ablated if mean is not None else None,
+        ce_loss_score_mean=score_mean,
+        ce_loss_increase=spliced - clean,
+        kl_spliced=kl_total / n_tokens,
         n_tokens=n_tokens,
     )

@@ -1,4 +1,6 @@
-"""Prefect task of stage 3: reconstruction, sparsity and CE-loss figures of a dictionary on held-out data."""
+"""Prefect task of stage 3: reconstruction, sparsity, CE-loss and causal figures of a dictionary on held-out
+data. The headline figures go to the report's flat fields and MLflow metrics; the rest (histogram, ablations,
+steering) to `EvalReport.details` and `eval.json`."""
 
 from __future__ import annotations
 
@@ -10,12 +12,18 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from schemas.artifacts import ActivationCacheRef, DictionaryRef, EvalReport
+from schemas.evaluation import EvalDetails
 from schemas.spec import EvaluateSpec
 from tasks.common.models import load_model_ref
 from tasks.common.store import ActivationCache
 from tasks.dictionary import load_dictionary
+from tasks.evaluate.ablation import ablate_latents, most_frequent_latents
 from tasks.evaluate.ce_loss import ce_loss_score
+from tasks.evaluate.compatibility import check_dictionary_fits
+from tasks.evaluate.geometry import decoder_geometry
 from tasks.evaluate.metrics import reconstruction_metrics
+from tasks.evaluate.steering import steer_latent
+from tasks.tracking.catalog import open_catalog
 from tasks.tracking.identity import evaluation_identity, ref_identity
 from tasks.tracking.mlflow_runs import StageRun
 from tasks.tracking.stage import StageContext, run_stage
@@ -29,10 +37,62 @@ def heldout_contexts(store: ActivationCache, n: int) -> tuple[torch.Tensor, torc
     return ctx["input_ids"][idx], ctx["attention_mask"][idx]
 
 
+def trained_model_id(ctx: StageContext, dictionary: DictionaryRef) -> str | None:
+    """The model id of the cache the dictionary was trained on, from the catalog (None if not catalogued)."""
+    found = open_catalog(ctx.settings.catalog).get(dictionary.cache_id)
+    return None if found is None else found[1].ref["model"]["id"]
+
+
+def causal_figures(loaded, sae, hookpoint: str, ids, mask, spec: EvaluateSpec, exclude_first: bool) -> dict:
+    """Ablation and steering of the most frequent latents on a few held-out contexts."""
+    n = max(spec.ablation_latents, spec.steering_latents)
+    if n == 0:
+        return {"ablations": [], "steering": []}
+    ids, mask = (
+        ids[: spec.ablation_contexts].to(loaded.device),
+        mask[: spec.ablation_contexts].to(loaded.device),
+    )
+    latents = most_frequent_latents(loaded.model, sae, hookpoint, ids, mask, n)
+    ablations = ablate_latents(
+        loaded.model,
+        sae,
+        hookpoint,
+        ids,
+        mask,
+        latents[: spec.ablation_latents],
+        exclude_first_token=exclude_first,
+    )
+    prompt = loaded.tokenizer(spec.steering_prompt, return_tensors="pt")["input_ids"].to(loaded.device)
+    steering = [
+        steer_latent(
+            loaded.model,
+            sae,
+            hookpoint,
+            prompt,
+            j,
+            sign=sign,
+            target_kl=spec.steering_target_kl,
+            tolerance=spec.steering_tolerance,
+            n_new_tokens=spec.steering_new_tokens,
+            tokenizer=loaded.tokenizer,
+        )
+        for j in latents[: spec.steering_latents]
+        for sign in (1, -1)
+    ]
+    return {"ablations": ablations, "steering": steering}
+
+
 @task(name="evaluate_dictionary", cache_policy=NO_CACHE)
 def evaluate_dictionary(
-    ctx: StageContext, dictionary: DictionaryRef, cache: ActivationCacheRef, spec: EvaluateSpec
+    ctx: StageContext,
+    dictionary: DictionaryRef,
+    cache: ActivationCacheRef,
+    spec: EvaluateSpec,
+    hookpoint: str | None = None,
 ) -> EvalReport:
+    """Evaluate `dictionary` at `hookpoint` (default: its own) on `cache`'s held-out data and model."""
+    hookpoint = hookpoint or dictionary.hookpoint
+    check_dictionary_fits(dictionary, cache, hookpoint, trained_model_id(ctx, dictionary), force=spec.force)
     ident = evaluation_identity(ref_identity(dictionary), ref_identity(cache), spec)
 
     def build(folder: Path, run: StageRun) -> tuple[dict, dict]:
@@ -42,17 +102,32 @@ def evaluate_dictionary(
             raise ValueError("the cache has no held-out tokens; raise `corpus.heldout_fraction` above 0")
         loaded = load_model_ref(cache.model.source, cache.model.spec, cache.model.path, cache.model.converted)
         sae = load_dictionary(dictionary.path, device=str(loaded.device))
-        recon = reconstruction_metrics(sae, store.load(dictionary.hookpoint, rows), device=str(loaded.device))
+        recon = reconstruction_metrics(
+            sae,
+            store.load(hookpoint, rows),
+            device=str(loaded.device),
+            dense_threshold=spec.dense_threshold,
+            hist_bins_per_decade=spec.hist_bins_per_decade,
+        )
         ids, mask = heldout_contexts(store, spec.ce_contexts)
+        exclude_first = store.manifest["exclude_first_token"]
+        mean = torch.tensor(store.manifest["hookpoints"][hookpoint]["mean"]) if spec.mean_ablation else None
         ce = ce_loss_score(
             loaded.model,
             sae,
-            dictionary.hookpoint,
+            hookpoint,
             ids,
             mask,
             batch_size=spec.batch_size,
-            exclude_first_token=store.manifest["exclude_first_token"],
+            exclude_first_token=exclude_first,
             device=str(loaded.device),
+            mean=mean,
+        )
+        details = EvalDetails(
+            **recon.model_dump(include=set(EvalDetails.model_fields)),
+            **ce.model_dump(include=set(EvalDetails.model_fields)),
+            **causal_figures(loaded, sae, hookpoint, ids, mask, spec, exclude_first),
+            geometry=decoder_geometry(sae),
         )
         metrics = {
             "n_tokens": recon.n_tokens,
@@ -66,10 +141,24 @@ def evaluate_dictionary(
             "ce_loss_zero": ce.ce_loss_zero,
             "ce_loss_score": ce.ce_loss_score,
         }
-        (folder / "eval.json").write_text(json.dumps(metrics, indent=1))
-        run.log_metrics(metrics)
+        # MLflow takes numbers only: the scalar details join the headline metrics, lists stay in eval.json.
+        scalars = {
+            k: v
+            for k, v in details.model_dump().items()
+            if isinstance(v, float | int) and not isinstance(v, bool)
+        }
+        scalars |= {f"geometry_{k}": v for k, v in details.geometry.model_dump().items()}
+        if details.ablations:
+            scalars["ablation_max_loss_change"] = abs(details.ablations[0].loss_change)
+        if details.steering:
+            scalars["steering_reached_fraction"] = sum(s.reached for s in details.steering) / len(
+                details.steering
+            )
+        report = {**metrics, "hookpoint": hookpoint, "details": details.model_dump(mode="json")}
+        (folder / "eval.json").write_text(json.dumps(report, indent=1))
+        run.log_metrics(metrics | scalars)
         run.log_artifact(folder / "eval.json")
-        fields = {"dictionary_id": dictionary.id, "spec": spec, **metrics}
+        fields = {"dictionary_id": dictionary.id, "spec": spec, **metrics, "details": details}
         return fields, {"dictionary_id": dictionary.id, "metrics": metrics}
 
     name = f"evaluate_dictionary[{dictionary.id}]"

@@ -203,3 +203,45 @@ class _IgnoresProbe(nn.Module):
 def test_hookpoint_without_effect_is_refused(input_ids):
     with pytest.raises(ValueError, match="no effect on the loss"):
         ce_loss_score(_IgnoresProbe(), Identity(32), "probe", input_ids)
+
+
+def test_adding_the_error_term_back_leaves_the_model_unchanged(model, input_ids):
+    # x_hat + (x - x_hat) is x up to float rounding, for any dictionary: the spliced model is the model.
+    lossy = Halves(32)
+
+    def with_error(x: Tensor) -> Tensor:
+        x_hat = lossy.decode(lossy.encode(x))
+        return x_hat + (x - x_hat)
+
+    with torch.no_grad():
+        clean = model(input_ids).logits
+        with splice(model, HOOKPOINT, with_error):
+            spliced = model(input_ids).logits
+    torch.testing.assert_close(spliced, clean, rtol=1e-5, atol=1e-5)
+
+
+def test_mean_ablation_loss_increase_and_kl(model, input_ids):
+    mask = torch.ones_like(input_ids)
+    acts = capture_activations(model, [HOOKPOINT], input_ids)[HOOKPOINT]
+    mean = acts[:, 1:].reshape(-1, 32).mean(0)
+    exact = ce_loss_score(model, Identity(32), HOOKPOINT, input_ids, mean=mean, exclude_first_token=False)
+    assert exact.kl_spliced == pytest.approx(0.0, abs=1e-9)
+    assert exact.ce_loss_increase == pytest.approx(0.0, abs=1e-9)
+    assert exact.ce_loss_score_mean == pytest.approx(1.0, abs=1e-6)
+    expected_mean = _manual_loss(model, input_ids, mask, lambda x: mean.expand_as(x))
+    assert exact.ce_loss_mean == pytest.approx(expected_mean, rel=1e-5)
+
+    lossy = ce_loss_score(model, Halves(32), HOOKPOINT, input_ids, mean=mean, exclude_first_token=False)
+    assert lossy.ce_loss_increase == pytest.approx(lossy.ce_loss_spliced - lossy.ce_loss_clean)
+    assert lossy.ce_loss_score_mean == pytest.approx(
+        (lossy.ce_loss_mean - lossy.ce_loss_spliced) / (lossy.ce_loss_mean - lossy.ce_loss_clean), rel=1e-9
+    )
+    # KL(clean || spliced) by hand over every (t, t+1) pair.
+    with torch.no_grad():
+        log_p = F.log_softmax(model(input_ids).logits[:, :-1].double(), -1)
+        with splice(model, HOOKPOINT, lambda x: x / 2):
+            log_q = F.log_softmax(model(input_ids).logits[:, :-1].double(), -1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1).mean().item()
+    assert kl > 1e-3
+    assert lossy.kl_spliced == pytest.approx(kl, rel=1e-5)
+    assert ce_loss_score(model, Halves(32), HOOKPOINT, input_ids).ce_loss_mean is None

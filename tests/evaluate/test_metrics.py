@@ -110,3 +110,34 @@ def test_shape_errors_say_what_to_do():
         reconstruction_metrics(identity_dictionary(8), torch.randn(2, 5, 8))
     with pytest.raises(ValueError, match="variance is 0"):
         reconstruction_metrics(identity_dictionary(8), torch.ones(10, 8))
+
+
+def test_hand_worked_direction_sparsity_and_histogram():
+    # Same example. cos(x, x_hat) and ||x_hat|| / ||x|| per row, x_hat = (relu x0, 0):
+    #   (2,1)->(2,0): 2/sqrt5 both;  (0,-1)->0: 0;  (-2,3)->0: 0;  (4,1)->(4,0): 4/sqrt17 both.
+    # Firing frequencies: latent 0 rows {0,3} -> 0.5, latent 1 rows {0,2,3} -> 0.75, latent 2 never.
+    # Dense above 0.6: latent 1 -> 1/3. Histogram (n=4, 2 bins a decade): edges -1, -0.5, 0; both live
+    # latents have log10 f in (-0.5, 0] -> counts (0, 2).
+    # Per-batch FVU at batch 2: rows 0-1 err 2, dev 4 -> 0.5; rows 2-3 err 14, dev 20 -> 0.7; mean 0.6.
+    m = reconstruction_metrics(ReluLinear(W_ENC, W_DEC), ACTS, batch_size=2, dense_threshold=0.6)
+    expected = (2 / 5**0.5 + 4 / 17**0.5) / 4
+    assert m.cosine_similarity == pytest.approx(expected, rel=1e-12)
+    assert m.norm_ratio == pytest.approx(expected, rel=1e-12)
+    assert m.dense_fraction == pytest.approx(1 / 3, rel=1e-12)
+    assert m.freq_hist_edges == [-1.0, -0.5, 0.0]
+    assert m.freq_hist_counts == [0, 2]
+    assert m.fvu_batch_mean == pytest.approx(0.6, rel=1e-12)
+    assert m.fvu == pytest.approx(4 / 7, rel=1e-12)  # the whole-set figure differs, as it should
+
+
+def test_identity_and_zero_ends_of_direction_figures():
+    acts = torch.randn(64, 8, generator=torch.Generator().manual_seed(2))
+    exact = reconstruction_metrics(identity_dictionary(8), acts, batch_size=16)
+    assert exact.cosine_similarity == pytest.approx(1.0, abs=1e-6)
+    assert exact.norm_ratio == pytest.approx(1.0, abs=1e-6)
+    # relu(x_i) fires on about half the rows: every latent is dense at 10%, none at 90%.
+    assert exact.dense_fraction == 1.0
+    assert sum(exact.freq_hist_counts) == 16
+    zero = reconstruction_metrics(ReluLinear(torch.zeros(8, 4), torch.zeros(4, 8)), acts)
+    assert zero.cosine_similarity == 0.0 and zero.norm_ratio == 0.0
+    assert zero.dead_fraction == 1.0 and sum(zero.freq_hist_counts) == 0

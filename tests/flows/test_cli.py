@@ -73,5 +73,11 @@ def test_run_then_browse_catalog_and_plan_reuse(tmp_path, home, prefect_harness)
     tree = runner.invoke(app, ["catalog", "lineage", dict_id]).output
     assert out["model"]["id"] in tree and out["dictionaries"][0]["evaluation"]["id"] in tree
 
+    compared = runner.invoke(app, ["compare", "--out", str(tmp_path / "cmp"), "--json"])
+    assert compared.exit_code == 0, compared.output
+    rows = json.loads(compared.stdout)["rows"]
+    assert [r["dictionary_id"] for r in rows] == [dict_id] and rows[0]["method"] == "topk"
+    assert (tmp_path / "cmp" / "frontier.png").stat().st_size > 0
+
     replan = json.loads(runner.invoke(app, ["run", str(path), "--plan", "--json"]).stdout)
     assert all(s["reuse"] for s in replan)

@@ -43,6 +43,11 @@ def pipeline(prefect_harness):  # noqa: ARG001
     return pipeline_flow
 
 
+def second_details_roundtrip(report) -> bool:
+    """The nested details survive the catalog's JSON, as a reused run reads them back."""
+    return type(report).model_validate(report.model_dump(mode="json")).details == report.details
+
+
 def test_flow_tracks_registers_and_reuses(tmp_path, home, pipeline):
     spec = parse_spec(tiny_spec(tmp_path))
     first = pipeline(spec)
@@ -81,12 +86,19 @@ def test_flow_tracks_registers_and_reuses(tmp_path, home, pipeline):
     assert train_run.data.params["k"] == "4"
     eval_run = next(r for r in children if r.data.tags["featureatlas.stage"] == "evaluation")
     assert eval_run.data.metrics["ce_loss_score"] == pytest.approx(d.evaluation.ce_loss_score)
+    details = d.evaluation.details
+    assert eval_run.data.metrics["kl_spliced"] == pytest.approx(details.kl_spliced)
+    assert details.ce_loss_score_mean is not None and details.ablations and len(details.steering) == 4
+    assert 0 <= details.geometry.coherence <= 1 + 1e-6
+    assert sum(details.freq_hist_counts) == round((1 - d.evaluation.dead_fraction) * d.dictionary.d_sae)
+    assert second_details_roundtrip(d.evaluation)
 
     # a re-run reuses every stage: same ids, no new rows, nested runs say so
     second = pipeline(spec)
     assert second.dictionaries[0].dictionary.id == d.dictionary.id
     assert second.cache.reused and second.dictionaries[0].dictionary.reused
     assert second.dictionaries[0].evaluation.fvu == d.evaluation.fvu
+    assert second.dictionaries[0].evaluation.details == d.evaluation.details
     assert len(catalog.list()) == len(ids)
     rerun = client.search_runs(
         [exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{second.mlflow_run_id}'"

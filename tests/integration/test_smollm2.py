@@ -61,6 +61,11 @@ def test_smollm2_pipeline_end_to_end(home, prefect_harness):  # noqa: ARG001
     assert ev.ce_loss_clean < ev.ce_loss_spliced < ev.ce_loss_zero
     assert 0.5 < ev.ce_loss_score <= 1.0
     assert ev.fvu < 0.6 and ev.l0 <= 16 + 1e-6
+    d = ev.details
+    # mean ablation is a milder baseline than zeros, so it scores the same splice lower
+    assert ev.ce_loss_clean < d.ce_loss_mean < ev.ce_loss_zero and d.ce_loss_score_mean < ev.ce_loss_score
+    assert d.kl_spliced > 0 and d.cosine_similarity > 0.6
+    assert all(s.reached for s in d.steering) and all(s.continuation_text for s in d.steering)
     table = pl.read_parquet(Path(result.dictionaries[0].labeling.path) / "features.parquet")
     assert table.height == 1024
     labeled = table.filter(pl.col("label").is_not_null())

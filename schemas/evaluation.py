@@ -1,0 +1,77 @@
+"""The richer figures of an evaluation, nested in `EvalReport.details`: whole-set direction and sparsity
+figures, the mean-ablation CE-loss baseline and KL, features as causes (ablation and steering) and the
+geometry of the decoder directions.
+
+They live apart from `schemas/artifacts.py` so the report keeps its flat headline fields and older reports
+(without details) still load.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from schemas.base import Contract
+
+
+class LatentAblation(Contract):
+    """The effect of removing one latent's contribution at every position."""
+
+    latent: int = Field(description="Index of the ablated latent.")
+    frequency: float = Field(description="Share of scored positions where the latent fired.")
+    loss_change: float = Field(description="Mean next-token loss ablated minus clean (nats).")
+    mean_abs_logit_change: float = Field(description="Mean over positions and vocabulary of |delta logit|.")
+    top_promoted: list[int] = Field(description="Token ids whose mean logit rose most when ablating.")
+    top_suppressed: list[int] = Field(description="Token ids whose mean logit fell most when ablating.")
+
+
+class SteeringResult(Contract):
+    """One latent steered in one direction, at the strength that hits the KL target."""
+
+    latent: int = Field(description="Index of the steered latent.")
+    sign: int = Field(description="+1 adds the decoder direction, -1 subtracts it.")
+    alpha: float = Field(description="Norm of the added vector (signed), in the hookpoint's units.")
+    kl: float = Field(description="KL(clean || steered) of the next-token distribution at the prompt's end.")
+    target_kl: float = Field(description="The KL the search aimed at.")
+    reached: bool = Field(description="Whether |kl - target_kl| <= tolerance * target_kl.")
+    top_promoted: list[int] = Field(description="Token ids whose last-position logit rose most.")
+    top_suppressed: list[int] = Field(description="Token ids whose last-position logit fell most.")
+    continuation: list[int] = Field(description="Greedy continuation of the prompt, steered.")
+    continuation_text: str | None = Field(None, description="Continuation, decoded if given a tokenizer.")
+
+
+class DecoderGeometry(Contract):
+    """Overlap figures of the unit decoder directions."""
+
+    n_directions: int = Field(description="Latents with a nonzero decoder direction.")
+    coherence: float = Field(description="Max |cos| between two different latents' decoder directions.")
+    mean_max_cosine: float = Field(description="Mean over latents of the |cos| to the nearest other latent.")
+    duplicate_fraction: float = Field(description="Share of latents with a neighbour above the threshold.")
+    duplicate_threshold: float = Field(description="|cos| above which two latents count as duplicates.")
+    neuron_alignment: float = Field(description="Mean over latents of max_k |d_j[k]| (1: neuron basis).")
+
+
+class EvalDetails(Contract):
+    """Everything an evaluation measures beyond the headline fields of `EvalReport`."""
+
+    fvu_batch_mean: float = Field(
+        description="Older FVU: mean over batches of per-batch FVU (biased; for comparison with old figures)."
+    )
+    cosine_similarity: float = Field(description="Mean over tokens of cos(x, x_hat).")
+    norm_ratio: float = Field(description="Mean over tokens of ||x_hat|| / ||x||.")
+    dense_fraction: float = Field(description="Share of latents firing on more than `dense_threshold`.")
+    dense_threshold: float = Field(description="Firing frequency above which a latent counts as dense.")
+    freq_hist_edges: list[float] = Field(description="log10 firing-frequency bin edges.")
+    freq_hist_counts: list[int] = Field(description="Live latents per bin; dead ones are in dead_fraction.")
+    ce_loss_mean: float | None = Field(None, description="Loss with the hookpoint set to the cache mean.")
+    ce_loss_score_mean: float | None = Field(
+        None, description="(L_mean - L_spliced) / (L_mean - L_clean): the score against mean ablation."
+    )
+    ce_loss_increase: float = Field(description="L_spliced - L_clean, nats per token.")
+    kl_spliced: float = Field(description="Mean KL(clean || spliced) of next-token distributions.")
+    ablations: list[LatentAblation] = Field(
+        default_factory=list, description="Chosen latents ablated one at a time, ranked by |loss change|."
+    )
+    steering: list[SteeringResult] = Field(
+        default_factory=list, description="Chosen latents steered to the KL target, both signs."
+    )
+    geometry: DecoderGeometry | None = Field(None, description="Overlap of the decoder directions.")
