@@ -48,7 +48,9 @@ def _keys(rows: Tensor, d_sae: int, salt: int) -> Tensor:
     return h.double() / 4_294_967_296
 
 
-def _keep_smallest(best_k: Tensor, best_r: Tensor, keys: Tensor, rows: Tensor, n: int) -> tuple[Tensor, Tensor]:
+def _keep_smallest(
+    best_k: Tensor, best_r: Tensor, keys: Tensor, rows: Tensor, n: int
+) -> tuple[Tensor, Tensor]:
     """Merge running [d_sae, n] smallest keys with a batch's keys [B, d_sae] (inf = not eligible)."""
     k = min(n, keys.shape[0])
     vals, idx = torch.topk(keys, k, dim=0, largest=False)
@@ -186,7 +188,12 @@ def decoder_neighbours(W_dec: Tensor, n: int = 5, chunk: int = 1024) -> tuple[Te
 
 @torch.no_grad()
 def logit_effects(
-    W_dec: Tensor, W_U: Tensor, norm_weight: Tensor | None = None, *, center: bool = False, k: int = 10,
+    W_dec: Tensor,
+    W_U: Tensor,
+    norm_weight: Tensor | None = None,
+    *,
+    center: bool = False,
+    k: int = 10,
     chunk: int = 1024,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Direct effect of each decoder row on the logits: (W_dec [* norm_weight]) @ W_U.T, `W_U [vocab, d_in]`.

@@ -25,8 +25,15 @@ log = logging.getLogger(__name__)
 
 __all__ = ["FEATURE_COLUMNS", "Unembedding", "build_feature_table"]
 
-EXAMPLE = pl.Struct({"quantile": pl.Int64, "context": pl.Int64, "position": pl.Int64, "activation": pl.Float64,
-                     "text": pl.String})
+EXAMPLE = pl.Struct(
+    {
+        "quantile": pl.Int64,
+        "context": pl.Int64,
+        "position": pl.Int64,
+        "activation": pl.Float64,
+        "text": pl.String,
+    }
+)
 NEIGHBOUR = pl.Struct({"latent": pl.Int64, "score": pl.Float64})
 LOGIT = pl.Struct({"token": pl.String, "logit": pl.Float64})
 FEATURE_COLUMNS = {
@@ -81,10 +88,17 @@ def build_feature_table(
     n_bins: int = 20,
     n_logits: int = 10,
 ) -> pl.DataFrame:
-    """`acts` is a `[n, d_in]` tensor or a `ShardedActs` view; the other arguments as `top_activating_contexts`."""
+    """`acts`: a `[n, d_in]` tensor or a `ShardedActs` view; the rest as in `top_activating_contexts`."""
     table = top_activating_contexts(
-        dictionary, acts, row_context, row_position, context_tokens, token_strings,
-        top_k=top_k, window=window, batch_size=batch_size,
+        dictionary,
+        acts,
+        row_context,
+        row_position,
+        context_tokens,
+        token_strings,
+        top_k=top_k,
+        window=window,
+        batch_size=batch_size,
     )
     d_sae = dictionary.d_sae
 
@@ -103,13 +117,19 @@ def build_feature_table(
         )
         ids = sorted(set(up_i.flatten().tolist()) | set(dn_i.flatten().tolist()))
         names = dict(zip(ids, token_strings(ids)))
-        promoted = [[{"token": names[t], "logit": v} for t, v in zip(i, vv)]
-                    for i, vv in zip(up_i.tolist(), up_v.tolist())]
-        suppressed = [[{"token": names[t], "logit": v} for t, v in zip(i, vv)]
-                      for i, vv in zip(dn_i.tolist(), dn_v.tolist())]
+        promoted = [
+            [{"token": names[t], "logit": v} for t, v in zip(i, vv)]
+            for i, vv in zip(up_i.tolist(), up_v.tolist())
+        ]
+        suppressed = [
+            [{"token": names[t], "logit": v} for t, v in zip(i, vv)]
+            for i, vv in zip(dn_i.tolist(), dn_v.tolist())
+        ]
 
     rc, rp = row_context.cpu(), row_position.cpu()
-    needed = {r for r in stats.sample_rows.flatten().tolist() + stats.random_rows.flatten().tolist() if r >= 0}
+    needed = {
+        r for r in stats.sample_rows.flatten().tolist() + stats.random_rows.flatten().tolist() if r >= 0
+    }
     texts = _window_texts(sorted(needed), rc, rp, context_tokens, token_strings, window)
 
     rows_out, pos_texts, neg_texts = [], [], []
@@ -118,11 +138,20 @@ def build_feature_table(
         top_promoted = up_i[latent, :1].tolist() if unembedding is not None else []
         lab = statistical_label(top, context_tokens, counts, token_strings, promoted=top_promoted)
         examples, pos_rows = [], []
-        for q, (rs, vs) in enumerate(zip(stats.sample_rows[latent].tolist(), stats.sample_vals[latent].tolist())):
+        for q, (rs, vs) in enumerate(
+            zip(stats.sample_rows[latent].tolist(), stats.sample_vals[latent].tolist())
+        ):
             for r, v in zip(rs, vs):
                 if r >= 0:
-                    examples.append({"quantile": q, "context": int(rc[r]), "position": int(rp[r]),
-                                     "activation": v, "text": texts[r]})
+                    examples.append(
+                        {
+                            "quantile": q,
+                            "context": int(rc[r]),
+                            "position": int(rp[r]),
+                            "activation": v,
+                            "text": texts[r],
+                        }
+                    )
                     pos_rows.append(r)
         top_set = set(top)
         held_out = [r for r in pos_rows if (int(rc[r]), int(rp[r])) not in top_set] or pos_rows
@@ -134,26 +163,35 @@ def build_feature_table(
             detection = balanced_accuracy(hit, miss)
         pos_texts.append([texts[r] for r in held_out] if lab.label else [])
         neg_texts.append([texts[r] for r in neg_rows] if lab.label else [])
-        rows_out.append({
-            "hist_counts": [int(x) for x in stats.hist[latent].tolist()],
-            "quantile_examples": examples,
-            "decoder_neighbours": [{"latent": i, "score": c} for i, c in
-                                   zip(nb_idx[latent].tolist(), nb_cos[latent].tolist())],
-            "cooccurring": [{"latent": i, "score": j} for i, j in
-                            zip(stats.cooc_latents[latent].tolist(), stats.cooc_jaccard[latent].tolist()) if j > 0],
-            "promoted_tokens": promoted[latent] if promoted else [],
-            "suppressed_tokens": suppressed[latent] if suppressed else [],
-            "stat_label": lab.label,
-            "stat_label_evidence": lab.evidence,
-            "detection_score": detection,
-            "embedding_similarity": None,
-            "embedding_contrast": None,
-        })
+        rows_out.append(
+            {
+                "hist_counts": [int(x) for x in stats.hist[latent].tolist()],
+                "quantile_examples": examples,
+                "decoder_neighbours": [
+                    {"latent": i, "score": c}
+                    for i, c in zip(nb_idx[latent].tolist(), nb_cos[latent].tolist())
+                ],
+                "cooccurring": [
+                    {"latent": i, "score": j}
+                    for i, j in zip(stats.cooc_latents[latent].tolist(), stats.cooc_jaccard[latent].tolist())
+                    if j > 0
+                ],
+                "promoted_tokens": promoted[latent] if promoted else [],
+                "suppressed_tokens": suppressed[latent] if suppressed else [],
+                "stat_label": lab.label,
+                "stat_label_evidence": lab.evidence,
+                "detection_score": detection,
+                "embedding_similarity": None,
+                "embedding_contrast": None,
+            }
+        )
     if embedder is not None:
         labelled = [i for i, r in enumerate(rows_out) if r["stat_label"]]
         scores = embedding_scores(
-            embedder, [rows_out[i]["stat_label"] for i in labelled],
-            [pos_texts[i] for i in labelled], [neg_texts[i] for i in labelled],
+            embedder,
+            [rows_out[i]["stat_label"] for i in labelled],
+            [pos_texts[i] for i in labelled],
+            [neg_texts[i] for i in labelled],
         )
         for i, (sim, contrast) in zip(labelled, scores):
             rows_out[i]["embedding_similarity"], rows_out[i]["embedding_contrast"] = sim, contrast

@@ -48,7 +48,10 @@ class MiniLM:
         out = []
         for lo in range(0, len(texts), batch_size):
             enc = self.tokenizer(
-                list(texts[lo : lo + batch_size]), padding=True, truncation=True, max_length=128,
+                list(texts[lo : lo + batch_size]),
+                padding=True,
+                truncation=True,
+                max_length=128,
                 return_tensors="pt",
             )
             hidden = self.model(**enc).last_hidden_state
@@ -77,7 +80,10 @@ def load_minilm() -> MiniLM | None:
 
 
 def embedding_scores(
-    model: MiniLM, labels: Sequence[str], positives: Sequence[Sequence[str]], negatives: Sequence[Sequence[str]]
+    model: MiniLM,
+    labels: Sequence[str],
+    positives: Sequence[Sequence[str]],
+    negatives: Sequence[Sequence[str]],
 ) -> list[tuple[float | None, float | None]]:
     """Per label: (mean cosine with its activating contexts, that minus the mean cosine with random ones)."""
     texts = list(labels)

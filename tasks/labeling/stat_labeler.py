@@ -70,7 +70,7 @@ def statistical_label(
     min_lift: float = 2.0,
     max_items: int = 3,
 ) -> StatLabel:
-    """Label one latent from its top `contexts` [(context, position), ...]; `promoted`: top logit token ids."""
+    """Label one latent from its top `contexts` [(context, position), ...]; `promoted`: top logit ids."""
     if not contexts:
         return StatLabel(None, [], "{}")
     grams: Counter = Counter()
@@ -107,7 +107,13 @@ def statistical_label(
         label += f" → {json.dumps(text[promoted[0]], ensure_ascii=False)}"
     evidence = {
         "ngrams": [
-            {"text": name, "ids": list(s[1]), "share": round(s[2], 4), "base_rate": s[3], "lift": round(s[4], 2)}
+            {
+                "text": name,
+                "ids": list(s[1]),
+                "share": round(s[2], 4),
+                "base_rate": s[3],
+                "lift": round(s[4], 2),
+            }
             for name, s in zip(names, kept)
         ],
         "promoted": [text[promoted[0]]] if promoted and label is not None else [],

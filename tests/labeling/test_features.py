@@ -38,8 +38,16 @@ def test_planted_cat_feature_table():
     W_U = torch.randn(len(VOCAB), dictionary.d_in) * 0.1
     W_U[CAT] = dictionary.inner.W_enc[:, 0] * 5
     df = build_feature_table(
-        dictionary, acts, rc, rp, tokens, token_strings, count_ngrams(tokens),
-        unembedding=Unembedding(W_U), top_k=5, batch_size=37,
+        dictionary,
+        acts,
+        rc,
+        rp,
+        tokens,
+        token_strings,
+        count_ngrams(tokens),
+        unembedding=Unembedding(W_U),
+        top_k=5,
+        batch_size=37,
     )
     for col, dtype in FEATURE_COLUMNS.items():
         assert df.schema[col] == dtype
