@@ -25,7 +25,7 @@ STAGE_VERSIONS = {
     "activation_cache": 1,
     "dictionary": 1,
     "evaluation": 1,
-    "labeling": 1,
+    "labeling": 2,  # 2: feature statistics, statistical labels, scores, atlas
 }
 
 
