@@ -5,7 +5,7 @@ order, e.g. one cache shard at a time), so memory is [batch, d_sae] plus small p
 number of rows:
 - histogram of the positive codes in `n_bins` equal bins over [0, max_activation] (max from the top-k pass);
 - examples sampled from activation quantile bins: the histogram gives per-latent quantile edges, then
-  priority sampling (each (row, latent) gets a fixed pseudo-random key; the smallest keys in each bin are
+  priority sampling (each (row, latent) gets a seeded uniform key; the smallest keys in each bin are
   kept) draws `per_bin` rows uniformly from each bin, plus `n_random` rows where the latent is silent;
 - co-occurrence: Jaccard index of firing sets, counted in chunks of latents so that the count matrix stays
   below `cooc_budget` entries (a dictionary larger than that costs one extra pass per chunk).
@@ -37,15 +37,6 @@ class ActivationStats:
     random_rows: Tensor
     cooc_latents: Tensor
     cooc_jaccard: Tensor
-
-
-def _keys(rows: Tensor, d_sae: int, salt: int) -> Tensor:
-    """Deterministic pseudo-random keys in [0, 1) for every (row, latent): a hash, so passes agree."""
-    lat = torch.arange(d_sae, dtype=torch.int64)
-    h = rows[:, None] * 1_000_003 + lat[None, :] * 7_919 + salt * 104_729
-    h = (h * 2_654_435_761) % 4_294_967_296
-    h = (h ^ (h >> 15)) * 2_246_822_519 % 4_294_967_296
-    return h.double() / 4_294_967_296
 
 
 def _keep_smallest(
@@ -84,8 +75,15 @@ def _histogram(dictionary, batches, max_act: Tensor, n_bins: int, chunk: int):
         hist.view(-1).index_add_(0, bins[fired], torch.ones(int(fired.sum()), dtype=torch.float64))
         f = fired.double()
         fired_n += f.sum(0)
-        cooc += f[:, : cooc.shape[0]].T @ f
+        cooc += _cooc_counts(f, 0, cooc.shape[0])
     return hist, fired_n, cooc
+
+
+def _cooc_counts(f: Tensor, lo: int, n: int) -> Tensor:
+    """[n, d_sae] joint firing counts of latents lo..lo+n with all latents in the batch `f [B, d_sae]`.
+
+    Sparse times dense: codes are sparse, so this costs nnz * d_sae instead of B * n * d_sae."""
+    return torch.sparse.mm(f[:, lo : lo + n].T.to_sparse(), f)
 
 
 def _quantile_edges(hist: Tensor, max_act: Tensor, n_q: int) -> Tensor:
@@ -110,6 +108,7 @@ def activation_statistics(
     n_random: int = 10,
     n_cooc: int = 5,
     cooc_budget: int = 1 << 24,
+    seed: int = 0,
 ) -> ActivationStats:
     """Stream `batches()` two or more times; `max_activation [d_sae]` comes from the top-k pass."""
     d_sae = dictionary.d_sae
@@ -122,8 +121,9 @@ def activation_statistics(
     none = torch.empty(d_sae, 0, dtype=torch.int64)
     best = [(inf, none) for _ in range(n_quantiles)]
     silent = (inf, none)
+    gen = torch.Generator().manual_seed(seed)
     for rows, codes in _codes(dictionary, batches):
-        keys = _keys(rows, d_sae, 1)
+        keys = torch.rand(codes.shape, generator=gen, dtype=torch.float64)
         c = codes.double()
         for q in range(n_quantiles):
             inside = (c > 0) & (c >= edges[:, q]) & (c < edges[:, q + 1])
@@ -155,8 +155,7 @@ def activation_statistics(
             if lo == 0:
                 _fill_sample_vals(sample_vals, flat_rows, rows, codes)
             else:
-                f = (codes > 0).double()
-                counts += f[:, lo : lo + counts.shape[0]].T @ f
+                counts += _cooc_counts((codes > 0).double(), lo, counts.shape[0])
         if lo:
             take_top(lo, counts)
     return ActivationStats(hist, edges, sample_rows, sample_vals, random_rows, cooc_lat, cooc_jac)
