@@ -80,3 +80,18 @@ def test_prompt_and_label_cleaning():
     assert "1. the «cat» sat" in prompt and '" meow"' in prompt and prompt.endswith("Label:")
     assert clean_label(' "Cats and kittens"\nbecause...') == "Cats and kittens"
     assert clean_label("") == ""
+
+
+@pytest.mark.slow  # generate() on a loaded 2-core machine takes ~30 s even for a tiny model
+def test_local_transformers_backend_generates_and_counts():
+    import copy
+
+    from tasks.labeling.llm_labeler import TransformersChatBackend
+    from tests.helpers import build_tiny_llama, build_tiny_tokenizer
+
+    tok = copy.deepcopy(build_tiny_tokenizer())
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+    backend = TransformersChatBackend(build_tiny_llama(), tok, max_new_tokens=4)
+    answers = backend.complete([build_prompt(["the «cat» sat"])])
+    assert len(answers) == 1 and isinstance(answers[0], str)
+    assert backend.completion_tokens <= 4 and backend.prompt_tokens > 10

@@ -31,6 +31,7 @@ def test_sharded_view_equals_loaded_rows(tmp_path):
         ShardedActs(store, "model.layers.9", rows)
 
 
+@pytest.mark.slow  # loads the real all-MiniLM-L6-v2 (~30 s on a loaded machine)
 def test_embedding_scores_rank_the_matching_label_first():
     model = load_minilm()
     if model is None:
