@@ -67,13 +67,13 @@ def _histogram(dictionary, batches, max_act: Tensor, n_bins: int, chunk: int):
     hist = torch.zeros(d_sae, n_bins, dtype=torch.float64)
     fired_n = torch.zeros(d_sae, dtype=torch.float64)
     cooc = torch.zeros(min(chunk, d_sae), d_sae, dtype=torch.float64)
-    scale = n_bins / max_act.clamp_min(1e-12)
+    scale = (n_bins / max_act.clamp_min(1e-12)).float()
     offsets = torch.arange(d_sae) * n_bins
     for _, codes in _codes(dictionary, batches):
         fired = codes > 0
         bins = (codes * scale).long().clamp(0, n_bins - 1) + offsets
         hist.view(-1).index_add_(0, bins[fired], torch.ones(int(fired.sum()), dtype=torch.float64))
-        f = fired.double()
+        f = fired.float()  # per-batch counts are exact in float32; totals accumulate in float64
         fired_n += f.sum(0)
         cooc += _cooc_counts(f, 0, cooc.shape[0])
     return hist, fired_n, cooc
@@ -117,16 +117,18 @@ def activation_statistics(
     hist, fired_n, cooc = _histogram(dictionary, batches, max_act, n_bins, chunk)
     edges = _quantile_edges(hist, max_act, n_quantiles)
 
-    inf = torch.empty(d_sae, 0, dtype=torch.float64)
+    edges_f = edges.float()
+    inf = torch.empty(d_sae, 0)
     none = torch.empty(d_sae, 0, dtype=torch.int64)
     best = [(inf, none) for _ in range(n_quantiles)]
     silent = (inf, none)
     gen = torch.Generator().manual_seed(seed)
     for rows, codes in _codes(dictionary, batches):
-        keys = torch.rand(codes.shape, generator=gen, dtype=torch.float64)
-        c = codes.double()
+        # float32 keys and codes: a batch's [B, d_sae] temporaries dominate memory at large d_sae
+        keys = torch.rand(codes.shape, generator=gen)
+        c = codes
         for q in range(n_quantiles):
-            inside = (c > 0) & (c >= edges[:, q]) & (c < edges[:, q + 1])
+            inside = (c > 0) & (c >= edges_f[:, q]) & (c < edges_f[:, q + 1])
             best[q] = _keep_smallest(*best[q], keys.masked_fill(~inside, float("inf")), rows, per_bin)
         silent = _keep_smallest(*silent, keys.masked_fill(c > 0, float("inf")), rows, n_random)
     sample_rows = torch.full((d_sae, n_quantiles, per_bin), -1, dtype=torch.int64)
@@ -155,7 +157,7 @@ def activation_statistics(
             if lo == 0:
                 _fill_sample_vals(sample_vals, flat_rows, rows, codes)
             else:
-                counts += _cooc_counts((codes > 0).double(), lo, counts.shape[0])
+                counts += _cooc_counts((codes > 0).float(), lo, counts.shape[0])
         if lo:
             take_top(lo, counts)
     return ActivationStats(hist, edges, sample_rows, sample_vals, random_rows, cooc_lat, cooc_jac)
