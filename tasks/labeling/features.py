@@ -46,7 +46,8 @@ FEATURE_COLUMNS = {
     "stat_label": pl.String,
     "stat_label_evidence": pl.String,  # JSON: n-grams with share, base rate, lift; promoted token
     "detection_score": pl.Float64,  # balanced accuracy of "a label n-gram ends at the marked token"
-    "embedding_similarity": pl.Float64,  # mean MiniLM cosine(label, activating contexts)
+    "embedding_similarity": pl.Float64,  # mean MiniLM cosine(label, activating contexts); null past the
+    # `embed_latents` most frequent labeled latents
     "embedding_contrast": pl.Float64,  # embedding_similarity minus the mean cosine with random contexts
 }
 
@@ -87,6 +88,8 @@ def build_feature_table(
     batch_size: int = 4096,
     n_bins: int = 20,
     n_logits: int = 10,
+    embed_latents: int = 256,
+    embed_contexts: int = 6,
 ) -> pl.DataFrame:
     """`acts`: a `[n, d_in]` tensor or a `ShardedActs` view; the rest as in `top_activating_contexts`."""
     table = top_activating_contexts(
@@ -186,12 +189,14 @@ def build_feature_table(
             }
         )
     if embedder is not None:
+        # MiniLM on CPU embeds ~100 texts/s: score the most frequent labeled latents, a few contexts each
         labelled = [i for i, r in enumerate(rows_out) if r["stat_label"]]
+        labelled = sorted(labelled, key=lambda i: -table["frequency"][i])[:embed_latents]
         scores = embedding_scores(
             embedder,
             [rows_out[i]["stat_label"] for i in labelled],
-            [pos_texts[i] for i in labelled],
-            [neg_texts[i] for i in labelled],
+            [pos_texts[i][:embed_contexts] for i in labelled],
+            [neg_texts[i][:embed_contexts] for i in labelled],
         )
         for i, (sim, contrast) in zip(labelled, scores):
             rows_out[i]["embedding_similarity"], rows_out[i]["embedding_contrast"] = sim, contrast
