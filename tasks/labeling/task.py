@@ -1,4 +1,4 @@
-"""Prefect task of stage 4: top-activating contexts, frequencies and first labels for every latent."""
+"""Prefect task of stage 4: the feature table (contexts, statistics, labels, scores) and its HTML atlas."""
 
 from __future__ import annotations
 
@@ -11,9 +11,15 @@ from prefect.cache_policies import NO_CACHE
 
 from schemas.artifacts import ActivationCacheRef, DictionaryRef, LabelingRef
 from schemas.spec import LabelSpec
+from tasks.common.models import load_model_ref
 from tasks.common.store import ActivationCache
 from tasks.dictionary import load_dictionary
-from tasks.labeling.top_contexts import top_activating_contexts, write_feature_table
+from tasks.labeling.atlas import write_atlas
+from tasks.labeling.features import Unembedding, build_feature_table
+from tasks.labeling.scoring import load_minilm
+from tasks.labeling.sharded import ShardedActs
+from tasks.labeling.stat_labeler import count_ngrams
+from tasks.labeling.top_contexts import write_feature_table
 from tasks.tracking.identity import labeling_identity, ref_identity
 from tasks.tracking.mlflow_runs import StageRun
 from tasks.tracking.stage import StageContext, run_stage
@@ -34,25 +40,42 @@ def label_features(
         contexts = store.contexts()
         vocab = dict(zip(tokens["token_id"].to_list(), tokens["token"].to_list()))
         input_ids = contexts["input_ids"].masked_fill(contexts["attention_mask"] == 0, -1)
+        unembedding, decode = None, lambda i: f"<{i}>"
+        if spec.logit_effects:
+            m = cache.model
+            loaded = load_model_ref(m.source, m.spec, m.path, m.converted)
+            unembedding = Unembedding.from_model(loaded.model)
+            # tokens the cache never saw (promoted/suppressed ones) are decoded by the model's tokenizer
+            decode = lambda i, tok=loaded.tokenizer: tok.decode([i])  # noqa: E731
+            del loaded
         sae = load_dictionary(dictionary.path)
-        table = top_activating_contexts(
+        table = build_feature_table(
             sae,
-            store.load(dictionary.hookpoint, rows),
+            ShardedActs(store, dictionary.hookpoint, rows),
             torch.from_numpy(tokens["context"].to_numpy()[rows.numpy()].astype("int64")),
             torch.from_numpy(tokens["position"].to_numpy()[rows.numpy()].astype("int64")),
             input_ids,
-            lambda ids: [vocab.get(i, f"<{i}>") for i in ids],
+            lambda ids: [vocab[i] if i in vocab else decode(i) for i in ids],
+            count_ngrams(input_ids),
+            unembedding=unembedding,
+            embedder=load_minilm() if spec.embedding_score else None,
             top_k=spec.top_k,
             window=spec.window,
         )
         table = table.with_columns(pl.lit(dictionary.id).alias("dictionary_id"))
         write_feature_table(table, folder / "features.parquet")
+        if spec.atlas:
+            write_atlas(table, folder / "atlas", dictionary.id)
+            run.log_artifact(folder / "atlas")
         n_labeled = int(table["label"].is_not_null().sum())
+        scores = table["detection_score"].drop_nulls()
         run.log_metrics(
             {
                 "n_features": table.height,
                 "n_labeled": n_labeled,
+                "n_stat_labeled": int(table["stat_label"].is_not_null().sum()),
                 "mean_frequency": float(table["frequency"].mean()),
+                "mean_detection_score": float(scores.mean()) if len(scores) else float("nan"),
             }
         )
         run.log_artifact(folder / "features.parquet")

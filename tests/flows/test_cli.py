@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import polars as pl
 import yaml
 from typer.testing import CliRunner
 
@@ -78,6 +80,19 @@ def test_run_then_browse_catalog_and_plan_reuse(tmp_path, home, prefect_harness)
     rows = json.loads(compared.stdout)["rows"]
     assert [r["dictionary_id"] for r in rows] == [dict_id] and rows[0]["method"] == "topk"
     assert (tmp_path / "cmp" / "frontier.png").stat().st_size > 0
+    # the feature atlas of the dictionary, and a label search across dictionaries
+    labeling = Path(out["dictionaries"][0]["labeling"]["path"])
+    dash = runner.invoke(app, ["dashboard", dict_id])
+    assert dash.exit_code == 0, dash.output
+    assert dash.stdout.strip() == (labeling / "atlas" / "index.html").as_uri()
+    missing = runner.invoke(app, ["dashboard", "dict-000000000000"])
+    assert missing.exit_code == 1 and "no labeling" in missing.output
+    features = pl.read_parquet(labeling / "features.parquet")
+    label = features.select(pl.coalesce("stat_label", "label")).to_series().drop_nulls()[0]
+    hits = json.loads(runner.invoke(app, ["features", "search", label.upper(), "--json"]).stdout)
+    assert hits and all(label.lower() in h["label"].lower() for h in hits)
+    assert {h["dictionary_id"] for h in hits} == {dict_id} and Path(hits[0]["page"]).is_file()
+    assert "features matching" in runner.invoke(app, ["features", "search", label]).output
 
     replan = json.loads(runner.invoke(app, ["run", str(path), "--plan", "--json"]).stdout)
     assert all(s["reuse"] for s in replan)

@@ -30,7 +30,8 @@ def tiny_spec(tmp_path: Path, **overrides) -> dict:
         "cache": {"shard_tokens": 512, "batch_size": 8},
         "dictionaries": [{"method": "topk", "d_sae": 64, "k": 4, "batch_size": 256, "epochs": 2}],
         "evaluate": {"max_tokens": 1024, "ce_contexts": 8},
-        "label": {"top_k": 5, "window": 4},
+        # MiniLM scoring is tested on its own (tests/labeling); loading it here would only add time
+        "label": {"top_k": 5, "window": 4, "embedding_score": False},
     }
     spec.update(overrides)
     return spec
@@ -71,6 +72,7 @@ def test_flow_tracks_registers_and_reuses(tmp_path, home, pipeline):
     assert (Path(d.dictionary.path) / "cfg.json").is_file()
     assert (Path(d.dictionary.path) / "weights.safetensors").is_file()
     assert 0.0 <= d.evaluation.dead_fraction <= 1.0 and d.evaluation.l0 <= 4 + 1e-6
+    assert (Path(d.labeling.path) / "atlas" / "index.html").is_file()
 
     # MLflow: one parent run, one nested run per stage, inputs recorded for lineage
     client = MlflowClient(home.mlflow_uri)
@@ -84,6 +86,9 @@ def test_flow_tracks_registers_and_reuses(tmp_path, home, pipeline):
     assert [i.dataset.name for i in train_run.inputs.dataset_inputs] == [first.cache.id]
     assert len(client.get_metric_history(train_run.info.run_id, "fvu")) >= 2
     assert train_run.data.params["k"] == "4"
+    label_run = next(r for r in children if r.data.tags["featureatlas.stage"] == "labeling")
+    logged = {a.path for a in client.list_artifacts(label_run.info.run_id, "atlas")}
+    assert "atlas/index.html" in logged and "atlas/features" in logged
     eval_run = next(r for r in children if r.data.tags["featureatlas.stage"] == "evaluation")
     assert eval_run.data.metrics["ce_loss_score"] == pytest.approx(d.evaluation.ce_loss_score)
     details = d.evaluation.details

@@ -71,3 +71,10 @@ def test_smollm2_pipeline_end_to_end(home, prefect_harness):  # noqa: ARG001
     labeled = table.filter(pl.col("label").is_not_null())
     assert labeled.height > 500
     assert all("«" in c["text"] for c in labeled["contexts"][0])
+    # real logit effects through SmolLM2's final norm and unembedding, statistical labels, detection scores
+    assert all(len(p) == 10 for p in labeled["promoted_tokens"])
+    stat = table.filter(pl.col("stat_label").is_not_null())
+    assert stat.height > 100
+    # token-level detection is an honest but blunt classifier: ~0.59 mean seen on this run (chance is 0.5)
+    assert stat["detection_score"].drop_nulls().mean() > 0.55
+    assert (Path(result.dictionaries[0].labeling.path) / "atlas" / "index.html").is_file()

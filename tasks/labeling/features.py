@@ -1,0 +1,219 @@
+"""The full feature table: top contexts, streamed statistics, logit effects, statistical labels and scores.
+
+`build_feature_table` adds to the `top_activating_contexts` table (see `FEATURE_COLUMNS` for the new
+columns): activation histogram, examples from activation quantile bins, nearest latents by decoder cosine,
+co-occurring latents, the top promoted/suppressed tokens of the decoder direction, a statistical label with
+its evidence, and its detection and (optional) embedding scores.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import polars as pl
+import torch
+from torch import Tensor, nn
+
+from tasks.labeling.feature_stats import activation_statistics, decoder_neighbours, logit_effects
+from tasks.labeling.scoring import MiniLM, balanced_accuracy, embedding_scores
+from tasks.labeling.stat_labeler import NgramCounts, matches, statistical_label
+from tasks.labeling.top_contexts import _mark, top_activating_contexts
+
+log = logging.getLogger(__name__)
+
+__all__ = ["FEATURE_COLUMNS", "Unembedding", "build_feature_table"]
+
+EXAMPLE = pl.Struct(
+    {
+        "quantile": pl.Int64,
+        "context": pl.Int64,
+        "position": pl.Int64,
+        "activation": pl.Float64,
+        "text": pl.String,
+    }
+)
+NEIGHBOUR = pl.Struct({"latent": pl.Int64, "score": pl.Float64})
+LOGIT = pl.Struct({"token": pl.String, "logit": pl.Float64})
+FEATURE_COLUMNS = {
+    "hist_counts": pl.List(pl.Int64),  # n_bins equal bins over [0, max_activation]
+    "quantile_examples": pl.List(EXAMPLE),
+    "decoder_neighbours": pl.List(NEIGHBOUR),  # score: cosine of decoder rows
+    "cooccurring": pl.List(NEIGHBOUR),  # score: Jaccard index of the firing sets
+    "promoted_tokens": pl.List(LOGIT),
+    "suppressed_tokens": pl.List(LOGIT),
+    "stat_label": pl.String,
+    "stat_label_evidence": pl.String,  # JSON: n-grams with share, base rate, lift; promoted token
+    "detection_score": pl.Float64,  # balanced accuracy of "a label n-gram ends at the marked token"
+    "embedding_similarity": pl.Float64,  # mean MiniLM cosine(label, activating contexts); null past the
+    # `embed_latents` most frequent labeled latents
+    "embedding_contrast": pl.Float64,  # embedding_similarity minus the mean cosine with random contexts
+}
+
+
+@dataclass
+class Unembedding:
+    """The model's final norm weight (None: no norm) and unembedding `W_U [vocab, d_in]`."""
+
+    W_U: Tensor
+    norm_weight: Tensor | None = None
+    center: bool = False  # LayerNorm removes the mean; RMSNorm does not
+
+    @classmethod
+    def from_model(cls, model: nn.Module) -> Unembedding:
+        base = getattr(model, "base_model", model)
+        norm = next((getattr(base, n) for n in ("norm", "ln_f", "final_layernorm") if hasattr(base, n)), None)
+        weight = getattr(norm, "weight", None)
+        return cls(
+            model.get_output_embeddings().weight.detach().cpu(),
+            None if weight is None else weight.detach().cpu(),
+            isinstance(norm, nn.LayerNorm),
+        )
+
+
+def build_feature_table(
+    dictionary: nn.Module,
+    acts,
+    row_context: Tensor,
+    row_position: Tensor,
+    context_tokens: Tensor,
+    token_strings: Callable[[list[int]], list[str]],
+    counts: NgramCounts,
+    *,
+    unembedding: Unembedding | None = None,
+    embedder: MiniLM | None = None,
+    top_k: int = 10,
+    window: int = 8,
+    batch_size: int = 4096,
+    n_bins: int = 20,
+    n_logits: int = 10,
+    embed_latents: int = 256,
+    embed_contexts: int = 6,
+) -> pl.DataFrame:
+    """`acts`: a `[n, d_in]` tensor or a `ShardedActs` view; the rest as in `top_activating_contexts`."""
+    table = top_activating_contexts(
+        dictionary,
+        acts,
+        row_context,
+        row_position,
+        context_tokens,
+        token_strings,
+        top_k=top_k,
+        window=window,
+        batch_size=batch_size,
+    )
+    d_sae = dictionary.d_sae
+
+    def batches():
+        return (acts[lo : lo + batch_size] for lo in range(0, acts.shape[0], batch_size))
+
+    max_act = torch.tensor(table["max_activation"].to_list()).clamp_min(0)
+    stats = activation_statistics(dictionary, batches, max_act, n_bins=n_bins)
+    with torch.no_grad():
+        W_dec = dictionary.decoder_directions().detach().float().cpu()
+    nb_idx, nb_cos = decoder_neighbours(W_dec)
+    promoted = suppressed = None
+    if unembedding is not None:
+        up_i, up_v, dn_i, dn_v = logit_effects(
+            W_dec, unembedding.W_U, unembedding.norm_weight, center=unembedding.center, k=n_logits
+        )
+        ids = sorted(set(up_i.flatten().tolist()) | set(dn_i.flatten().tolist()))
+        names = dict(zip(ids, token_strings(ids)))
+        promoted = [
+            [{"token": names[t], "logit": v} for t, v in zip(i, vv)]
+            for i, vv in zip(up_i.tolist(), up_v.tolist())
+        ]
+        suppressed = [
+            [{"token": names[t], "logit": v} for t, v in zip(i, vv)]
+            for i, vv in zip(dn_i.tolist(), dn_v.tolist())
+        ]
+
+    rc, rp = row_context.cpu(), row_position.cpu()
+    needed = {
+        r for r in stats.sample_rows.flatten().tolist() + stats.random_rows.flatten().tolist() if r >= 0
+    }
+    texts = _window_texts(sorted(needed), rc, rp, context_tokens, token_strings, window)
+
+    rows_out, pos_texts, neg_texts = [], [], []
+    for latent in range(d_sae):
+        top = [(c["context"], c["position"]) for c in table["contexts"][latent]]
+        top_promoted = up_i[latent, :1].tolist() if unembedding is not None else []
+        lab = statistical_label(top, context_tokens, counts, token_strings, promoted=top_promoted)
+        examples, pos_rows = [], []
+        for q, (rs, vs) in enumerate(
+            zip(stats.sample_rows[latent].tolist(), stats.sample_vals[latent].tolist())
+        ):
+            for r, v in zip(rs, vs):
+                if r >= 0:
+                    examples.append(
+                        {
+                            "quantile": q,
+                            "context": int(rc[r]),
+                            "position": int(rp[r]),
+                            "activation": v,
+                            "text": texts[r],
+                        }
+                    )
+                    pos_rows.append(r)
+        top_set = set(top)
+        held_out = [r for r in pos_rows if (int(rc[r]), int(rp[r])) not in top_set] or pos_rows
+        neg_rows = [r for r in stats.random_rows[latent].tolist() if r >= 0]
+        detection = None
+        if lab.items:
+            hit = [matches(lab.items, context_tokens, int(rc[r]), int(rp[r])) for r in held_out]
+            miss = [matches(lab.items, context_tokens, int(rc[r]), int(rp[r])) for r in neg_rows]
+            detection = balanced_accuracy(hit, miss)
+        pos_texts.append([texts[r] for r in held_out] if lab.label else [])
+        neg_texts.append([texts[r] for r in neg_rows] if lab.label else [])
+        rows_out.append(
+            {
+                "hist_counts": [int(x) for x in stats.hist[latent].tolist()],
+                "quantile_examples": examples,
+                "decoder_neighbours": [
+                    {"latent": i, "score": c}
+                    for i, c in zip(nb_idx[latent].tolist(), nb_cos[latent].tolist())
+                ],
+                "cooccurring": [
+                    {"latent": i, "score": j}
+                    for i, j in zip(stats.cooc_latents[latent].tolist(), stats.cooc_jaccard[latent].tolist())
+                    if j > 0
+                ],
+                "promoted_tokens": promoted[latent] if promoted else [],
+                "suppressed_tokens": suppressed[latent] if suppressed else [],
+                "stat_label": lab.label,
+                "stat_label_evidence": lab.evidence,
+                "detection_score": detection,
+                "embedding_similarity": None,
+                "embedding_contrast": None,
+            }
+        )
+    if embedder is not None:
+        # MiniLM on CPU embeds ~100 texts/s: score the most frequent labeled latents, a few contexts each
+        labelled = [i for i, r in enumerate(rows_out) if r["stat_label"]]
+        labelled = sorted(labelled, key=lambda i: -table["frequency"][i])[:embed_latents]
+        scores = embedding_scores(
+            embedder,
+            [rows_out[i]["stat_label"] for i in labelled],
+            [pos_texts[i][:embed_contexts] for i in labelled],
+            [neg_texts[i][:embed_contexts] for i in labelled],
+        )
+        for i, (sim, contrast) in zip(labelled, scores):
+            rows_out[i]["embedding_similarity"], rows_out[i]["embedding_contrast"] = sim, contrast
+    extra = pl.DataFrame(rows_out, schema=pl.Schema(FEATURE_COLUMNS))
+    return pl.concat([table, extra], how="horizontal")
+
+
+def _window_texts(rows, rc, rp, context_tokens, token_strings, window) -> dict[int, str]:
+    """Marked text windows (as in the top contexts) for activation rows, token strings fetched once."""
+    spans = {}
+    for r in rows:
+        ctx, pos = int(rc[r]), int(rp[r])
+        lo = max(pos - window, 0)
+        ids = [t for t in context_tokens[ctx, lo : pos + window + 1].tolist()]
+        before = [t for t in ids[: pos - lo] if t >= 0]
+        after = [t for t in ids[pos - lo + 1 :] if t >= 0]
+        spans[r] = ([*before, ids[pos - lo], *after], len(before))
+    distinct = sorted({t for ids, _ in spans.values() for t in ids})
+    display = dict(zip(distinct, token_strings(distinct))) if distinct else {}
+    return {r: _mark([display[t] for t in ids], c) for r, (ids, c) in spans.items()}

@@ -1,0 +1,61 @@
+"""A lazy, read-only view of selected activation rows of a cache, one shard in memory at a time.
+
+`ShardedActs` answers `.shape`, `.ndim`, `.dtype`, `.device` and contiguous slices `view[a:b]`, which is all
+the streamed labeling passes ask of an activation tensor, so they run over caches larger than memory. The
+shards' checksums were verified when the `ActivationCache` was opened.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterator
+
+import torch
+from safetensors.torch import load_file
+
+from tasks.common.store import ActivationCache
+
+__all__ = ["ShardedActs"]
+
+
+class ShardedActs:
+    def __init__(self, store: ActivationCache, hookpoint: str, rows: torch.Tensor):
+        info = store.manifest["hookpoints"].get(hookpoint)
+        if info is None:
+            raise ValueError(f"hookpoint {hookpoint!r} is not in this cache; cached: {store.hookpoints}")
+        self.files = [store.folder / s["file"] for s in info["shards"]]
+        self.starts = [0]
+        for s in info["shards"]:
+            self.starts.append(self.starts[-1] + int(s["rows"]))
+        self.rows = rows.long()
+        self.shape = torch.Size([len(self.rows), int(info["d_in"])])
+        self.ndim = 2
+        self.device = torch.device("cpu")
+        self._cached: tuple[int, torch.Tensor] | None = None
+        self.dtype = self._shard(0).dtype if self.files else torch.float32
+
+    def _shard(self, i: int) -> torch.Tensor:
+        if self._cached is None or self._cached[0] != i:
+            self._cached = (i, load_file(str(self.files[i]))["acts"])
+        return self._cached[1]
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index: slice) -> torch.Tensor:
+        if not isinstance(index, slice) or index.step not in (None, 1):
+            raise TypeError("ShardedActs supports contiguous slices only, e.g. view[a:b]")
+        wanted = self.rows[index]
+        parts = []
+        lo = 0
+        while lo < len(wanted):
+            shard = bisect.bisect_right(self.starts, int(wanted[lo])) - 1
+            end = self.starts[shard + 1]
+            hi = lo + int(torch.searchsorted(wanted[lo:], torch.tensor(end)))
+            parts.append(self._shard(shard)[wanted[lo:hi] - self.starts[shard]])
+            lo = hi
+        return torch.cat(parts) if parts else torch.empty(0, self.shape[1], dtype=self.dtype)
+
+    def batches(self, batch_size: int = 4096) -> Iterator[torch.Tensor]:
+        for lo in range(0, len(self), batch_size):
+            yield self[lo : lo + batch_size]
