@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
-from rich.tree import Tree
 
-from schemas.catalog import ROWS
+from flows.cli_catalog import catalog_app
+from flows.cli_common import console, fail
+from flows.cli_common import open_catalog_from_settings as _catalog
+from flows.cli_common import settings as current_settings
 from schemas.settings import Settings
 from schemas.spec import SpecError, load_spec
 from tasks.tracking.env import configure_environment
@@ -29,31 +30,17 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
-catalog_app = typer.Typer(help="Browse the metadata catalog.", no_args_is_help=True)
 app.add_typer(catalog_app, name="catalog")
 features_app = typer.Typer(help="Search labeled features across dictionaries.", no_args_is_help=True)
 app.add_typer(features_app, name="features")
-# piped output (logs, CI, README examples) is not cut to 80 columns
-console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
-KINDS = list(ROWS)
-
-
-def fail(message: str, code: int = 1) -> typer.Exit:
-    """Print an error unwrapped on stderr (so it can be grepped and copied) and return the exit to raise."""
-    typer.secho(message, err=True, fg="red")
-    return typer.Exit(code)
 
 
 def demo_spec_path() -> Path:
     return Path(str(resources.files("flows") / "pipelines" / "demo.yaml"))
 
 
-def _settings() -> Settings:
-    return configure_environment(Settings())
-
-
 def _run(spec_path: Path, plan: bool, as_json: bool) -> None:
-    settings = _settings()
+    settings = current_settings()
     try:
         spec = load_spec(spec_path)
     except SpecError as e:
@@ -203,7 +190,7 @@ def ui(
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
 ) -> None:
     """Open the MLflow UI on the featureatlas store (runs nested per pipeline, inputs show lineage)."""
-    settings = _settings()
+    settings = current_settings()
     console.print(f"MLflow UI on http://{host}:{port} (store {settings.mlflow_uri}); Ctrl-C stops it")
     cmd = [
         sys.executable,
@@ -265,104 +252,6 @@ def features_search(
     console.print(table)
 
 
-def _row_dict(kind: str, row) -> dict:
-    return {
-        "id": row.id,
-        "kind": kind,
-        "path": row.uri,
-        "fingerprint": row.fingerprint,
-        "mlflow_run_id": row.mlflow_run_id,
-        "created_at": row.created_at.isoformat(),
-        "config": row.config,
-    }
-
-
-def _catalog():
-    from tasks.tracking.catalog import open_catalog
-
-    return open_catalog(_settings().catalog)
-
-
-@catalog_app.command("list")
-def catalog_list(
-    kind: Annotated[Optional[str], typer.Option("--kind", help=f"One of: {', '.join(KINDS)}.")] = None,  # noqa: UP045
-    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
-) -> None:
-    """List registered artifacts."""
-    if kind is not None and kind not in KINDS:
-        raise typer.BadParameter(
-            f"unknown kind {kind!r}; choose one of {', '.join(KINDS)}", param_hint="--kind"
-        )
-    rows = _catalog().list(kind)
-    if as_json:
-        print(json.dumps([_row_dict(k, r) for k, r in rows], indent=1))
-        return
-    table = Table(title="catalog")
-    for col in ("id", "kind", "created", "path"):
-        table.add_column(col)
-    for k, r in rows:
-        table.add_row(r.id, k, r.created_at.strftime("%Y-%m-%d %H:%M"), r.uri)
-    console.print(table)
-
-
-def _get(artifact_id: str):
-    found = _catalog().get(artifact_id)
-    if found is None:
-        raise fail(f"no artifact {artifact_id!r} in the catalog; `featureatlas catalog list` shows the ids")
-    return found
-
-
-@catalog_app.command("show")
-def catalog_show(
-    artifact_id: Annotated[str, typer.Argument(help="Artifact id, e.g. dict-0123abcd4567.")],
-    as_json: Annotated[bool, typer.Option("--json")] = False,
-) -> None:
-    """Show one artifact: where it lives, its config, its MLflow run, its parents and children."""
-    kind, row = _get(artifact_id)
-    cat = _catalog()
-    info = _row_dict(kind, row) | {
-        "parents": cat.parents(row.id),
-        "children": cat.children(row.id),
-        "ref": row.ref,
-    }
-    if as_json:
-        print(json.dumps(info, indent=1))
-        return
-    console.print_json(json.dumps(info))
-
-
-@catalog_app.command("lineage")
-def catalog_lineage(
-    artifact_id: Annotated[str, typer.Argument(help="Artifact id.")],
-    as_json: Annotated[bool, typer.Option("--json")] = False,
-) -> None:
-    """Ancestors and descendants of an artifact, as trees."""
-    _get(artifact_id)
-    cat = _catalog()
-
-    def walk(node: str, step) -> dict:
-        return {n: walk(n, step) for n in step(node)}
-
-    ancestors, descendants = walk(artifact_id, cat.parents), walk(artifact_id, cat.children)
-    if as_json:
-        paths = {k: r.uri for k, r in ((r.id, r) for _, r in cat.list())}
-        print(
-            json.dumps(
-                {"id": artifact_id, "ancestors": ancestors, "descendants": descendants, "paths": paths},
-                indent=1,
-            )
-        )
-        return
-
-    def grow(tree: Tree, children: dict) -> Tree:
-        for name, sub in children.items():
-            grow(tree.add(name), sub)
-        return tree
-
-    console.print(grow(Tree(f"[bold]{artifact_id}[/bold] derived from"), ancestors))
-    console.print(grow(Tree(f"[bold]{artifact_id}[/bold] used by"), descendants))
-
-
 @app.command()
 def compare(
     out: Annotated[
@@ -374,7 +263,7 @@ def compare(
     """Table of every evaluated dictionary and frontier plots (FVU, CE-loss score, dead fraction vs L0)."""
     from tasks.evaluate.compare import comparison_rows, frontier_plot, log_comparison, write_table
 
-    settings = _settings()
+    settings = current_settings()
     rows = comparison_rows(_catalog())
     if not rows:
         raise fail("no evaluated dictionaries in the catalog; run a pipeline with `evaluate` enabled first")
