@@ -97,26 +97,28 @@ def _print_plan(spec, settings: Settings, as_json: bool) -> None:
     console.print(table)
 
 
-def _print_examples(table_path: Path, n: int = 5) -> None:
-    """A few clearly labeled latents, so the labels can be judged at a glance."""
+def _print_examples(table_path: Path, n: int = 10) -> None:
+    """The best-scored labels, so they can be judged at a glance (one latent per label)."""
     import polars as pl
 
     table = pl.read_parquet(table_path)
-    # latents whose top contexts all peak on one visible token, one latent per label
+    label = pl.coalesce("stat_label", "label") if "stat_label" in table.columns else pl.col("label")
+    score = pl.col("detection_score") if "detection_score" in table.columns else pl.col("label_share")
     best = (
-        table.filter(
-            (pl.col("label_share") == 1.0)
-            & (pl.col("frequency") > 1e-3)
-            & (pl.col("label").str.strip_chars('" \\n') != "")
-        )
-        .sort("max_activation", descending=True)
-        .unique("label", keep="first", maintain_order=True)
+        table.with_columns(shown=label, score=score)
+        .filter(pl.col("shown").is_not_null() & (pl.col("frequency") > 1e-3))
+        .filter(pl.col("shown").str.strip_chars('" \n') != "")
+        .sort(["score", "max_activation"], descending=True, nulls_last=True)
+        .unique("shown", keep="first", maintain_order=True)
         .head(n)
     )
-    console.print(f"  labels: {table_path} ({table['label'].is_not_null().sum()} of {table.height} labeled)")
+    console.print(f"  features: {table_path} ({table['label'].is_not_null().sum()} of {table.height} fired)")
     for row in best.iter_rows(named=True):
         context = row["contexts"][0]["text"]
-        line = f"    latent {row['latent']:>5} {row['label']:>14}  freq {row['frequency']:.4f}  {context!r}"
+        line = (
+            f"    latent {row['latent']:>5} {row['shown']:>24}  score {row['score'] or 0:.2f}  "
+            f"freq {row['frequency']:.4f}  {context!r}"
+        )
         console.print(line, markup=False)
 
 
