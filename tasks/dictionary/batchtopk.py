@@ -15,6 +15,7 @@ from torch import Tensor
 
 from schemas.methods import BatchTopKConfig
 from tasks.dictionary.registry import register
+from tasks.dictionary.sparse_decoder import flat_entries
 from tasks.dictionary.topk import TopKSAE
 
 
@@ -47,6 +48,16 @@ class BatchTopKSAE(TopKSAE):
             return codes
         # Strictly above: a threshold of exactly 0 must not turn every zero pre-activation into a code.
         return pre * (pre > self.threshold.clamp_min(0)).to(pre.dtype)
+
+    def _select_entries(self, pre: Tensor) -> tuple[Tensor, Tensor]:
+        """Sparse-path entries: the batch top-k (training, threshold updated) or those above the threshold."""
+        if not self.training:
+            rows, cols = (pre > self.threshold.clamp_min(0)).nonzero(as_tuple=True)
+            return rows, cols
+        keep = min(self.k * pre.shape[0], pre.numel())
+        rows, cols = flat_entries(pre.flatten().topk(keep, sorted=False).indices, pre.shape[-1])
+        self._update_threshold(pre[rows, cols].relu())
+        return rows, cols
 
     @torch.no_grad()
     def _update_threshold(self, codes: Tensor) -> None:

@@ -13,11 +13,9 @@ from typing import ClassVar
 from torch import Tensor
 
 from schemas.methods import MatryoshkaConfig
-from tasks.dictionary.base import TrainStepOutput
 from tasks.dictionary.batchtopk import BatchTopKSAE
 from tasks.dictionary.registry import register
-
-_EPS = 1e-12
+from tasks.dictionary.sparse_decoder import SparseCodes, sparse_decode
 
 
 @register
@@ -41,21 +39,18 @@ class MatryoshkaSAE(BatchTopKSAE):
             start = end
         return recons
 
-    def training_loss(self, acts: Tensor, dead_mask: Tensor) -> TrainStepOutput:
-        """Sum over prefixes of FVU(prefix), plus `auxk_coef` x AuxK on the full reconstruction's residual."""
-        x = acts.to(self.W_enc.dtype) * self.input_scale
-        pre = self.pre_acts(x)
-        codes = self._topk_codes(pre)
-        var = (x - x.mean(0)).pow(2).sum().clamp_min(_EPS)
-        recons = self.prefix_reconstructions(codes)
-        prefix_fvus = [(x - r).pow(2).sum() / var for r in recons]
-        err = x - recons[-1]
-        err_sq = err.pow(2).sum()
-        auxk = self.auxk_loss(pre, err.detach(), dead_mask)
-        return TrainStepOutput(
-            loss=sum(prefix_fvus) + self.cfg.auxk_coef * auxk,
-            mse=(err_sq / err.numel() / self.input_scale**2).detach(),
-            fvu=prefix_fvus[-1].detach(),
-            auxk_loss=auxk.detach(),
-            codes=codes.detach(),
-        )
+    def reconstructions(self, codes: Tensor) -> list[Tensor]:
+        return self.prefix_reconstructions(codes)
+
+    def sparse_reconstructions(self, codes: SparseCodes) -> list[Tensor]:
+        """`prefix_reconstructions` from sparse codes: each block gathers only its own selected rows."""
+        recons, recon, start = [], self.b_dec.expand(codes.n_rows, -1), 0
+        for end in self.cfg.prefix_sizes():
+            recon = recon + sparse_decode(codes.restrict(start, end), self.W_dec)
+            recons.append(recon)
+            start = end
+        return recons
+
+    def reconstruction_loss(self, fvus: list[Tensor]) -> Tensor:
+        """Sum over prefixes of FVU(prefix); the caller adds AuxK on the full reconstruction's residual."""
+        return sum(fvus[1:], fvus[0])

@@ -20,6 +20,13 @@ from schemas.methods import TopKConfig
 from tasks.dictionary.base import Dictionary, TrainStepOutput
 from tasks.dictionary.registry import register
 from tasks.dictionary.sae_common import input_statistics
+from tasks.dictionary.sparse_decoder import (
+    SparseCodes,
+    per_row_entries,
+    select_codes,
+    sparse_decode,
+    use_sparse_path,
+)
 
 # Guards the divisions by a batch variance; far below any real activation variance after input scaling.
 _EPS = 1e-12
@@ -35,6 +42,9 @@ class TopKSAE(Dictionary):
     method: ClassVar[str] = "topk"
     config_cls: ClassVar[type[TopKConfig]] = TopKConfig
     cfg: TopKConfig
+    # Training path: None picks per device (tasks.dictionary.sparse_decoder.use_sparse_path), True forces the
+    # sparse decoder, False the dense one. Not saved: it changes speed, not results.
+    sparse_decoder: bool | None = None
 
     def __init__(self, cfg: TopKConfig, d_in: int) -> None:
         super().__init__(cfg, d_in)
@@ -86,21 +96,65 @@ class TopKSAE(Dictionary):
     # ---- training hooks (see tasks.dictionary.train.Trainable) --------------------------------------------
 
     def training_loss(self, acts: Tensor, dead_mask: Tensor) -> TrainStepOutput:
-        """FVU of the batch plus `auxk_coef` x AuxK, all in the scaled space; acts [batch, d_in] raw."""
+        """FVU of the batch plus `auxk_coef` x AuxK, all in the scaled space; acts [batch, d_in] raw.
+
+        Runs the sparse path (tasks.dictionary.sparse_decoder) unless `sparse_decoder` is False; both give the
+        same losses and gradients up to float rounding.
+        """
         x = acts.to(self.W_enc.dtype) * self.input_scale
-        pre = self.pre_acts(x)
-        codes = self._topk_codes(pre)
-        err = x - (codes @ self.W_dec + self.b_dec)
+        if use_sparse_path(self.sparse_decoder, x.device):
+            x_c = x - self.b_dec
+            with torch.no_grad():  # the dense pre-activations only choose the codes; no graph is kept
+                pre = x_c @ self.W_enc + self.b_enc
+            sparse = select_codes(x_c, self.W_enc, self.b_enc, pre, *self._select_entries(pre))
+            recons = self.sparse_reconstructions(sparse)
+            codes = sparse.dense().detach()
+
+            def auxk(err: Tensor) -> Tensor:
+                return self.sparse_auxk_loss(x_c, pre, err, dead_mask)
+        else:
+            pre = self.pre_acts(x)
+            codes = self._topk_codes(pre)
+            recons = self.reconstructions(codes)
+
+            def auxk(err: Tensor) -> Tensor:
+                return self.auxk_loss(pre, err, dead_mask)
+
+        var = (x - x.mean(0)).pow(2).sum().clamp_min(_EPS)
+        fvus = [(x - r).pow(2).sum() / var for r in recons]
+        err = x - recons[-1]
         err_sq = err.pow(2).sum()
-        fvu = err_sq / (x - x.mean(0)).pow(2).sum().clamp_min(_EPS)
-        auxk = self.auxk_loss(pre, err.detach(), dead_mask)
+        aux = auxk(err.detach())
         return TrainStepOutput(
-            loss=fvu + self.cfg.auxk_coef * auxk,
+            loss=self.reconstruction_loss(fvus) + self.cfg.auxk_coef * aux,
             mse=(err_sq / err.numel() / self.input_scale**2).detach(),
-            fvu=fvu.detach(),
-            auxk_loss=auxk.detach(),
-            codes=codes.detach(),
+            fvu=fvus[-1].detach(),
+            auxk_loss=aux.detach(),
+            codes=codes,
         )
+
+    def reconstructions(self, codes: Tensor) -> list[Tensor]:
+        """The scaled reconstructions the loss compares with the input (one here; Matryoshka has several)."""
+        return [codes @ self.W_dec + self.b_dec]
+
+    def sparse_reconstructions(self, codes: SparseCodes) -> list[Tensor]:
+        """`reconstructions` from sparse codes, gathering only the selected decoder rows."""
+        return [sparse_decode(codes, self.W_dec) + self.b_dec]
+
+    def reconstruction_loss(self, fvus: list[Tensor]) -> Tensor:
+        """The loss from the FVU of each reconstruction (TopK: its only one)."""
+        return fvus[-1]
+
+    def _select_entries(self, pre: Tensor) -> tuple[Tensor, Tensor]:
+        """(rows, cols) of the codes `_topk_codes(pre)` may make nonzero, sorted by row; pre detached."""
+        return per_row_entries(pre.topk(self.k, dim=-1, sorted=False).indices)
+
+    def _aux_k(self, dead_mask: Tensor) -> int:
+        """k_aux = min(d_in // 2, n_dead); 0 when AuxK has nothing to do."""
+        n_dead = int(dead_mask.sum())
+        if n_dead == 0 or self.cfg.auxk_coef == 0:
+            return 0
+        return min(max(self.d_in // 2, 1), n_dead)
 
     def auxk_loss(self, pre: Tensor, err: Tensor, dead_mask: Tensor) -> Tensor:
         """How badly the dead latents' top-k_aux pre-activations reconstruct the residual `err` [batch, d_in].
@@ -109,15 +163,24 @@ class TopKSAE(Dictionary):
         the residual; the reconstruction has no bias, so it must explain err's mean too, and the uncentred sum
         keeps that floor at exactly 1. Exactly 0 (not NaN) when nothing is dead or the loss is switched off.
         """
-        n_dead = int(dead_mask.sum())
-        if n_dead == 0 or self.cfg.auxk_coef == 0:
+        k_aux = self._aux_k(dead_mask)
+        if k_aux == 0:
             return pre.new_zeros(())
-        k_aux = min(max(self.d_in // 2, 1), n_dead)
         # Live latents get -inf so the top-k_aux picks only dead ones (k_aux <= n_dead keeps them finite).
         dead_pre = pre.masked_fill(~dead_mask, -math.inf)
         top = dead_pre.topk(k_aux, dim=-1, sorted=False)
         aux_codes = torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu())
         err_hat = aux_codes @ self.W_dec
+        return (err - err_hat).pow(2).sum() / err.pow(2).sum().clamp_min(_EPS)
+
+    def sparse_auxk_loss(self, x_c: Tensor, pre: Tensor, err: Tensor, dead_mask: Tensor) -> Tensor:
+        """`auxk_loss` on the sparse path: pre detached, gradients through `SelectedPre` from x_c."""
+        k_aux = self._aux_k(dead_mask)
+        if k_aux == 0:
+            return pre.new_zeros(())
+        top = pre.masked_fill(~dead_mask, -math.inf).topk(k_aux, dim=-1, sorted=False)
+        aux = select_codes(x_c, self.W_enc, self.b_enc, pre, *per_row_entries(top.indices))
+        err_hat = sparse_decode(aux, self.W_dec)
         return (err - err_hat).pow(2).sum() / err.pow(2).sum().clamp_min(_EPS)
 
     @torch.no_grad()
