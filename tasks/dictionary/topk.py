@@ -25,6 +25,7 @@ from tasks.dictionary.sparse_decoder import (
     per_row_entries,
     select_codes,
     sparse_decode,
+    sparse_encode,
     use_sparse_path,
 )
 
@@ -103,15 +104,18 @@ class TopKSAE(Dictionary):
         """
         x = acts.to(self.W_enc.dtype) * self.input_scale
         if use_sparse_path(self.sparse_decoder, x.device):
-            x_c = x - self.b_dec
             with torch.no_grad():  # the dense pre-activations only choose the codes; no graph is kept
-                pre = x_c @ self.W_enc + self.b_enc
-            sparse = select_codes(x_c, self.W_enc, self.b_enc, pre, *self._select_entries(pre))
+                pre = torch.addmm(self.b_enc, x - self.b_dec, self.W_enc)
+                aux_entries = self._aux_entries(pre, dead_mask)
+                enc = sparse_encode(pre, *self._select_entries(pre))
+            sparse = select_codes(
+                x, self.b_dec, self.W_enc, self.b_enc, enc.rows, enc.cols, enc.values, x.shape[0]
+            )
             recons = self.sparse_reconstructions(sparse)
-            codes = sparse.dense().detach()
+            codes = enc.codes
 
             def auxk(err: Tensor) -> Tensor:
-                return self.sparse_auxk_loss(x_c, pre, err, dead_mask)
+                return self.sparse_auxk_loss(x, aux_entries, err)
         else:
             pre = self.pre_acts(x)
             codes = self._topk_codes(pre)
@@ -173,13 +177,22 @@ class TopKSAE(Dictionary):
         err_hat = aux_codes @ self.W_dec
         return (err - err_hat).pow(2).sum() / err.pow(2).sum().clamp_min(_EPS)
 
-    def sparse_auxk_loss(self, x_c: Tensor, pre: Tensor, err: Tensor, dead_mask: Tensor) -> Tensor:
-        """`auxk_loss` on the sparse path: pre detached, gradients through `SelectedPre` from x_c."""
+    def _aux_entries(self, pre: Tensor, dead_mask: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
+        """(rows, cols, pre values) of the AuxK selection from detached `pre`; None when AuxK is off."""
         k_aux = self._aux_k(dead_mask)
         if k_aux == 0:
-            return pre.new_zeros(())
+            return None
         top = pre.masked_fill(~dead_mask, -math.inf).topk(k_aux, dim=-1, sorted=False)
-        aux = select_codes(x_c, self.W_enc, self.b_enc, pre, *per_row_entries(top.indices))
+        rows, cols = per_row_entries(top.indices)
+        return rows, cols, top.values.reshape(-1)
+
+    def sparse_auxk_loss(
+        self, x: Tensor, entries: tuple[Tensor, Tensor, Tensor] | None, err: Tensor
+    ) -> Tensor:
+        """`auxk_loss` on the sparse path, from the entries `_aux_entries` chose; x [batch, d_in] scaled."""
+        if entries is None:
+            return err.new_zeros(())
+        aux = select_codes(x, self.b_dec, self.W_enc, self.b_enc, *entries, x.shape[0])
         err_hat = sparse_decode(aux, self.W_dec)
         return (err - err_hat).pow(2).sum() / err.pow(2).sum().clamp_min(_EPS)
 

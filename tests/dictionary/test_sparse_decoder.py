@@ -100,32 +100,38 @@ def test_sparse_path_gives_the_hand_worked_codes():
     # hand_set_sae / HAND_* from test_topk: codes (1, 0, 0, 0.9) and (0.5, 0, 0, 0), whose reconstructions
     # minus b_dec are HAND_RECON - (1, 0, 0).
     sae = hand_set_sae()
-    x_c = HAND_ACTS - sae.b_dec.detach()
-    pre = x_c @ sae.W_enc.detach() + sae.b_enc.detach()
-    codes = select_codes(x_c, sae.W_enc, sae.b_enc, pre, *per_row_entries(pre.topk(2).indices))
+    pre = (HAND_ACTS - sae.b_dec.detach()) @ sae.W_enc.detach() + sae.b_enc.detach()
+    rows, cols = per_row_entries(pre.topk(2).indices)
+    codes = select_codes(HAND_ACTS, sae.b_dec, sae.W_enc, sae.b_enc, rows, cols, pre[rows, cols], 2)
     torch.testing.assert_close(codes.dense(), HAND_CODES)
     torch.testing.assert_close(sparse_decode(codes, sae.W_dec), HAND_RECON - torch.tensor([1.0, 0, 0]))
 
 
 def test_selected_pre_backward_equals_the_dense_jacobian():
     g = torch.Generator().manual_seed(0)
-    x_c = torch.randn(5, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(5, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    b_dec = torch.randn(4, generator=g, dtype=torch.float64, requires_grad=True)
     W_enc = torch.randn(4, 7, generator=g, dtype=torch.float64, requires_grad=True)
     b_enc = torch.randn(7, generator=g, dtype=torch.float64, requires_grad=True)
     # Row 2 selects nothing, latent 6 is never selected, and (0, 3) appears beside (0, 1).
     rows = torch.tensor([0, 0, 1, 1, 3, 4, 4])
     cols = torch.tensor([1, 3, 0, 5, 1, 2, 4])
 
-    def fn(x_c, W_enc, b_enc):
-        pre = x_c @ W_enc + b_enc
-        return SelectedPre.apply(x_c, W_enc, b_enc, rows, cols, pre[rows, cols].detach())
+    def dense(x, b_dec, W_enc, b_enc):
+        return ((x - b_dec) @ W_enc + b_enc)[rows, cols]
 
-    # The values enter detached, so every derivative below comes from SelectedPre.backward alone; it must
-    # equal autograd's through the dense pre[rows, cols].
-    dense = torch.autograd.functional.jacobian(lambda a, b, c: (a @ b + c)[rows, cols], (x_c, W_enc, b_enc))
-    sparse = torch.autograd.functional.jacobian(fn, (x_c, W_enc, b_enc))
-    for d, s in zip(dense, sparse):
-        torch.testing.assert_close(s, d)
+    def sparse(x, b_dec, W_enc, b_enc):
+        values = dense(x, b_dec, W_enc, b_enc).detach()
+        return SelectedPre.apply(x, b_dec, W_enc, b_enc, rows, cols, values)
+
+    # The values enter detached, so every derivative of `sparse` comes from SelectedPre.backward alone; it
+    # must equal autograd's through the dense pre-activations, for all four inputs.
+    inputs = (x, b_dec, W_enc, b_enc)
+    expected = torch.autograd.functional.jacobian(dense, inputs)
+    got = torch.autograd.functional.jacobian(sparse, inputs)
+    for e, s in zip(expected, got):
+        assert e.abs().sum() > 0
+        torch.testing.assert_close(s, e)
 
 
 def test_sparse_decode_with_empty_rows_matches_dense():
