@@ -38,6 +38,11 @@ class TopKSAE(Dictionary):
     """W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in] (unit-norm rows), b_dec [d_in].
 
     Parameters live in the scaled space (acts * input_scale); `encode`/`decode` take and give raw activations.
+
+    As a transcoder (`cfg.target_hookpoint` set) it encodes one hookpoint's activations and reconstructs
+    another's: the input is not centred by b_dec (which lives in the target's space; b_enc absorbs any
+    offset), and the target has its own `target_scale` (E||target * target_scale||^2 = d_in), by which
+    `decode` divides. Both scales are saved in cfg.json; for a plain SAE target_scale equals input_scale.
     """
 
     method: ClassVar[str] = "topk"
@@ -46,6 +51,7 @@ class TopKSAE(Dictionary):
     # Training path: None picks per device (tasks.dictionary.sparse_decoder.use_sparse_path), True forces the
     # sparse decoder, False the dense one. Not saved: it changes speed, not results.
     sparse_decoder: bool | None = None
+    fitted_scalars: ClassVar[tuple[str, ...]] = ("input_scale", "target_scale")
 
     def __init__(self, cfg: TopKConfig, d_in: int) -> None:
         super().__init__(cfg, d_in)
@@ -54,6 +60,10 @@ class TopKSAE(Dictionary):
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
         self.W_dec = nn.Parameter(torch.empty(cfg.d_sae, d_in))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
+        self.is_transcoder = cfg.target_hookpoint is not None
+        self.register_buffer("target_scale", torch.ones(()), persistent=False)
+        # A transcoder's inputs are centred by nothing: a constant zero, never trained.
+        self.register_buffer("_no_center", torch.zeros(d_in), persistent=False)
         # Own generator: building (or loading) a dictionary must not advance the global RNG.
         self.reset_parameters(torch.Generator().manual_seed(cfg.seed))
 
@@ -67,16 +77,52 @@ class TopKSAE(Dictionary):
         self.b_enc.zero_()
         self.b_dec.zero_()
 
+    @classmethod
+    def upgrade_cfg(cls, raw: dict) -> dict:
+        raw = super().upgrade_cfg(raw)
+        # Saved before transcoders: the target was the input, so its scale was the input's.
+        raw.setdefault("target_scale", raw["input_scale"])
+        return raw
+
     @torch.no_grad()
-    def init_from_data(self, acts: Tensor) -> None:
-        """Fit `input_scale` so E||acts * scale||^2 = d_in; set b_dec per `b_dec_init` (default: the mean)."""
+    def init_from_data(self, acts: Tensor, targets: Tensor | None = None) -> None:
+        """Fit `input_scale` so E||acts * scale||^2 = d_in; set b_dec per `b_dec_init` (default: the mean).
+
+        A transcoder also takes its `targets` [n, d_in] (rows aligned with acts): `target_scale` and b_dec
+        come from them.
+        """
+        self._check_targets(targets)
         scale, b_dec = input_statistics(acts, self.cfg.b_dec_init)
         self.input_scale.fill_(scale)
+        if targets is not None:
+            scale, b_dec = input_statistics(targets, self.cfg.b_dec_init)
+        self.target_scale.fill_(scale)
         self.b_dec.copy_(b_dec.to(self.b_dec))
+
+    def _check_targets(self, targets: Tensor | None) -> None:
+        if self.is_transcoder and targets is None:
+            raise ValueError(
+                f"this {self.method} is a transcoder (target {self.cfg.target_hookpoint!r}): pass the target "
+                "hookpoint's activations as `targets`"
+            )
+        if not self.is_transcoder and targets is not None:
+            raise ValueError(
+                f"targets given, but this {self.method} is no transcoder; set target_hookpoint in its config"
+            )
+
+    @property
+    def input_center(self) -> Tensor:
+        """What is subtracted from scaled inputs before encoding: b_dec, or zeros for a transcoder."""
+        return self._no_center if self.is_transcoder else self.b_dec
+
+    @property
+    def output_scale(self) -> Tensor:
+        """The scale of the reconstructed site: `decode` divides by it."""
+        return self.target_scale if self.is_transcoder else self.input_scale
 
     def pre_acts(self, x_scaled: Tensor) -> Tensor:
         """Encoder pre-activations [..., d_sae] of already scaled inputs."""
-        return (x_scaled - self.b_dec) @ self.W_enc + self.b_enc
+        return (x_scaled - self.input_center) @ self.W_enc + self.b_enc
 
     def _topk_codes(self, pre: Tensor) -> Tensor:
         # ReLU after the top-k: a token whose k-th largest pre-activation is negative gets fewer than k codes.
@@ -88,7 +134,7 @@ class TopKSAE(Dictionary):
         return self._topk_codes(self.pre_acts(acts.to(self.W_enc.dtype) * self.input_scale))
 
     def decode(self, codes: Tensor) -> Tensor:
-        return (codes @ self.W_dec + self.b_dec) / self.input_scale
+        return (codes @ self.W_dec + self.b_dec) / self.output_scale
 
     def decoder_directions(self) -> Tensor:
         """The unit-norm decoder rows [d_sae, d_in] (a detached view; clone before modifying)."""
@@ -96,20 +142,24 @@ class TopKSAE(Dictionary):
 
     # ---- training hooks (see tasks.dictionary.train.Trainable) --------------------------------------------
 
-    def training_loss(self, acts: Tensor, dead_mask: Tensor) -> TrainStepOutput:
+    def training_loss(self, acts: Tensor, dead_mask: Tensor, target: Tensor | None = None) -> TrainStepOutput:
         """FVU of the batch plus `auxk_coef` x AuxK, all in the scaled space; acts [batch, d_in] raw.
 
+        A transcoder reconstructs `target` [batch, d_in] (raw, rows aligned with acts) instead of acts.
         Runs the sparse path (tasks.dictionary.sparse_decoder) unless `sparse_decoder` is False; both give the
         same losses and gradients up to float rounding.
         """
+        self._check_targets(target)
         x = acts.to(self.W_enc.dtype) * self.input_scale
+        y = x if target is None else target.to(self.W_enc.dtype) * self.target_scale
+        center = self.input_center
         if use_sparse_path(self.sparse_decoder, x.device):
             with torch.no_grad():  # the dense pre-activations only choose the codes; no graph is kept
-                pre = torch.addmm(self.b_enc, x - self.b_dec, self.W_enc)
+                pre = torch.addmm(self.b_enc, x - center, self.W_enc)
                 aux_entries = self._aux_entries(pre, dead_mask)
                 enc = sparse_encode(pre, *self._select_entries(pre))
             sparse = select_codes(
-                x, self.b_dec, self.W_enc, self.b_enc, enc.rows, enc.cols, enc.values, x.shape[0]
+                x, center, self.W_enc, self.b_enc, enc.rows, enc.cols, enc.values, x.shape[0]
             )
             recons = self.sparse_reconstructions(sparse)
             codes = enc.codes
@@ -124,14 +174,14 @@ class TopKSAE(Dictionary):
             def auxk(err: Tensor) -> Tensor:
                 return self.auxk_loss(pre, err, dead_mask)
 
-        var = (x - x.mean(0)).pow(2).sum().clamp_min(_EPS)
-        fvus = [(x - r).pow(2).sum() / var for r in recons]
-        err = x - recons[-1]
+        var = (y - y.mean(0)).pow(2).sum().clamp_min(_EPS)
+        fvus = [(y - r).pow(2).sum() / var for r in recons]
+        err = y - recons[-1]
         err_sq = err.pow(2).sum()
         aux = auxk(err.detach())
         return TrainStepOutput(
             loss=self.reconstruction_loss(fvus) + self.cfg.auxk_coef * aux,
-            mse=(err_sq / err.numel() / self.input_scale**2).detach(),
+            mse=(err_sq / err.numel() / self.output_scale**2).detach(),
             fvu=fvus[-1].detach(),
             auxk_loss=aux.detach(),
             codes=codes,
@@ -192,7 +242,7 @@ class TopKSAE(Dictionary):
         """`auxk_loss` on the sparse path, from the entries `_aux_entries` chose; x [batch, d_in] scaled."""
         if entries is None:
             return err.new_zeros(())
-        aux = select_codes(x, self.b_dec, self.W_enc, self.b_enc, *entries, x.shape[0])
+        aux = select_codes(x, self.input_center, self.W_enc, self.b_enc, *entries, x.shape[0])
         err_hat = sparse_decode(aux, self.W_dec)
         return (err - err_hat).pow(2).sum() / err.pow(2).sum().clamp_min(_EPS)
 
