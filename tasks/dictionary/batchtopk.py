@@ -28,6 +28,28 @@ def batch_topk(pre: Tensor, k: int) -> Tensor:
     return codes.reshape(pre.shape)
 
 
+def batch_topk_entries(pre: Tensor, k: int, oversample: int = 4) -> tuple[Tensor, Tensor]:
+    """(rows, cols), sorted by row, of the k * n_tokens largest entries of pre [n_tokens, d_sae].
+
+    A top-k over all n_tokens * d_sae entries is slow on CPU, so the candidates are first each token's top
+    `oversample * k`. That is exact unless some token has all its candidates in the batch's top (it might
+    hold more beyond them); then the full flat top-k runs instead.
+    """
+    n, d_sae = pre.shape
+    keep = min(k * n, pre.numel())
+    m = oversample * k
+    if m < d_sae:
+        cand = pre.topk(m, dim=-1, sorted=True)
+        top = cand.values.flatten().topk(keep, sorted=False)
+        # Each token's smallest candidate must lie strictly below the batch's kept minimum.
+        if bool((cand.values[:, -1] < top.values.min()).all()):
+            rows = top.indices // m
+            cols = cand.indices.flatten()[top.indices]
+            order = torch.argsort(rows, stable=True)
+            return rows[order], cols[order]
+    return flat_entries(pre.flatten().topk(keep, sorted=False).indices, d_sae)
+
+
 @register
 class BatchTopKSAE(TopKSAE):
     """A TopK SAE whose training activation is batch top-k and whose inference activation is a threshold."""
@@ -54,8 +76,7 @@ class BatchTopKSAE(TopKSAE):
         if not self.training:
             rows, cols = (pre > self.threshold.clamp_min(0)).nonzero(as_tuple=True)
             return rows, cols
-        keep = min(self.k * pre.shape[0], pre.numel())
-        rows, cols = flat_entries(pre.flatten().topk(keep, sorted=False).indices, pre.shape[-1])
+        rows, cols = batch_topk_entries(pre, self.k)
         self._update_threshold(pre[rows, cols].relu())
         return rows, cols
 

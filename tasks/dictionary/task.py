@@ -27,7 +27,16 @@ def train_dictionary(
 
     def build(folder: Path, run: StageRun) -> tuple[dict, dict]:
         store = ActivationCache(cache.path)
-        acts = store.load(hookpoint, store.select_rows("train"))
+        rows = store.select_rows("train")
+        acts = store.load(hookpoint, rows)
+        targets = None
+        if cfg.target_hookpoint is not None:  # a transcoder: the same tokens at its target site
+            if cfg.target_hookpoint not in store.manifest["hookpoints"]:
+                raise ValueError(
+                    f"transcoder target {cfg.target_hookpoint!r} is not in cache {cache.id}, which holds "
+                    f"{sorted(store.manifest['hookpoints'])}; add it to the spec's hookpoints and cache again"
+                )
+            targets = store.load(cfg.target_hookpoint, rows)
         t0 = time.perf_counter()
         log = stage_logger()
 
@@ -42,7 +51,7 @@ def train_dictionary(
                     metrics["dead_fraction"],
                 )
 
-        result = fit(cfg, acts, on_metrics=on_metrics, progress=ctx.progress)
+        result = fit(cfg, acts, on_metrics=on_metrics, progress=ctx.progress, targets=targets)
         seconds = time.perf_counter() - t0
         result.dictionary.save(folder)
         run.log_metrics({"train_seconds": seconds, "train_tokens": acts.shape[0]})

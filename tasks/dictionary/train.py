@@ -137,6 +137,7 @@ def train_dictionary(
     *,
     on_metrics: MetricsCallback | None = None,
     progress: bool = False,
+    targets: Tensor | None = None,
 ) -> TrainResult:
     """Train the dictionary `cfg` describes on `acts` [n, d_in] (CPU, any float dtype; it stays there).
 
@@ -144,8 +145,23 @@ def train_dictionary(
     last one, `on_metrics(metrics, step)` gets loss, mse (raw units), fvu, l0, dead_fraction, auxk_loss and
     lr. The loss is checked at the first step and every logged step: NaN, inf or a blow-up past
     DIVERGENCE_FACTOR x the first loss raise FloatingPointError naming the step.
+    A transcoder (`cfg.target_hookpoint` set) also takes `targets` [n, d_in]: the target hookpoint's
+    activations, row i of the same token as row i of acts; each batch takes the same rows of both.
     """
     validate_acts(acts)
+    if (targets is None) != (cfg.target_hookpoint is None):
+        given = "absent" if targets is None else "given"
+        raise ValueError(
+            "a transcoder (target_hookpoint set) needs `targets`, and only a transcoder takes them; "
+            f"got target_hookpoint={cfg.target_hookpoint!r} and targets {given}"
+        )
+    if targets is not None:
+        validate_acts(targets)
+        if targets.shape != acts.shape:
+            raise ValueError(
+                f"targets {tuple(targets.shape)} must match acts {tuple(acts.shape)} row for row; load both "
+                "hookpoints with the same rows (transcoders between sites of different widths are not built)"
+            )
     # A method that is not gradient-trained (semi-NMF) brings its own `fit` with this function's signature.
     own_fit = getattr(METHODS.get(cfg.method), "fit", None)
     if own_fit is not None:
@@ -160,7 +176,10 @@ def train_dictionary(
     dictionary = build_dictionary(cfg, d_in)
     if not isinstance(dictionary, Trainable):
         raise TypeError(f"method {cfg.method!r} lacks the Trainable hooks that train_dictionary needs")
-    dictionary.init_from_data(acts)
+    if targets is None:
+        dictionary.init_from_data(acts)
+    else:
+        dictionary.init_from_data(acts, targets)
     dictionary.to(device).train()
     # Optional hook, run after each complete step (1-based), e.g. GBA's every-T-steps bias update.
     after_step = getattr(dictionary, "after_step", None)
@@ -184,8 +203,13 @@ def train_dictionary(
     first_loss: float | None = None
     bar = tqdm(range(1, steps + 1), desc=f"train {cfg.method}", disable=not progress)
     for step in bar:
-        batch = acts[next(batches)].to(device, non_blocking=True)
-        out = dictionary.training_loss(batch, tokens_since_fired >= dead_tokens)
+        index = next(batches)
+        batch = acts[index].to(device, non_blocking=True)
+        dead = tokens_since_fired >= dead_tokens
+        if targets is None:
+            out = dictionary.training_loss(batch, dead)
+        else:
+            out = dictionary.training_loss(batch, dead, targets[index].to(device, non_blocking=True))
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         dictionary.before_optimizer_step()

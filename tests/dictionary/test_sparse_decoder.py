@@ -9,6 +9,7 @@ import torch
 
 from schemas.methods import BatchTopKConfig, MatryoshkaConfig, TopKConfig
 from tasks.dictionary import build_dictionary
+from tasks.dictionary.batchtopk import batch_topk_entries
 from tasks.dictionary.sparse_decoder import (
     SelectedPre,
     SparseCodes,
@@ -132,6 +133,19 @@ def test_selected_pre_backward_equals_the_dense_jacobian():
     for e, s in zip(expected, got):
         assert e.abs().sum() > 0
         torch.testing.assert_close(s, e)
+
+
+@pytest.mark.parametrize("hot_row", [False, True])
+def test_batch_topk_entries_equal_the_flat_top_k(hot_row):
+    g = torch.Generator().manual_seed(1)
+    pre = torch.randn(16, 64, generator=g, dtype=torch.float64)
+    if hot_row:  # token 3 outranks every other: its 4k = 8 candidates are not enough, so the fallback runs
+        pre[3] += 100.0
+    rows, cols = batch_topk_entries(pre, k=2)
+    flat = pre.flatten().topk(32).indices
+    assert sorted(zip(rows.tolist(), cols.tolist())) == sorted((int(i) // 64, int(i) % 64) for i in flat)
+    assert rows.tolist() == sorted(rows.tolist())
+    assert (rows == 3).sum() == (32 if hot_row else (rows == 3).sum())
 
 
 def test_sparse_decode_with_empty_rows_matches_dense():
