@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+import torch
 from torch import Tensor
 
 from schemas.methods import MatryoshkaConfig
 from tasks.dictionary.batchtopk import BatchTopKSAE
 from tasks.dictionary.registry import register
-from tasks.dictionary.sparse_decoder import SparseCodes, sparse_decode
+from tasks.dictionary.sparse_decoder import SparseCodes, bag_sum, row_offsets
 
 
 @register
@@ -43,13 +44,21 @@ class MatryoshkaSAE(BatchTopKSAE):
         return self.prefix_reconstructions(codes)
 
     def sparse_reconstructions(self, codes: SparseCodes) -> list[Tensor]:
-        """`prefix_reconstructions` from sparse codes: each block gathers only its own selected rows."""
-        recons, recon, start = [], self.b_dec.expand(codes.n_rows, -1), 0
-        for end in self.cfg.prefix_sizes():
-            recon = recon + sparse_decode(codes.restrict(start, end), self.W_dec)
-            recons.append(recon)
-            start = end
-        return recons
+        """`prefix_reconstructions` from sparse codes, in one gather over all prefix blocks.
+
+        Each entry goes to the bag (block of its latent, token); the bags' sums [blocks, tokens, d_in] are
+        the blocks' contributions, and their running sum over blocks gives the prefixes' reconstructions.
+        """
+        sizes = self.cfg.prefix_sizes()
+        n_blocks, n_rows = len(sizes), codes.n_rows
+        bounds = torch.tensor(sizes[:-1], device=codes.cols.device)
+        key = torch.bucketize(codes.cols, bounds, right=True) * n_rows + codes.rows
+        order = torch.argsort(key, stable=True)
+        parts = bag_sum(
+            codes.cols[order], self.W_dec, codes.values[order], row_offsets(key[order], n_blocks * n_rows)
+        )
+        recons = self.b_dec + parts.view(n_blocks, n_rows, -1).cumsum(0)
+        return list(recons.unbind(0))
 
     def reconstruction_loss(self, fvus: list[Tensor]) -> Tensor:
         """Sum over prefixes of FVU(prefix); the caller adds AuxK on the full reconstruction's residual."""
