@@ -12,8 +12,9 @@ from pydantic import Field, model_validator
 
 from schemas.base import Contract
 
-# Methods whose code can encode one hookpoint and reconstruct another (tasks.dictionary.topk).
-TRANSCODER_METHODS = ("topk", "batchtopk", "matryoshka")
+# Methods whose code can encode one hookpoint and reconstruct another (tasks.dictionary.transcoder): the
+# linear-encoder SAEs. Not GBA/BA (tied weights), MP (pursuit on its own residual) or semi-NMF (factorises).
+TRANSCODER_METHODS = ("topk", "batchtopk", "matryoshka", "relu", "jumprelu", "gated", "threshold")
 
 
 class TrainingConfig(Contract):
@@ -26,7 +27,7 @@ class TrainingConfig(Contract):
         exclude_if=lambda v: v is None,
         description="Train a transcoder: encode `hookpoint`'s activations, reconstruct this hookpoint's "
         "(e.g. hookpoint 'model.layers.3.post_attention_layernorm', target 'mlp_out.3'). Both must be cached "
-        "and of the same width; only the TopK family (topk, batchtopk, matryoshka) trains as a transcoder.",
+        "and of the same width. Not for gba, ba, mp or snmf.",
     )
     d_sae: int = Field(2048, ge=1, description="Number of latents.")
     lr: float = Field(4e-4, gt=0, description="Peak AdamW learning rate (reached after `warmup_steps`).")

@@ -28,21 +28,19 @@ from tasks.dictionary.sparse_decoder import (
     sparse_encode,
     use_sparse_path,
 )
+from tasks.dictionary.transcoder import TranscoderSites
 
 # Guards the divisions by a batch variance; far below any real activation variance after input scaling.
 _EPS = 1e-12
 
 
 @register
-class TopKSAE(Dictionary):
+class TopKSAE(TranscoderSites, Dictionary):
     """W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in] (unit-norm rows), b_dec [d_in].
 
     Parameters live in the scaled space (acts * input_scale); `encode`/`decode` take and give raw activations.
-
-    As a transcoder (`cfg.target_hookpoint` set) it encodes one hookpoint's activations and reconstructs
-    another's: the input is not centred by b_dec (which lives in the target's space; b_enc absorbs any
-    offset), and the target has its own `target_scale` (E||target * target_scale||^2 = d_in), by which
-    `decode` divides. Both scales are saved in cfg.json; for a plain SAE target_scale equals input_scale.
+    As a transcoder (`cfg.target_hookpoint` set) it reconstructs another hookpoint's activations; see
+    tasks.dictionary.transcoder.
     """
 
     method: ClassVar[str] = "topk"
@@ -51,7 +49,6 @@ class TopKSAE(Dictionary):
     # Training path: None picks per device (tasks.dictionary.sparse_decoder.use_sparse_path), True forces the
     # sparse decoder, False the dense one. Not saved: it changes speed, not results.
     sparse_decoder: bool | None = None
-    fitted_scalars: ClassVar[tuple[str, ...]] = ("input_scale", "target_scale")
 
     def __init__(self, cfg: TopKConfig, d_in: int) -> None:
         super().__init__(cfg, d_in)
@@ -60,10 +57,7 @@ class TopKSAE(Dictionary):
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
         self.W_dec = nn.Parameter(torch.empty(cfg.d_sae, d_in))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
-        self.is_transcoder = cfg.target_hookpoint is not None
-        self.register_buffer("target_scale", torch.ones(()), persistent=False)
-        # A transcoder's inputs are centred by nothing: a constant zero, never trained.
-        self.register_buffer("_no_center", torch.zeros(d_in), persistent=False)
+        self._init_sites()
         # Own generator: building (or loading) a dictionary must not advance the global RNG.
         self.reset_parameters(torch.Generator().manual_seed(cfg.seed))
 
@@ -77,13 +71,6 @@ class TopKSAE(Dictionary):
         self.b_enc.zero_()
         self.b_dec.zero_()
 
-    @classmethod
-    def upgrade_cfg(cls, raw: dict) -> dict:
-        raw = super().upgrade_cfg(raw)
-        # Saved before transcoders: the target was the input, so its scale was the input's.
-        raw.setdefault("target_scale", raw["input_scale"])
-        return raw
-
     @torch.no_grad()
     def init_from_data(self, acts: Tensor, targets: Tensor | None = None) -> None:
         """Fit `input_scale` so E||acts * scale||^2 = d_in; set b_dec per `b_dec_init` (default: the mean).
@@ -91,34 +78,13 @@ class TopKSAE(Dictionary):
         A transcoder also takes its `targets` [n, d_in] (rows aligned with acts): `target_scale` and b_dec
         come from them.
         """
-        self._check_targets(targets)
+        self.check_targets(targets)
         scale, b_dec = input_statistics(acts, self.cfg.b_dec_init)
         self.input_scale.fill_(scale)
         if targets is not None:
             scale, b_dec = input_statistics(targets, self.cfg.b_dec_init)
         self.target_scale.fill_(scale)
         self.b_dec.copy_(b_dec.to(self.b_dec))
-
-    def _check_targets(self, targets: Tensor | None) -> None:
-        if self.is_transcoder and targets is None:
-            raise ValueError(
-                f"this {self.method} is a transcoder (target {self.cfg.target_hookpoint!r}): pass the target "
-                "hookpoint's activations as `targets`"
-            )
-        if not self.is_transcoder and targets is not None:
-            raise ValueError(
-                f"targets given, but this {self.method} is no transcoder; set target_hookpoint in its config"
-            )
-
-    @property
-    def input_center(self) -> Tensor:
-        """What is subtracted from scaled inputs before encoding: b_dec, or zeros for a transcoder."""
-        return self._no_center if self.is_transcoder else self.b_dec
-
-    @property
-    def output_scale(self) -> Tensor:
-        """The scale of the reconstructed site: `decode` divides by it."""
-        return self.target_scale if self.is_transcoder else self.input_scale
 
     def pre_acts(self, x_scaled: Tensor) -> Tensor:
         """Encoder pre-activations [..., d_sae] of already scaled inputs."""
@@ -149,9 +115,7 @@ class TopKSAE(Dictionary):
         Runs the sparse path (tasks.dictionary.sparse_decoder) unless `sparse_decoder` is False; both give the
         same losses and gradients up to float rounding.
         """
-        self._check_targets(target)
-        x = acts.to(self.W_enc.dtype) * self.input_scale
-        y = x if target is None else target.to(self.W_enc.dtype) * self.target_scale
+        x, y = self.sites(acts, target)
         center = self.input_center
         if use_sparse_path(self.sparse_decoder, x.device):
             with torch.no_grad():  # the dense pre-activations only choose the codes; no graph is kept

@@ -8,9 +8,10 @@ import json
 
 import pytest
 import torch
+from pydantic import TypeAdapter
 from torch import nn
 
-from schemas.methods import BatchTopKConfig, ReLUConfig, TopKConfig
+from schemas.methods import BatchTopKConfig, DictionaryConfig, ReLUConfig, TopKConfig
 from schemas.spec import SpecError, parse_spec
 from tasks.dictionary import build_dictionary, load_dictionary, train_dictionary
 from tasks.evaluate.ce_loss import ce_loss_score
@@ -97,6 +98,28 @@ def test_batchtopk_transcoder_trains_on_both_paths_alike():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    ("method", "extra"),
+    [
+        ("relu", {"l1_coef": 1.0}),
+        ("jumprelu", {"l0_coef": 0.1}),
+        ("gated", {"l1_coef": 1.0}),
+        ("threshold", {"tau": 0.3, "use_bias": True}),
+    ],
+)
+def test_linear_sae_methods_train_as_transcoders(method, extra):
+    # Short runs: these methods need more steps than TopK to recover the map, but a method that ignored its
+    # target (reconstructing its input) would score an FVU of ~45 against the target here, not below 0.8.
+    acts, targets, _ = planted_map(8000)
+    fields = {"method": method, "hookpoint": SOURCE, "target_hookpoint": TARGET, "d_sae": 128, "lr": 2e-3}
+    fields |= {"batch_size": 256, "steps": 300, "device": "cpu", "log_every": 100} | extra
+    cfg = TypeAdapter(DictionaryConfig).validate_python(fields)
+    tc = train_dictionary(cfg, acts, targets=targets).dictionary
+    assert tc.is_transcoder and tc.target_scale < tc.input_scale / 3
+    fresh_acts, fresh_targets, _ = planted_map(2000, data_seed=7)
+    assert reconstruction_metrics(tc, fresh_acts, targets=fresh_targets).fvu < 0.8
+
+
 def test_plain_sae_keeps_one_scale_and_old_cfg_loads(tmp_path):
     acts, _, _ = planted_map(1000)
     sae = build_dictionary(TopKConfig(d_sae=64, k=3), D_IN)
@@ -123,7 +146,11 @@ def test_training_refuses_missing_or_unexpected_targets():
 
 def test_config_and_spec_refuse_what_cannot_work():
     with pytest.raises(ValueError, match="cannot be trained as a transcoder"):
-        ReLUConfig(hookpoint=SOURCE, target_hookpoint=TARGET)
+        TypeAdapter(DictionaryConfig).validate_python(
+            {"method": "gba", "hookpoint": SOURCE, "target_hookpoint": TARGET}
+        )
+    with pytest.raises(ValueError, match="equals hookpoint"):
+        ReLUConfig(hookpoint=SOURCE, target_hookpoint=SOURCE)
     with pytest.raises(ValueError, match="needs `hookpoint`"):
         TopKConfig(target_hookpoint=TARGET)
     spec = {
@@ -149,13 +176,17 @@ def linear_mlp_llama(A: torch.Tensor) -> nn.Module:
     return model.eval()
 
 
-def perfect_transcoder(A: torch.Tensor):
+def perfect_transcoder(A: torch.Tensor, method: str = "topk"):
     """x -> x @ A.T exactly: latents relu(x_i) and relu(-x_i) (W_enc = [I, -I]), decoded by +-A.T's rows.
 
-    A token has at most d nonzero latents of the 2d (one per dimension), so top-k with k = d keeps them all.
+    A token has at most d nonzero latents of the 2d (one per dimension), so top-k with k = d keeps them all;
+    a ReLU SAE with zero biases computes the same codes.
     """
     d = A.shape[0]
-    tc = build_dictionary(TopKConfig(hookpoint=SOURCE, target_hookpoint=TARGET, d_sae=2 * d, k=d), d)
+    fields = {"method": method, "hookpoint": SOURCE, "target_hookpoint": TARGET, "d_sae": 2 * d}
+    if method == "topk":
+        fields["k"] = d
+    tc = build_dictionary(TypeAdapter(DictionaryConfig).validate_python(fields), d)
     eye = torch.eye(d)
     with torch.no_grad():
         tc.W_enc.copy_(torch.cat([eye, -eye], dim=1))
@@ -165,10 +196,11 @@ def perfect_transcoder(A: torch.Tensor):
     return tc.eval()
 
 
-def test_perfect_transcoder_splice_leaves_the_loss_unchanged():
+@pytest.mark.parametrize("method", ["topk", "relu"])
+def test_perfect_transcoder_splice_leaves_the_loss_unchanged(method):
     d = 32  # the tiny Llama's hidden size
     A = torch.randn(d, d, generator=torch.Generator().manual_seed(5)) / d**0.5
-    model, tc = linear_mlp_llama(A), perfect_transcoder(A)
+    model, tc = linear_mlp_llama(A), perfect_transcoder(A, method)
     ids = torch.randint(1, 320, (4, 12), generator=torch.Generator().manual_seed(3))
 
     result = ce_loss_score(model, tc, TARGET, ids, source_hookpoint=SOURCE)
