@@ -28,26 +28,35 @@ def batch_topk(pre: Tensor, k: int) -> Tensor:
     return codes.reshape(pre.shape)
 
 
-def batch_topk_entries(pre: Tensor, k: int, oversample: int = 4) -> tuple[Tensor, Tensor]:
+def batch_topk_entries(pre: Tensor, k: int, oversample: int = 2) -> tuple[Tensor, Tensor]:
     """(rows, cols), sorted by row, of the k * n_tokens largest entries of pre [n_tokens, d_sae].
 
-    A top-k over all n_tokens * d_sae entries is slow on CPU, so the candidates are first each token's top
-    `oversample * k`. That is exact unless some token has all its candidates in the batch's top (it might
-    hold more beyond them); then the full flat top-k runs instead.
+    A top-k over all n_tokens * d_sae entries is slow on CPU (seconds at the benchmark's size), so the
+    candidates are first each token's top `oversample * k`. A token whose smallest candidate still reaches
+    the batch's kept minimum might hold more beyond its candidates: all its entries then join the pool
+    and the top-k runs again. That is exact: every other token's unseen entries lie below its smallest
+    candidate, hence below the old kept minimum, which a larger pool can only raise.
     """
     n, d_sae = pre.shape
     keep = min(k * n, pre.numel())
     m = oversample * k
-    if m < d_sae:
-        cand = pre.topk(m, dim=-1, sorted=True)
-        top = cand.values.flatten().topk(keep, sorted=False)
-        # Each token's smallest candidate must lie strictly below the batch's kept minimum.
-        if bool((cand.values[:, -1] < top.values.min()).all()):
-            rows = top.indices // m
-            cols = cand.indices.flatten()[top.indices]
-            order = torch.argsort(rows, stable=True)
-            return rows[order], cols[order]
-    return flat_entries(pre.flatten().topk(keep, sorted=False).indices, d_sae)
+    if m >= d_sae:
+        return flat_entries(pre.flatten().topk(keep, sorted=False).indices, d_sae)
+    cand = pre.topk(m, dim=-1, sorted=False)
+    top = cand.values.flatten().topk(keep, sorted=False)
+    hot = cand.values.min(dim=-1).values >= top.values.min()
+    if not bool(hot.any()):
+        rows, cols = top.indices // m, cand.indices.flatten()[top.indices]
+    else:
+        cold, hot_rows = (~hot).nonzero().squeeze(1), hot.nonzero().squeeze(1)
+        pool = torch.cat([cand.values[cold].flatten(), pre[hot_rows].flatten()])
+        pool_rows = torch.cat([cold.repeat_interleave(m), hot_rows.repeat_interleave(d_sae)])
+        every_col = torch.arange(d_sae, device=pre.device).repeat(len(hot_rows))
+        pool_cols = torch.cat([cand.indices[cold].flatten(), every_col])
+        top = pool.topk(keep, sorted=False)
+        rows, cols = pool_rows[top.indices], pool_cols[top.indices]
+    order = torch.argsort(rows, stable=True)
+    return rows[order], cols[order]
 
 
 @register

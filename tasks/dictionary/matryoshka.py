@@ -57,8 +57,12 @@ class MatryoshkaSAE(BatchTopKSAE):
         parts = bag_sum(
             codes.cols[order], self.W_dec, codes.values[order], row_offsets(key[order], n_blocks * n_rows)
         )
-        recons = self.b_dec + parts.view(n_blocks, n_rows, -1).cumsum(0)
-        return list(recons.unbind(0))
+        # A running sum by hand: cumsum's backward (flip, cumsum, flip) costs more than these few adds.
+        recons, recon = [], self.b_dec
+        for part in parts.view(n_blocks, n_rows, -1).unbind(0):
+            recon = recon + part
+            recons.append(recon)
+        return recons
 
     def reconstruction_loss(self, fvus: list[Tensor]) -> Tensor:
         """Sum over prefixes of FVU(prefix); the caller adds AuxK on the full reconstruction's residual."""

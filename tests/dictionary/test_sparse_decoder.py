@@ -139,7 +139,7 @@ def test_selected_pre_backward_equals_the_dense_jacobian():
 def test_batch_topk_entries_equal_the_flat_top_k(hot_row):
     g = torch.Generator().manual_seed(1)
     pre = torch.randn(16, 64, generator=g, dtype=torch.float64)
-    if hot_row:  # token 3 outranks every other: its 4k = 8 candidates are not enough, so the fallback runs
+    if hot_row:  # token 3 outranks every other: its 2k = 4 candidates are not enough, so all its entries join
         pre[3] += 100.0
     rows, cols = batch_topk_entries(pre, k=2)
     flat = pre.flatten().topk(32).indices
