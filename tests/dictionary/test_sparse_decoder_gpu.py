@@ -1,4 +1,4 @@
-"""On CUDA the sparse path of the TopK family equals the dense one, as on CPU, and is what `auto` trains with."""
+"""On CUDA the TopK family's sparse path equals the dense one, as on CPU, and `auto` trains with it."""
 
 from __future__ import annotations
 
