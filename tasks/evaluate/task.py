@@ -43,8 +43,13 @@ def trained_model_id(ctx: StageContext, dictionary: DictionaryRef) -> str | None
     return None if found is None else found[1].ref["model"]["id"]
 
 
-def causal_figures(loaded, sae, hookpoint: str, ids, mask, spec: EvaluateSpec, exclude_first: bool) -> dict:
-    """Ablation and steering of the most frequent latents on a few held-out contexts."""
+def causal_figures(
+    loaded, sae, hookpoint: str, ids, mask, spec: EvaluateSpec, exclude_first: bool, target: str | None = None
+) -> dict:
+    """Ablation and steering of the most frequent latents on a few held-out contexts.
+
+    For a transcoder (`target` set) latents are read at `hookpoint`, removed and steered at `target`.
+    """
     n = max(spec.ablation_latents, spec.steering_latents)
     if n == 0:
         return {"ablations": [], "steering": []}
@@ -56,18 +61,19 @@ def causal_figures(loaded, sae, hookpoint: str, ids, mask, spec: EvaluateSpec, e
     ablations = ablate_latents(
         loaded.model,
         sae,
-        hookpoint,
+        target or hookpoint,
         ids,
         mask,
         latents[: spec.ablation_latents],
         exclude_first_token=exclude_first,
+        source_hookpoint=None if target is None else hookpoint,
     )
     prompt = loaded.tokenizer(spec.steering_prompt, return_tensors="pt")["input_ids"].to(loaded.device)
     steering = [
         steer_latent(
             loaded.model,
             sae,
-            hookpoint,
+            target or hookpoint,
             prompt,
             j,
             sign=sign,
@@ -134,12 +140,7 @@ def evaluate_dictionary(
             mean=mean,
             source_hookpoint=None if target is None else hookpoint,
         )
-        # Ablation and steering read and write one site; a transcoder's two are not wired into them yet.
-        causes = (
-            causal_figures(loaded, sae, hookpoint, ids, mask, spec, exclude_first)
-            if target is None
-            else {"ablations": [], "steering": []}
-        )
+        causes = causal_figures(loaded, sae, hookpoint, ids, mask, spec, exclude_first, target)
         details = EvalDetails(
             **recon.model_dump(include=set(EvalDetails.model_fields)),
             **ce.model_dump(include=set(EvalDetails.model_fields)),

@@ -13,8 +13,10 @@ from torch import nn
 
 from schemas.methods import BatchTopKConfig, DictionaryConfig, ReLUConfig, TopKConfig
 from schemas.spec import SpecError, parse_spec
+from tasks.common.hooks import splice
 from tasks.dictionary import build_dictionary, load_dictionary, train_dictionary
-from tasks.evaluate.ce_loss import ce_loss_score
+from tasks.evaluate.ablation import ablate_latents
+from tasks.evaluate.ce_loss import ce_loss_score, next_token_loss_sum
 from tasks.evaluate.metrics import reconstruction_metrics
 from tests.helpers import build_tiny_llama
 
@@ -221,3 +223,29 @@ def test_transcoder_splice_refuses_a_downstream_input():
     ids = torch.randint(1, 320, (2, 8), generator=torch.Generator().manual_seed(3))
     with pytest.raises(ValueError, match="upstream"):
         ce_loss_score(model, tc, "model.layers.0.mlp", ids, source_hookpoint=SOURCE)
+
+
+def test_transcoder_latent_ablation_acts_at_the_target_with_codes_from_the_input():
+    # With the perfect transcoder of the linear MLP, latent j is relu(x_j) and writes relu(x_j) * A[:, j]:
+    # removing it at the MLP's output equals zeroing relu(x_j) in the MLP's input, which the reference run
+    # does directly at the input site (it feeds only the MLP).
+    d, j = 32, 5
+    A = torch.randn(d, d, generator=torch.Generator().manual_seed(5)) / d**0.5
+    model, tc = linear_mlp_llama(A), perfect_transcoder(A)
+    ids = torch.randint(1, 320, (4, 12), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    (result,) = ablate_latents(
+        model, tc, TARGET, ids, mask, [j], exclude_first_token=False, source_hookpoint=SOURCE
+    )
+
+    def drop_positive_part(x: torch.Tensor) -> torch.Tensor:
+        x = x.clone()
+        x[..., j] -= x[..., j].relu()
+        return x
+
+    with torch.no_grad():
+        clean, count = next_token_loss_sum(model(input_ids=ids).logits, ids, mask)
+        with splice(model, SOURCE, drop_positive_part):
+            ablated, _ = next_token_loss_sum(model(input_ids=ids).logits, ids, mask)
+    assert abs(result.loss_change) > 1e-4
+    assert result.loss_change == pytest.approx((ablated - clean) / count, rel=1e-4, abs=1e-7)

@@ -39,4 +39,6 @@ def test_transcoder_spec_trains_evaluates_and_labels(tmp_path, pipeline):  # noq
     assert math.isfinite(d.evaluation.fvu) and math.isfinite(d.evaluation.ce_loss_spliced)
     # The spliced run replaced the MLP's output (by the transcoder's, from the input site): the loss moved.
     assert d.evaluation.ce_loss_spliced != d.evaluation.ce_loss_clean
+    # Ablation and steering ran too: codes read at the input site, removed and steered at the target.
+    assert d.evaluation.details.ablations and d.evaluation.details.steering
     assert Path(d.labeling.path).is_dir()
