@@ -222,8 +222,10 @@ def test_nan_in_a_shard_is_named(cache_dir, tmp_path):
     manifest = json.loads((broken / "manifest.json").read_text())
     shard = manifest["hookpoints"][HOOKPOINT]["shards"][2]
     store = ActivationCache(broken, verify=False)
-    acts = store.read_shard(HOOKPOINT, 2).clone()
-    acts[5, 3] = float("nan")
+    acts, store_rows = store.read_shard(HOOKPOINT, 2).clone(), store.select_rows("train")
+    shard_tokens = manifest["shard_tokens"]
+    train = store_rows[(store_rows // shard_tokens) == 2]  # a training row of that shard
+    acts[int(train[0]) - 2 * shard_tokens, 3] = float("nan")
     shard["sha256"] = write_acts_shard(acts, broken / shard["file"])
     shard["bytes"] = (broken / shard["file"]).stat().st_size
     (broken / "manifest.json").write_text(json.dumps(manifest))
