@@ -91,13 +91,19 @@ class TensorSource:
         validate_acts(acts)
         self.acts = acts
         self.n_rows, self.d_in = acts.shape
+        self._next: tuple[int, int, torch.Generator] | None = None  # (seed, epoch) the generator is at
 
     def epoch(self, epoch: int, batch_size: int, seed: int) -> Iterator[Tensor]:  # noqa: ARG002
-        # One generator drawn epoch + 1 times: the permutations of the loop before streaming existed.
-        gen = torch.Generator().manual_seed(seed)
-        for _ in range(epoch):
-            torch.randperm(self.n_rows, generator=gen)
+        # Epoch e is the (e+1)-th permutation of one seeded generator: the data order of the loop before
+        # streaming existed. Read in order, the generator just goes on; anything else replays it.
+        if self._next is not None and self._next[:2] == (seed, epoch):
+            gen = self._next[2]
+        else:
+            gen = torch.Generator().manual_seed(seed)
+            for _ in range(epoch):
+                torch.randperm(self.n_rows, generator=gen)
         perm = torch.randperm(self.n_rows, generator=gen)
+        self._next = (seed, epoch + 1, gen)
         for start in range(0, self.n_rows, 65_536):
             yield self.acts[perm[start : start + 65_536]]
 
