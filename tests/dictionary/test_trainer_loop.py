@@ -132,6 +132,11 @@ def test_a_sweep_reads_the_stream_once_and_equals_each_dictionary_alone(cache_di
         BAConfig(d_sae=64, update_every=4, **base),
     ]
     reads = _count_reads(monkeypatch)
+
+    def no_loading(*_args, **_kwargs):
+        raise AssertionError("the streaming path must never load the whole split")
+
+    monkeypatch.setattr(ActivationCache, "load", no_loading)
     alone = [train_dictionary(cfg, CacheSource(store, HOOKPOINT)) for cfg in cfgs]
     reads_alone = len(reads)
     reads.clear()
