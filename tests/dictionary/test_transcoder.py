@@ -138,11 +138,11 @@ def test_plain_sae_keeps_one_scale_and_old_cfg_loads(tmp_path):
 
 def test_training_refuses_missing_or_unexpected_targets():
     acts, targets, _ = planted_map(512)
-    with pytest.raises(ValueError, match="needs `targets`"):
+    with pytest.raises(ValueError, match="trains on paired input and target"):
         train_dictionary(transcoder_cfg(steps=2), acts)
-    with pytest.raises(ValueError, match="only a transcoder takes them"):
+    with pytest.raises(ValueError, match="only a transcoder does"):
         train_dictionary(TopKConfig(d_sae=64, k=3, steps=2, device="cpu"), acts, targets=targets)
-    with pytest.raises(ValueError, match="row for row"):
+    with pytest.raises(ValueError, match="of the same tokens"):
         train_dictionary(transcoder_cfg(steps=2), acts, targets=targets[:100])
 
 
