@@ -162,6 +162,11 @@ def use_sparse_path(setting: bool | None, device: torch.device) -> bool:
     d_in 576, d_sae 1152, batch 1024, k 32: 490-750 / 200-250; d_in 576, d_sae 4608, batch 1024, k 128:
     1360-1850 / 660. On CUDA it removes four of the six large matmuls. So no device is better off dense;
     `device` stays in the signature for when one is.
+
+    Under `torch.compile` (config `compile: true`) the dense path runs whatever the setting: Dynamo does not
+    trace `SelectedPre` (its forward hands on values computed under no_grad), and fuses the dense path.
     """
     del device
+    if torch.compiler.is_compiling():
+        return False
     return True if setting is None else setting
