@@ -6,12 +6,14 @@ forward matmul can work on the `nnz = batch * k` selected (token, latent) pairs 
 
 - decode gathers the k selected decoder rows per token (`embedding_bag`, mode "sum", the codes as
   per-sample weights), and its backward scatters into just those rows;
-- the encoder's gradient is nonzero only in the selected columns of the pre-activations, so `SelectedPre`
-  builds the W_enc, b_enc and input gradients from the nnz entries (again with `embedding_bag`) instead of
-  two dense matmuls against a mostly-zero [batch, d_sae] gradient.
+- the encoder's gradient is nonzero only at the selected pre-activations, so `SelectedPre` builds the
+  W_enc gradient from the nnz entries (again with `embedding_bag`), b_enc's as their sums and b_dec's as one
+  matrix-vector product, instead of two dense matmuls against a mostly-zero [batch, d_sae] gradient. The
+  result is a dense tensor (AdamW wants one) whose unselected columns are zero.
 
 The encoder's forward matmul stays dense (the selection needs every pre-activation), and so does the dense
-[batch, d_sae] pre-activation tensor, but it is no longer kept for the backward pass. The results equal the
+[batch, d_sae] pre-activation tensor, but it is no longer kept for the backward pass: its buffer is reused
+for the codes the trainer counts. The results equal the
 dense path's up to float rounding (tests/dictionary/test_sparse_decoder.py checks outputs and gradients).
 The gradients handed to the optimizer are ordinary dense tensors, so AdamW, the decoder-row constraint
 (parallel gradient removed, rows renormalised) and checkpoints see no difference.
