@@ -97,7 +97,9 @@ class Catalog:
             "catalog database", self.url, lambda: self._register_once(ref, parents, config, columns), _HINT
         )
 
-    def _register_once(self, ref: ArtifactRef, parents: list[ArtifactRef], config: dict, columns: dict) -> None:
+    def _register_once(
+        self, ref: ArtifactRef, parents: list[ArtifactRef], config: dict, columns: dict
+    ) -> None:
         row_cls = ROWS[ref.kind]
         try:
             with Session(self.engine) as s, s.begin():

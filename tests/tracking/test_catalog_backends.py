@@ -17,26 +17,12 @@ from sqlalchemy import inspect, select, text
 
 from schemas.artifacts import CorpusRef
 from schemas.catalog import CorpusRow, LineageEdge
-from schemas.spec import CorpusSpec
 from tasks.tracking.catalog import Catalog, make_engine, migrate
-from tasks.tracking.identity import identity
 from tasks.tracking.retry import ServiceUnavailable
 from tests.pg import PASSWORD, free_port
+from tests.tracking.catalog_writer import corpus_ref
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def corpus_ref(name: str, **spec) -> CorpusRef:
-    ident = identity("corpus", {"name": name}, [])
-    return CorpusRef(
-        id=ident.id,
-        fingerprint=ident.fingerprint,
-        path=f"/data/{name}",
-        mlflow_run_id="r1",
-        spec=CorpusSpec(**spec),
-        n_documents=3,
-        n_chars=30,
-    )
 
 
 def test_empty_database_upgrades_to_head(db_url):
@@ -77,21 +63,6 @@ def test_older_database_upgrades_with_rows_intact(db_url):
     assert cat.parents(ref.id) == ["corpus-parent"]
 
 
-_WRITER = """
-import sys, time
-from pathlib import Path
-from tests.tracking.test_catalog_backends import corpus_ref
-from tasks.tracking.catalog import Catalog
-url, first, last, go = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4])
-cat = Catalog(url)
-root = corpus_ref("root")
-while not go.exists():
-    time.sleep(0.01)
-for i in range(first, last):
-    cat.register(corpus_ref(f"c{i}"), [root], {"i": i}, n_documents=3, n_chars=30)
-"""
-
-
 def test_two_processes_register_at_once_without_loss_or_duplicates(db_url, tmp_path):
     cat = Catalog(db_url)
     root = corpus_ref("root")
@@ -100,12 +71,19 @@ def test_two_processes_register_at_once_without_loss_or_duplicates(db_url, tmp_p
     env = os.environ | {"PYTHONPATH": str(REPO)}
     # 0-59 and 30-89: the 30 in the middle are registered by both processes, racing
     procs = [
-        subprocess.Popen([sys.executable, "-c", _WRITER, db_url, str(a), str(b), str(go)], env=env,
-                         stderr=subprocess.PIPE, text=True)  # fmt: skip
+        subprocess.Popen(
+            [sys.executable, "-m", "tests.tracking.catalog_writer", db_url, str(a), str(b),
+             str(tmp_path / f"ready{a}"), str(go)],  # fmt: skip
+            env=env, stderr=subprocess.PIPE, text=True, cwd=REPO,
+        )
         for a, b in ((0, 60), (30, 90))
     ]
-    time.sleep(3)  # both have opened the catalog and wait at the start line
-    go.touch()
+    deadline = time.monotonic() + 240
+    while not all((tmp_path / f"ready{a}").exists() for a in (0, 30)):
+        assert all(p.poll() is None for p in procs), [p.communicate()[1] for p in procs]
+        assert time.monotonic() < deadline, "the writers did not start within 240 s"
+        time.sleep(0.05)
+    go.touch()  # both have opened the catalog and wait at the start line
     for p in procs:
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err
