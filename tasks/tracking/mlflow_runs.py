@@ -25,6 +25,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from schemas.artifacts import ArtifactRef
+from tasks.tracking.paths import check_name
 from tasks.tracking.retry import retrying
 from tasks.tracking.secrets import mask_secrets
 
@@ -72,6 +73,8 @@ class StageRun:
             _write(self.client, self.client.set_tag, self.run_id, k, v)
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        if artifact_path is not None:
+            check_name(artifact_path)
         _write(self.client, self.client.log_artifact, self.run_id, str(path), artifact_path)
 
     def log_input(self, ref: ArtifactRef, context: str) -> None:
