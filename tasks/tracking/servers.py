@@ -222,12 +222,12 @@ def stop(settings: Settings, only: tuple[str, ...] = NAMES, timeout: float = 30)
         if _alive(pid, name):
             _group_signal(pid, signal.SIGTERM)
             deadline = time.monotonic() + timeout
-            while _alive(pid, name) and time.monotonic() < deadline:
-                _reap(pid)
+            while not _gone(pid) and time.monotonic() < deadline:
                 time.sleep(0.2)
-            if _alive(pid, name):
+            if not _gone(pid):
                 _group_signal(pid, signal.SIGKILL)
-            _reap(pid)
+                while not _gone(pid):
+                    time.sleep(0.1)
             stopped.append(name)
         path.unlink(missing_ok=True)
     return stopped
@@ -244,7 +244,18 @@ def _group_signal(pid: int, sig: int) -> bool:
         return False
 
 
-def _reap(pid: int) -> None:
-    """Collect the exit status when the server is our own child (a test or a CLI that started it)."""
+def _gone(pid: int) -> bool:
+    """Whether `pid` has exited; reaps it when it is our own child (a test or a CLI that started it)."""
     with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    try:  # a zombie whose parent is someone else: exited, waiting for that parent to reap it
+        return stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (FileNotFoundError, IndexError):
+        return True
