@@ -305,6 +305,11 @@ def _show_stage_logs() -> None:
 
 
 def main() -> None:
+    from tasks.tracking.retry import ServiceUnavailable
+
     configure_environment(Settings())
     _show_stage_logs()
-    app()
+    try:
+        app()
+    except ServiceUnavailable as e:  # the database or tracking server is down: the message says which
+        raise SystemExit(fail(str(e)).exit_code) from None
