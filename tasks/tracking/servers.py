@@ -246,16 +246,22 @@ def _group_signal(pid: int, sig: int) -> bool:
 
 def _gone(pid: int) -> bool:
     """Whether `pid` has exited; reaps it when it is our own child (a test or a CLI that started it)."""
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(pid, os.WNOHANG)
+    ours = True
+    try:
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return True
+    except ChildProcessError:
+        ours = False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return True
     except PermissionError:
         return False
+    if ours:
+        return False  # still running, or a zombie the next waitpid collects
     stat = Path(f"/proc/{pid}/stat")
-    try:  # a zombie whose parent is someone else: exited, waiting for that parent to reap it
+    try:  # someone else's zombie: exited, waiting for its parent to collect it
         return stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"
     except (FileNotFoundError, IndexError):
         return True
