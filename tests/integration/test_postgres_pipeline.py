@@ -13,6 +13,8 @@ from tasks.tracking.catalog import Catalog
 from tests.flows.test_pipeline import tiny_spec
 from tests.pg import PASSWORD
 
+pytestmark = pytest.mark.slow  # two whole flow runs; `make test` runs it in CI
+
 
 @pytest.fixture
 def pg_settings(pg_cluster, home, monkeypatch) -> Settings:  # noqa: ARG001
