@@ -90,7 +90,8 @@ class StageRun:
 
 
 def probe(uri: str) -> None:
-    """Raise ConnectionError unless the tracking store at `uri` answers (a file store always does)."""
+    """Raise ConnectionError unless the tracking store at `uri` answers (a server's /health, a database's
+    SELECT 1); a local store (SQLite, files) and other schemes are left to MLflow."""
     if uri.startswith(("http://", "https://")):
         try:
             with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=10) as r:
@@ -100,7 +101,7 @@ def probe(uri: str) -> None:
                 raise ConnectionError(f"HTTP {e.code} from /health") from e
         except (urllib.error.URLError, OSError) as e:
             raise ConnectionError(str(getattr(e, "reason", e))) from e
-    elif "://" in uri and not uri.startswith(("sqlite", "file:")):
+    elif uri.split(":", 1)[0].split("+")[0] in {"postgresql", "mysql", "mssql"}:
         from sqlalchemy import create_engine, text
 
         engine = create_engine(uri)
