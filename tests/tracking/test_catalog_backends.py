@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import inspect, select, text
+from sqlalchemy.exc import IntegrityError
 
 from schemas.artifacts import CorpusRef
 from schemas.catalog import CorpusRow, LineageEdge
@@ -139,3 +140,15 @@ def test_registration_rides_out_a_database_restart(pg_cluster, monkeypatch):
         restart.join()
     assert {r.id for _, r in cat.list("corpus")} == {corpus_ref("before").id, corpus_ref("during").id}
     assert cat.parents(corpus_ref("during").id) == [corpus_ref("before").id]
+
+
+def test_a_failed_registration_leaves_no_row_and_no_edge(db_url):
+    cat = Catalog(db_url)
+    parent, child = corpus_ref("parent"), corpus_ref("child")
+    cat.register(parent, [], {}, n_documents=3, n_chars=30)
+    # the same edge twice breaks the edge table's primary key after the row was added in the transaction
+    with pytest.raises(IntegrityError):
+        cat.register(child, [parent, parent], {}, n_documents=3, n_chars=30)
+    assert cat.get(child.id) is None and cat.parents(child.id) == []
+    cat.register(child, [parent], {}, n_documents=3, n_chars=30)  # nothing in the way of a correct retry
+    assert cat.parents(child.id) == [parent.id]
