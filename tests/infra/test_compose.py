@@ -4,6 +4,7 @@ written into the file, and a profile whose URLs reach exactly those services."""
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import yaml
 from sqlalchemy.engine import make_url
 
 from schemas.settings import Settings
+from tasks.tracking.env import configure_environment
 
 INFRA = Path(__file__).resolve().parents[2] / "infra"
 
@@ -81,6 +83,11 @@ def test_profile_points_settings_at_the_published_services(monkeypatch, tmp_path
     assert s.mlflow_uri == "http://127.0.0.1:5000" and s.prefect_api_url == "http://127.0.0.1:4200/api"
     ports = {p.split(":")[1] for svc in compose()["services"].values() for p in svc.get("ports", [])}
     assert {"5432", "5000", "4200"} <= ports
+    # Prefect itself is pointed at the profile's server (unless PREFECT_API_URL is already set)
+    monkeypatch.setenv("PREFECT_API_URL", "placeholder")
+    monkeypatch.delenv("PREFECT_API_URL")
+    configure_environment(s.model_copy(update={"home": tmp_path / "home"}))
+    assert os.environ["PREFECT_API_URL"] == "http://127.0.0.1:4200/api"
 
     # the environment wins over the profile; a missing profile is an error that says what to do
     monkeypatch.setenv("FEATUREATLAS_MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
