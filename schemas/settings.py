@@ -34,6 +34,11 @@ class Settings(BaseSettings):
         description="Prefect server API, e.g. http://127.0.0.1:4200/api (default: a temporary server "
         "per run).",
     )
+    mlflow_backend_uri: str | None = Field(
+        None,
+        description="Database the MLflow server of `featureatlas server start` keeps runs in (default: the "
+        "tracking URI when it is a database, else SQLite in home).",
+    )
     prefect_database_url: str | None = Field(
         None,
         description="Database of the Prefect server that `featureatlas server start` runs (default: SQLite "

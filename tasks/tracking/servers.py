@@ -5,7 +5,8 @@ Each server runs in its own session (so stopping it stops its workers too), logs
 127.0.0.1 unless told otherwise. Database URLs go to the servers through their environment, never their
 command line, so `ps` does not show passwords; what is written to the state files is masked.
 
-MLflow keeps runs in `mlflow_backend` (the configured tracking database, or SQLite in home) and serves
+MLflow keeps runs in `mlflow_backend` (`FEATUREATLAS_MLFLOW_BACKEND_URI`, or the configured tracking
+database, or SQLite in home) and serves
 artifacts from `<home>/mlflow-artifacts`; Prefect keeps flow runs in `prefect_database_url` (default SQLite
 in `<home>/prefect`).
 """
@@ -55,7 +56,10 @@ def state_dir(settings: Settings) -> Path:
 
 
 def mlflow_backend(settings: Settings) -> str:
-    """Where the MLflow server keeps runs: the tracking URI when it is a database, else SQLite in home."""
+    """Where the MLflow server keeps runs: `mlflow_backend_uri`, else the tracking URI when it is a
+    database (clients then switch to the server's http URL), else SQLite in home."""
+    if settings.mlflow_backend_uri:
+        return settings.mlflow_backend_uri
     uri = settings.mlflow_tracking_uri
     if uri and not uri.startswith(("http://", "https://")):
         return uri

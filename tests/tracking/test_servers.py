@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 import pytest
+from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from flows.cli import app
@@ -34,7 +35,8 @@ def listening_addresses(port: int) -> set[str]:
 def test_servers_start_answer_and_stop(backend, home, request, monkeypatch, tmp_path):
     if backend == "postgres":
         cluster = request.getfixturevalue("pg_cluster")
-        monkeypatch.setenv("FEATUREATLAS_MLFLOW_TRACKING_URI", cluster.url(cluster.create_database()))
+        # the client's tracking URI is the server's own URL; the server keeps runs in PostgreSQL
+        monkeypatch.setenv("FEATUREATLAS_MLFLOW_BACKEND_URI", cluster.url(cluster.create_database()))
         monkeypatch.setenv(
             "FEATUREATLAS_PREFECT_DATABASE_URL", cluster.url(cluster.create_database(), driver="asyncpg")
         )
@@ -66,6 +68,9 @@ def test_servers_start_answer_and_stop(backend, home, request, monkeypatch, tmp_
             (tmp_path / "spec.yaml").write_text("name: x\n")
             run.log_artifact(tmp_path / "spec.yaml")
         assert tracker.client.get_run(run.run_id).data.params == {"hf_token": "***", "k": "4"}
+        if backend == "postgres":  # the run is in the server's PostgreSQL store
+            stored_run = MlflowClient(os.environ["FEATUREATLAS_MLFLOW_BACKEND_URI"]).get_run(run.run_id)
+            assert stored_run.data.params["k"] == "4"
         assert [a.path for a in tracker.client.list_artifacts(run.run_id)] == ["spec.yaml"]
         stored = list(home.mlflow_artifacts_dir.rglob("spec.yaml"))
         assert len(stored) == 1  # the server stores artifacts in its own artifact root
