@@ -175,16 +175,20 @@ def start(
     folder.mkdir(parents=True, exist_ok=True)
     settings.mlflow_artifacts_dir.mkdir(parents=True, exist_ok=True)
     current = {s.name: s for s in status(settings)}
-    started: list[ServerPlan] = []
-    for name, plan in plans(settings, host, mlflow_port, prefect_port).items():
-        if name not in only or current[name].running:
-            continue
-        port = int(plan.health_url.split(":")[2].split("/")[0])
-        if not _port_free(host, port):
+    ports = {"mlflow": mlflow_port, "prefect": prefect_port}
+    todo = {
+        name: plan
+        for name, plan in plans(settings, host, mlflow_port, prefect_port).items()
+        if name in only and not current[name].running
+    }
+    for name in todo:  # all ports checked before anything starts
+        if not _port_free(host, ports[name]):
             raise RuntimeError(
-                f"port {port} on {host} is in use; choose another (--{name}-port, or "
+                f"port {ports[name]} on {host} is in use; choose another (--{name}-port, or "
                 f"FEATUREATLAS_{name.upper()}_PORT) or stop what listens there"
             )
+    started: list[ServerPlan] = []
+    for name, plan in todo.items():
         log = folder / f"{name}.log"
         with log.open("ab") as out:
             proc = subprocess.Popen(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -14,10 +15,8 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from tasks.tracking.mlflow_runs import Tracker
-from tasks.tracking.servers import healthy
+from tasks.tracking.servers import healthy, start, status
 from tests.pg import PASSWORD, free_port
-
-pytestmark = pytest.mark.slow  # each start runs the servers' own migrations: tens of seconds
 
 
 def listening_addresses(port: int) -> set[str]:
@@ -31,6 +30,7 @@ def listening_addresses(port: int) -> set[str]:
     return out
 
 
+@pytest.mark.slow  # each start runs the servers' own migrations: tens of seconds
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"])
 def test_servers_start_answer_and_stop(backend, home, request, monkeypatch, tmp_path):
     if backend == "postgres":
@@ -91,3 +91,14 @@ def test_servers_start_answer_and_stop(backend, home, request, monkeypatch, tmp_
     status = runner.invoke(app, ["server", "status", "--json"])
     assert status.exit_code == 0 and not any(r["running"] for r in json.loads(status.stdout))
     assert not healthy(f"http://127.0.0.1:{mlflow_port}/health", timeout=2)
+
+
+def test_a_taken_port_is_refused_before_anything_starts(home):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(RuntimeError, match=f"port {port} on 127.0.0.1 is in use; choose another"):
+            start(home, mlflow_port=free_port(), prefect_port=port)
+    assert not list((home.home_dir / "server").glob("*.json"))  # neither server was started
+    assert [s.running for s in status(home)] == [False, False]
