@@ -21,6 +21,7 @@ from flows.cli_catalog import catalog_app
 from flows.cli_common import console, fail
 from flows.cli_common import open_catalog_from_settings as _catalog
 from flows.cli_common import settings as current_settings
+from flows.cli_server import server_app
 from schemas.settings import Settings
 from schemas.spec import SpecError, load_spec
 from tasks.tracking.env import configure_environment
@@ -31,6 +32,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(catalog_app, name="catalog")
+app.add_typer(server_app, name="server")
 features_app = typer.Typer(help="Search labeled features across dictionaries.", no_args_is_help=True)
 app.add_typer(features_app, name="features")
 
@@ -303,6 +305,11 @@ def _show_stage_logs() -> None:
 
 
 def main() -> None:
+    from tasks.tracking.retry import ServiceUnavailable
+
     configure_environment(Settings())
     _show_stage_logs()
-    app()
+    try:
+        app()
+    except ServiceUnavailable as e:  # the database or tracking server is down: the message says which
+        raise SystemExit(fail(str(e)).exit_code) from None
