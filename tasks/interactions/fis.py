@@ -159,6 +159,18 @@ def _scores(base: torch.Tensor, permuted: torch.Tensor) -> dict[str, torch.Tenso
     }
 
 
+def importances(
+    f: Predictor, X: torch.Tensor, y: torch.Tensor, perms: torch.Tensor, loss: LossName
+) -> torch.Tensor:
+    """phi_i of every single feature of `f`, `[p]`: one permuted copy of `X` per feature and permutation."""
+    p = X.shape[1]
+    stacked = X[None, None].expand(p, perms.shape[0], -1, -1).clone()  # [p, K, n, p]
+    cols = torch.arange(p)
+    stacked[cols, :, :, cols] = X[perms][:, :, cols].permute(2, 0, 1)  # feature i's copies: column i moved
+    base = pointwise_loss(f(X), y, loss).mean()
+    return pointwise_loss(predict_batched(f, stacked), y, loss).mean(-1).mean(-1) - base
+
+
 def pair_fis_naive(
     f: Predictor,
     X: torch.Tensor,
