@@ -69,6 +69,18 @@ def load_table(
 ) -> Table:
     """Read, check and split a table; every problem is reported with what to change."""
     df, target = _read(source, target)
+    return split_frame(df, target, source, task, heldout, seed)
+
+
+def split_frame(
+    df: pl.DataFrame,
+    target: str,
+    source: str,
+    task: Literal["auto", "classification", "regression"],
+    heldout: float,
+    seed: int,
+) -> Table:
+    """Check, standardise and split a frame read from `source` (named in the messages)."""
     if target not in df.columns:
         raise ValueError(f"{source}: target column {target!r} not found; columns: {', '.join(df.columns)}")
     feats = [c for c in df.columns if c != target]
