@@ -58,7 +58,9 @@ def halo_plot(rings: list[tuple[Exploration, PairCloud]], names: tuple[str, str]
     return path
 
 
-def swarm_plot(clouds: list[PairCloud], ref_loss: float, names: list[str], path: Path) -> Path:
+def swarm_plot(
+    clouds: list[PairCloud], ref_loss: float, names: list[str], path: Path, title: str = "the Rashomon set"
+) -> Path:
     """FIS over the set per pair (rows), coloured by the model's loss increase; red cross: the reference."""
     fig, ax = plt.subplots(figsize=(9, 0.45 * len(clouds) + 1.5))
     rng = np.random.default_rng(0)
@@ -75,7 +77,7 @@ def swarm_plot(clouds: list[PairCloud], ref_loss: float, names: list[str], path:
     ax.set_yticks(range(len(clouds)), names)
     ax.axvline(0, color="grey", lw=0.5)
     ax.set_xlabel("FIS = phi_ij - phi_i - phi_j")
-    ax.set_title("FIS over the Rashomon set (red x: reference model)")
+    ax.set_title(f"FIS over {title} (red x: reference model)")
     if sc is not None:
         fig.colorbar(sc, ax=ax, label="loss increase over L*")
     fig.tight_layout()

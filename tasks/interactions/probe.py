@@ -46,7 +46,7 @@ def token_class(tokens: list[str], label: str) -> np.ndarray:
 def _load_rows(store: ActivationCache, hookpoint: str, rows: np.ndarray) -> torch.Tensor:
     """Activations of sorted `rows`, reading only the shards that hold them, one at a time."""
     if hookpoint not in store.hookpoints:
-        raise ValueError(f"hookpoint {hookpoint!r} is not in cache {store.folder}; cached: {store.hookpoints}")
+        raise ValueError(f"hookpoint {hookpoint!r} is not in cache {store.folder}; it has {store.hookpoints}")
     shards = store.manifest["hookpoints"][hookpoint]["shards"]
     starts = np.cumsum([0] + [int(s["rows"]) for s in shards])
     parts = []
