@@ -134,7 +134,8 @@ def _print_interactions(ref, n: int = 5) -> None:
     ranges = [c for c in ("fis_range", "retrain_fis_range") if c in table.columns]
     for row in table.head(n).iter_rows(named=True):
         spans = "  ".join(f"{c} {row[c]:.4f}" for c in ranges)
-        console.print(f"    {row['feature_i']} x {row['feature_j']}: fis_ref {row['fis_ref']:.4f}  {spans}")
+        line = f"    {row['feature_i']} x {row['feature_j']}: fis_ref {row['fis_ref']:.4f}  {spans}"
+        console.print(line, markup=False)
     console.print(f"  scores and plots: {ref.path}")
 
 
