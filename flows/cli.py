@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from flows.cli_catalog import catalog_app
@@ -154,7 +155,7 @@ def _print_result(result, settings: Settings) -> None:
     for r in children:
         secs = ((r.info.end_time or r.info.start_time) - r.info.start_time) / 1000
         table.add_row(
-            r.data.tags.get("mlflow.runName", ""),
+            escape(r.data.tags.get("mlflow.runName", "")),  # names hold [..]: not markup
             r.data.tags.get("featureatlas.artifact_id", ""),
             f"{secs:.1f}",
         )
