@@ -81,8 +81,10 @@ def single_feature_losses(
     if isinstance(f, Layered):
         W, b = f.W.to(X.dtype), f.b.to(X.dtype)
         H0 = X @ W.T + b  # [n, h], shared by every model: each one changes a single column
-        delta = (scale - 1)[:, None, None] * X[:, feat].T[:, :, None] * W[:, feat].T[:, None, :]
-        return pointwise_loss(f.head(H0 + delta), y, loss).mean(-1)
+        u = ((scale - 1)[:, None] * X[:, feat].T)[:, :, None]  # [A, n, 1]
+        # one fused pass writes H0 + u v^T for every model (no [A, n, h] temporaries)
+        H = torch.baddbmm(H0.expand(len(feat), -1, -1), u, W[:, feat].T[:, None, :])
+        return pointwise_loss(f.head(H), y, loss).mean(-1)
     M = torch.ones(len(feat), X.shape[1], dtype=X.dtype)
     M[torch.arange(len(feat)), feat] = scale
     return model_losses(f, X, y, M, loss)
@@ -140,9 +142,14 @@ def _pair_fis_layered(
     Wm = f.W.to(X.dtype)[None] * M[:, None, :]  # [B, h, p]: scaling the input is scaling W's columns
     H0 = torch.einsum("np,bhp->bnh", X, Wm) + f.b.to(X.dtype)  # [B, n, h]
     D = X[perms][..., [i, j]] - X[None, :, [i, j]]  # [K, n, 2]: what permutation k does to columns i, j
-    di = D[None, ..., 0, None] * Wm[:, None, None, :, i]  # [B, K, n, h]
-    dj = D[None, ..., 1, None] * Wm[:, None, None, :, j]
-    H = H0[:, None, None] + torch.stack([di, dj, di + dj], 1)  # [B, 3, K, n, h]; set {i, j}: both moved
+    B, K, (n, h) = M.shape[0], perms.shape[0], H0.shape[1:]
+    Di, Dj = D[None, ..., 0, None], D[None, ..., 1, None]  # [1, K, n, 1]
+    Wi, Wj = Wm[:, None, None, :, i], Wm[:, None, None, :, j]  # [B, 1, 1, h]
+    # [B, 3, K, n, h], sets {i}, {j}, {i, j} (both moved by the same permutation); fused in-place updates
+    H = H0[:, None, None].expand(B, 3, K, n, h).clone()
+    H[:, 0].addcmul_(Di, Wi)
+    H[:, 1].addcmul_(Dj, Wj)
+    H[:, 2].addcmul_(Di, Wi).addcmul_(Dj, Wj)
     base = pointwise_loss(f.head(H0), y, loss).mean(-1)
     permuted = pointwise_loss(f.head(H), y, loss).mean(-1).mean(-1)  # [B, 3]
     return _scores(base, permuted)
