@@ -64,14 +64,23 @@ def swarm_plot(
     """FIS over the set per pair (rows), coloured by the model's loss increase; red cross: the reference."""
     fig, ax = plt.subplots(figsize=(9, 0.45 * len(clouds) + 1.5))
     rng = np.random.default_rng(0)
-    vmax = max(float((c.loss[c.in_set] - ref_loss).max()) for c in clouds if c.in_set.any()) or 1.0
+    increases = [c.loss[c.in_set] - ref_loss for c in clouds if c.in_set.any()]
+    # a refit can beat the reference (increase < 0); the colour scale then starts below 0
+    vmin = min([0.0] + [float(d.min()) for d in increases])
+    vmax = max([vmin + 1e-12] + [float(d.max()) for d in increases])
     sc = None
     for row, c in enumerate(clouds):
         fis = c.fis[c.in_set].numpy()
         ax.boxplot([fis], positions=[row], vert=False, widths=0.6, showfliers=False)
         jitter = rng.uniform(-0.2, 0.2, len(fis))
         sc = ax.scatter(
-            fis, row + jitter, c=c.loss[c.in_set].numpy() - ref_loss, cmap="viridis", vmin=0, vmax=vmax, s=10
+            fis,
+            row + jitter,
+            c=c.loss[c.in_set].numpy() - ref_loss,
+            cmap="viridis",
+            vmin=vmin,
+            vmax=vmax,
+            s=10,
         )
         ax.plot([c.ref_fis], [row], "rx", ms=9, mew=2)
     ax.set_yticks(range(len(clouds)), names)
