@@ -244,6 +244,11 @@ class InteractionsSpec(Contract):
     def _needs_table(self) -> InteractionsSpec:
         if not self.enabled:
             return self
+        if self.source == "table" and (self.dictionary is not None or self.label is not None):
+            raise ValueError(
+                "interactions: `dictionary` and `label` apply to a probe; add `source: dictionary` (and drop "
+                "`table`), or drop them"
+            )
         if self.source == "table" and self.table is None:
             raise ValueError(
                 "interactions.table is required when interactions are enabled: give a .csv/.parquet path "

@@ -105,6 +105,10 @@ def test_interactions_only_table_spec_runs_and_records_the_table(tmp_path, home,
         ({"interactions": {"enabled": True, "source": "dictionary"}}, "interactions.label is required"),
         ({"interactions": {"enabled": True, "label": "vowel"}}, "label 'vowel' not understood"),
         (
+            {"interactions": {"enabled": True, "table": "sklearn:wine", "label": "digit"}},
+            "add `source: dictionary`",
+        ),
+        (
             {"interactions": {"enabled": True, "source": "dictionary", "label": "digit", "table": "t.csv"}},
             "exclude each other",
         ),
