@@ -8,7 +8,7 @@ from schemas.artifacts import DictionaryResult, PipelineResult
 from schemas.settings import Settings
 from schemas.spec import PipelineSpec
 from tasks.activations.task import cache_activations, prepare_corpus, register_model
-from tasks.dictionary.task import train_dictionary
+from tasks.dictionary.task import sweep_groups, train_dictionaries_task
 from tasks.evaluate.task import evaluate_dictionary
 from tasks.interactions.task import score_interactions
 from tasks.labeling.task import label_features
@@ -25,15 +25,20 @@ def pipeline_flow(spec: PipelineSpec, progress: bool = False) -> PipelineResult:
             model = register_model(ctx, spec.model)
             corpus = prepare_corpus(ctx, spec.corpus)
             cache = cache_activations(ctx, model, corpus, spec.hookpoints, spec.cache)
-        for hookpoint, cfg in spec.dictionary_jobs():
-            dictionary = train_dictionary(ctx, cache, hookpoint, cfg)
+        # a sweep's dictionaries on one hookpoint train from one pass over the cache, then each goes on
+        trained = [
+            dictionary
+            for hookpoint, cfgs in sweep_groups(spec.dictionary_jobs())
+            for dictionary in train_dictionaries_task(ctx, cache, hookpoint, cfgs)
+        ]
+        for dictionary in trained:
             evaluation = (
                 evaluate_dictionary(ctx, dictionary, cache, spec.evaluate) if spec.evaluate.enabled else None
             )
             labeling = label_features(ctx, dictionary, cache, spec.label) if spec.label.enabled else None
             results.append(DictionaryResult(dictionary=dictionary, evaluation=evaluation, labeling=labeling))
         interactions = (
-            score_interactions(ctx, spec.interactions, cache, [r.dictionary for r in results])
+            score_interactions(ctx, spec.interactions, cache, trained, spec.dictionary_jobs())
             if spec.interactions.enabled
             else None
         )

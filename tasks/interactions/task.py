@@ -13,6 +13,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from schemas.artifacts import ActivationCacheRef, DictionaryRef, InteractionScoresRef
+from schemas.methods import DictionaryConfig
 from schemas.spec import InteractionsSpec
 from tasks.interactions.data import Table, fit_reference, load_table, split_frame
 from tasks.interactions.plots import halo_plot, swarm_plot
@@ -20,7 +21,7 @@ from tasks.interactions.probe import LABEL_COLUMN, dictionary_frame
 from tasks.interactions.rashomon import explore, pair_cloud
 from tasks.interactions.score import score_pairs
 from tasks.tracking.catalog import open_catalog
-from tasks.tracking.identity import file_digest, interactions_identity, ref_identity
+from tasks.tracking.identity import dictionary_identity, file_digest, interactions_identity, ref_identity
 from tasks.tracking.mlflow_runs import StageRun
 from tasks.tracking.stage import StageContext, run_stage
 
@@ -111,10 +112,14 @@ def resolve_dictionary(
     spec: InteractionsSpec,
     cache: ActivationCacheRef | None,
     dictionaries: Sequence[DictionaryRef],
+    jobs: Sequence[tuple[str, DictionaryConfig]],
 ) -> tuple[DictionaryRef, ActivationCacheRef]:
-    """The dictionary to probe (this run's, by index, or any in the catalog, by id) and the cache it read."""
+    """The dictionary to probe (this run's, by index into `jobs`, or any in the catalog, by id) and the
+    cache it read. `dictionaries` may come in any order (sweeps train grouped): they are matched by id."""
     if not isinstance(spec.dictionary, str):
-        return dictionaries[spec.dictionary or 0], cache
+        hookpoint, cfg = jobs[spec.dictionary or 0]
+        wanted = dictionary_identity(ref_identity(cache), hookpoint, cfg).id
+        return next(d for d in dictionaries if d.id == wanted), cache
     made_here = {d.id: d for d in dictionaries}
     catalog = open_catalog(ctx.settings.catalog)
     if spec.dictionary in made_here:
@@ -160,10 +165,12 @@ def score_interactions(
     spec: InteractionsSpec,
     cache: ActivationCacheRef | None = None,
     dictionaries: Sequence[DictionaryRef] = (),
+    jobs: Sequence[tuple[str, DictionaryConfig]] = (),
 ) -> InteractionScoresRef:
+    """`dictionaries`: those this run trained; `jobs`: the spec's (hookpoint, config) list an index names."""
     parents, dictionary = [], None
     if spec.source == "dictionary":
-        dictionary, cache = resolve_dictionary(ctx, spec, cache, dictionaries)
+        dictionary, cache = resolve_dictionary(ctx, spec, cache, dictionaries, jobs)
         parents = [dictionary, cache]
     ident = interactions_identity(spec, [ref_identity(p) for p in parents])
     source = spec.table if dictionary is None else f"{dictionary.id}:{spec.label}"
