@@ -15,12 +15,14 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from flows.cli_catalog import catalog_app
 from flows.cli_common import console, fail
 from flows.cli_common import open_catalog_from_settings as _catalog
 from flows.cli_common import settings as current_settings
+from flows.cli_server import server_app
 from schemas.settings import Settings
 from schemas.spec import SpecError, load_spec
 from tasks.tracking.env import configure_environment
@@ -31,6 +33,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(catalog_app, name="catalog")
+app.add_typer(server_app, name="server")
 features_app = typer.Typer(help="Search labeled features across dictionaries.", no_args_is_help=True)
 app.add_typer(features_app, name="features")
 
@@ -122,6 +125,23 @@ def _print_examples(table_path: Path, n: int = 10) -> None:
         console.print(line, markup=False)
 
 
+def _print_interactions(ref, n: int = 5) -> None:
+    """The pairs whose FIS varies most over the Rashomon set."""
+    import polars as pl
+
+    table = pl.read_parquet(Path(ref.path) / "scores.parquet")
+    console.print(
+        f"[bold]{ref.id}[/bold] ({ref.source}, {ref.spec.reference}, {ref.spec.model_class}): L* "
+        f"{ref.ref_loss:.4f}, epsilon {ref.epsilon:.4f}, {ref.n_pairs} pairs scored; most variable:"
+    )
+    ranges = [c for c in ("fis_range", "retrain_fis_range") if c in table.columns]
+    for row in table.head(n).iter_rows(named=True):
+        spans = "  ".join(f"{c} {row[c]:.4f}" for c in ranges)
+        line = f"    {row['feature_i']} x {row['feature_j']}: fis_ref {row['fis_ref']:.4f}  {spans}"
+        console.print(line, markup=False)
+    console.print(f"  scores and plots: {ref.path}")
+
+
 def _print_result(result, settings: Settings) -> None:
     from tasks.tracking.stage import tracker_for
 
@@ -137,7 +157,7 @@ def _print_result(result, settings: Settings) -> None:
     for r in children:
         secs = ((r.info.end_time or r.info.start_time) - r.info.start_time) / 1000
         table.add_row(
-            r.data.tags.get("mlflow.runName", ""),
+            escape(r.data.tags.get("mlflow.runName", "")),  # names hold [..]: not markup
             r.data.tags.get("featureatlas.artifact_id", ""),
             f"{secs:.1f}",
         )
@@ -157,6 +177,8 @@ def _print_result(result, settings: Settings) -> None:
         console.print(line)
         if d.labeling is not None:
             _print_examples(Path(d.labeling.path) / "features.parquet")
+    if result.interactions is not None:
+        _print_interactions(result.interactions)
     console.print(f"MLflow run {result.mlflow_run_id}: see it with `featureatlas ui`")
     console.print(
         f"catalog: `featureatlas catalog lineage {result.dictionaries[0].dictionary.id}`"
@@ -303,6 +325,11 @@ def _show_stage_logs() -> None:
 
 
 def main() -> None:
+    from tasks.tracking.retry import ServiceUnavailable
+
     configure_environment(Settings())
     _show_stage_logs()
-    app()
+    try:
+        app()
+    except ServiceUnavailable as e:  # the database or tracking server is down: the message says which
+        raise SystemExit(fail(str(e)).exit_code) from None

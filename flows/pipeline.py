@@ -19,10 +19,12 @@ from tasks.tracking.pipeline_run import log_summary, pipeline_run
 def pipeline_flow(spec: PipelineSpec, progress: bool = False) -> PipelineResult:
     settings = Settings()
     with pipeline_run(settings, spec, progress) as ctx:
-        model = register_model(ctx, spec.model)
-        corpus = prepare_corpus(ctx, spec.corpus)
-        cache = cache_activations(ctx, model, corpus, spec.hookpoints, spec.cache)
+        model = corpus = cache = None  # a spec may hold only an `interactions` section
         results = []
+        if spec.model is not None:
+            model = register_model(ctx, spec.model)
+            corpus = prepare_corpus(ctx, spec.corpus)
+            cache = cache_activations(ctx, model, corpus, spec.hookpoints, spec.cache)
         # a sweep's dictionaries on one hookpoint train from one pass over the cache, then each goes on
         trained = [
             dictionary
@@ -35,7 +37,11 @@ def pipeline_flow(spec: PipelineSpec, progress: bool = False) -> PipelineResult:
             )
             labeling = label_features(ctx, dictionary, cache, spec.label) if spec.label.enabled else None
             results.append(DictionaryResult(dictionary=dictionary, evaluation=evaluation, labeling=labeling))
-        interactions = score_interactions(ctx, spec.interactions) if spec.interactions.enabled else None
+        interactions = (
+            score_interactions(ctx, spec.interactions, cache, trained, spec.dictionary_jobs())
+            if spec.interactions.enabled
+            else None
+        )
         result = PipelineResult(
             mlflow_run_id=ctx.parent_run_id,
             model=model,

@@ -39,16 +39,19 @@ def plan_pipeline(spec: PipelineSpec, settings: Settings) -> list[PlannedStage]:
         reuse = found is not None and Path(found["path"]).exists()
         return PlannedStage(stage, ident, [p.id for p in parents], reuse, found["path"] if reuse else None)
 
-    _, model = model_ident(spec.model, settings.online)
-    corpus = corpus_identity(spec.corpus)
-    cache = cache_identity(model, corpus, spec.hookpoints, spec.cache)
-    stages = [
-        planned("register_model", model, []),
-        planned("prepare_corpus", corpus, []),
-        planned("cache_activations", cache, [model, corpus]),
-    ]
+    stages, dictionaries, cache = [], [], None
+    if spec.model is not None:
+        _, model = model_ident(spec.model, settings.online)
+        corpus = corpus_identity(spec.corpus)
+        cache = cache_identity(model, corpus, spec.hookpoints, spec.cache)
+        stages = [
+            planned("register_model", model, []),
+            planned("prepare_corpus", corpus, []),
+            planned("cache_activations", cache, [model, corpus]),
+        ]
     for hookpoint, cfg in spec.dictionary_jobs():
         d = dictionary_identity(cache, hookpoint, cfg)
+        dictionaries.append(d)
         stages.append(planned(f"train_dictionary[{cfg.method}, {hookpoint}]", d, [cache]))
         if spec.evaluate.enabled:
             stages.append(
@@ -57,5 +60,31 @@ def plan_pipeline(spec: PipelineSpec, settings: Settings) -> list[PlannedStage]:
         if spec.label.enabled:
             stages.append(planned("label_features", labeling_identity(d, cache, spec.label), [d, cache]))
     if spec.interactions.enabled:
-        stages.append(planned("score_interactions", interactions_identity(spec.interactions), []))
+        inputs = interaction_inputs(spec, catalog, cache, dictionaries)
+        stages.append(planned("score_interactions", interactions_identity(spec.interactions, inputs), inputs))
     return stages
+
+
+def interaction_inputs(
+    spec: PipelineSpec, catalog, cache: Identity | None, dictionaries: list[Identity]
+) -> list[Identity]:
+    """The dictionary and cache a probe reads (the same resolution as the stage's), none for a table."""
+    inter = spec.interactions
+    if inter.source != "dictionary":
+        return []
+    if not isinstance(inter.dictionary, str):
+        return [dictionaries[inter.dictionary or 0], cache]
+    made_here = [d for d in dictionaries if d.id == inter.dictionary]
+    if made_here:
+        return [made_here[0], cache]
+    found = catalog.get(inter.dictionary)
+    if found is None or found[0] != "dictionary":
+        raise ValueError(f"interactions.dictionary {inter.dictionary!r} is not a dictionary in the catalog")
+    row = found[1]
+    cache_row = catalog.get(row.cache_id)
+    if cache_row is None:
+        raise ValueError(f"the activation cache {row.cache_id} of {row.id} is not in the catalog")
+    return [
+        Identity("dictionary", row.id, row.fingerprint),
+        Identity("activation_cache", cache_row[1].id, cache_row[1].fingerprint),
+    ]

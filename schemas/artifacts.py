@@ -100,11 +100,14 @@ class LabelingRef(ArtifactRef):
 
 
 class InteractionScoresRef(ArtifactRef):
-    """`scores.parquet` (per pair: reference FIS, range over the Rashomon set), `halo.png`, `swarm.png`."""
+    """`scores.parquet` (per pair: reference FIS, range over the Rashomon set), `halo.png` and `swarm.png`
+    (scaling class), `swarm_retrain.png` (retraining class)."""
 
     kind: Literal["interactions"] = "interactions"
     spec: InteractionsSpec
-    source: str = Field(description="The table the reference model was fitted on.")
+    source: str = Field(
+        description="The table the reference model was fitted on, or '<dictionary id>:<label>' for a probe."
+    )
     n_features: int
     n_pairs: int
     ref_loss: float = Field(description="L*: the reference model's held-out loss.")
@@ -112,6 +115,14 @@ class InteractionScoresRef(ArtifactRef):
     top_pair: list[str] = Field(description="The pair whose FIS varies most over the set.")
     ambiguity: float | None = Field(None, description="Classifiers: share of points some model relabels.")
     discrepancy: float | None = Field(None, description="Classifiers: most points one model relabels.")
+    features: list[str] = Field(
+        default_factory=list, description="The table's feature columns (`latent_<i>` for a dictionary probe)."
+    )
+    n_retrained: int | None = Field(
+        None, description="Retraining class: refit models kept inside the loss bound."
+    )
+    dictionary_id: str | None = Field(None, description="source 'dictionary': the dictionary probed.")
+    cache_id: str | None = Field(None, description="source 'dictionary': the cache its latents were read on.")
 
 
 class DictionaryResult(Contract):
@@ -124,8 +135,8 @@ class PipelineResult(Contract):
     """What one pipeline run produced (or reused), with the MLflow run that tracks it."""
 
     mlflow_run_id: str
-    model: ModelRef
-    corpus: CorpusRef
-    cache: ActivationCacheRef
-    dictionaries: list[DictionaryResult]
+    model: ModelRef | None = Field(None, description="None for a spec that only scores interactions.")
+    corpus: CorpusRef | None = None
+    cache: ActivationCacheRef | None = None
+    dictionaries: list[DictionaryResult] = Field(default_factory=list)
     interactions: InteractionScoresRef | None = None

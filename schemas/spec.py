@@ -160,16 +160,41 @@ class LabelSpec(Contract):
     atlas: bool = Field(True, description="Write the static HTML atlas (atlas/index.html) of the features.")
 
 
+TOKEN_LABELS = ("digit", "capitalized", "punctuation", "space_prefixed")
+
+
 class InteractionsSpec(Contract):
-    """Rashomon-set interaction scoring of a tabular model (off unless `enabled`)."""
+    """Rashomon-set interaction scoring of a tabular model or of a probe on dictionary latents."""
 
     enabled: bool = Field(False, description="Run the interaction-scoring stage.")
+    source: Literal["table", "dictionary"] = Field(
+        "table",
+        description="'table': a CSV/Parquet file or scikit-learn dataset (`table`, `target`); "
+        "'dictionary': a probe on a dictionary's latent activations predicting the token class `label`.",
+    )
     table: str | None = Field(
         None,
         description="A .csv or .parquet file (relative to the spec file's folder) or "
         "'sklearn:breast_cancer', 'sklearn:diabetes' or 'sklearn:wine'.",
     )
     target: str | None = Field(None, description="Target column (default 'target' for sklearn datasets).")
+    dictionary: str | int | None = Field(
+        None,
+        description="source 'dictionary': a catalog id (e.g. 'dict-0123abcd4567'), or the index of one of "
+        "this spec's dictionary jobs; default: the spec's only dictionary.",
+    )
+    label: str | None = Field(
+        None,
+        description="source 'dictionary': the token class the probe predicts, from the cache's tokens: "
+        "'digit', 'capitalized' (a word starting with a capital letter), 'punctuation', 'space_prefixed', or "
+        "'token:<text>' (that exact token, e.g. 'token: the').",
+    )
+    n_latents: int = Field(
+        8, ge=2, le=64, description="source 'dictionary': the latents most correlated with the label kept."
+    )
+    max_tokens: int = Field(
+        8192, ge=64, description="source 'dictionary': tokens sampled from the cache (the probe's rows)."
+    )
     task: Literal["auto", "classification", "regression"] = Field(
         "auto", description="'auto': classification when the target has at most 10 distinct values."
     )
@@ -177,6 +202,12 @@ class InteractionsSpec(Contract):
         "linear",
         description="Reference learner: logistic/ridge regression, gradient boosting or a small torch MLP.",
     )
+    model_class: Literal["scaling", "retraining", "both"] = Field(
+        "scaling",
+        description="Rashomon set: 'scaling' (g(X) = f*(X * m)), 'retraining' (the reference's learner "
+        "refit on bootstrap samples with other seeds, kept inside the loss bound) or 'both'.",
+    )
+    n_retrain: int = Field(20, ge=1, le=500, description="Models refit for the retraining class.")
     rate: float = Field(0.1, gt=0, le=1, description="epsilon = rate * L*: the Rashomon set's loss bound.")
     halo_rates: list[float] = Field(
         default_factory=lambda: [0.05, 0.1, 0.2], description="Rates of the nested rings of the halo plot."
@@ -186,33 +217,78 @@ class InteractionsSpec(Contract):
         0.3, gt=0, lt=1, description="Share of rows held out; L*, the set and the scores use them."
     )
     max_scale: float = Field(2.0, gt=1, description="Largest per-feature scaling m_i explored.")
+    max_pairs: int | None = Field(
+        50,
+        ge=1,
+        description="Score at most this many pairs over the set (each costs a cloud), ranked by "
+        "`pair_ranking`; null: every pair.",
+    )
+    pair_ranking: Literal["reference_fis", "importance"] = Field(
+        "reference_fis",
+        description="How pairs are chosen under `max_pairs`: the reference's |FIS|, or the smaller of the "
+        "two features' permutation importances.",
+    )
     plot_pairs: int = Field(10, ge=1, description="Most variable pairs shown in the swarm plot.")
     seed: int = Field(0, description="Seed of the split, the reference fit and the permutations.")
 
+    @field_validator("label")
+    @classmethod
+    def _label(cls, v: str | None) -> str | None:
+        if v is None or v in TOKEN_LABELS or (v.startswith("token:") and len(v) > len("token:")):
+            return v
+        raise ValueError(
+            f"label {v!r} not understood; use one of {', '.join(TOKEN_LABELS)} or 'token:<text>'"
+        )
+
     @model_validator(mode="after")
     def _needs_table(self) -> InteractionsSpec:
-        if self.enabled and self.table is None:
+        if not self.enabled:
+            return self
+        if self.source == "table" and (self.dictionary is not None or self.label is not None):
+            raise ValueError(
+                "interactions: `dictionary` and `label` apply to a probe; add `source: dictionary` (and drop "
+                "`table`), or drop them"
+            )
+        if self.source == "table" and self.table is None:
             raise ValueError(
                 "interactions.table is required when interactions are enabled: give a .csv/.parquet path "
-                "or 'sklearn:breast_cancer' (probes on dictionary latents are not supported yet)"
+                "or 'sklearn:breast_cancer', or set `source: dictionary` with a `label` for a probe on "
+                "dictionary latents"
             )
+        if self.source == "dictionary":
+            if self.label is None:
+                raise ValueError(
+                    "interactions.label is required with `source: dictionary`: the token class the probe "
+                    f"predicts ({', '.join(TOKEN_LABELS)} or 'token:<text>')"
+                )
+            if self.table is not None:
+                raise ValueError(
+                    "interactions: `table` and `source: dictionary` exclude each other; drop one"
+                )
         return self
 
 
 class PipelineSpec(Contract):
-    """A whole pipeline: one model, one corpus, hookpoints, and the dictionaries to learn on them."""
+    """A whole pipeline: one model, one corpus, hookpoints, and the dictionaries to learn on them.
+
+    A spec may also hold only an `interactions` section (no model, hookpoints or dictionaries).
+    """
 
     name: str = Field("pipeline", description="Name of the pipeline; the MLflow experiment's run name.")
-    model: ModelSpec
+    model: ModelSpec | None = Field(
+        None,
+        description="The language model; leave out (with hookpoints and dictionaries) to only score "
+        "interactions.",
+    )
     corpus: CorpusSpec = Field(default_factory=CorpusSpec)
     hookpoints: list[str] = Field(
-        min_length=1,
+        default_factory=list,
         description="Module names, e.g. 'model.layers.6', or aliases resid_post.L, mlp_out.L, mlp_hidden.L, "
         "attn_out.L, attn_z.L.",
     )
     cache: CacheSpec = Field(default_factory=CacheSpec)
     dictionaries: list[DictionaryConfig] = Field(
-        min_length=1, description="Dictionaries to learn; a list of several is a sweep."
+        default_factory=list, description="Dictionaries to learn; a list of several is a sweep."
     )
     evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec)
     label: LabelSpec = Field(default_factory=LabelSpec)
@@ -221,7 +297,46 @@ class PipelineSpec(Contract):
     )
 
     @model_validator(mode="after")
+    def _parts(self) -> PipelineSpec:
+        inter = self.interactions
+        if self.model is None:
+            if self.hookpoints or self.dictionaries:
+                raise ValueError(
+                    "`hookpoints`/`dictionaries` are given but no `model` to read activations from; add "
+                    "`model: {path: ...}`, or drop them for a spec that only scores interactions"
+                )
+            if not inter.enabled:
+                raise ValueError(
+                    "nothing to run: the spec has no `model` (with `hookpoints` and `dictionaries`) and "
+                    "interactions are not enabled; add them, or set `interactions: {enabled: true, ...}`"
+                )
+            if inter.source == "dictionary" and not isinstance(inter.dictionary, str):
+                raise ValueError(
+                    "interactions.dictionary: a spec without a model trains no dictionary, so name one from "
+                    "the catalog by id (e.g. 'dict-0123abcd4567'; see `featureatlas catalog list`)"
+                )
+            return self
+        for key in ("hookpoints", "dictionaries"):
+            if not getattr(self, key):
+                raise ValueError(f"{key}: a spec with a `model` needs at least one; list them")
+        if inter.enabled and inter.source == "dictionary" and not isinstance(inter.dictionary, str):
+            n = len(self.dictionary_jobs())
+            if inter.dictionary is None and n != 1:
+                raise ValueError(
+                    f"interactions.dictionary: this spec trains {n} dictionaries; give the index (0 to "
+                    f"{n - 1}) of the one to probe, in the order of `dictionaries` times `hookpoints`"
+                )
+            if inter.dictionary is not None and not 0 <= inter.dictionary < n:
+                raise ValueError(
+                    f"interactions.dictionary: index {inter.dictionary} is out of range; this spec trains "
+                    f"{n} dictionaries (0 to {n - 1})"
+                )
+        return self
+
+    @model_validator(mode="after")
     def _dictionary_hookpoints(self) -> PipelineSpec:
+        if self.model is None:
+            return self
         if self.model.kind == "encoder" and self.evaluate.enabled:
             raise ValueError(
                 "evaluate: the CE-loss score needs next-token predictions, which an encoder model does not "

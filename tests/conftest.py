@@ -39,3 +39,26 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=180):
         yield
+
+
+@pytest.fixture(scope="session")
+def pg_cluster():
+    """A throwaway PostgreSQL cluster on loopback; skipped only without the server binaries outside CI."""
+    from tests.pg import remove_cluster, server_bin, start_cluster
+
+    if server_bin() is None:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail("CI=true but the PostgreSQL server binaries are missing: install `postgresql`")
+        pytest.skip("PostgreSQL server binaries not installed (Debian package `postgresql`)")
+    cluster = start_cluster()
+    yield cluster
+    remove_cluster(cluster)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db_url(request, tmp_path) -> str:
+    """A fresh, empty database URL on each backend: a SQLite file, or a new PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'catalog.db'}"
+    cluster = request.getfixturevalue("pg_cluster")
+    return cluster.url(cluster.create_database())

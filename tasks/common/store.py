@@ -27,6 +27,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from tasks.common.models import DTYPES
+from tasks.tracking.paths import inside
 
 FORMAT_VERSION = 2  # 2: token column is_special, per-hookpoint layout, rms and mean_squared_norm
 
@@ -232,7 +233,10 @@ class CacheIntegrityError(RuntimeError):
 
 def check_shard_size(folder: Path, hookpoint: str, shard: dict) -> Path:
     """The shard's path, once it is known to exist with the size the manifest records."""
-    path = folder / shard["file"]
+    try:
+        path = inside(folder, shard["file"])
+    except ValueError as e:
+        raise CacheIntegrityError(f"manifest of {folder} names shard {shard['file']!r}: {e}") from None
     if not path.is_file():
         raise CacheIntegrityError(f"shard {path} of hookpoint {hookpoint!r} is missing; rebuild the cache")
     size = path.stat().st_size

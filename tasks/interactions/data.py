@@ -14,7 +14,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from tasks.interactions.fis import LossName, Predictor
+from tasks.interactions.fis import Layered, LossName, Predictor
 
 SKLEARN_DATASETS = ("breast_cancer", "diabetes", "wine")
 ReferenceName = Literal["linear", "gradient_boosting", "mlp"]
@@ -69,6 +69,18 @@ def load_table(
 ) -> Table:
     """Read, check and split a table; every problem is reported with what to change."""
     df, target = _read(source, target)
+    return split_frame(df, target, source, task, heldout, seed)
+
+
+def split_frame(
+    df: pl.DataFrame,
+    target: str,
+    source: str,
+    task: Literal["auto", "classification", "regression"],
+    heldout: float,
+    seed: int,
+) -> Table:
+    """Check, standardise and split a frame read from `source` (named in the messages)."""
     if target not in df.columns:
         raise ValueError(f"{source}: target column {target!r} not found; columns: {', '.join(df.columns)}")
     feats = [c for c in df.columns if c != target]
@@ -118,37 +130,51 @@ def _sklearn_predictor(est, task: str, n_classes: int) -> Predictor:
     return f
 
 
-def _mlp(table: Table, n_classes: int, seed: int) -> Predictor:
+def _output_head(task: str, out: int):
+    """Pre-activations of the last layer `[..., n, out]` -> predictions, as `fis.Predictor` returns them."""
+    if task == "regression":
+        return lambda z: z.squeeze(-1)
+    if out == 1:
+        return lambda z: torch.sigmoid(z.squeeze(-1))
+    return lambda z: torch.softmax(z, -1)
+
+
+def _linear_predictor(est, task: str, n_classes: int) -> Layered:
+    """Logistic or ridge regression as `Layered` (so scoring takes the rank-|S| path); the same maths as
+    `predict_proba`/`predict`: a sigmoid (binary), a softmax (multinomial) or nothing on `X @ coef.T + b`."""
+    W = torch.as_tensor(np.atleast_2d(est.coef_), dtype=torch.float64)
+    b = torch.as_tensor(np.atleast_1d(est.intercept_), dtype=torch.float64)
+    return Layered(W, b, _output_head(task, 1 if n_classes <= 2 else n_classes))
+
+
+def _mlp(table: Table, n_classes: int, seed: int, rows: np.ndarray | None) -> Layered:
     torch.manual_seed(seed)
     p = table.X_train.shape[1]
     out = 1 if table.task == "regression" or n_classes == 2 else n_classes
     net = torch.nn.Sequential(torch.nn.Linear(p, 32), torch.nn.ReLU(), torch.nn.Linear(32, out)).double()
     opt = torch.optim.Adam(net.parameters(), lr=1e-2, weight_decay=1e-4)
+    X, y = torch.as_tensor(table.X_train), torch.as_tensor(table.y_train)
+    if rows is not None:
+        X, y = X[rows], y[rows]
     # a net this small trains ~10x faster on one thread: synchronising threads costs more than it saves
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        _train(net, opt, table, out)
+        _train(net, opt, X, y, table.task, out)
     finally:
         torch.set_num_threads(threads)
-    net.eval()
-
-    def f(Z: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            z = net(Z.double()).to(Z.dtype)
-        if table.task == "regression":
-            return z.squeeze(1)
-        return torch.sigmoid(z.squeeze(1)) if out == 1 else torch.softmax(z, -1)
-
-    return f
+    net.eval().requires_grad_(False)
+    first, last, output = net[0], net[2], _output_head(table.task, out)
+    return Layered(first.weight, first.bias, lambda H: output(last(torch.relu(H))))
 
 
-def _train(net: torch.nn.Module, opt: torch.optim.Optimizer, table: Table, out: int) -> None:
-    X, y = torch.as_tensor(table.X_train), torch.as_tensor(table.y_train)
+def _train(
+    net: torch.nn.Module, opt: torch.optim.Optimizer, X: torch.Tensor, y: torch.Tensor, task: str, out: int
+) -> None:
     for _ in range(300):
         opt.zero_grad()
         z = net(X)
-        if table.task == "regression":
+        if task == "regression":
             loss = torch.nn.functional.mse_loss(z.squeeze(1), y)
         elif out == 1:
             loss = torch.nn.functional.binary_cross_entropy_with_logits(z.squeeze(1), y)
@@ -158,24 +184,33 @@ def _train(net: torch.nn.Module, opt: torch.optim.Optimizer, table: Table, out: 
         opt.step()
 
 
-def fit_reference(name: ReferenceName, table: Table, seed: int) -> Predictor:
-    """Fit the named learner on the training split; returns a torch-in, torch-out predictor."""
+def fit_reference(name: ReferenceName, table: Table, seed: int, rows: np.ndarray | None = None) -> Predictor:
+    """Fit the named learner on the training split (or on its `rows`, e.g. a bootstrap sample); returns a
+    torch-in, torch-out predictor (`Layered` for the linear models and the MLP)."""
     n_classes = len(np.unique(table.y_train)) if table.task == "classification" else 0
+    X, y = (table.X_train, table.y_train) if rows is None else (table.X_train[rows], table.y_train[rows])
+    if n_classes and len(np.unique(y)) < n_classes:
+        raise ValueError(
+            f"a training sample holds only {len(np.unique(y))} of the {n_classes} classes; use more rows "
+            "or a smaller `interactions.heldout_fraction`"
+        )
     match name:
         case "linear":
             from sklearn.linear_model import LogisticRegression, Ridge
 
             est = LogisticRegression(max_iter=2000) if n_classes else Ridge(alpha=1.0)
+            est.fit(X, y)
+            return _linear_predictor(est, table.task, n_classes)
         case "gradient_boosting":
             from sklearn.ensemble import GradientBoostingClassifier, GradientBoostingRegressor
 
             cls = GradientBoostingClassifier if n_classes else GradientBoostingRegressor
             est = cls(n_estimators=100, max_depth=3, random_state=seed)
         case "mlp":
-            return _mlp(table, n_classes, seed)
+            return _mlp(table, n_classes, seed, rows)
         case other:
             raise ValueError(
                 f"reference model {other!r} not known; use 'linear', 'gradient_boosting' or 'mlp'"
             )
-    est.fit(table.X_train, table.y_train)
+    est.fit(X, y)
     return _sklearn_predictor(est, table.task, n_classes)

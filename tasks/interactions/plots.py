@@ -58,24 +58,35 @@ def halo_plot(rings: list[tuple[Exploration, PairCloud]], names: tuple[str, str]
     return path
 
 
-def swarm_plot(clouds: list[PairCloud], ref_loss: float, names: list[str], path: Path) -> Path:
+def swarm_plot(
+    clouds: list[PairCloud], ref_loss: float, names: list[str], path: Path, title: str = "the Rashomon set"
+) -> Path:
     """FIS over the set per pair (rows), coloured by the model's loss increase; red cross: the reference."""
     fig, ax = plt.subplots(figsize=(9, 0.45 * len(clouds) + 1.5))
     rng = np.random.default_rng(0)
-    vmax = max(float((c.loss[c.in_set] - ref_loss).max()) for c in clouds if c.in_set.any()) or 1.0
+    increases = [c.loss[c.in_set] - ref_loss for c in clouds if c.in_set.any()]
+    # a refit can beat the reference (increase < 0); the colour scale then starts below 0
+    vmin = min([0.0] + [float(d.min()) for d in increases])
+    vmax = max([vmin + 1e-12] + [float(d.max()) for d in increases])
     sc = None
     for row, c in enumerate(clouds):
         fis = c.fis[c.in_set].numpy()
         ax.boxplot([fis], positions=[row], vert=False, widths=0.6, showfliers=False)
         jitter = rng.uniform(-0.2, 0.2, len(fis))
         sc = ax.scatter(
-            fis, row + jitter, c=c.loss[c.in_set].numpy() - ref_loss, cmap="viridis", vmin=0, vmax=vmax, s=10
+            fis,
+            row + jitter,
+            c=c.loss[c.in_set].numpy() - ref_loss,
+            cmap="viridis",
+            vmin=vmin,
+            vmax=vmax,
+            s=10,
         )
         ax.plot([c.ref_fis], [row], "rx", ms=9, mew=2)
     ax.set_yticks(range(len(clouds)), names)
     ax.axvline(0, color="grey", lw=0.5)
     ax.set_xlabel("FIS = phi_ij - phi_i - phi_j")
-    ax.set_title("FIS over the Rashomon set (red x: reference model)")
+    ax.set_title(f"FIS over {title} (red x: reference model)")
     if sc is not None:
         fig.colorbar(sc, ax=ax, label="loss increase over L*")
     fig.tight_layout()

@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import torch
 
-from tasks.interactions.fis import LossName, Predictor, model_losses, pair_fis
+from tasks.interactions.fis import LossName, Predictor, model_losses, pair_fis, single_feature_losses
 
 BUDGETS = torch.linspace(0.0, 1.0, 11)
 # sign combinations (direction of m_i, direction of m_j), one per quadrant of the halo plot
@@ -77,10 +77,8 @@ def explore(
     while steps < max_steps and bool((rejections < max_rejections).any()):
         active = (rejections < max_rejections).nonzero().squeeze(1)
         cand = m[active] + sign[active] * size[active]
-        M = torch.ones(len(active), p, dtype=X.dtype)
-        M[torch.arange(len(active)), feat[active]] = cand
         with torch.no_grad():
-            ok = model_losses(f, X, y, M, loss) <= bound[active]
+            ok = single_feature_losses(f, X, y, feat[active], cand, loss) <= bound[active]
         ok &= (cand >= 0) & (cand <= max_scale)
         m[active[ok]] = cand[ok]
         rejected = active[~ok]
@@ -144,12 +142,18 @@ def multiplicity(f: Predictor, X: torch.Tensor, M: torch.Tensor) -> Multiplicity
     with torch.no_grad():
         ref = f(X)
         P = f((X * M[:, None, :]).reshape(-1, X.shape[1])).reshape(M.shape[0], *ref.shape)
+    return multiplicity_of(ref, P)
+
+
+def multiplicity_of(ref: torch.Tensor, P: torch.Tensor) -> Multiplicity:
+    """The same from predictions: reference `[n]` (P(y = 1)) or `[n, C]`, the set's models `[B, n, ...]`."""
+    B = P.shape[0]
     if ref.dim() == 1:  # binary: P(y = 1), threshold 0.5
         ref_label, labels = ref >= 0.5, P >= 0.5
         own = torch.where(ref_label, P, 1 - P)
     else:
         ref_label, labels = ref.argmax(-1), P.argmax(-1)
-        own = P.gather(-1, ref_label.expand(M.shape[0], -1).unsqueeze(-1)).squeeze(-1)
+        own = P.gather(-1, ref_label.expand(B, -1).unsqueeze(-1)).squeeze(-1)
     flipped = labels != ref_label  # [B, n]
     return Multiplicity(
         own.min(0).values,

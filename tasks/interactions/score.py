@@ -1,13 +1,18 @@
-"""Score every pair of a fitted model: its FIS cloud over the Rashomon set, range and reference value."""
+"""Score the pairs of a fitted model: each pair's FIS cloud over the Rashomon set, range and reference value.
+
+The set is the input-scaling class, the retraining class (`retrain.py`), or both. With many features the
+pairs are first ranked (by the reference's |FIS|, or by the smaller of the two features' importances) and only
+the `max_pairs` best are scored over the set, since every pair costs a cloud.
+"""
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import polars as pl
 import torch
 
-from tasks.interactions.fis import LossName, Predictor
+from tasks.interactions.fis import LossName, Predictor, importances, model_losses, pair_fis
 from tasks.interactions.rashomon import (
     Exploration,
     Multiplicity,
@@ -15,14 +20,22 @@ from tasks.interactions.rashomon import (
     all_pairs,
     explore,
     multiplicity,
+    multiplicity_of,
     pair_cloud,
 )
+from tasks.interactions.retrain import Fit, RetrainedSet, retrain_cloud, retrain_set
+
+Ranking = Literal["reference_fis", "importance"]
 
 
 class Scores(NamedTuple):
-    exploration: Exploration
-    clouds: list[PairCloud]
-    table: pl.DataFrame  # one row per pair, most variable first
+    ref_loss: float
+    epsilon: float
+    exploration: Exploration | None  # the scaling class's search (None without that class)
+    clouds: list[PairCloud]  # scaling class, one per scored pair ([] without that class)
+    retrained: RetrainedSet | None
+    retrain_clouds: list[PairCloud]  # retraining class, one per scored pair ([] without that class)
+    table: pl.DataFrame  # one row per scored pair, most variable first
     multiplicity: Multiplicity | None  # classifiers only
 
 
@@ -36,6 +49,40 @@ def check_feasible(ex: Exploration, rate: float) -> None:
         )
 
 
+def rank_pairs(
+    f: Predictor,
+    X: torch.Tensor,
+    y: torch.Tensor,
+    perms: torch.Tensor,
+    loss: LossName,
+    max_pairs: int | None,
+    by: Ranking,
+) -> list[tuple[int, int]]:
+    """All pairs, or the `max_pairs` with the largest reference |FIS| (or importance), best first."""
+    pairs = all_pairs(X.shape[1])
+    if max_pairs is None or len(pairs) <= max_pairs:
+        return pairs
+    ones = torch.ones(1, X.shape[1], dtype=X.dtype)
+    with torch.no_grad():
+        if by == "reference_fis":
+            score = [abs(float(pair_fis(f, X, y, ones, pr, perms, loss)["fis"][0])) for pr in pairs]
+        else:
+            phi = importances(f, X, y, perms, loss)
+            score = [float(torch.minimum(phi[i], phi[j])) for i, j in pairs]
+    order = sorted(range(len(pairs)), key=lambda k: -score[k])
+    return [pairs[k] for k in order[:max_pairs]]
+
+
+def _summary(prefix: str, c: PairCloud) -> dict:
+    fis = torch.cat([c.fis[c.in_set], torch.tensor([c.ref_fis], dtype=c.fis.dtype)])
+    return {
+        f"{prefix}fis_min": float(fis.min()),
+        f"{prefix}fis_max": float(fis.max()),
+        f"{prefix}fis_range": float(fis.max() - fis.min()),
+        f"{prefix}n_models": int(c.in_set.sum()) + 1,
+    }
+
+
 def score_pairs(
     f: Predictor,
     X: torch.Tensor,
@@ -47,31 +94,56 @@ def score_pairs(
     seed: int,
     classifier: bool,
     max_scale: float = 2.0,
+    *,
+    scaling: bool = True,
+    retrain: tuple[Fit, int, int] | None = None,
+    max_pairs: int | None = None,
+    ranking: Ranking = "reference_fis",
 ) -> Scores:
-    ex = explore(f, X, y, loss, rate, max_scale=max_scale)
-    check_feasible(ex, rate)
+    """`retrain = (fit, n_train, n_models)` adds the retraining class; `scaling=False` leaves its class out.
+
+    Table columns per pair: `fis_ref`, and per class `fis_min`, `fis_max`, `fis_range`, `n_models` (scaling)
+    and `retrain_fis_min`, ... (retraining); both ranges include the reference.
+    """
+    if not scaling and retrain is None:
+        raise ValueError("choose at least one model class: the input-scaling or the retraining class")
+    with torch.no_grad():
+        ref_loss = float(model_losses(f, X, y, torch.ones(1, X.shape[1], dtype=X.dtype), loss)[0])
+    ex = None
+    if scaling:
+        ex = explore(f, X, y, loss, rate, max_scale=max_scale)
+        check_feasible(ex, rate)
+    epsilon = rate * ref_loss
+    rs = None
+    if retrain is not None:
+        fit, n_train, n_models = retrain
+        rs = retrain_set(fit, n_train, n_models, X, y, loss, ref_loss, epsilon, seed)
     gen = torch.Generator().manual_seed(seed)
     perms = torch.stack([torch.randperm(X.shape[0], generator=gen) for _ in range(n_permutations)])
-    clouds = [pair_cloud(f, X, y, ex, pair, perms, loss) for pair in all_pairs(X.shape[1])]
+    pairs = rank_pairs(f, X, y, perms, loss, max_pairs, ranking)
+    clouds = [pair_cloud(f, X, y, ex, pair, perms, loss) for pair in pairs] if ex else []
+    ref_fis = {}
+    if not clouds:
+        ones = torch.ones(1, X.shape[1], dtype=X.dtype)
+        with torch.no_grad():
+            ref_fis = {pr: float(pair_fis(f, X, y, ones, pr, perms, loss)["fis"][0]) for pr in pairs}
+    ref_fis |= {c.pair: c.ref_fis for c in clouds}
+    r_clouds = [retrain_cloud(rs, X, y, pr, perms, loss, ref_fis[pr]) for pr in pairs] if rs else []
     rows = []
-    for c in clouds:
-        fis = torch.cat([c.fis[c.in_set], torch.tensor([c.ref_fis], dtype=c.fis.dtype)])
-        rows.append(
-            {
-                "feature_i": features[c.pair[0]],
-                "feature_j": features[c.pair[1]],
-                "fis_ref": c.ref_fis,
-                "fis_min": float(fis.min()),
-                "fis_max": float(fis.max()),
-                "fis_range": float(fis.max() - fis.min()),
-                "n_models": int(c.in_set.sum()) + 1,
-            }
-        )
-    table = pl.DataFrame(rows).sort("fis_range", descending=True)
+    for k, (i, j) in enumerate(pairs):
+        row = {"feature_i": features[i], "feature_j": features[j], "fis_ref": ref_fis[(i, j)]}
+        if clouds:
+            row |= _summary("", clouds[k])
+        if r_clouds:
+            row |= _summary("retrain_", r_clouds[k])
+        rows.append(row)
+    table = pl.DataFrame(rows).sort("fis_range" if clouds else "retrain_fis_range", descending=True)
     mult = None
     if classifier:
-        models = torch.cat(
-            [torch.cat([c.M[c.in_set] for c in clouds]), torch.ones(1, X.shape[1], dtype=X.dtype)]
-        )
-        mult = multiplicity(f, X, models)
-    return Scores(ex, clouds, table, mult)
+        ones = torch.ones(1, X.shape[1], dtype=X.dtype)
+        if clouds:
+            mult = multiplicity(f, X, torch.cat([torch.cat([c.M[c.in_set] for c in clouds]), ones]))
+        else:
+            with torch.no_grad():
+                mult = multiplicity_of(f(X), torch.stack([g(X) for g in rs.models] + [f(X)]))
+    return Scores(ref_loss, epsilon, ex, clouds, rs, r_clouds, table, mult)

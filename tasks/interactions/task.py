@@ -1,29 +1,61 @@
-"""Prefect task of the interaction stage: fit a reference model on a table, score its pairs over the set."""
+"""Prefect task of the interaction stage: build the table (a file, a bundled dataset, or a probe table of a
+dictionary's latents), fit a reference model, score its pairs over the Rashomon set, register with lineage."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from importlib.metadata import version
 from pathlib import Path
 
+import numpy as np
 import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from schemas.artifacts import InteractionScoresRef
+from schemas.artifacts import ActivationCacheRef, DictionaryRef, InteractionScoresRef
+from schemas.methods import DictionaryConfig
 from schemas.spec import InteractionsSpec
-from tasks.interactions.data import fit_reference, load_table
+from tasks.interactions.data import Table, fit_reference, load_table, split_frame
 from tasks.interactions.plots import halo_plot, swarm_plot
+from tasks.interactions.probe import LABEL_COLUMN, dictionary_frame
 from tasks.interactions.rashomon import explore, pair_cloud
 from tasks.interactions.score import score_pairs
-from tasks.tracking.identity import interactions_identity
+from tasks.tracking.catalog import open_catalog
+from tasks.tracking.identity import dictionary_identity, file_digest, interactions_identity, ref_identity
 from tasks.tracking.mlflow_runs import StageRun
 from tasks.tracking.stage import StageContext, run_stage
 
+PLOTS = {"scaling": ("halo.png", "swarm.png"), "retraining": ("swarm_retrain.png",)}
 
-def build_scores(spec: InteractionsSpec, folder: Path) -> dict:
-    """Write `scores.parquet`, `halo.png` and `swarm.png` into `folder`; return the reference's fields."""
-    table = load_table(spec.table, spec.target, spec.task, spec.heldout_fraction, spec.seed)
+
+def load_input(
+    spec: InteractionsSpec, dictionary: DictionaryRef | None, cache: ActivationCacheRef | None
+) -> Table:
+    if spec.source == "table":
+        return load_table(spec.table, spec.target, spec.task, spec.heldout_fraction, spec.seed)
+    frame = dictionary_frame(
+        dictionary.path,
+        dictionary.hookpoint,
+        cache.path,
+        spec.label,
+        spec.n_latents,
+        spec.max_tokens,
+        spec.seed,
+    )
+    source = f"{dictionary.id} latents, label {spec.label}"
+    return split_frame(frame, LABEL_COLUMN, source, "classification", spec.heldout_fraction, spec.seed)
+
+
+def build_scores(spec: InteractionsSpec, folder: Path, table: Table) -> dict:
+    """Write `scores.parquet` and the plots of the chosen classes into `folder`; return the ref's fields."""
     f = fit_reference(spec.reference, table, spec.seed)
     X, y = torch.as_tensor(table.X_test), torch.as_tensor(table.y_test)
+    scaling = spec.model_class in ("scaling", "both")
+
+    def refit(seed: int, rows: np.ndarray):
+        return fit_reference(spec.reference, table, seed, rows)
+
+    retrain = (refit, len(table.y_train), spec.n_retrain) if spec.model_class != "scaling" else None
     scores = score_pairs(
         f,
         X,
@@ -35,55 +67,139 @@ def build_scores(spec: InteractionsSpec, folder: Path) -> dict:
         spec.seed,
         table.task == "classification",
         max_scale=spec.max_scale,
+        scaling=scaling,
+        retrain=retrain,
+        max_pairs=spec.max_pairs,
+        ranking=spec.pair_ranking,
     )
     scores.table.write_parquet(folder / "scores.parquet")
-    by_pair = {(table.features[c.pair[0]], table.features[c.pair[1]]): c for c in scores.clouds}
     top = list(scores.table.select("feature_i", "feature_j").head(spec.plot_pairs).iter_rows())
-    swarm_plot(
-        [by_pair[t] for t in top],
-        scores.exploration.ref_loss,
-        [f"{a} x {b}" for a, b in top],
-        folder / "swarm.png",
-    )
-    pair = by_pair[top[0]].pair
-    rings = []
-    for rate in sorted(spec.halo_rates):
-        ex = explore(f, X, y, table.loss, rate, max_scale=spec.max_scale)
-        rings.append((ex, pair_cloud(f, X, y, ex, pair, torch.stack([torch.arange(X.shape[0])]), table.loss)))
-    halo_plot(rings, top[0], folder / "halo.png")
+    names = [f"{a} x {b}" for a, b in top]
+    index = {
+        (table.features[i], table.features[j]): k
+        for k, (i, j) in enumerate(c.pair for c in (scores.clouds or scores.retrain_clouds))
+    }
+    if scaling:
+        swarm_plot([scores.clouds[index[t]] for t in top], scores.ref_loss, names, folder / "swarm.png")
+        pair = scores.clouds[index[top[0]]].pair
+        rings = []
+        for rate in sorted(spec.halo_rates):
+            ex = explore(f, X, y, table.loss, rate, max_scale=spec.max_scale)
+            identity_perm = torch.stack([torch.arange(X.shape[0])])
+            rings.append((ex, pair_cloud(f, X, y, ex, pair, identity_perm, table.loss)))
+        halo_plot(rings, top[0], folder / "halo.png")
+    if scores.retrained is not None:
+        clouds = [scores.retrain_clouds[index[t]] for t in top]
+        swarm_plot(clouds, scores.ref_loss, names, folder / "swarm_retrain.png", title="retrained models")
     m = scores.multiplicity
-    return {
+    facts = {
         "n_features": len(table.features),
         "n_pairs": scores.table.height,
-        "ref_loss": scores.exploration.ref_loss,
-        "epsilon": scores.exploration.epsilon,
+        "ref_loss": scores.ref_loss,
+        "epsilon": scores.epsilon,
         "top_pair": list(top[0]),
+        "features": table.features,
         "ambiguity": m.ambiguity if m else None,
         "discrepancy": m.discrepancy if m else None,
-        "max_fis_range": float(scores.table["fis_range"].max()),
+        "n_retrained": int(scores.retrained.kept.sum()) if scores.retrained is not None else None,
     }
+    range_column = "fis_range" if scaling else "retrain_fis_range"
+    return facts | {"max_fis_range": float(scores.table[range_column].max())}
+
+
+def resolve_dictionary(
+    ctx: StageContext,
+    spec: InteractionsSpec,
+    cache: ActivationCacheRef | None,
+    dictionaries: Sequence[DictionaryRef],
+    jobs: Sequence[tuple[str, DictionaryConfig]],
+) -> tuple[DictionaryRef, ActivationCacheRef]:
+    """The dictionary to probe (this run's, by index into `jobs`, or any in the catalog, by id) and the
+    cache it read. `dictionaries` may come in any order (sweeps train grouped): they are matched by id."""
+    if not isinstance(spec.dictionary, str):
+        hookpoint, cfg = jobs[spec.dictionary or 0]
+        wanted = dictionary_identity(ref_identity(cache), hookpoint, cfg).id
+        return next(d for d in dictionaries if d.id == wanted), cache
+    made_here = {d.id: d for d in dictionaries}
+    catalog = open_catalog(ctx.settings.catalog)
+    if spec.dictionary in made_here:
+        dictionary = made_here[spec.dictionary]
+    else:
+        found = catalog.get(spec.dictionary)
+        if found is None or found[0] != "dictionary":
+            what = "is not in the catalog" if found is None else f"is a {found[0]}, not a dictionary"
+            raise ValueError(
+                f"interactions.dictionary {spec.dictionary!r} {what}; list dictionaries with "
+                "`featureatlas catalog list --kind dictionary`"
+            )
+        dictionary = DictionaryRef.model_validate(found[1].ref)
+    if cache is None or cache.id != dictionary.cache_id:
+        found = catalog.get(dictionary.cache_id)
+        if found is None:
+            raise ValueError(
+                f"the activation cache {dictionary.cache_id} of {dictionary.id} is not in the catalog; run "
+                "the pipeline that trained the dictionary again to rebuild it"
+            )
+        cache = ActivationCacheRef.model_validate(found[1].ref)
+    for ref in (dictionary, cache):
+        if not Path(ref.path).is_dir():
+            raise ValueError(
+                f"{ref.id}'s files are gone from {ref.path}; run the pipeline that made it again"
+            )
+    return dictionary, cache
+
+
+def table_record(spec: InteractionsSpec) -> dict:
+    """Where the table came from and its content hash: the table is not a catalog artifact, so the catalog
+    row's config records it instead of a lineage edge."""
+    if spec.source != "table":
+        return {}
+    if spec.table.startswith("sklearn:"):
+        return {"table_path": spec.table, "scikit_learn": version("scikit-learn")}
+    return {"table_path": spec.table, "table_sha256": file_digest(Path(spec.table))}
 
 
 @task(name="score_interactions", cache_policy=NO_CACHE)
-def score_interactions(ctx: StageContext, spec: InteractionsSpec) -> InteractionScoresRef:
-    ident = interactions_identity(spec)
+def score_interactions(
+    ctx: StageContext,
+    spec: InteractionsSpec,
+    cache: ActivationCacheRef | None = None,
+    dictionaries: Sequence[DictionaryRef] = (),
+    jobs: Sequence[tuple[str, DictionaryConfig]] = (),
+) -> InteractionScoresRef:
+    """`dictionaries`: those this run trained; `jobs`: the spec's (hookpoint, config) list an index names."""
+    parents, dictionary = [], None
+    if spec.source == "dictionary":
+        dictionary, cache = resolve_dictionary(ctx, spec, cache, dictionaries, jobs)
+        parents = [dictionary, cache]
+    ident = interactions_identity(spec, [ref_identity(p) for p in parents])
+    source = spec.table if dictionary is None else f"{dictionary.id}:{spec.label}"
 
     def build(folder: Path, run: StageRun) -> tuple[dict, dict]:
-        facts = build_scores(spec, folder)
+        facts = build_scores(spec, folder, load_input(spec, dictionary, cache))
         metrics = {k: v for k, v in facts.items() if isinstance(v, float)}
+        if facts["n_retrained"] is not None:
+            metrics["n_retrained"] = float(facts["n_retrained"])
         run.log_metrics(metrics)
-        for name in ("scores.parquet", "halo.png", "swarm.png"):
+        for name in ("scores.parquet",) + sum((PLOTS[c] for c in _classes(spec)), ()):
             run.log_artifact(folder / name)
         fields = {k: v for k, v in facts.items() if k != "max_fis_range"}
-        columns = {"source": spec.table, "reference": spec.reference, "n_features": facts["n_features"]}
-        return fields | {"spec": spec, "source": spec.table}, columns | {"metrics": metrics}
+        columns = {"source": source, "reference": spec.reference, "n_features": facts["n_features"]}
+        extra = {"dictionary_id": dictionary.id, "cache_id": cache.id} if dictionary else {}
+        return fields | extra | {"spec": spec, "source": source}, columns | {"metrics": metrics}
 
     return run_stage(
         ctx,
         ident,
         InteractionScoresRef,
-        name=f"score_interactions[{spec.table}, {spec.reference}]",
-        config=spec.model_dump(mode="json"),
-        parents=[],
+        name=f"score_interactions[{source}, {spec.reference}]",
+        config=spec.model_dump(mode="json") | table_record(spec),
+        parents=parents,
         build=build,
     )
+
+
+def _classes(spec: InteractionsSpec) -> tuple[str, ...]:
+    return {"scaling": ("scaling",), "retraining": ("retraining",), "both": ("scaling", "retraining")}[
+        spec.model_class
+    ]

@@ -1,7 +1,12 @@
 """The SQL metadata catalog: register finished artifacts with their lineage, find them by fingerprint.
 
-Any SQLAlchemy URL works; SQLite (the default) runs in WAL mode so a reader never blocks the writer. The
-schema is brought to the newest Alembic revision when the catalog is opened.
+Any SQLAlchemy URL works: SQLite (the default) in WAL mode so a reader never blocks the writer, or
+PostgreSQL (`postgresql+psycopg://user:password@host:5432/db`). The schema is brought to the newest Alembic
+revision when the catalog is opened; concurrent openers take turns (an advisory lock on PostgreSQL, a write
+lock on SQLite), so two pipelines starting at once on an empty database do not both create the tables.
+Registration is one transaction, retried with backoff when the database is briefly unreachable or busy,
+and idempotent, so a retry or two processes registering the same artifact leave exactly one row. Secrets
+in configs are masked before they are stored.
 """
 
 from __future__ import annotations
@@ -11,15 +16,23 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import create_engine, event, select
-from sqlalchemy.engine import Engine
+from sqlalchemy import create_engine, event, select, text
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 import schemas
 from schemas.artifacts import ArtifactRef
 from schemas.catalog import ROWS, ArtifactRow, LineageEdge
+from tasks.tracking.retry import retrying
+from tasks.tracking.secrets import mask_secrets
 
 MIGRATIONS = Path(schemas.__file__).resolve().parent / "migrations"
+_MIGRATION_LOCK = 0x66656174  # PostgreSQL advisory lock key held while migrating ("feat")
+_HINT = (
+    "Check that the database server is running and the URL is right (FEATUREATLAS_CATALOG_URL); "
+    "`featureatlas server status` shows the configured services."
+)
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:
@@ -30,43 +43,91 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cur.close()
 
 
+def make_engine(url: str) -> Engine:
+    """An engine for `url`: SQLite with WAL, foreign keys and a busy timeout; others with pre-ping."""
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    if url.startswith("sqlite"):
+        engine = create_engine(url)
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+def _write_lock(conn: Connection) -> None:
+    """Serialise writers from the start of the transaction.
+
+    SQLite: a deferred transaction that reads and then writes fails with 'database is locked' if another
+    process committed in between; BEGIN IMMEDIATE waits (busy_timeout) for the write lock up front instead.
+    """
+    if conn.dialect.name == "sqlite":
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def migrate(engine: Engine, revision: str = "head") -> None:
+    """Upgrade the schema to `revision`, one process at a time."""
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
+        else:
+            _write_lock(conn)
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, revision)
+
+
 class Catalog:
     def __init__(self, url: str):
         self.url = url
-        if url.startswith("sqlite:///"):
-            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        self.engine: Engine = create_engine(url)
-        if url.startswith("sqlite"):
-            event.listen(self.engine, "connect", _sqlite_pragmas)
+        self.engine: Engine = make_engine(url)
         self.migrate()
 
     def migrate(self) -> None:
-        cfg = Config()
-        cfg.set_main_option("script_location", str(MIGRATIONS))
-        with self.engine.begin() as conn:
-            cfg.attributes["connection"] = conn
-            command.upgrade(cfg, "head")
+        retrying("catalog database", self.url, lambda: migrate(self.engine), _HINT)
 
     # ---- writes ---------------------------------------------------------------------------------------
     def register(self, ref: ArtifactRef, parents: list[ArtifactRef], config: dict, **columns) -> None:
-        """Record a finished artifact and its edges in one transaction (idempotent for the same id)."""
+        """Record a finished artifact and its edges in one transaction (idempotent for the same id).
+
+        Retried with backoff while the database is unreachable or busy; either the row and all its edges
+        are written, or nothing is.
+        """
+        retrying(
+            "catalog database", self.url, lambda: self._register_once(ref, parents, config, columns), _HINT
+        )
+
+    def _register_once(
+        self, ref: ArtifactRef, parents: list[ArtifactRef], config: dict, columns: dict
+    ) -> None:
         row_cls = ROWS[ref.kind]
-        with Session(self.engine) as s, s.begin():
-            if s.get(row_cls, ref.id) is not None:
-                return
-            s.add(
-                row_cls(
-                    id=ref.id,
-                    fingerprint=ref.fingerprint,
-                    uri=ref.path,
-                    mlflow_run_id=ref.mlflow_run_id,
-                    config=config,
-                    ref=ref.model_dump(mode="json", exclude={"reused"}),
-                    **columns,
+        try:
+            with Session(self.engine) as s, s.begin():
+                _write_lock(s.connection())
+                if s.get(row_cls, ref.id) is not None:
+                    return
+                s.add(
+                    row_cls(
+                        id=ref.id,
+                        fingerprint=ref.fingerprint,
+                        uri=ref.path,
+                        mlflow_run_id=ref.mlflow_run_id,
+                        config=mask_secrets(config),
+                        ref=mask_secrets(ref.model_dump(mode="json", exclude={"reused"})),
+                        **columns,
+                    )
                 )
-            )
-            for p in parents:
-                s.add(LineageEdge(child_id=ref.id, parent_id=p.id, child_kind=ref.kind, parent_kind=p.kind))
+                for p in parents:
+                    s.add(
+                        LineageEdge(child_id=ref.id, parent_id=p.id, child_kind=ref.kind, parent_kind=p.kind)
+                    )
+        except IntegrityError:
+            # another process registered the same artifact between our check and our insert (PostgreSQL
+            # lets both transactions read first): its row is ours, unless the fingerprint differs
+            with Session(self.engine) as s:
+                row = s.get(row_cls, ref.id)
+                if row is None or row.fingerprint != ref.fingerprint:
+                    raise
 
     # ---- reads ----------------------------------------------------------------------------------------
     def find(self, kind: str, fingerprint: str) -> dict | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 from schemas.settings import Settings
+from tasks.tracking.secrets import install_log_masking
 
 
 def configure_environment(settings: Settings | None = None) -> Settings:
@@ -23,6 +24,10 @@ def configure_environment(settings: Settings | None = None) -> Settings:
         "PREFECT_LOGGING_LEVEL": "INFO",
         "MLFLOW_TRACKING_URI": settings.mlflow_uri,
         "MLFLOW_DISABLE_TELEMETRY": "true",
+        # MLflow's own HTTP retries (default: 7, for minutes) under featureatlas' retries with backoff
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
         "DO_NOT_TRACK": "1",
         "HF_HOME": str(home / "hf"),
         "TOKENIZERS_PARALLELISM": "false",
@@ -30,6 +35,9 @@ def configure_environment(settings: Settings | None = None) -> Settings:
     }
     if not settings.online:
         defaults |= {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    if settings.prefect_api_url:
+        defaults["PREFECT_API_URL"] = settings.prefect_api_url
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
+    install_log_masking()
     return settings

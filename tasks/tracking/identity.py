@@ -26,7 +26,7 @@ STAGE_VERSIONS = {
     "dictionary": 1,
     "evaluation": 2,  # issue 5: details (mean ablation, KL, ablation, steering, geometry)
     "labeling": 2,  # 2: feature statistics, statistical labels, scores, atlas
-    "interactions": 1,
+    "interactions": 2,  # 2: pair cap, retraining class, probes on dictionary latents
 }
 
 
@@ -131,13 +131,17 @@ def labeling_identity(dictionary: Identity, cache: Identity, spec: LabelSpec) ->
     return identity("labeling", spec, [dictionary.fingerprint, cache.fingerprint])
 
 
-def interactions_identity(spec: InteractionsSpec) -> Identity:
-    # a file table is identified by its content; an sklearn dataset by the scikit-learn version shipping it
+def interactions_identity(spec: InteractionsSpec, inputs: list[Identity] | None = None) -> Identity:
+    # a file table is identified by its content; an sklearn dataset by the scikit-learn version shipping it;
+    # a probe on dictionary latents by its inputs (the dictionary and its cache)
     table = spec.table or ""
-    if table.startswith("sklearn:"):
+    if spec.source == "dictionary":
+        content = []
+    elif table.startswith("sklearn:"):
         from importlib.metadata import version
 
         content = [table, version("scikit-learn")]
     else:
         content = [Path(table).name, file_digest(Path(table)) if Path(table).exists() else "missing"]
-    return identity("interactions", {"spec": _canonical(spec), "content": content}, [])
+    fingerprints = [i.fingerprint for i in inputs or []]
+    return identity("interactions", {"spec": _canonical(spec), "content": content}, fingerprints)

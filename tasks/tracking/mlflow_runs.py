@@ -2,11 +2,17 @@
 
 The explicit `MlflowClient` (rather than the fluent `mlflow.start_run`) keeps runs correct when Prefect runs
 tasks in worker threads, where the fluent API's active-run stack would not follow.
+
+The tracking store is checked when the tracker opens (a database URI is connected to, a server's `/health`
+is asked), with retries and backoff, so an unreachable store fails before any work with an error naming its
+URL (password masked). Every write is retried the same way; params and tags are masked for secrets.
 """
 
 from __future__ import annotations
 
 import time
+import urllib.error
+import urllib.request
 import warnings
 from contextlib import contextmanager
 from functools import lru_cache
@@ -20,8 +26,15 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from schemas.artifacts import ArtifactRef
+from tasks.tracking.paths import check_name
+from tasks.tracking.retry import retrying
+from tasks.tracking.secrets import mask_secrets
 
 _MAX_PARAM = 6000
+_HINT = (
+    "Check that the tracking server or database is running and the URI is right "
+    "(FEATUREATLAS_MLFLOW_TRACKING_URI); `featureatlas server status` shows the configured services."
+)
 
 
 def flatten(config: dict, prefix: str = "") -> dict[str, str]:
@@ -35,6 +48,11 @@ def flatten(config: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
+def _write(client: MlflowClient, fn, *args, **kwargs):
+    """One tracking write, retried with backoff while the store is unreachable."""
+    return retrying("MLflow tracking store", client.tracking_uri, lambda: fn(*args, **kwargs), _HINT)
+
+
 class StageRun:
     """Handle on one MLflow run: params, metrics with steps, artifacts and dataset inputs."""
 
@@ -42,21 +60,23 @@ class StageRun:
         self.client, self.run_id = client, run_id
 
     def log_params(self, config: dict) -> None:
-        params = [Param(k, v) for k, v in flatten(config).items()]
+        params = [Param(k, v) for k, v in mask_secrets(flatten(config)).items()]
         for i in range(0, len(params), 100):
-            self.client.log_batch(self.run_id, params=params[i : i + 100])
+            _write(self.client, self.client.log_batch, self.run_id, params=params[i : i + 100])
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
-        self.client.log_batch(self.run_id, metrics=batch)
+        _write(self.client, self.client.log_batch, self.run_id, metrics=batch)
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        for k, v in tags.items():
-            self.client.set_tag(self.run_id, k, v)
+        for k, v in mask_secrets(tags).items():
+            _write(self.client, self.client.set_tag, self.run_id, k, v)
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), artifact_path)
+        if artifact_path is not None:
+            check_name(artifact_path)
+        _write(self.client, self.client.log_artifact, self.run_id, str(path), artifact_path)
 
     def log_input(self, ref: ArtifactRef, context: str) -> None:
         """Record that this run consumed `ref`: the lineage MLflow shows in its UI."""
@@ -66,26 +86,57 @@ class StageRun:
             source = resolve_dataset_source(ref.path)
         dataset = MetaDataset(source=source, name=ref.id, digest=ref.fingerprint[:32])
         tags = [InputTag("mlflow.data.context", context), InputTag("featureatlas.kind", ref.kind)]
-        self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags)])
+        datasets = [DatasetInput(dataset._to_mlflow_entity(), tags)]
+        _write(self.client, self.client.log_inputs, self.run_id, datasets=datasets)
+
+
+def probe(uri: str) -> None:
+    """Raise ConnectionError unless the tracking store at `uri` answers (a server's /health, a database's
+    SELECT 1); a local store (SQLite, files) and other schemes are left to MLflow."""
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=10) as r:
+                r.read()
+        except urllib.error.HTTPError as e:
+            if e.code >= 500:
+                raise ConnectionError(f"HTTP {e.code} from /health") from e
+        except (urllib.error.URLError, OSError) as e:
+            raise ConnectionError(str(getattr(e, "reason", e))) from e
+    elif uri.split(":", 1)[0].split("+")[0] in {"postgresql", "mysql", "mssql"}:
+        from sqlalchemy import create_engine, text
+
+        engine = create_engine(uri)
+        try:
+            with engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+        finally:
+            engine.dispose()
 
 
 class Tracker:
     def __init__(self, uri: str, experiment: str, artifact_root: Path):
+        self.uri = uri
+        # before MLflow's own client: its database store retries a dead server for minutes, silently
+        retrying("MLflow tracking store", uri, lambda: probe(uri), _HINT)
         self.client = MlflowClient(uri)
-        exp = self.client.get_experiment_by_name(experiment)
+        exp = _write(self.client, self.client.get_experiment_by_name, experiment)
         if exp is None:
-            artifact_root.mkdir(parents=True, exist_ok=True)
-            self.experiment_id = self.client.create_experiment(
-                experiment, artifact_location=artifact_root.as_uri()
+            # a tracking server keeps artifacts in its own store; a local store puts them in `artifact_root`
+            location = None
+            if not uri.startswith(("http://", "https://")):
+                artifact_root.mkdir(parents=True, exist_ok=True)
+                location = artifact_root.as_uri()
+            self.experiment_id = _write(
+                self.client, self.client.create_experiment, experiment, artifact_location=location
             )
         else:
             self.experiment_id = exp.experiment_id
 
     def start(self, name: str, parent_run_id: str | None = None, tags: dict | None = None) -> StageRun:
-        tags = {MLFLOW_RUN_NAME: name, **(tags or {})}
+        tags = mask_secrets({MLFLOW_RUN_NAME: name, **(tags or {})})
         if parent_run_id:
             tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
-        run = self.client.create_run(self.experiment_id, tags=tags, run_name=name)
+        run = _write(self.client, self.client.create_run, self.experiment_id, tags=tags, run_name=name)
         return StageRun(self.client, run.info.run_id)
 
     def reopen(self, run_id: str) -> StageRun | None:
@@ -101,7 +152,7 @@ class Tracker:
 
     def end(self, run: StageRun, ok: bool) -> None:
         status = RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED)
-        self.client.set_terminated(run.run_id, status)
+        _write(self.client, self.client.set_terminated, run.run_id, status)
 
     @contextmanager
     def run(

@@ -13,6 +13,7 @@ import yaml
 from schemas.artifacts import PipelineResult
 from schemas.settings import Settings
 from schemas.spec import PipelineSpec
+from tasks.tracking.catalog import open_catalog
 from tasks.tracking.mlflow_runs import StageRun
 from tasks.tracking.stage import StageContext, stage_logger, tracker_for
 
@@ -29,7 +30,12 @@ def _git_commit() -> str:
 
 @contextmanager
 def pipeline_run(settings: Settings, spec: PipelineSpec, progress: bool = False) -> Iterator[StageContext]:
-    """Open the parent run; it ends FINISHED, or FAILED when a stage raises (the error propagates)."""
+    """Open the parent run; it ends FINISHED, or FAILED when a stage raises (the error propagates).
+
+    The catalog and the tracking store are both opened first, so that an unreachable one fails the run
+    before anything is tracked or built.
+    """
+    open_catalog(settings.catalog)
     tracker = tracker_for(settings)
     tags = {"featureatlas.pipeline": spec.name, "featureatlas.code_version": _git_commit()}
     with tracker.run(spec.name, tags=tags) as run:

@@ -29,6 +29,7 @@ from schemas.settings import Settings
 from tasks.tracking.catalog import open_catalog
 from tasks.tracking.identity import Identity
 from tasks.tracking.mlflow_runs import StageRun, Tracker, open_tracker
+from tasks.tracking.paths import inside
 
 R = TypeVar("R", bound=ArtifactRef)
 
@@ -132,7 +133,7 @@ def run_stage(
                 run.log_input(p, context=p.kind)
         return ref
 
-    final = settings.artifacts_dir / ident.kind / ident.id
+    final = inside(settings.artifacts_dir, ident.kind, ident.id)
     if resumable:
         tmp = final.with_name(f"{final.name}.partial")
         lock = _exclusive(final.with_name(f"{final.name}.partial.lock"))
