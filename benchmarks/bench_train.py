@@ -2,14 +2,19 @@
 
 For each method: tokens/s of a full training step (loss, backward, the method's decoder constraint, AdamW),
 the peak memory of that step, and `matmul_ratio` = step time / time of one dense [batch, d_in] x [d_in, d_sae]
-matmul measured in the same process (every method must at least encode, so ~3 is the floor of forward +
-backward). Each method runs in its own subprocess so that its peak memory is its own: on CUDA
+matmul measured in the same process, alternating with the steps (a dense step needs ~6 such matmuls: the
+encoder and decoder and two each in their backward passes). The TopK family runs on its sparse path
+(tasks/dictionary/sparse_decoder.py: only the k selected decoder rows are gathered, and the encoder gradient
+is built from the selected entries), which leaves one dense matmul, the encoder's forward; `<method>_dense`
+rows time the same method on the dense path. The batch is random, so no latent is dead and AuxK is off.
+Each method runs in its own subprocess so that its peak memory is its own: on CUDA
 `torch.cuda.max_memory_allocated`; on CPU the rise of the process's max RSS over its size just before the
 dictionary is built (model, optimizer state and the step's intermediates; the input batch and the torch
 runtime excluded).
 
     python benchmarks/bench_train.py                 # d_in 576, d_sae 4608, batch 4096, CPU, all threads
     python benchmarks/bench_train.py --d-sae 1152    # smaller, e.g. on a slow CPU
+    python benchmarks/bench_train.py --device cuda   # on a GPU
 
 The last line printed is one JSON object keyed by method.
 """
@@ -25,7 +30,20 @@ import sys
 import time
 from pathlib import Path
 
-METHODS = ("topk", "batchtopk", "matryoshka", "relu", "jumprelu", "gated", "threshold")
+METHODS = (
+    "topk",
+    "topk_dense",
+    "batchtopk",
+    "batchtopk_dense",
+    "matryoshka",
+    "matryoshka_dense",
+    "relu",
+    "jumprelu",
+    "gated",
+    "threshold",
+)
+# The TopK family trains on its sparse path by default; `<method>_dense` times it on the dense path.
+DENSE_SUFFIX = "_dense"
 
 
 def _sync(device: str) -> None:
@@ -66,8 +84,8 @@ def run_one(method: str, args: argparse.Namespace) -> dict[str, float]:
     g = torch.Generator().manual_seed(0)
     acts = torch.randn(args.batch, args.d_in, generator=g).to(device)
     weight = torch.randn(args.d_in, args.d_sae, generator=g).to(device)
-    matmul_s = _median_seconds(lambda: acts @ weight, args.steps + 1, device)
 
+    method, dense = method.removesuffix(DENSE_SUFFIX), method.endswith(DENSE_SUFFIX)
     fields = {"method": method, "d_sae": args.d_sae, "device": device}
     if method in ("topk", "batchtopk", "matryoshka"):
         fields["k"] = args.k
@@ -76,6 +94,8 @@ def run_one(method: str, args: argparse.Namespace) -> dict[str, float]:
         torch.cuda.reset_peak_memory_stats()
     rss_before = _rss_mb()
     sae = build_dictionary(cfg, args.d_in)
+    if hasattr(sae, "sparse_decoder"):
+        sae.sparse_decoder = not dense
     sae.init_from_data(acts.cpu())
     sae.to(device).train()
     optimizer = torch.optim.AdamW([p for p in sae.parameters() if p.requires_grad], lr=cfg.lr)
@@ -90,7 +110,15 @@ def run_one(method: str, args: argparse.Namespace) -> dict[str, float]:
         sae.after_optimizer_step()
 
     step()  # warm-up: allocates optimizer state and caches kernels
-    step_s = _median_seconds(step, args.steps, device)
+    _median_seconds(lambda: acts @ weight, 1, device)
+    # Matmul and step alternate, and the ratio is taken per pair: on a shared machine the load drifts, and
+    # a matmul timed minutes before the steps would measure a different machine.
+    step_times, matmul_times = [], []
+    for _ in range(args.steps):
+        matmul_times.append(_median_seconds(lambda: acts @ weight, 1, device))
+        step_times.append(_median_seconds(step, 1, device))
+    step_s, matmul_s = statistics.median(step_times), statistics.median(matmul_times)
+    ratio = statistics.median(s / m for s, m in zip(step_times, matmul_times))
     if device.startswith("cuda"):
         peak_mb = torch.cuda.max_memory_allocated() / 2**20
     else:
@@ -99,7 +127,7 @@ def run_one(method: str, args: argparse.Namespace) -> dict[str, float]:
         "tokens_per_s": round(args.batch / step_s, 1),
         "step_ms": round(step_s * 1e3, 2),
         "matmul_ms": round(matmul_s * 1e3, 2),
-        "matmul_ratio": round(step_s / matmul_s, 2),
+        "matmul_ratio": round(ratio, 2),
         "peak_mb": round(peak_mb, 1),
     }
 
@@ -122,10 +150,18 @@ def main() -> None:
         return
 
     root = Path(__file__).resolve().parents[1]
-    passthrough = [a for a in sys.argv[1:] if not a.startswith("--methods")]
+    passthrough = [
+        f"--d-in={args.d_in}",
+        f"--d-sae={args.d_sae}",
+        f"--batch={args.batch}",
+        f"--k={args.k}",
+        f"--steps={args.steps}",
+        f"--threads={args.threads}",
+        f"--device={args.device}",
+    ]
     results: dict[str, dict[str, float]] = {}
     print(f"d_in {args.d_in}, d_sae {args.d_sae}, batch {args.batch}, k {args.k}, device {args.device}")
-    print(f"{'method':<11} {'tokens/s':>10} {'step ms':>9} {'matmul ms':>10} {'ratio':>6} {'peak MB':>8}")
+    print(f"{'method':<17} {'tokens/s':>10} {'step ms':>9} {'matmul ms':>10} {'ratio':>6} {'peak MB':>8}")
     for method in args.methods.split(","):
         proc = subprocess.run(
             [sys.executable, __file__, *passthrough, "--child", method],
@@ -138,7 +174,7 @@ def main() -> None:
         row = json.loads(proc.stdout.strip().splitlines()[-1])
         results[method] = row
         print(
-            f"{method:<11} {row['tokens_per_s']:>10.0f} {row['step_ms']:>9.1f} {row['matmul_ms']:>10.1f} "
+            f"{method:<17} {row['tokens_per_s']:>10.0f} {row['step_ms']:>9.1f} {row['matmul_ms']:>10.1f} "
             f"{row['matmul_ratio']:>6.2f} {row['peak_mb']:>8.0f}",
             flush=True,
         )

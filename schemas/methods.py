@@ -12,11 +12,23 @@ from pydantic import Field, model_validator
 
 from schemas.base import Contract
 
+# Methods whose code can encode one hookpoint and reconstruct another (tasks.dictionary.transcoder): the
+# linear-encoder SAEs. Not GBA/BA (tied weights), MP (pursuit on its own residual) or semi-NMF (factorises).
+TRANSCODER_METHODS = ("topk", "batchtopk", "matryoshka", "relu", "jumprelu", "gated", "threshold")
+
 
 class TrainingConfig(Contract):
     """Fields every trained dictionary shares."""
 
     hookpoint: str | None = Field(None, description="Hookpoint to train on; default: every cached hookpoint.")
+    target_hookpoint: str | None = Field(
+        None,
+        # Left out of dumps (so of fingerprints and cfg.json) when unset: plain dictionaries are unchanged.
+        exclude_if=lambda v: v is None,
+        description="Train a transcoder: encode `hookpoint`'s activations, reconstruct this hookpoint's "
+        "(e.g. hookpoint 'model.layers.3.post_attention_layernorm', target 'mlp_out.3'). Both must be cached "
+        "and of the same width. Not for gba, ba, mp or snmf.",
+    )
     d_sae: int = Field(2048, ge=1, description="Number of latents.")
     lr: float = Field(4e-4, gt=0, description="Peak AdamW learning rate (reached after `warmup_steps`).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay (0: plain Adam).")
@@ -51,6 +63,28 @@ class TrainingConfig(Contract):
     compile: bool = Field(
         False, description="Compile the training loss with torch.compile (worth it on CUDA, for long runs)."
     )
+
+    @model_validator(mode="after")
+    def _transcoder_fields(self) -> TrainingConfig:
+        if self.target_hookpoint is None:
+            return self
+        method = getattr(self, "method", None)
+        if method not in TRANSCODER_METHODS:
+            raise ValueError(
+                f"method {method!r} cannot be trained as a transcoder (target_hookpoint is set); use one of "
+                f"{', '.join(TRANSCODER_METHODS)}, or drop target_hookpoint"
+            )
+        if self.hookpoint is None:
+            raise ValueError(
+                f"a transcoder (target_hookpoint {self.target_hookpoint!r}) needs `hookpoint`, its input "
+                "site; set it, e.g. hookpoint: model.layers.3.post_attention_layernorm"
+            )
+        if self.hookpoint == self.target_hookpoint:
+            raise ValueError(
+                f"target_hookpoint equals hookpoint ({self.hookpoint!r}); drop target_hookpoint for a plain "
+                "dictionary, or name the site the transcoder should predict"
+            )
+        return self
 
 
 class TopKConfig(TrainingConfig):

@@ -350,6 +350,11 @@ class PipelineSpec(Contract):
                     f"dictionaries.{i}.hookpoint {d.hookpoint!r} is not among the cached hookpoints "
                     f"{self.hookpoints}; add it to `hookpoints` or fix the name"
                 )
+            if d.target_hookpoint is not None and d.target_hookpoint not in self.hookpoints:
+                raise ValueError(
+                    f"dictionaries.{i}.target_hookpoint {d.target_hookpoint!r} is not among the cached "
+                    f"hookpoints {self.hookpoints}; a transcoder needs both sites cached; add it there"
+                )
         return self
 
     def dictionary_jobs(self) -> list[tuple[str, DictionaryConfig]]:

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from schemas.methods import BatchTopKConfig
 from tasks.dictionary.registry import register
+from tasks.dictionary.sparse_decoder import flat_entries
 from tasks.dictionary.topk import TopKSAE
 
 
@@ -25,6 +26,37 @@ def batch_topk(pre: Tensor, k: int) -> Tensor:
     top = flat.flatten().topk(keep, sorted=False)
     codes = torch.zeros_like(flat).flatten().scatter(-1, top.indices, top.values.relu())
     return codes.reshape(pre.shape)
+
+
+def batch_topk_entries(pre: Tensor, k: int, oversample: int = 2) -> tuple[Tensor, Tensor]:
+    """(rows, cols), sorted by row, of the k * n_tokens largest entries of pre [n_tokens, d_sae].
+
+    A top-k over all n_tokens * d_sae entries is slow on CPU (seconds at the benchmark's size), so the
+    candidates are first each token's top `oversample * k`. A token whose smallest candidate still reaches
+    the batch's kept minimum might hold more beyond its candidates: all its entries then join the pool
+    and the top-k runs again. That is exact: every other token's unseen entries lie below its smallest
+    candidate, hence below the old kept minimum, which a larger pool can only raise.
+    """
+    n, d_sae = pre.shape
+    keep = min(k * n, pre.numel())
+    m = oversample * k
+    if m >= d_sae:
+        return flat_entries(pre.flatten().topk(keep, sorted=False).indices, d_sae)
+    cand = pre.topk(m, dim=-1, sorted=False)
+    top = cand.values.flatten().topk(keep, sorted=False)
+    hot = cand.values.min(dim=-1).values >= top.values.min()
+    if not bool(hot.any()):
+        rows, cols = top.indices // m, cand.indices.flatten()[top.indices]
+    else:
+        cold, hot_rows = (~hot).nonzero().squeeze(1), hot.nonzero().squeeze(1)
+        pool = torch.cat([cand.values[cold].flatten(), pre[hot_rows].flatten()])
+        pool_rows = torch.cat([cold.repeat_interleave(m), hot_rows.repeat_interleave(d_sae)])
+        every_col = torch.arange(d_sae, device=pre.device).repeat(len(hot_rows))
+        pool_cols = torch.cat([cand.indices[cold].flatten(), every_col])
+        top = pool.topk(keep, sorted=False)
+        rows, cols = pool_rows[top.indices], pool_cols[top.indices]
+    order = torch.argsort(rows, stable=True)
+    return rows[order], cols[order]
 
 
 @register
@@ -47,6 +79,15 @@ class BatchTopKSAE(TopKSAE):
             return codes
         # Strictly above: a threshold of exactly 0 must not turn every zero pre-activation into a code.
         return pre * (pre > self.threshold.clamp_min(0)).to(pre.dtype)
+
+    def _select_entries(self, pre: Tensor) -> tuple[Tensor, Tensor]:
+        """Sparse-path entries: the batch top-k (training, threshold updated) or those above the threshold."""
+        if not self.training:
+            rows, cols = (pre > self.threshold.clamp_min(0)).nonzero(as_tuple=True)
+            return rows, cols
+        rows, cols = batch_topk_entries(pre, self.k)
+        self._update_threshold(pre[rows, cols].relu())
+        return rows, cols
 
     @torch.no_grad()
     def _update_threshold(self, codes: Tensor) -> None:

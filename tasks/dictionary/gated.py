@@ -38,7 +38,7 @@ class GatedSAE(LinearSAE):
 
     def paths(self, x_scaled: Tensor) -> tuple[Tensor, Tensor]:
         """(pi_gate, pi_mag), each [..., d_sae], from one shared projection."""
-        proj = (x_scaled - self.b_dec) @ self.W_enc
+        proj = (x_scaled - self.input_center) @ self.W_enc
         return proj + self.b_enc, proj * self.r_mag.exp() + self.b_mag
 
     def activation(self, pre: Tensor) -> Tensor:  # noqa: ARG002
@@ -51,21 +51,26 @@ class GatedSAE(LinearSAE):
     def encode(self, acts: Tensor) -> Tensor:
         return self.gated_codes(*self.paths(self.scaled(acts)))
 
-    def training_loss(self, acts: Tensor, dead_mask: Tensor) -> TrainStepOutput:  # noqa: ARG002
+    def training_loss(
+        self,
+        acts: Tensor,
+        dead_mask: Tensor,  # noqa: ARG002
+        target: Tensor | None = None,
+    ) -> TrainStepOutput:
         """(||x - x_hat||^2 + l1 * sum relu(pi_gate) ||d_i|| + ||x - x_hat_gate(frozen decoder)||^2) / var."""
-        x = self.scaled(acts)
+        x, y = self.sites(acts, target)  # y: what to reconstruct (x itself, or a transcoder's target)
         pi_gate, pi_mag = self.paths(x)
         codes = self.gated_codes(pi_gate, pi_mag)
-        err = x - self.decode_scaled(codes)
+        err = y - self.decode_scaled(codes)
         err_sq = err.pow(2).sum()
-        var = self.batch_variance(x)
+        var = self.batch_variance(y)
         gate = pi_gate.relu()
         l1 = (gate * self.W_dec.norm(dim=-1).detach()).sum()
-        aux = (x - (gate @ self.W_dec.detach() + self.b_dec.detach())).pow(2).sum()
+        aux = (y - (gate @ self.W_dec.detach() + self.b_dec.detach())).pow(2).sum()
         fvu = err_sq / var
         return TrainStepOutput(
             loss=fvu + (self.cfg.l1_coef * l1 + aux) / var,
-            mse=(err_sq / err.numel() / self.input_scale**2).detach(),
+            mse=(err_sq / err.numel() / self.output_scale**2).detach(),
             fvu=fvu.detach(),
             auxk_loss=(aux / var).detach(),
             codes=codes.detach(),

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+import torch
 from torch import Tensor
 
 from schemas.methods import MatryoshkaConfig
-from tasks.dictionary.base import TrainStepOutput
 from tasks.dictionary.batchtopk import BatchTopKSAE
 from tasks.dictionary.registry import register
-
-_EPS = 1e-12
+from tasks.dictionary.sparse_decoder import SparseCodes, bag_sum, row_offsets
 
 
 @register
@@ -41,21 +40,30 @@ class MatryoshkaSAE(BatchTopKSAE):
             start = end
         return recons
 
-    def training_loss(self, acts: Tensor, dead_mask: Tensor) -> TrainStepOutput:
-        """Sum over prefixes of FVU(prefix), plus `auxk_coef` x AuxK on the full reconstruction's residual."""
-        x = acts.to(self.W_enc.dtype) * self.input_scale
-        pre = self.pre_acts(x)
-        codes = self._topk_codes(pre)
-        var = (x - x.mean(0)).pow(2).sum().clamp_min(_EPS)
-        recons = self.prefix_reconstructions(codes)
-        prefix_fvus = [(x - r).pow(2).sum() / var for r in recons]
-        err = x - recons[-1]
-        err_sq = err.pow(2).sum()
-        auxk = self.auxk_loss(pre, err.detach(), dead_mask)
-        return TrainStepOutput(
-            loss=sum(prefix_fvus) + self.cfg.auxk_coef * auxk,
-            mse=(err_sq / err.numel() / self.input_scale**2).detach(),
-            fvu=prefix_fvus[-1].detach(),
-            auxk_loss=auxk.detach(),
-            codes=codes.detach(),
+    def reconstructions(self, codes: Tensor) -> list[Tensor]:
+        return self.prefix_reconstructions(codes)
+
+    def sparse_reconstructions(self, codes: SparseCodes) -> list[Tensor]:
+        """`prefix_reconstructions` from sparse codes, in one gather over all prefix blocks.
+
+        Each entry goes to the bag (block of its latent, token); the bags' sums [blocks, tokens, d_in] are
+        the blocks' contributions, and their running sum over blocks gives the prefixes' reconstructions.
+        """
+        sizes = self.cfg.prefix_sizes()
+        n_blocks, n_rows = len(sizes), codes.n_rows
+        bounds = torch.tensor(sizes[:-1], device=codes.cols.device)
+        key = torch.bucketize(codes.cols, bounds, right=True) * n_rows + codes.rows
+        order = torch.argsort(key, stable=True)
+        parts = bag_sum(
+            codes.cols[order], self.W_dec, codes.values[order], row_offsets(key[order], n_blocks * n_rows)
         )
+        # A running sum by hand: cumsum's backward (flip, cumsum, flip) costs more than these few adds.
+        recons, recon = [], self.b_dec
+        for part in parts.view(n_blocks, n_rows, -1).unbind(0):
+            recon = recon + part
+            recons.append(recon)
+        return recons
+
+    def reconstruction_loss(self, fvus: list[Tensor]) -> Tensor:
+        """Sum over prefixes of FVU(prefix); the caller adds AuxK on the full reconstruction's residual."""
+        return sum(fvus[1:], fvus[0])

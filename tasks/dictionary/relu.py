@@ -46,16 +46,21 @@ class ReLUSAE(LinearSAE):
             return (codes.abs() * self.W_dec.norm(dim=-1)).sum()
         return codes.abs().sum()
 
-    def training_loss(self, acts: Tensor, dead_mask: Tensor) -> TrainStepOutput:  # noqa: ARG002
-        x = self.scaled(acts)
+    def training_loss(
+        self,
+        acts: Tensor,
+        dead_mask: Tensor,  # noqa: ARG002
+        target: Tensor | None = None,
+    ) -> TrainStepOutput:
+        x, y = self.sites(acts, target)  # y: what to reconstruct (x itself, or a transcoder's target)
         codes = self.activation(self.pre_acts(x))
-        err = x - self.decode_scaled(codes)
+        err = y - self.decode_scaled(codes)
         err_sq = err.pow(2).sum()
-        var = self.batch_variance(x)
+        var = self.batch_variance(y)
         fvu = err_sq / var
         return TrainStepOutput(
             loss=fvu + self.l1_weight() * self.sparsity_penalty(codes) / var,
-            mse=(err_sq / err.numel() / self.input_scale**2).detach(),
+            mse=(err_sq / err.numel() / self.output_scale**2).detach(),
             fvu=fvu.detach(),
             auxk_loss=err_sq.new_zeros(()),
             codes=codes.detach(),

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from tasks.dictionary.base import Dictionary
+from tasks.dictionary.transcoder import TranscoderSites
 
 # Guards divisions by a batch variance or a row norm; far below any real value after input scaling.
 EPS = 1e-12
@@ -65,7 +66,7 @@ def input_statistics(
     return scale, center * scale
 
 
-class LinearSAE(Dictionary):
+class LinearSAE(TranscoderSites, Dictionary):
     """Base of the SAE variants with a linear encoder; parameters live in the scaled space."""
 
     # Whether the decoder rows stay on the unit sphere (gradient along them removed, renormalised each step).
@@ -77,6 +78,7 @@ class LinearSAE(Dictionary):
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
         self.W_dec = nn.Parameter(torch.empty(cfg.d_sae, d_in))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
+        self._init_sites()
         self.steps_taken = 0  # optimizer steps so far, for penalty warm-ups (not saved: training-only)
         # Own generator: building (or loading) a dictionary must not advance the global RNG.
         self.reset_parameters(torch.Generator().manual_seed(cfg.seed))
@@ -92,10 +94,17 @@ class LinearSAE(Dictionary):
         self.b_dec.zero_()
 
     @torch.no_grad()
-    def init_from_data(self, acts: Tensor) -> None:
-        """Fit `input_scale` and set b_dec per the config's `b_dec_init`; acts [n, d_in] raw."""
+    def init_from_data(self, acts: Tensor, targets: Tensor | None = None) -> None:
+        """Fit `input_scale` and set b_dec per the config's `b_dec_init`; acts [n, d_in] raw.
+
+        A transcoder also takes its `targets` [n, d_in]: `target_scale` and b_dec come from them.
+        """
+        self.check_targets(targets)
         scale, b_dec = input_statistics(acts, self.cfg.b_dec_init)
         self.input_scale.fill_(scale)
+        if targets is not None:
+            scale, b_dec = input_statistics(targets, self.cfg.b_dec_init)
+        self.target_scale.fill_(scale)
         if self.b_dec.requires_grad:
             self.b_dec.copy_(b_dec.to(self.b_dec))
 
@@ -105,7 +114,7 @@ class LinearSAE(Dictionary):
 
     def pre_acts(self, x_scaled: Tensor) -> Tensor:
         """Encoder pre-activations [..., d_sae] of already scaled inputs."""
-        return (x_scaled - self.b_dec) @ self.W_enc + self.b_enc
+        return (x_scaled - self.input_center) @ self.W_enc + self.b_enc
 
     @abstractmethod
     def activation(self, pre: Tensor) -> Tensor:
@@ -118,7 +127,7 @@ class LinearSAE(Dictionary):
         return codes @ self.W_dec + self.b_dec
 
     def decode(self, codes: Tensor) -> Tensor:
-        return self.decode_scaled(codes) / self.input_scale
+        return self.decode_scaled(codes) / self.output_scale
 
     def decoder_directions(self) -> Tensor:
         """Decoder rows [d_sae, d_in], at unit length (a copy if the decoder is unconstrained)."""

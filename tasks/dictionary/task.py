@@ -20,6 +20,7 @@ from schemas.artifacts import ActivationCacheRef, DictionaryRef
 from schemas.methods import DictionaryConfig
 from tasks.common.store import ActivationCache
 from tasks.dictionary.data import BadActivations, CacheSource
+from tasks.dictionary.paired import PairedSource
 from tasks.dictionary.train import MetricsCallback, TrainResult, sweep_key, train_dictionaries
 from tasks.tracking.identity import Identity, dictionary_identity, ref_identity
 from tasks.tracking.mlflow_runs import StageRun
@@ -96,6 +97,14 @@ class _Sweep:
             return
         cfgs = [self.cfgs[i] for i in order]
         source = _source(self.cache, self.hookpoint)
+        target = cfgs[0].target_hookpoint  # one per pass (sweep_key): a transcoder's target site
+        if target is not None:
+            if target not in self.cache.hookpoints:
+                raise BadActivations(
+                    f"transcoder target {target!r} is not in cache {self.cache.id}, which holds "
+                    f"{self.cache.hookpoints}; add it to the spec's hookpoints and cache again"
+                )
+            source = PairedSource(source, _source(self.cache, target))
         log = stage_logger()
 
         def on_metrics(i: int) -> MetricsCallback:

@@ -37,15 +37,20 @@ class ThresholdSAE(LinearSAE):
     def activation(self, pre: Tensor) -> Tensor:
         return pre * (pre >= self.cfg.tau).to(pre.dtype)
 
-    def training_loss(self, acts: Tensor, dead_mask: Tensor) -> TrainStepOutput:  # noqa: ARG002
-        x = self.scaled(acts)
+    def training_loss(
+        self,
+        acts: Tensor,
+        dead_mask: Tensor,  # noqa: ARG002
+        target: Tensor | None = None,
+    ) -> TrainStepOutput:
+        x, y = self.sites(acts, target)  # y: what to reconstruct (x itself, or a transcoder's target)
         codes = self.activation(self.pre_acts(x))
-        err = x - self.decode_scaled(codes)
+        err = y - self.decode_scaled(codes)
         err_sq = err.pow(2).sum()
-        fvu = err_sq / self.batch_variance(x)
+        fvu = err_sq / self.batch_variance(y)
         return TrainStepOutput(
             loss=fvu,
-            mse=(err_sq / err.numel() / self.input_scale**2).detach(),
+            mse=(err_sq / err.numel() / self.output_scale**2).detach(),
             fvu=fvu.detach(),
             auxk_loss=err_sq.new_zeros(()),
             codes=codes.detach(),

@@ -20,21 +20,35 @@ from schemas.methods import TopKConfig
 from tasks.dictionary.base import Dictionary, TrainStepOutput
 from tasks.dictionary.registry import register
 from tasks.dictionary.sae_common import input_statistics
+from tasks.dictionary.sparse_decoder import (
+    SparseCodes,
+    per_row_entries,
+    select_codes,
+    sparse_decode,
+    sparse_encode,
+    use_sparse_path,
+)
+from tasks.dictionary.transcoder import TranscoderSites
 
 # Guards the divisions by a batch variance; far below any real activation variance after input scaling.
 _EPS = 1e-12
 
 
 @register
-class TopKSAE(Dictionary):
+class TopKSAE(TranscoderSites, Dictionary):
     """W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in] (unit-norm rows), b_dec [d_in].
 
     Parameters live in the scaled space (acts * input_scale); `encode`/`decode` take and give raw activations.
+    As a transcoder (`cfg.target_hookpoint` set) it reconstructs another hookpoint's activations; see
+    tasks.dictionary.transcoder.
     """
 
     method: ClassVar[str] = "topk"
     config_cls: ClassVar[type[TopKConfig]] = TopKConfig
     cfg: TopKConfig
+    # Training path: None picks per device (tasks.dictionary.sparse_decoder.use_sparse_path), True forces the
+    # sparse decoder, False the dense one. Not saved: it changes speed, not results.
+    sparse_decoder: bool | None = None
 
     def __init__(self, cfg: TopKConfig, d_in: int) -> None:
         super().__init__(cfg, d_in)
@@ -43,6 +57,7 @@ class TopKSAE(Dictionary):
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
         self.W_dec = nn.Parameter(torch.empty(cfg.d_sae, d_in))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
+        self._init_sites()
         # Own generator: building (or loading) a dictionary must not advance the global RNG.
         self.reset_parameters(torch.Generator().manual_seed(cfg.seed))
 
@@ -57,15 +72,23 @@ class TopKSAE(Dictionary):
         self.b_dec.zero_()
 
     @torch.no_grad()
-    def init_from_data(self, acts: Tensor) -> None:
-        """Fit `input_scale` so E||acts * scale||^2 = d_in; set b_dec per `b_dec_init` (default: the mean)."""
+    def init_from_data(self, acts: Tensor, targets: Tensor | None = None) -> None:
+        """Fit `input_scale` so E||acts * scale||^2 = d_in; set b_dec per `b_dec_init` (default: the mean).
+
+        A transcoder also takes its `targets` [n, d_in] (rows aligned with acts): `target_scale` and b_dec
+        come from them.
+        """
+        self.check_targets(targets)
         scale, b_dec = input_statistics(acts, self.cfg.b_dec_init)
         self.input_scale.fill_(scale)
+        if targets is not None:
+            scale, b_dec = input_statistics(targets, self.cfg.b_dec_init)
+        self.target_scale.fill_(scale)
         self.b_dec.copy_(b_dec.to(self.b_dec))
 
     def pre_acts(self, x_scaled: Tensor) -> Tensor:
         """Encoder pre-activations [..., d_sae] of already scaled inputs."""
-        return (x_scaled - self.b_dec) @ self.W_enc + self.b_enc
+        return (x_scaled - self.input_center) @ self.W_enc + self.b_enc
 
     def _topk_codes(self, pre: Tensor) -> Tensor:
         # ReLU after the top-k: a token whose k-th largest pre-activation is negative gets fewer than k codes.
@@ -77,7 +100,7 @@ class TopKSAE(Dictionary):
         return self._topk_codes(self.pre_acts(acts.to(self.W_enc.dtype) * self.input_scale))
 
     def decode(self, codes: Tensor) -> Tensor:
-        return (codes @ self.W_dec + self.b_dec) / self.input_scale
+        return (codes @ self.W_dec + self.b_dec) / self.output_scale
 
     def decoder_directions(self) -> Tensor:
         """The unit-norm decoder rows [d_sae, d_in] (a detached view; clone before modifying)."""
@@ -85,22 +108,71 @@ class TopKSAE(Dictionary):
 
     # ---- training hooks (see tasks.dictionary.train.Trainable) --------------------------------------------
 
-    def training_loss(self, acts: Tensor, dead_mask: Tensor) -> TrainStepOutput:
-        """FVU of the batch plus `auxk_coef` x AuxK, all in the scaled space; acts [batch, d_in] raw."""
-        x = acts.to(self.W_enc.dtype) * self.input_scale
-        pre = self.pre_acts(x)
-        codes = self._topk_codes(pre)
-        err = x - (codes @ self.W_dec + self.b_dec)
+    def training_loss(self, acts: Tensor, dead_mask: Tensor, target: Tensor | None = None) -> TrainStepOutput:
+        """FVU of the batch plus `auxk_coef` x AuxK, all in the scaled space; acts [batch, d_in] raw.
+
+        A transcoder reconstructs `target` [batch, d_in] (raw, rows aligned with acts) instead of acts.
+        Runs the sparse path (tasks.dictionary.sparse_decoder) unless `sparse_decoder` is False; both give the
+        same losses and gradients up to float rounding.
+        """
+        x, y = self.sites(acts, target)
+        center = self.input_center
+        if use_sparse_path(self.sparse_decoder, x.device):
+            with torch.no_grad():  # the dense pre-activations only choose the codes; no graph is kept
+                pre = torch.addmm(self.b_enc, x - center, self.W_enc)
+                aux_entries = self._aux_entries(pre, dead_mask)
+                enc = sparse_encode(pre, *self._select_entries(pre))
+            sparse = select_codes(
+                x, center, self.W_enc, self.b_enc, enc.rows, enc.cols, enc.values, x.shape[0]
+            )
+            recons = self.sparse_reconstructions(sparse)
+            codes = enc.codes
+
+            def auxk(err: Tensor) -> Tensor:
+                return self.sparse_auxk_loss(x, aux_entries, err)
+        else:
+            pre = self.pre_acts(x)
+            codes = self._topk_codes(pre)
+            recons = self.reconstructions(codes)
+
+            def auxk(err: Tensor) -> Tensor:
+                return self.auxk_loss(pre, err, dead_mask)
+
+        var = (y - y.mean(0)).pow(2).sum().clamp_min(_EPS)
+        fvus = [(y - r).pow(2).sum() / var for r in recons]
+        err = y - recons[-1]
         err_sq = err.pow(2).sum()
-        fvu = err_sq / (x - x.mean(0)).pow(2).sum().clamp_min(_EPS)
-        auxk = self.auxk_loss(pre, err.detach(), dead_mask)
+        aux = auxk(err.detach())
         return TrainStepOutput(
-            loss=fvu + self.cfg.auxk_coef * auxk,
-            mse=(err_sq / err.numel() / self.input_scale**2).detach(),
-            fvu=fvu.detach(),
-            auxk_loss=auxk.detach(),
-            codes=codes.detach(),
+            loss=self.reconstruction_loss(fvus) + self.cfg.auxk_coef * aux,
+            mse=(err_sq / err.numel() / self.output_scale**2).detach(),
+            fvu=fvus[-1].detach(),
+            auxk_loss=aux.detach(),
+            codes=codes,
         )
+
+    def reconstructions(self, codes: Tensor) -> list[Tensor]:
+        """The scaled reconstructions the loss compares with the input (one here; Matryoshka has several)."""
+        return [codes @ self.W_dec + self.b_dec]
+
+    def sparse_reconstructions(self, codes: SparseCodes) -> list[Tensor]:
+        """`reconstructions` from sparse codes, gathering only the selected decoder rows."""
+        return [sparse_decode(codes, self.W_dec) + self.b_dec]
+
+    def reconstruction_loss(self, fvus: list[Tensor]) -> Tensor:
+        """The loss from the FVU of each reconstruction (TopK: its only one)."""
+        return fvus[-1]
+
+    def _select_entries(self, pre: Tensor) -> tuple[Tensor, Tensor]:
+        """(rows, cols) of the codes `_topk_codes(pre)` may make nonzero, sorted by row; pre detached."""
+        return per_row_entries(pre.topk(self.k, dim=-1, sorted=False).indices)
+
+    def _aux_k(self, dead_mask: Tensor) -> int:
+        """k_aux = min(d_in // 2, n_dead); 0 when AuxK has nothing to do."""
+        n_dead = int(dead_mask.sum())
+        if n_dead == 0 or self.cfg.auxk_coef == 0:
+            return 0
+        return min(max(self.d_in // 2, 1), n_dead)
 
     def auxk_loss(self, pre: Tensor, err: Tensor, dead_mask: Tensor) -> Tensor:
         """How badly the dead latents' top-k_aux pre-activations reconstruct the residual `err` [batch, d_in].
@@ -109,15 +181,33 @@ class TopKSAE(Dictionary):
         the residual; the reconstruction has no bias, so it must explain err's mean too, and the uncentred sum
         keeps that floor at exactly 1. Exactly 0 (not NaN) when nothing is dead or the loss is switched off.
         """
-        n_dead = int(dead_mask.sum())
-        if n_dead == 0 or self.cfg.auxk_coef == 0:
+        k_aux = self._aux_k(dead_mask)
+        if k_aux == 0:
             return pre.new_zeros(())
-        k_aux = min(max(self.d_in // 2, 1), n_dead)
         # Live latents get -inf so the top-k_aux picks only dead ones (k_aux <= n_dead keeps them finite).
         dead_pre = pre.masked_fill(~dead_mask, -math.inf)
         top = dead_pre.topk(k_aux, dim=-1, sorted=False)
         aux_codes = torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu())
         err_hat = aux_codes @ self.W_dec
+        return (err - err_hat).pow(2).sum() / err.pow(2).sum().clamp_min(_EPS)
+
+    def _aux_entries(self, pre: Tensor, dead_mask: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
+        """(rows, cols, pre values) of the AuxK selection from detached `pre`; None when AuxK is off."""
+        k_aux = self._aux_k(dead_mask)
+        if k_aux == 0:
+            return None
+        top = pre.masked_fill(~dead_mask, -math.inf).topk(k_aux, dim=-1, sorted=False)
+        rows, cols = per_row_entries(top.indices)
+        return rows, cols, top.values.reshape(-1)
+
+    def sparse_auxk_loss(
+        self, x: Tensor, entries: tuple[Tensor, Tensor, Tensor] | None, err: Tensor
+    ) -> Tensor:
+        """`auxk_loss` on the sparse path, from the entries `_aux_entries` chose; x [batch, d_in] scaled."""
+        if entries is None:
+            return err.new_zeros(())
+        aux = select_codes(x, self.input_center, self.W_enc, self.b_enc, *entries, x.shape[0])
+        err_hat = sparse_decode(aux, self.W_dec)
         return (err - err_hat).pow(2).sum() / err.pow(2).sum().clamp_min(_EPS)
 
     @torch.no_grad()

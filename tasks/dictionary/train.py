@@ -31,6 +31,7 @@ from schemas.methods import DictionaryConfig
 from tasks.dictionary import checkpoint as ckpt
 from tasks.dictionary.base import Dictionary, TrainStepOutput
 from tasks.dictionary.data import ActivationSource, TensorSource, batches, validate_acts
+from tasks.dictionary.paired import PairedSource
 from tasks.dictionary.registry import METHODS, build_dictionary
 
 __all__ = ["TrainResult", "resolve_device", "train_dictionaries", "train_dictionary", "validate_acts"]
@@ -117,6 +118,8 @@ def sweep_key(cfg: DictionaryConfig) -> tuple:
     """Dictionaries with equal keys can share one pass over the data: they read the same batches."""
     if own_fit(cfg) is not None:
         return ("own_fit", id(cfg))
+    if cfg.target_hookpoint is not None:  # a transcoder's batches also carry its target's activations
+        return (cfg.batch_size, cfg.seed, cfg.device, cfg.target_hookpoint)
     return (cfg.batch_size, cfg.seed, cfg.device)
 
 
@@ -131,8 +134,16 @@ class _Member:
         device: torch.device,
         on_metrics: MetricsCallback | None,
         checkpoint_dir: Path | None,
+        split: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None,
     ) -> None:
         self.cfg, self.device, self.on_metrics, self.checkpoint_dir = cfg, device, on_metrics, checkpoint_dir
+        # A transcoder's batches are [inputs | targets] (tasks.dictionary.paired); `split` parts them.
+        if (split is None) != (cfg.target_hookpoint is None):
+            raise ValueError(
+                f"{cfg.method}: a transcoder (target_hookpoint set) trains on paired input and target "
+                "activations (pass targets=...), and only a transcoder does"
+            )
+        self.split = split
         self.name = f"{cfg.method} (d_sae={cfg.d_sae})"
         self.batch_size = min(cfg.batch_size, n_rows)
         self.steps = cfg.steps or cfg.epochs * math.ceil(n_rows / self.batch_size)
@@ -149,7 +160,10 @@ class _Member:
         """Initialise from the data sample (or restore the checkpoint), move to the device, build AdamW."""
         if self.found is None:
             assert sample is not None  # the caller reads a sample whenever some member starts afresh
-            self.dictionary.init_from_data(sample)
+            if self.split is None:
+                self.dictionary.init_from_data(sample)
+            else:
+                self.dictionary.init_from_data(*self.split(sample))
         self.dictionary.to(self.device).train()
         # Optional hook, run after each complete step (1-based), e.g. GBA's every-T-steps bias update.
         self.after_step = getattr(self.dictionary, "after_step", None)
@@ -175,7 +189,12 @@ class _Member:
     def train_step(self, batch: Tensor, step: int) -> None:
         cfg, dictionary = self.cfg, self.dictionary
         with self.autocast:
-            out = self.loss_fn(batch, self.tokens_since_fired >= self.dead_tokens)
+            dead = self.tokens_since_fired >= self.dead_tokens
+            if self.split is None:
+                out = self.loss_fn(batch, dead)
+            else:
+                acts, target = self.split(batch)
+                out = self.loss_fn(acts, dead, target)
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         dictionary.before_optimizer_step()
@@ -240,6 +259,7 @@ def train_dictionaries(
     on_metrics: Sequence[MetricsCallback | None] | None = None,
     checkpoint_dirs: Sequence[Path | None] | None = None,
     progress: bool = False,
+    targets: Tensor | None = None,
 ) -> list[TrainResult]:
     """Train every dictionary of `cfgs` from one pass over `data`; results in the order of `cfgs`.
 
@@ -250,8 +270,14 @@ def train_dictionaries(
     and lr. NaN, inf or a loss past DIVERGENCE_FACTOR x the first raise FloatingPointError naming the step.
     With a `checkpoint_dirs` entry, a dictionary saves a checkpoint there every `cfg.checkpoint_every` steps
     and, when one is already there, resumes from it.
+    Transcoders (`target_hookpoint` set) take their targets as `targets` [n, d_in] (rows aligned with an
+    acts tensor) or as a `PairedSource` `data`.
     """
     source = TensorSource(data) if isinstance(data, Tensor) else data
+    if targets is not None:
+        source = PairedSource(source, TensorSource(targets))
+    split = source.split if isinstance(source, PairedSource) else None
+    d_in = source.d_input if split is not None else source.d_in
     n = len(cfgs)
     callbacks = list(on_metrics) if on_metrics is not None else [None] * n
     dirs = list(checkpoint_dirs) if checkpoint_dirs is not None else [None] * n
@@ -267,7 +293,7 @@ def train_dictionaries(
         )
     device = resolve_device(cfgs[0].device)
     members = [
-        _Member(c, source.d_in, source.n_rows, device, cb, d) for c, cb, d in zip(cfgs, callbacks, dirs)
+        _Member(c, d_in, source.n_rows, device, cb, d, split) for c, cb, d in zip(cfgs, callbacks, dirs)
     ]
     fresh = any(m.found is None for m in members)
     sample = source.init_sample() if fresh else None
@@ -280,7 +306,7 @@ def train_dictionaries(
         "training %s: n=%d d_in=%d batch=%d steps %d..%d on %s",
         ", ".join(m.name for m in members),
         source.n_rows,
-        source.d_in,
+        d_in,
         batch_size,
         start + 1,
         total,
@@ -307,8 +333,14 @@ def train_dictionary(
     on_metrics: MetricsCallback | None = None,
     checkpoint_dir: Path | None = None,
     progress: bool = False,
+    targets: Tensor | None = None,
 ) -> TrainResult:
     """Train the one dictionary `cfg` describes; see `train_dictionaries`."""
     return train_dictionaries(
-        [cfg], data, on_metrics=[on_metrics], checkpoint_dirs=[checkpoint_dir], progress=progress
+        [cfg],
+        data,
+        on_metrics=[on_metrics],
+        checkpoint_dirs=[checkpoint_dir],
+        progress=progress,
+        targets=targets,
     )[0]

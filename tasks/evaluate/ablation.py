@@ -10,13 +10,14 @@ and ranks them by |loss change|.
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 
 import torch
 from torch import Tensor, nn
 
 from schemas.evaluation import LatentAblation
 from tasks.common.hooks import capture_activations, splice
-from tasks.evaluate.ce_loss import keep_first, next_token_loss_sum
+from tasks.evaluate.ce_loss import capture, keep_first, next_token_loss_sum
 from tasks.evaluate.metrics import dictionary_placement
 
 log = logging.getLogger(__name__)
@@ -59,8 +60,12 @@ def ablate_latents(
     *,
     exclude_first_token: bool = True,
     top_tokens: int = 5,
+    source_hookpoint: str | None = None,
 ) -> list[LatentAblation]:
     """Ablate each of `latents` in turn over `input_ids [n_ctx, L]`; results ranked by |loss_change|.
+
+    For a transcoder, `source_hookpoint` is its input site and `hookpoint` its target: the codes come from
+    the input site's activation of the same forward pass, and the latent's share is removed at the target.
 
     All contexts go through in one batch per latent: keep `n_ctx * L` small (a few thousand tokens).
     """
@@ -80,12 +85,17 @@ def ablate_latents(
         for j in latents:
             fired: list[Tensor] = []
 
-            def remove(out: Tensor, j: int = j, fired: list[Tensor] = fired) -> Tensor:
-                delta, on = latent_contribution(dictionary, out, j)
+            source: dict[str, Tensor] | None = None if source_hookpoint is None else {}
+
+            def remove(
+                out: Tensor, j: int = j, fired: list[Tensor] = fired, source: dict | None = source
+            ) -> Tensor:
+                delta, on = latent_contribution(dictionary, out if source is None else source.pop("x"), j)
                 fired.append(on)
                 return keep_first(out - delta, out, first)
 
-            with splice(model, hookpoint, remove):
+            sourced = nullcontext() if source is None else capture(model, source_hookpoint, source)
+            with sourced, splice(model, hookpoint, remove):
                 logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
             loss, _ = next_token_loss_sum(logits, input_ids, attention_mask)
             diff = (logits[:, :-1] - clean[:, :-1])[valid].double()

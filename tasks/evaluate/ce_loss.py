@@ -80,19 +80,46 @@ def keep_first(new: Tensor, clean: Tensor, first: Tensor | None) -> Tensor:
     return new
 
 
-def _reconstruct(dictionary: nn.Module, first: Tensor | None) -> Callable[[Tensor], Tensor]:
+def _reconstruct(
+    dictionary: nn.Module, first: Tensor | None, source: dict[str, Tensor] | None = None
+) -> Callable[[Tensor], Tensor]:
+    """The spliced run's replacement: decode(encode(x)) of the site's own output `x`, or, for a transcoder,
+    of the input site's activation that `source["x"]` captured earlier in the same forward pass."""
+
     def fn(out: Tensor) -> Tensor:
-        if out.shape[-1] != dictionary.d_in:
+        inp = out
+        if source is not None:
+            if "x" not in source:
+                raise ValueError(
+                    "the transcoder's input hookpoint did not run before its target hookpoint in the forward "
+                    "pass; a transcoder must read a site upstream of the one it replaces"
+                )
+            inp = source.pop("x")
+            if inp.shape[:-1] != out.shape[:-1]:
+                raise ValueError(
+                    f"the transcoder's input {list(inp.shape)} and target {list(out.shape)} disagree on "
+                    "[batch, position]; both hookpoints must be per-token activations"
+                )
+        if inp.shape[-1] != dictionary.d_in:
             raise ValueError(
-                f"the hookpoint's output has width {out.shape[-1]} but the dictionary's d_in is "
+                f"the hookpoint's output has width {inp.shape[-1]} but the dictionary's d_in is "
                 f"{dictionary.d_in}; evaluate the dictionary at the hookpoint it was trained on"
             )
         # Run in the dictionary's own dtype/device (float32 beside a bfloat16 model, say), then cast back.
         device, dtype = dictionary_placement(dictionary, out.device, out.dtype)
-        x_hat = dictionary.decode(dictionary.encode(out.to(device=device, dtype=dtype)))
+        x_hat = dictionary.decode(dictionary.encode(inp.to(device=device, dtype=dtype)))
         return keep_first(x_hat.to(device=out.device, dtype=out.dtype), out, first)
 
     return fn
+
+
+def capture(model: nn.Module, hookpoint: str, into: dict[str, Tensor]):
+    """Within the block, store `hookpoint`'s activation of each forward pass in `into["x"]`, unchanged."""
+
+    def keep(x: Tensor) -> None:
+        into["x"] = x
+
+    return splice(model, hookpoint, keep)
 
 
 def _zeros(first: Tensor | None) -> Callable[[Tensor], Tensor]:
@@ -123,6 +150,7 @@ def ce_loss_score(
     exclude_first_token: bool = True,
     device: torch.device | str = "cpu",
     mean: Tensor | None = None,
+    source_hookpoint: str | None = None,
 ) -> CELossResult:
     """Clean, spliced and zero-ablated mean next-token loss of a causal LM on `input_ids [n_ctx, L]`.
 
@@ -131,6 +159,8 @@ def ce_loss_score(
     context's first real position keeps its clean activation in the spliced and zero runs. The model must
     already be on `device`; it runs in eval mode and is restored to its previous mode afterwards.
     `mean [d_in]` (the cache's per-dimension mean at the hookpoint) adds the mean-ablation baseline.
+    A transcoder gives `source_hookpoint`, its input site: the spliced run replaces `hookpoint` (its
+    target) by the transcoder's output computed from the source's activation in the same forward pass.
     """
     if input_ids.ndim != 2 or input_ids.shape[1] < 2:
         raise ValueError(f"input_ids must be [n_ctx, L] with L >= 2, got {list(input_ids.shape)}")
@@ -152,13 +182,21 @@ def ce_loss_score(
             mask = attention_mask[start : start + batch_size].to(device)
             # argmax finds the first 1 in each row: position 0 unless the batch is left-padded.
             first = mask.int().argmax(dim=1) if exclude_first_token else None
-            runs = {"clean": None, "spliced": _reconstruct(dictionary, first), "zero": _zeros(first)}
+            source: dict[str, Tensor] | None = None if source_hookpoint is None else {}
+            runs = {
+                "clean": None,
+                "spliced": _reconstruct(dictionary, first, source),
+                "zero": _zeros(first),
+            }
             if mean is not None:
                 runs["mean"] = _constant(mean, first)
             clean_logits = None
             for name, fn in runs.items():
                 if fn is None:
                     logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+                elif name == "spliced" and source is not None:
+                    with capture(model, source_hookpoint, source), splice(model, hookpoint, fn):
+                        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
                 else:
                     with splice(model, hookpoint, fn):
                         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits

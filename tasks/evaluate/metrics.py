@@ -77,8 +77,12 @@ def reconstruction_metrics(
     device: torch.device | str = "cpu",
     dense_threshold: float = 0.1,
     hist_bins_per_decade: int = 2,
+    targets: Tensor | None = None,
 ) -> ReconstructionMetrics:
     """FVU, explained variance, MSE, L0, dead fraction and the other figures above on `acts [n, d_in]`.
+
+    For a transcoder, `targets [n, d_in]` are the target hookpoint's activations of the same tokens: the
+    reconstruction decode(encode(acts)) is compared with them (FVU against the target's variance).
 
     Rows are moved to `device` (where the dictionary must live) `batch_size` at a time and cast to the
     dictionary's dtype; the sums are kept in float64 so millions of rows add up without losing digits.
@@ -90,6 +94,11 @@ def reconstruction_metrics(
         )
     if acts.shape[0] == 0:
         raise ValueError("acts has no rows; evaluate on at least two held-out tokens")
+    if targets is not None and targets.shape != acts.shape:
+        raise ValueError(
+            f"targets {list(targets.shape)} must match acts {list(acts.shape)} row for row; load the "
+            "transcoder's input and target hookpoints with the same rows"
+        )
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     dict_device, dict_dtype = dictionary_placement(dictionary, device, acts.dtype)
@@ -115,6 +124,8 @@ def reconstruction_metrics(
         x = acts[start : start + batch_size].to(dict_device)
         codes = dictionary.encode(x.to(dict_dtype))
         x_hat = dictionary.decode(codes)
+        if targets is not None:  # a transcoder: every figure below compares with the target site
+            x = targets[start : start + batch_size].to(dict_device)
         x64, x_hat64 = x.double(), x_hat.double()
         batch_err = (x64 - x_hat64).pow(2).sum()
         sq_err += batch_err

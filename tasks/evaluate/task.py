@@ -43,8 +43,13 @@ def trained_model_id(ctx: StageContext, dictionary: DictionaryRef) -> str | None
     return None if found is None else found[1].ref["model"]["id"]
 
 
-def causal_figures(loaded, sae, hookpoint: str, ids, mask, spec: EvaluateSpec, exclude_first: bool) -> dict:
-    """Ablation and steering of the most frequent latents on a few held-out contexts."""
+def causal_figures(
+    loaded, sae, hookpoint: str, ids, mask, spec: EvaluateSpec, exclude_first: bool, target: str | None = None
+) -> dict:
+    """Ablation and steering of the most frequent latents on a few held-out contexts.
+
+    For a transcoder (`target` set) latents are read at `hookpoint`, removed and steered at `target`.
+    """
     n = max(spec.ablation_latents, spec.steering_latents)
     if n == 0:
         return {"ablations": [], "steering": []}
@@ -56,18 +61,19 @@ def causal_figures(loaded, sae, hookpoint: str, ids, mask, spec: EvaluateSpec, e
     ablations = ablate_latents(
         loaded.model,
         sae,
-        hookpoint,
+        target or hookpoint,
         ids,
         mask,
         latents[: spec.ablation_latents],
         exclude_first_token=exclude_first,
+        source_hookpoint=None if target is None else hookpoint,
     )
     prompt = loaded.tokenizer(spec.steering_prompt, return_tensors="pt")["input_ids"].to(loaded.device)
     steering = [
         steer_latent(
             loaded.model,
             sae,
-            hookpoint,
+            target or hookpoint,
             prompt,
             j,
             sign=sign,
@@ -93,6 +99,14 @@ def evaluate_dictionary(
     """Evaluate `dictionary` at `hookpoint` (default: its own) on `cache`'s held-out data and model."""
     hookpoint = hookpoint or dictionary.hookpoint
     check_dictionary_fits(dictionary, cache, hookpoint, trained_model_id(ctx, dictionary), force=spec.force)
+    # A transcoder reads `hookpoint` and writes its target: the target's activations are what it must match,
+    # and the target's output is what the spliced run replaces.
+    target = dictionary.config.target_hookpoint
+    if target is not None and target not in cache.hookpoints:
+        raise ValueError(
+            f"transcoder target {target!r} is not in cache {cache.id}, which holds {cache.hookpoints}; "
+            "evaluate on a cache of both hookpoints"
+        )
     ident = evaluation_identity(ref_identity(dictionary), ref_identity(cache), spec)
 
     def build(folder: Path, run: StageRun) -> tuple[dict, dict]:
@@ -108,25 +122,29 @@ def evaluate_dictionary(
             device=str(loaded.device),
             dense_threshold=spec.dense_threshold,
             hist_bins_per_decade=spec.hist_bins_per_decade,
+            targets=None if target is None else store.load(target, rows),
         )
         ids, mask = heldout_contexts(store, spec.ce_contexts)
         exclude_first = store.manifest["exclude_first_token"]
-        mean = torch.tensor(store.manifest["hookpoints"][hookpoint]["mean"]) if spec.mean_ablation else None
+        site = target or hookpoint
+        mean = torch.tensor(store.manifest["hookpoints"][site]["mean"]) if spec.mean_ablation else None
         ce = ce_loss_score(
             loaded.model,
             sae,
-            hookpoint,
+            site,
             ids,
             mask,
             batch_size=spec.batch_size,
             exclude_first_token=exclude_first,
             device=str(loaded.device),
             mean=mean,
+            source_hookpoint=None if target is None else hookpoint,
         )
+        causes = causal_figures(loaded, sae, hookpoint, ids, mask, spec, exclude_first, target)
         details = EvalDetails(
             **recon.model_dump(include=set(EvalDetails.model_fields)),
             **ce.model_dump(include=set(EvalDetails.model_fields)),
-            **causal_figures(loaded, sae, hookpoint, ids, mask, spec, exclude_first),
+            **causes,
             geometry=decoder_geometry(sae),
         )
         metrics = {
@@ -155,6 +173,8 @@ def evaluate_dictionary(
                 details.steering
             )
         report = {**metrics, "hookpoint": hookpoint, "details": details.model_dump(mode="json")}
+        if target is not None:
+            report["target_hookpoint"] = target
         (folder / "eval.json").write_text(json.dumps(report, indent=1))
         run.log_metrics(metrics | scalars)
         run.log_artifact(folder / "eval.json")
