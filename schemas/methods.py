@@ -149,6 +149,15 @@ class SemiNMFConfig(TrainingConfig):
     init: Literal["random", "svd"] = Field(
         "svd", description="Start from random G, or from the activations' top singular directions."
     )
+    init_passes: int = Field(
+        100,
+        ge=0,
+        description="Unsparsified semi-NMF passes after `init`, before F is first sparsified (part of the "
+        "initialisation: sparsifying before G separates the features locks columns onto mixed supports).",
+    )
+    n_init: int = Field(
+        1, ge=1, description="Restarts (the first from `init`, the rest from random G); lowest loss kept."
+    )
     max_iters: int = Field(
         200, ge=1, description="Most alternating F/G updates (each one pass over the tokens)."
     )

@@ -18,9 +18,10 @@ unit-norm columns (rows of `W_dec`); the codes carry the magnitudes.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterator
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import torch
 from torch import Tensor
@@ -31,6 +32,8 @@ from tasks.dictionary.base import Dictionary
 from tasks.dictionary.registry import register
 from tasks.dictionary.scaling import fit_input_scale
 from tasks.dictionary.train import MetricsCallback, TrainResult
+
+logger = logging.getLogger(__name__)
 
 _EPS = 1e-12
 _RIDGE = 1e-6
@@ -104,11 +107,14 @@ def _chunks(acts: Tensor, rows: int, scale: float) -> Iterator[tuple[slice, Tens
         yield sl, acts[sl].to(torch.float32) * scale
 
 
-def _init_G(cfg: SemiNMFConfig, acts: Tensor, rows: int, scale: float) -> Tensor:
-    """G [n, d_sae] > 0: uniform random, or the tokens' projections on the top singular directions."""
+def _init_G(cfg: SemiNMFConfig, acts: Tensor, rows: int, scale: float, restart: int = 0) -> Tensor:
+    """G [n, d_sae] > 0: uniform random, or the tokens' projections on the top singular directions.
+
+    Restarts after the first always start from random G (seeded by `seed + restart`).
+    """
     n, d_in = acts.shape
-    g = torch.Generator().manual_seed(cfg.seed)
-    if cfg.init == "random":
+    g = torch.Generator().manual_seed(cfg.seed + restart)
+    if cfg.init == "random" or restart > 0:
         return torch.rand(n, cfg.d_sae, generator=g) + 1e-3
     gram = torch.zeros(d_in, d_in, dtype=torch.float64)
     for _, x in _chunks(acts, rows, scale):
@@ -127,35 +133,44 @@ def _init_G(cfg: SemiNMFConfig, acts: Tensor, rows: int, scale: float) -> Tensor
     return G.clamp_min(0) + 1e-2 * G.abs().mean()
 
 
-def fit_snmf(
-    cfg: SemiNMFConfig,
-    acts: Tensor,
-    *,
-    on_metrics: MetricsCallback | None = None,
-    progress: bool = False,
-) -> TrainResult:
-    """Alternating semi-NMF on acts [n, d_in]; metrics after every pass; the best pass's F is kept."""
+class _Run(NamedTuple):
+    """One restart: the best pass's loss, F and metrics, the metrics to report, and the passes made."""
+
+    best_loss: float
+    best_F: Tensor
+    best_metrics: dict[str, float]
+    reports: list[tuple[dict[str, float], int]]
+    passes: int
+
+
+def _update_F(acts: Tensor, G: Tensor, rows: int, scale: float, d_sae: int) -> tuple[Tensor, Tensor]:
+    """(F = A G (G^T G + ridge)^-1 [d_in, d_sae], G^T G) from one pass over the tokens."""
+    AG = torch.zeros(acts.shape[1], d_sae, dtype=torch.float64)
+    GtG = torch.zeros(d_sae, d_sae, dtype=torch.float64)
+    for sl, x in _chunks(acts, rows, scale):
+        AG += (x.T @ G[sl]).double()
+        GtG += (G[sl].T @ G[sl]).double()
+    eye = torch.eye(d_sae, dtype=torch.float64)
+    return torch.linalg.solve(GtG + _RIDGE * eye, AG.T).T.float(), GtG
+
+
+def _alternate(cfg: SemiNMFConfig, acts: Tensor, G: Tensor, rows: int, scale: float, sums: tuple) -> _Run:
+    """`init_passes` unsparsified passes, then the sparse alternation until patience runs out."""
     n, d_in = acts.shape
-    model = SemiNMF(cfg, d_in)
-    scale, mean = fit_input_scale(acts, target_sq_norm=float(d_in))
-    mean = mean.float()
-    model.input_scale.fill_(scale)
-    rows = min(cfg.batch_size, n)
-    G = _init_G(cfg, acts, rows, scale)
-    total_sq = centred_sq = 0.0
-    for _, x in _chunks(acts, rows, scale):
-        total_sq += x.pow(2).sum().item()
-        centred_sq += (x - mean).pow(2).sum().item()
+    total_sq, centred_sq = sums
+    for _ in range(cfg.init_passes):
+        F, GtG = _update_F(acts, G, rows, scale, cfg.d_sae)
+        norms = GtG.diagonal().sqrt().float().clamp_min(_EPS)
+        G /= norms
+        F *= norms
+        Q = F.T @ F
+        for sl, x in _chunks(acts, rows, scale):
+            G[sl] = multiplicative_update(G[sl], x @ F, Q)
 
     best_loss, best_F, best_metrics, since_progress, it = math.inf, None, {}, 0, 0
-    eye = torch.eye(cfg.d_sae, dtype=torch.float64)
-    for it in tqdm(range(1, cfg.max_iters + 1), desc="fit snmf", disable=not progress):
-        AG = torch.zeros(d_in, cfg.d_sae, dtype=torch.float64)
-        GtG = torch.zeros(cfg.d_sae, cfg.d_sae, dtype=torch.float64)
-        for sl, x in _chunks(acts, rows, scale):
-            AG += (x.T @ G[sl]).double()
-            GtG += (G[sl].T @ G[sl]).double()
-        F = torch.linalg.solve(GtG + _RIDGE * eye, AG.T).T.float()
+    reports: list[tuple[dict[str, float], int]] = []
+    for it in range(1, cfg.max_iters + 1):
+        F, GtG = _update_F(acts, G, rows, scale, cfg.d_sae)
         F = sparsify_columns(F, cfg.sparsity)
         norms = GtG.diagonal().sqrt().float().clamp_min(_EPS)
         G /= norms
@@ -181,12 +196,48 @@ def fit_snmf(
         else:
             since_progress += 1
         stop = since_progress >= cfg.patience
-        if on_metrics is not None and (it % cfg.log_every == 0 or it == cfg.max_iters or stop):
-            on_metrics(metrics, it)
+        if it % cfg.log_every == 0 or it == cfg.max_iters or stop:
+            reports.append((metrics, it))
         if stop:
             break
     assert best_F is not None  # max_iters >= 1 and the first pass always improves on inf
+    return _Run(best_loss, best_F, best_metrics, reports, it)
+
+
+def fit_snmf(
+    cfg: SemiNMFConfig,
+    acts: Tensor,
+    *,
+    on_metrics: MetricsCallback | None = None,
+    progress: bool = False,
+) -> TrainResult:
+    """Alternating semi-NMF on acts [n, d_in], `n_init` restarts; the best pass of the best restart is kept.
+
+    The kept restart's per-pass metrics go to `on_metrics` once all restarts are done.
+    """
+    n, d_in = acts.shape
+    model = SemiNMF(cfg, d_in)
+    scale, mean = fit_input_scale(acts, target_sq_norm=float(d_in))
+    mean = mean.float()
+    model.input_scale.fill_(scale)
+    rows = min(cfg.batch_size, n)
+    total_sq = centred_sq = 0.0
+    for _, x in _chunks(acts, rows, scale):
+        total_sq += x.pow(2).sum().item()
+        centred_sq += (x - mean).pow(2).sum().item()
+
+    best: _Run | None = None
+    for restart in tqdm(range(cfg.n_init), desc="fit snmf", disable=not progress):
+        G = _init_G(cfg, acts, rows, scale, restart)
+        run = _alternate(cfg, acts, G, rows, scale, (total_sq, centred_sq))
+        logger.info("snmf restart %d: best loss %.5f after %d passes", restart, run.best_loss, run.passes)
+        if best is None or run.best_loss < best.best_loss:
+            best = run
+    assert best is not None  # n_init >= 1
+    if on_metrics is not None:
+        for metrics, it in best.reports:
+            on_metrics(metrics, it)
     with torch.no_grad():
-        model.W_dec.copy_((best_F / best_F.norm(dim=0).clamp_min(_EPS)).T)
+        model.W_dec.copy_((best.best_F / best.best_F.norm(dim=0).clamp_min(_EPS)).T)
     # The metrics of the kept (best) pass, which may precede the last one.
-    return TrainResult(dictionary=model.eval(), final_metrics=best_metrics, steps=it)
+    return TrainResult(dictionary=model.eval(), final_metrics=best.best_metrics, steps=best.passes)

@@ -27,7 +27,6 @@ from tasks.dictionary import build_dictionary
 from tasks.dictionary.saelens import EXPORTERS, export_saelens, import_saelens
 
 D_IN, D_SAE = 6, 12
-ACTS = torch.Generator().manual_seed(7)
 
 
 def acts(n: int = 40) -> torch.Tensor:

@@ -3,8 +3,6 @@ stopping, NNLS encoding, persistence and spec validation."""
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import pytest
 import torch
 
@@ -12,6 +10,7 @@ from schemas.methods import SemiNMFConfig
 from schemas.spec import parse_spec
 from tasks.dictionary import load_dictionary, train_dictionary
 from tasks.dictionary.snmf import SemiNMF, multiplicative_update, sparsify_columns
+from tasks.dictionary.synthetic import PlantedNMF, planted_snmf
 
 
 @pytest.fixture(autouse=True)
@@ -41,17 +40,9 @@ def test_sparsify_keeps_the_largest_magnitudes_per_column():
     assert torch.equal(sparsify_columns(F, 1.0), F)
 
 
-class PlantedNMF(NamedTuple):
-    F: torch.Tensor  # [d_in, r], 5%-sparse, signed
-    acts: torch.Tensor  # [n, d_in] = G F^T + noise
-
-
 def plant_nmf(n: int = 2000, d_in: int = 100, r: int = 8, seed: int = 0) -> PlantedNMF:
-    g = torch.Generator().manual_seed(seed)
-    support = torch.rand(d_in, r, generator=g).argsort(0) < 5  # 5 neurons per feature
-    F = torch.randn(d_in, r, generator=g) * support
-    G = torch.rand(n, r, generator=g) * (torch.rand(n, r, generator=g) < 0.3)
-    return PlantedNMF(F, G @ F.T + 0.01 * torch.randn(n, d_in, generator=g))
+    """5 neurons per feature (5%-sparse signed F), G 30% dense, noise 0.01."""
+    return planted_snmf(n, d_in, r, nonzeros=5, seed=seed)
 
 
 def test_recovers_planted_factorisation_with_monotone_loss(tmp_path):
