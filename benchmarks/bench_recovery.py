@@ -35,7 +35,7 @@ from schemas.methods import (
     TopKConfig,
 )
 from tasks.dictionary import train_dictionary
-from tasks.dictionary.synthetic import hierarchical_toy, planted_snmf, recovery
+from tasks.dictionary.synthetic import SEED_OFFSET, hierarchical_toy, planted_snmf, recovery
 
 N_FEATURES, D_IN = 128, 42
 K_SPARSE, K_DENSE = 3, 20
@@ -44,8 +44,12 @@ TRUE_FREQ = (K_SPARSE + K_DENSE) / 2 / N_FEATURES
 
 
 def make_toy(n: int, seed: int = 0) -> tuple[Tensor, Tensor]:
-    """(features [128, 42] unit-norm, acts [n, 42])."""
-    g = torch.Generator().manual_seed(seed)
+    """(features [128, 42] unit-norm, acts [n, 42]).
+
+    Seeded apart from the dictionaries' own initialisation (see `synthetic.SEED_OFFSET`): drawn from the same
+    seed, the 128 features would be the first 128 initial decoder rows of every method.
+    """
+    g = torch.Generator().manual_seed(SEED_OFFSET + seed)
     features = torch.randn(N_FEATURES, D_IN, generator=g)
     features /= features.norm(dim=-1, keepdim=True)
     ranks = torch.rand(n, N_FEATURES, generator=g).argsort(-1).argsort(-1)

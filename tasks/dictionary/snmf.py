@@ -143,15 +143,45 @@ class _Run(NamedTuple):
     passes: int
 
 
-def _update_F(acts: Tensor, G: Tensor, rows: int, scale: float, d_sae: int) -> tuple[Tensor, Tensor]:
-    """(F = A G (G^T G + ridge)^-1 [d_in, d_sae], G^T G) from one pass over the tokens."""
+class _Sums(NamedTuple):
+    """The pass's sufficient statistics: A G [d_in, d_sae] and G^T G [d_sae, d_sae], float64."""
+
+    AG: Tensor
+    GtG: Tensor
+
+    def loss_sq(self, F: Tensor, total_sq: float) -> float:
+        """||A - G F^T||^2 from the sums alone: ||A||^2 - 2 <F, A G> + <F^T F, G^T G>."""
+        F = F.double()
+        return total_sq - 2 * float((F * self.AG).sum()) + float(((F.T @ F) * self.GtG).sum())
+
+
+def _least_squares_F(acts: Tensor, G: Tensor, rows: int, scale: float) -> tuple[Tensor, _Sums]:
+    """(F = A G (G^T G + ridge)^-1 [d_in, d_sae], the sums) from one pass over the tokens."""
+    d_sae = G.shape[1]
     AG = torch.zeros(acts.shape[1], d_sae, dtype=torch.float64)
     GtG = torch.zeros(d_sae, d_sae, dtype=torch.float64)
     for sl, x in _chunks(acts, rows, scale):
         AG += (x.T @ G[sl]).double()
         GtG += (G[sl].T @ G[sl]).double()
     eye = torch.eye(d_sae, dtype=torch.float64)
-    return torch.linalg.solve(GtG + _RIDGE * eye, AG.T).T.float(), GtG
+    return torch.linalg.solve(GtG + _RIDGE * eye, AG.T).T.float(), _Sums(AG, GtG)
+
+
+def _sparse_F(
+    cfg: SemiNMFConfig, F_ls: Tensor, F_prev: Tensor | None, sums: _Sums, total_sq: float
+) -> Tensor:
+    """The sparsified least-squares F, unless it fits the current G worse than the previous F does.
+
+    Truncating the least-squares solution is not a descent step: when a column's support changes the loss
+    can rise. Then one projected-gradient (iterative hard thresholding) step from the previous F is taken
+    instead; with step 1 / lambda_max(G^T G) it never raises the loss, so the loss is monotone.
+    """
+    F = sparsify_columns(F_ls, cfg.sparsity)
+    if F_prev is None or sums.loss_sq(F, total_sq) <= sums.loss_sq(F_prev, total_sq):
+        return F
+    lipschitz = torch.linalg.eigvalsh(sums.GtG)[-1].clamp_min(_EPS)
+    grad = F_prev.double() @ sums.GtG - sums.AG
+    return sparsify_columns((F_prev.double() - grad / lipschitz).float(), cfg.sparsity)
 
 
 def _alternate(cfg: SemiNMFConfig, acts: Tensor, G: Tensor, rows: int, scale: float, sums: tuple) -> _Run:
@@ -159,8 +189,8 @@ def _alternate(cfg: SemiNMFConfig, acts: Tensor, G: Tensor, rows: int, scale: fl
     n, d_in = acts.shape
     total_sq, centred_sq = sums
     for _ in range(cfg.init_passes):
-        F, GtG = _update_F(acts, G, rows, scale, cfg.d_sae)
-        norms = GtG.diagonal().sqrt().float().clamp_min(_EPS)
+        F, sums = _least_squares_F(acts, G, rows, scale)
+        norms = sums.GtG.diagonal().sqrt().float().clamp_min(_EPS)
         G /= norms
         F *= norms
         Q = F.T @ F
@@ -169,10 +199,11 @@ def _alternate(cfg: SemiNMFConfig, acts: Tensor, G: Tensor, rows: int, scale: fl
 
     best_loss, best_F, best_metrics, since_progress, it = math.inf, None, {}, 0, 0
     reports: list[tuple[dict[str, float], int]] = []
+    F_prev: Tensor | None = None
     for it in range(1, cfg.max_iters + 1):
-        F, GtG = _update_F(acts, G, rows, scale, cfg.d_sae)
-        F = sparsify_columns(F, cfg.sparsity)
-        norms = GtG.diagonal().sqrt().float().clamp_min(_EPS)
+        F_ls, sums = _least_squares_F(acts, G, rows, scale)
+        F = _sparse_F(cfg, F_ls, F_prev, sums, total_sq)
+        norms = sums.GtG.diagonal().sqrt().float().clamp_min(_EPS)
         G /= norms
         F *= norms
         Q = F.T @ F
@@ -181,6 +212,7 @@ def _alternate(cfg: SemiNMFConfig, acts: Tensor, G: Tensor, rows: int, scale: fl
             G[sl] = multiplicative_update(G[sl], x @ F, Q)
             err_sq += (x - G[sl] @ F.T).pow(2).sum().item()
             nonzero += (G[sl] > 1e-6 * G[sl].amax(dim=-1, keepdim=True)).sum().item()
+        F_prev = F
         loss = err_sq / total_sq
         metrics = {
             "loss": loss,
