@@ -155,9 +155,6 @@ class SemiNMFConfig(TrainingConfig):
         description="Unsparsified semi-NMF passes after `init`, before F is first sparsified (part of the "
         "initialisation: sparsifying before G separates the features locks columns onto mixed supports).",
     )
-    n_init: int = Field(
-        1, ge=1, description="Restarts (the first from `init`, the rest from random G); lowest loss kept."
-    )
     max_iters: int = Field(
         200, ge=1, description="Most alternating F/G updates (each one pass over the tokens)."
     )
