@@ -101,7 +101,7 @@ def hierarchy(steps: int) -> dict[str, dict[str, float]]:
 
 def snmf_planted(draws: int) -> dict[str, dict[str, float]]:
     results: dict[str, dict[str, float]] = {}
-    # As the issue first specified it (sparsify from the first pass), and with the default init passes.
+    # Sparsifying from the first pass (no init passes), and with the default init passes.
     for name, init_passes in (("snmf_no_init_passes", 0), ("snmf", SemiNMFConfig().init_passes)):
         t0 = time.perf_counter()
         matched, cosines = 0, []
