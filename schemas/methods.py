@@ -175,7 +175,9 @@ class ReLUConfig(TrainingConfig):
     row norms, decoder unconstrained)."""
 
     method: Literal["relu"] = "relu"
-    l1_coef: float = Field(5.0, ge=0, description="L1 penalty weight, relative to the summed squared error.")
+    # 2.0: on SmolLM2-135M layer 6 (inputs scaled to mean squared norm d_in; 1024 latents, 300 steps), L1
+    # weights 1 / 2 / 5 gave held-out L0 181 / 94 / 30 at FVU 0.23 / 0.36 / 0.64 (see the README).
+    l1_coef: float = Field(2.0, ge=0, description="L1 penalty weight, relative to the summed squared error.")
     scaled_l1: bool = Field(
         False,
         description="Weight each latent's |code| by its decoder row norm and leave the decoder unconstrained "
