@@ -23,6 +23,12 @@ into the weights (W_enc * s, W_dec / s, b_dec / s; biases and thresholds live in
 are unchanged), so the SAELens file needs no normalisation (`normalize_activations: "none"`). Converters
 are keyed by featureatlas method (export) and by SAELens architecture (import); a method without a linear
 encoder (`mp`, `snmf`) has no SAELens architecture and is refused with that reason.
+
+Import undoes a folded scale: decoder rows of one common norm c give unit rows and `input_scale` 1/c, with
+identical codes. Rows of differing norms (a SAELens-trained decoder) stay as they are for `standard` (read as
+our scaled-L1 ReLU, whose decoder is free), are folded into the codes for `jumprelu` and `gated` (SAELens'
+`fold_W_dec_norm`: same reconstructions, codes times the row norm), and stay as they are for `topk`, whose
+`decoder_directions` then are not unit-length (top-k selection is not invariant to a per-latent rescale).
 """
 
 from __future__ import annotations
@@ -341,7 +347,6 @@ def _import_jumprelu(cfg: SAELensCfg, t: dict[str, Tensor]) -> Dictionary:
     t["threshold"] = t["threshold"].clamp_min(0)
     if not _unit_rows(t["W_dec"]):
         _fold_decoder_norms(t, ("b_enc", "threshold"))
-    # init_threshold only seeds training; bandwidth must not exceed twice it (a config check).
     return _build("jumprelu", cfg, t)
 
 
