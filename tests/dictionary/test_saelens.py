@@ -1,5 +1,7 @@
-"""SAELens interop: TopK round trip with input scaling folded in, GBA exported as a standard SAE whose SAELens
-forward pass matches, v5 and apply_b_dec_to_input=False files, and clear refusals."""
+"""SAELens interop: every exportable method round-trips through the v6 and v5 layouts with identical
+encode/decode, the exported files compute the same function under SAELens' own forward pass (written out
+below from its `saes/*.py`), foreign files (no b_dec on input, unnormalised decoders, finetuning scale) are
+read exactly, and methods or files we cannot reproduce are refused with the reason."""
 
 from __future__ import annotations
 
@@ -7,95 +9,247 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
-from schemas.methods import GBAConfig, MPConfig, TopKConfig
+from schemas.methods import (
+    BatchTopKConfig,
+    GatedConfig,
+    GBAConfig,
+    JumpReLUConfig,
+    MatryoshkaConfig,
+    MPConfig,
+    ReLUConfig,
+    SemiNMFConfig,
+    ThresholdConfig,
+    TopKConfig,
+)
 from tasks.dictionary import build_dictionary
-from tasks.dictionary.saelens import export_saelens, import_saelens
-from tasks.dictionary.topk import TopKSAE
+from tasks.dictionary.saelens import EXPORTERS, export_saelens, import_saelens
+
+D_IN, D_SAE = 6, 12
 
 
-def trained_like_topk() -> TopKSAE:
-    """A TopK SAE with random (non-trivial) weights, biases and input scale."""
-    sae = build_dictionary(TopKConfig(d_sae=12, k=3, hookpoint="model.layers.1"), d_in=6)
+def acts(n: int = 40) -> torch.Tensor:
+    return 2.0 * torch.randn(n, D_IN, generator=torch.Generator().manual_seed(n))
+
+
+def randomised(cfg, **buffers):
+    """A dictionary with random (non-trivial) weights, biases and input scale, in eval mode."""
+    d = build_dictionary(cfg, d_in=D_IN)
+    g = torch.Generator().manual_seed(3)
     with torch.no_grad():
-        sae.b_enc.normal_()
-        sae.b_dec.normal_()
-        sae.W_enc.normal_()
-        sae.input_scale.fill_(2.5)
-    return sae
+        for name, p in d.named_parameters():
+            if name == "W" or (name == "W_dec" and getattr(d, "unit_norm_decoder", True)):
+                p.copy_(torch.nn.functional.normalize(torch.randn(p.shape, generator=g), dim=-1))
+            elif name == "threshold":
+                p.copy_(torch.rand(p.shape, generator=g) * 0.5 + 0.05)
+            elif name == "a":  # GBA's output scales: positive, or the decoder row points the other way
+                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
+            elif name in ("W_enc", "W", "W_dec"):
+                p.copy_(torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+        for name, value in buffers.items():
+            getattr(d, name).copy_(torch.as_tensor(value))
+        d.input_scale.fill_(0.7)
+    return d.eval()
 
 
-def saelens_forward(folder, acts: torch.Tensor) -> torch.Tensor:
-    """What SAELens computes for a standard (ReLU) SAE with apply_b_dec_to_input."""
+def saelens_forward(folder, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, x_hat) as SAELens computes them from the folder, for both cfg layouts."""
+    cfg = json.loads((folder / "cfg.json").read_text())
     w = load_file(str(folder / "sae_weights.safetensors"))
-    codes = ((acts - w["b_dec"]) @ w["W_enc"] + w["b_enc"]).relu()
-    return codes @ w["W_dec"] + w["b_dec"]
+    sae_in = x - w["b_dec"] if cfg.get("apply_b_dec_to_input", True) else x
+    arch = cfg["architecture"]
+    if arch == "gated":
+        gate = (sae_in @ w["W_enc"] + w["b_gate"] > 0).float()
+        codes = gate * (sae_in @ (w["W_enc"] * w["r_mag"].exp()) + w["b_mag"]).relu()
+    else:
+        pre = sae_in @ w["W_enc"] + w["b_enc"]
+        if arch == "jumprelu":
+            codes = pre.relu() * (pre > w["threshold"]).float()
+        elif arch == "topk" or cfg.get("activation_fn_str") == "topk":
+            k = cfg.get("k") or cfg["activation_fn_kwargs"]["k"]
+            top = pre.topk(k, dim=-1)
+            codes = torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu())
+        else:
+            codes = pre.relu()
+    return codes, codes @ w["W_dec"] + w["b_dec"]
 
 
-def test_topk_round_trip_folds_the_input_scale(tmp_path):
-    sae = trained_like_topk()
-    export_saelens(sae, tmp_path / "sl", model_name="tiny")
-    cfg = json.loads((tmp_path / "sl" / "cfg.json").read_text())
-    assert cfg["architecture"] == "topk" and cfg["k"] == 3 and (cfg["d_in"], cfg["d_sae"]) == (6, 12)
-    assert cfg["normalize_activations"] == "none" and cfg["apply_b_dec_to_input"] is True
-    assert cfg["metadata"]["hook_name"] == "model.layers.1" and cfg["metadata"]["model_name"] == "tiny"
-    assert set(load_file(str(tmp_path / "sl" / "sae_weights.safetensors"))) == {
-        "W_enc",
-        "b_enc",
-        "W_dec",
-        "b_dec",
-    }
+CASES = {
+    "relu": (ReLUConfig(d_sae=D_SAE), {}),
+    "relu_scaled_l1": (ReLUConfig(d_sae=D_SAE, scaled_l1=True), {}),
+    "topk": (TopKConfig(d_sae=D_SAE, k=3), {}),
+    "batchtopk": (BatchTopKConfig(d_sae=D_SAE, k=3), {"threshold": 0.4}),
+    "matryoshka": (MatryoshkaConfig(d_sae=D_SAE, k=3), {"threshold": 0.4}),
+    "jumprelu": (JumpReLUConfig(d_sae=D_SAE), {}),
+    "gated": (GatedConfig(d_sae=D_SAE), {}),
+    "threshold": (ThresholdConfig(d_sae=D_SAE, tau=0.3, use_bias=True), {}),
+    "gba": (GBAConfig(d_sae=D_SAE, n_groups=2), {"b": -0.2 * torch.rand(D_SAE), "b_pre": torch.randn(D_IN)}),
+}
+ARCHITECTURE = {
+    "relu": "standard",
+    "relu_scaled_l1": "standard",
+    "topk": "topk",
+    "gated": "gated",
+    "gba": "standard",
+}
 
-    back = import_saelens(tmp_path / "sl")
-    assert isinstance(back, TopKSAE) and back.k == 3 and back.input_scale.item() == 1.0
-    acts = torch.randn(20, 6)
+
+@pytest.mark.parametrize("version", ["v6", "v5"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_round_trip_and_saelens_forward_match(tmp_path, case, version):
+    cfg, buffers = CASES[case]
+    ours = randomised(cfg.model_copy(update={"hookpoint": "model.layers.2"}), **buffers)
+    folder = export_saelens(ours, tmp_path / "sl", model_name="tiny", version=version)
+    raw = json.loads((folder / "cfg.json").read_text())
+    arch = ARCHITECTURE.get(case, "jumprelu")
+    x = acts()
     with torch.no_grad():
-        torch.testing.assert_close(back.encode(acts), sae.encode(acts))
-        torch.testing.assert_close(back(acts).acts_hat, sae(acts).acts_hat)
+        codes, x_hat = ours.encode(x), ours(x).acts_hat
+        assert (codes > 0).any() and (codes == 0).any()  # the activation really selects
+        sl_codes, sl_hat = saelens_forward(folder, x)
+        torch.testing.assert_close(sl_codes, codes)
+        torch.testing.assert_close(sl_hat, x_hat)
+        back = import_saelens(folder)
+        torch.testing.assert_close(back.encode(x), codes)
+        torch.testing.assert_close(back(x).acts_hat, x_hat)
+        torch.testing.assert_close(back.decoder_directions(), ours.decoder_directions(), atol=1e-5, rtol=0)
+    # The folded input scale comes back out of the weights (except where the decoder is free).
+    scale = 1.0 if case in ("relu_scaled_l1", "gba") else 0.7
+    assert back.input_scale.item() == pytest.approx(scale) and back.cfg.hookpoint == "model.layers.2"
+    assert type(back).method == {"standard": "relu"}.get(arch, arch)
+    assert raw["normalize_activations"] == "none" and raw["apply_b_dec_to_input"] is True
+    if version == "v6":
+        assert raw["architecture"] == arch and raw["metadata"]["sae_lens_version"].startswith("6.")
+        assert raw["metadata"]["hook_name"] == "model.layers.2" and raw["metadata"]["model_name"] == "tiny"
+        assert raw.get("k") == (3 if case == "topk" else None)
+    else:
+        assert "metadata" not in raw and raw["hook_name"] == "model.layers.2" and raw["hook_layer"] == 2
+        assert raw["architecture"] == ("standard" if arch == "topk" else arch)
+        assert raw["activation_fn_str"] == ("topk" if case == "topk" else "relu")
+    per_arch = {"gated": {"b_gate", "r_mag", "b_mag"}, "jumprelu": {"b_enc", "threshold"}}
+    expected_keys = {"W_enc", "W_dec", "b_dec"} | per_arch.get(arch, {"b_enc"})
+    assert set(load_file(str(folder / "sae_weights.safetensors"))) == expected_keys
 
 
-def test_v5_topk_without_b_dec_on_input_is_read(tmp_path):
-    sae = trained_like_topk()
+def test_threshold_tie_fires_as_ours_does(tmp_path):
+    # Ours fires on pre >= tau; the exported jumprelu threshold sits one float below tau, so a pre-activation
+    # of exactly tau still fires. W_enc = I (d_in 2), no biases, scale 1: pre = x.
+    sae = build_dictionary(ThresholdConfig(d_sae=2, tau=0.5), d_in=2)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.eye(2))
+        sae.W_dec.copy_(torch.eye(2))
     export_saelens(sae, tmp_path)
-    cfg = json.loads((tmp_path / "cfg.json").read_text())
-    w = load_file(str(tmp_path / "sae_weights.safetensors"))
-    # The same SAE written v5-style, with b_dec no longer subtracted on input: b_enc absorbs -b_dec W_enc.
-    del cfg["k"], cfg["architecture"]
-    cfg |= {"architecture": "standard", "activation_fn_str": "topk", "activation_fn_kwargs": {"k": 3}}
-    cfg["apply_b_dec_to_input"] = False
-    w["b_enc"] = w["b_enc"] - w["b_dec"] @ w["W_enc"]
-    from safetensors.torch import save_file
+    x = torch.tensor([[0.5, 0.4999]])
+    expected = torch.tensor([[0.5, 0.0]])
+    torch.testing.assert_close(sae.encode(x), expected)
+    torch.testing.assert_close(saelens_forward(tmp_path, x)[0], expected)
 
-    save_file(w, str(tmp_path / "sae_weights.safetensors"))
-    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+
+def write(folder, cfg: dict, tensors: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "sae_weights.safetensors"))
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+
+
+def foreign(arch: str, g: torch.Generator) -> dict:
+    """Weights as a SAELens-trained SAE might hold them: decoder rows of norm 0.1-3, not unit."""
+    t = {"W_enc": torch.randn(D_IN, D_SAE, generator=g), "b_dec": torch.randn(D_IN, generator=g)}
+    t["W_dec"] = torch.randn(D_SAE, D_IN, generator=g) * (torch.rand(D_SAE, 1, generator=g) * 2.9 + 0.1)
+    if arch == "gated":
+        t |= {name: 0.3 * torch.randn(D_SAE, generator=g) for name in ("b_gate", "r_mag", "b_mag")}
+    else:
+        t["b_enc"] = 0.3 * torch.randn(D_SAE, generator=g)
+    if arch == "jumprelu":
+        t["threshold"] = torch.rand(D_SAE, generator=g) - 0.2  # some negative: SAELens' relu still applies
+    return t
+
+
+@pytest.mark.parametrize("arch", ["standard", "jumprelu", "gated", "topk"])
+def test_foreign_files_without_b_dec_on_input_and_free_decoder_norms(tmp_path, arch):
+    t = foreign(arch, torch.Generator().manual_seed(11))
+    cfg = {
+        "architecture": arch,
+        "d_in": D_IN,
+        "d_sae": D_SAE,
+        "apply_b_dec_to_input": False,
+        "normalize_activations": "none",
+        "metadata": {"sae_lens_version": "6.5.1", "hook_name": "h"},
+    }
+    if arch == "topk":
+        cfg["k"] = 4
+    write(tmp_path, cfg, t)
+    x = acts(50)
+    sl_codes, sl_hat = saelens_forward(tmp_path, x)
     back = import_saelens(tmp_path)
-    acts = torch.randn(20, 6)
     with torch.no_grad():
-        torch.testing.assert_close(back(acts).acts_hat, sae(acts).acts_hat)
+        torch.testing.assert_close(back(x).acts_hat, sl_hat, atol=1e-4, rtol=1e-4)
+        codes = back.encode(x)
+    assert torch.equal(codes > 0, sl_codes > 0)  # the same latents fire
+    norms = t["W_dec"].norm(dim=-1)
+    if arch in ("jumprelu", "gated"):
+        # Decoder norms are folded into the codes (SAELens' fold_W_dec_norm): codes grow by each row's norm.
+        torch.testing.assert_close(codes, sl_codes * norms, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(back.W_dec.norm(dim=-1), torch.ones(D_SAE))
+    else:
+        torch.testing.assert_close(codes, sl_codes, atol=1e-4, rtol=1e-4)
+    if arch != "topk":  # our TopK SAE assumes unit rows: its decoder_directions are the raw rows
+        torch.testing.assert_close(back.decoder_directions().norm(dim=-1), torch.ones(D_SAE))
+    if arch == "standard":
+        assert back.cfg.scaled_l1  # an unconstrained decoder, kept as it is
 
 
-def test_gba_exports_as_a_standard_sae(tmp_path):
-    gba = build_dictionary(GBAConfig(d_sae=10, n_groups=2), d_in=4)
+def test_v5_topk_with_finetuning_scale_is_read(tmp_path):
+    g = torch.Generator().manual_seed(5)
+    t = foreign("standard", g)
+    t["W_dec"] = torch.nn.functional.normalize(t["W_dec"], dim=-1)
+    scale = torch.rand(D_SAE, generator=g) + 0.5
+    write(
+        tmp_path,
+        {
+            "architecture": "standard",
+            "activation_fn_str": "topk",
+            "activation_fn_kwargs": {"k": 3},
+            "d_in": D_IN,
+            "d_sae": D_SAE,
+            "hook_name": "blocks.1.hook_resid_pre",
+            "finetuning_scaling_factor": True,
+            "normalize_activations": False,
+        },
+        t | {"scaling_factor": scale},
+    )
+    back = import_saelens(tmp_path)
+    x = acts(30)
+    sl_codes, _ = saelens_forward(tmp_path, x)
     with torch.no_grad():
-        gba.a.uniform_(0.5, 2.0)
-        gba.b.uniform_(-0.3, 0.0)
-        gba.b_pre.normal_()
-        gba.input_scale.fill_(0.7)
-    export_saelens(gba, tmp_path)
-    assert json.loads((tmp_path / "cfg.json").read_text())["architecture"] == "standard"
-    acts = torch.randn(30, 4)
-    with torch.no_grad():
-        torch.testing.assert_close(saelens_forward(tmp_path, acts), gba(acts).acts_hat)
+        torch.testing.assert_close(back.encode(x), sl_codes)
+        torch.testing.assert_close(back.decode(sl_codes), (scale * sl_codes) @ t["W_dec"] + t["b_dec"])
+    assert back.k == 3 and back.cfg.hookpoint == "blocks.1.hook_resid_pre"
 
 
 def test_refusals_name_the_reason(tmp_path):
-    with pytest.raises(ValueError, match="no SAELens equivalent"):
-        export_saelens(build_dictionary(MPConfig(d_sae=8, k=2), d_in=4), tmp_path / "mp")
-    export_saelens(trained_like_topk(), tmp_path / "g")
-    cfg = json.loads((tmp_path / "g" / "cfg.json").read_text()) | {"architecture": "gated"}
-    (tmp_path / "g" / "cfg.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="'gated' is not supported"):
-        import_saelens(tmp_path / "g")
+    for cfg in (MPConfig(d_sae=8, k=2), SemiNMFConfig(d_sae=8)):
+        with pytest.raises(ValueError, match="no SAELens architecture") as err:
+            export_saelens(build_dictionary(cfg, d_in=4), tmp_path / cfg.method)
+        assert all(name in str(err.value) for name in EXPORTERS)  # it lists what can be exported
+        assert not (tmp_path / cfg.method).exists()
+    with pytest.raises(ValueError, match="v5 SAELens format needs a hook name"):
+        export_saelens(build_dictionary(ReLUConfig(d_sae=8), d_in=4), tmp_path / "v5", version="v5")
+    good = {"d_in": D_IN, "d_sae": D_SAE, "metadata": {"sae_lens_version": "6.0.0"}}
+    t = foreign("standard", torch.Generator().manual_seed(1))
+    for bad, match in (
+        ({"architecture": "transcoder"}, "'transcoder' is not supported"),
+        ({"architecture": "standard", "normalize_activations": "layer_norm"}, "layer_norm"),
+        ({"architecture": "topk"}, "needs 'k'"),
+        ({"architecture": "jumprelu"}, r"lacks tensors \['threshold'\]"),
+    ):
+        write(tmp_path / "bad", good | bad, t)
+        with pytest.raises(ValueError, match=match):
+            import_saelens(tmp_path / "bad")
+    write(tmp_path / "v5", {"d_in": D_IN, "d_sae": D_SAE, "activation_fn_str": "tanh-relu"}, t)
+    with pytest.raises(ValueError, match="'tanh-relu' is not supported"):
+        import_saelens(tmp_path / "v5")
     with pytest.raises(ValueError, match="not a SAELens SAE folder"):
         import_saelens(tmp_path / "missing")

@@ -3,8 +3,6 @@ stopping, NNLS encoding, persistence and spec validation."""
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import pytest
 import torch
 
@@ -12,6 +10,7 @@ from schemas.methods import SemiNMFConfig
 from schemas.spec import parse_spec
 from tasks.dictionary import load_dictionary, train_dictionary
 from tasks.dictionary.snmf import SemiNMF, multiplicative_update, sparsify_columns
+from tasks.dictionary.synthetic import PlantedNMF, planted_snmf
 
 
 @pytest.fixture(autouse=True)
@@ -41,33 +40,51 @@ def test_sparsify_keeps_the_largest_magnitudes_per_column():
     assert torch.equal(sparsify_columns(F, 1.0), F)
 
 
-class PlantedNMF(NamedTuple):
-    F: torch.Tensor  # [d_in, r], 5%-sparse, signed
-    acts: torch.Tensor  # [n, d_in] = G F^T + noise
-
-
 def plant_nmf(n: int = 2000, d_in: int = 100, r: int = 8, seed: int = 0) -> PlantedNMF:
-    g = torch.Generator().manual_seed(seed)
-    support = torch.rand(d_in, r, generator=g).argsort(0) < 5  # 5 neurons per feature
-    F = torch.randn(d_in, r, generator=g) * support
-    G = torch.rand(n, r, generator=g) * (torch.rand(n, r, generator=g) < 0.3)
-    return PlantedNMF(F, G @ F.T + 0.01 * torch.randn(n, d_in, generator=g))
+    """5 neurons per feature (5%-sparse signed F), G 30% dense, noise 0.01."""
+    return planted_snmf(n, d_in, r, nonzeros=5, seed=seed)
+
+
+def fit_planted(seed: int, **overrides) -> tuple[PlantedNMF, object, list[float]]:
+    truth = plant_nmf(seed=seed)
+    losses: list[float] = []
+    cfg = SemiNMFConfig(
+        **({"d_sae": 8, "sparsity": 0.05, "max_iters": 300, "log_every": 1, "batch_size": 500} | overrides)
+    )
+    result = train_dictionary(cfg, truth.acts, on_metrics=lambda m, _: losses.append(m["loss"]))
+    return truth, result, losses
+
+
+def min_match(truth: PlantedNMF, snmf) -> float:
+    """The worst true column's best cosine with a learned one."""
+    true_dirs = truth.F / truth.F.norm(dim=0)
+    return (true_dirs.T @ snmf.decoder_directions().T).max(dim=1).values.min().item()
+
+
+def monotone(losses: list[float]) -> bool:
+    return all(b <= a + 1e-6 for a, b in zip(losses, losses[1:]))
+
+
+@pytest.mark.slow
+def test_planted_recovery_is_reliable_across_draws():
+    # Draws 0-5 of the planted problem. As first built (sparsify from the first pass, plain LS-then-truncate
+    # F step) this matched every column (min cosine > 0.99) on draws 2 and 4 only, and the loss rose on 2 of
+    # the 6. Unsparsified init passes let G separate the features before supports are chosen and the IHT
+    # fallback makes every pass a descent step: now draws 0, 2, 3 and 4 match (1 and 5 still do not).
+    matched = 0
+    for seed in range(6):
+        truth, result, losses = fit_planted(seed)
+        assert monotone(losses), f"draw {seed}: the loss rose"
+        matched += min_match(truth, result.dictionary) > 0.99
+    assert matched >= 4
 
 
 def test_recovers_planted_factorisation_with_monotone_loss(tmp_path):
-    # Not every draw recovers: over planted seeds 0-5, SVD-initialised semi-NMF matched every column
-    # (min cosine > 0.999) on seeds 2 and 4 and fell into local optima elsewhere (min cosine 0.16-0.97).
-    # Seed 2 is a draw where the algorithm as specified works: this checks the mechanics, not reliability.
-    truth = plant_nmf(seed=2)
-    losses: list[float] = []
-    cfg = SemiNMFConfig(d_sae=8, sparsity=0.05, init="svd", max_iters=300, log_every=1, batch_size=500)
-    result = train_dictionary(cfg, truth.acts, on_metrics=lambda m, _: losses.append(m["loss"]))
-    assert all(b <= a + 1e-6 for a, b in zip(losses, losses[1:]))
+    truth, result, losses = fit_planted(2)
+    assert monotone(losses)
     assert losses[-1] < 0.01 < losses[0]
     snmf = result.dictionary
-    true_dirs = truth.F / truth.F.norm(dim=0)
-    best = (true_dirs.T @ snmf.decoder_directions().T).max(dim=1).values
-    assert best.min().item() > 0.999
+    assert min_match(truth, snmf) > 0.999
     assert ((snmf.W_dec != 0).sum(-1) == 5).all()  # 5% of 100 neurons per feature
 
     x = truth.acts[:200]
@@ -81,6 +98,13 @@ def test_recovers_planted_factorisation_with_monotone_loss(tmp_path):
     assert type(loaded) is SemiNMF and loaded.cfg == snmf.cfg
     with torch.no_grad():
         assert torch.equal(loaded.encode(x), codes)
+
+
+def test_fallback_step_never_raises_the_loss():
+    # Without init passes, draw 1 is one where truncated least squares proposes worse supports: with the plain
+    # LS-then-truncate step the loss rises on 2 of these 60 passes. With the fallback every pass descends.
+    _, _, losses = fit_planted(1, init_passes=0, max_iters=60)
+    assert len(losses) > 5 and monotone(losses)
 
 
 def test_patience_stops_early_and_keeps_the_best_iterate():
