@@ -21,6 +21,7 @@ from flows.cli_catalog import catalog_app
 from flows.cli_common import console, fail
 from flows.cli_common import open_catalog_from_settings as _catalog
 from flows.cli_common import settings as current_settings
+from flows.cli_schedule import runs, schedule, worker
 from schemas.settings import Settings
 from schemas.spec import SpecError, load_spec
 from tasks.tracking.env import configure_environment
@@ -33,6 +34,8 @@ app = typer.Typer(
 app.add_typer(catalog_app, name="catalog")
 features_app = typer.Typer(help="Search labeled features across dictionaries.", no_args_is_help=True)
 app.add_typer(features_app, name="features")
+for command in (schedule, worker, runs):
+    app.command()(command)
 
 
 def demo_spec_path() -> Path:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prefect import flow
 
+from flows.fanout import task_pool
 from schemas.artifacts import DictionaryResult, PipelineResult
 from schemas.settings import Settings
 from schemas.spec import PipelineSpec
@@ -22,14 +23,25 @@ def pipeline_flow(spec: PipelineSpec, progress: bool = False) -> PipelineResult:
         model = register_model(ctx, spec.model)
         corpus = prepare_corpus(ctx, spec.corpus)
         cache = cache_activations(ctx, model, corpus, spec.hookpoints, spec.cache)
-        results = []
-        for hookpoint, cfg in spec.dictionary_jobs():
-            dictionary = train_dictionary(ctx, cache, hookpoint, cfg)
-            evaluation = (
-                evaluate_dictionary(ctx, dictionary, cache, spec.evaluate) if spec.evaluate.enabled else None
+        # the dictionaries of a sweep are independent jobs: they fan out through the settings' task runner
+        with task_pool(settings) as pool:
+            jobs = [{"ctx": ctx, "cache": cache, "hookpoint": h, "cfg": c} for h, c in spec.dictionary_jobs()]
+            dictionaries = pool.run_all(train_dictionary, jobs)
+            each = [{"ctx": ctx, "dictionary": d, "cache": cache} for d in dictionaries]
+            evaluations = (
+                pool.run_all(evaluate_dictionary, [j | {"spec": spec.evaluate} for j in each])
+                if spec.evaluate.enabled
+                else [None] * len(each)
             )
-            labeling = label_features(ctx, dictionary, cache, spec.label) if spec.label.enabled else None
-            results.append(DictionaryResult(dictionary=dictionary, evaluation=evaluation, labeling=labeling))
+            labelings = (
+                pool.run_all(label_features, [j | {"spec": spec.label} for j in each])
+                if spec.label.enabled
+                else [None] * len(each)
+            )
+        results = [
+            DictionaryResult(dictionary=d, evaluation=e, labeling=lab)
+            for d, e, lab in zip(dictionaries, evaluations, labelings)
+        ]
         interactions = score_interactions(ctx, spec.interactions) if spec.interactions.enabled else None
         result = PipelineResult(
             mlflow_run_id=ctx.parent_run_id,

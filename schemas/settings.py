@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 from urllib.parse import unquote, urlsplit
 
 from pydantic import Field, field_validator
@@ -28,6 +29,20 @@ class Settings(BaseSettings):
     artifact_root: str | None = Field(
         None,
         description="Where artifact folders go: a local path or a file:// URL (default: <home>/artifacts).",
+    )
+
+    task_runner: Literal["threads", "dask"] = Field(
+        "threads",
+        description="How independent stage jobs (the dictionaries of a sweep) fan out: a thread pool in "
+        "the flow's process, or a Dask cluster (`dask_address`, else a local cluster of max_workers).",
+    )
+    max_workers: int = Field(
+        1,
+        ge=1,
+        description="Dictionary jobs run at once (threads, or local Dask worker processes); 1: in turn.",
+    )
+    dask_address: str | None = Field(
+        None, description="Scheduler of a running Dask cluster, e.g. tcp://10.0.0.5:8786 (task_runner: dask)."
     )
 
     @field_validator("artifact_root")

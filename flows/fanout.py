@@ -1,0 +1,66 @@
+"""Fan independent stage jobs out through a Prefect task runner chosen by the settings.
+
+The dictionaries of a sweep (train, then evaluate and label each one) do not depend on each other, so they
+are submitted together: to a `ThreadPoolTaskRunner` in the flow's process (`task_runner: threads`, the
+default), or to a Dask cluster through `prefect-dask` (`task_runner: dask`), either a running one
+(`dask_address`) or a local cluster of `max_workers` worker processes on 127.0.0.1. With threads and
+`max_workers: 1` the tasks are simply called in order in the flow's thread, as before fan-out existed.
+Results come back in submission order, so the pipeline's result does not depend on which job ends first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+from prefect import Task
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
+
+from schemas.settings import Settings
+
+
+def task_runner_for(settings: Settings) -> TaskRunner | None:
+    """The runner the settings ask for; None means "call the tasks in turn"."""
+    if settings.task_runner == "dask":
+        from prefect_dask import DaskTaskRunner
+
+        if settings.dask_address:
+            return DaskTaskRunner(address=settings.dask_address)
+        return DaskTaskRunner(
+            cluster_class="distributed.LocalCluster",
+            cluster_kwargs={
+                "n_workers": settings.max_workers,
+                "threads_per_worker": 1,  # torch already uses the cores inside one job
+                "processes": True,
+                "host": "127.0.0.1",  # never listen beyond this machine unless told (dask_address)
+                "dashboard_address": None,
+            },
+        )
+    if settings.max_workers == 1:
+        return None
+    return ThreadPoolTaskRunner(max_workers=settings.max_workers)
+
+
+class TaskPool:
+    """Runs a batch of calls of one task and returns their results in order; a failed call fails the batch."""
+
+    def __init__(self, runner: TaskRunner | None) -> None:
+        self.runner = runner
+
+    def run_all(self, task: Task, calls: list[dict[str, Any]]) -> list[Any]:
+        if self.runner is None:
+            return [task(**params) for params in calls]
+        futures = [self.runner.submit(task, params) for params in calls]
+        return [future.result() for future in futures]
+
+
+@contextlib.contextmanager
+def task_pool(settings: Settings) -> Iterator[TaskPool]:
+    """A `TaskPool` on the settings' runner, started for the block and shut down after it."""
+    runner = task_runner_for(settings)
+    if runner is None:
+        yield TaskPool(None)
+        return
+    with runner:
+        yield TaskPool(runner)
