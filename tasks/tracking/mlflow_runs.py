@@ -15,6 +15,7 @@ from pathlib import Path
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunStatus
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
@@ -65,7 +66,16 @@ class StageRun:
             source = resolve_dataset_source(ref.path)
         dataset = MetaDataset(source=source, name=ref.id, digest=ref.fingerprint[:32])
         tags = [InputTag("mlflow.data.context", context), InputTag("featureatlas.kind", ref.kind)]
-        self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags)])
+        entity = DatasetInput(dataset._to_mlflow_entity(), tags)
+        for attempt in range(3):
+            try:
+                self.client.log_inputs(self.run_id, datasets=[entity])
+                return
+            except MlflowException as e:
+                # stages running at once (a fanned-out sweep) may insert the same new dataset together: one
+                # insert wins, and the loser's transaction is rolled back, so repeating it finds the row
+                if attempt == 2 or "unique" not in str(e).lower():
+                    raise
 
 
 class Tracker:
