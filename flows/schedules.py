@@ -7,6 +7,9 @@ while the last one is still going waits for it (two runs of one spec would race 
 Each run fingerprints its inputs again, so a run after the corpus grew rebuilds the corpus and what depends
 on it and reuses the rest. Deployments go to a `process` work pool; `featureatlas worker` serves it.
 
+`flows/pipeline_file.py::pipeline_file_flow` is the same pipeline with a spec *path* as its parameter, read
+when each run starts: the entrypoint of the deployments in `infra/prefect.yaml` (`prefect deploy --all`).
+
 Schedules need a real Prefect server (`PREFECT_API_URL`): the temporary server a plain `featureatlas run`
 starts lives only as long as that command, so nothing would ever fire.
 """
@@ -23,7 +26,6 @@ from schemas.spec import PipelineSpec
 
 WORK_POOL = "featureatlas"
 TAG = "featureatlas"
-ENTRYPOINT = "flows.pipeline.pipeline_flow"
 
 
 class ScheduleError(RuntimeError):
