@@ -72,13 +72,16 @@ def worker(
 
 def runs(
     limit: Annotated[int, typer.Option(help="Most runs shown.")] = 20,
+    upcoming: Annotated[
+        bool, typer.Option("--upcoming", help="Also the future runs that schedules have created.")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
-    """Pipeline flow runs (scheduled, running, finished) with their states, newest first."""
+    """Pipeline flow runs that are due (finished, running, waiting) with their states, newest first."""
     from flows.schedules import list_runs
 
     current_settings()
-    rows = list_runs(limit)
+    rows = list_runs(limit, upcoming)
     if as_json:
         print(json.dumps([r._asdict() for r in rows], indent=1))
         return

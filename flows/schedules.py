@@ -138,16 +138,24 @@ def worker_environment(settings: Settings) -> dict[str, str]:
     return env
 
 
-def list_runs(limit: int = 20) -> list[RunRow]:
-    """The newest flow runs (scheduled ones included) with their states, newest expected start first."""
+def list_runs(limit: int = 20, upcoming: bool = False) -> list[RunRow]:
+    """Flow runs with their states, newest expected start first: those due by now (finished, running,
+    waiting), or with `upcoming` also the future runs a schedule has already created."""
+    from datetime import datetime, timezone
+
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterExpectedStartTime
     from prefect.client.schemas.sorting import FlowRunSort
 
     def iso(t) -> str | None:
         return None if t is None else t.isoformat(timespec="seconds")
 
     with get_client(sync_client=True) as client:
-        runs = client.read_flow_runs(sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=limit)
+        now = datetime.now(timezone.utc)
+        due = FlowRunFilter(expected_start_time=FlowRunFilterExpectedStartTime(before_=now))
+        runs = client.read_flow_runs(
+            flow_run_filter=None if upcoming else due, sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=limit
+        )
         names = {}
         for d_id in {r.deployment_id for r in runs if r.deployment_id}:
             names[d_id] = client.read_deployment(d_id).name

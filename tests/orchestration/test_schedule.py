@@ -211,5 +211,11 @@ def test_scheduled_pipeline_runs_on_a_real_server_and_rebuilds_only_what_changed
         rows = {r["id"]: r for r in json.loads(listed.stdout)}
         assert rows[first["id"]]["state"] == "Completed" and rows[second["id"]]["state"] == "Completed"
         assert rows[first["id"]]["deployment"] == "tiny-nightly"
+        # future runs the schedule already created show only with --upcoming
+        assert all(r["expected_start"] <= datetime.now(timezone.utc).isoformat() for r in rows.values())
+        upcoming = subprocess.run(
+            [*CLI, "runs", "--json", "--upcoming"], env=env, capture_output=True, timeout=300
+        )
+        assert any(r["state"] == "Scheduled" for r in json.loads(upcoming.stdout))
     finally:
         _stop(worker)
