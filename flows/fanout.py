@@ -6,6 +6,9 @@ default), or to a Dask cluster through `prefect-dask` (`task_runner: dask`), eit
 (`dask_address`) or a local cluster of `max_workers` worker processes on 127.0.0.1. With threads and
 `max_workers: 1` the tasks are simply called in order in the flow's thread, as before fan-out existed.
 Results come back in submission order, so the pipeline's result does not depend on which job ends first.
+Evaluation and labeling hook into the process's one cached language model, so a thread pool runs them in
+turn and only trainings overlap; Dask workers are separate processes (one thread each: a cluster of your
+own should start its workers with `--nthreads 1`), where all three fan out.
 """
 
 from __future__ import annotations
@@ -48,8 +51,11 @@ class TaskPool:
     def __init__(self, runner: TaskRunner | None) -> None:
         self.runner = runner
 
-    def run_all(self, task: Task, calls: list[dict[str, Any]]) -> list[Any]:
-        if self.runner is None:
+    def run_all(self, task: Task, calls: list[dict[str, Any]], shares_model: bool = False) -> list[Any]:
+        """`shares_model`: the tasks splice hooks into the language model, which is loaded once per process
+        and shared, so threads would see each other's hooks; in a thread pool they then run in turn."""
+        in_threads = isinstance(self.runner, ThreadPoolTaskRunner)
+        if self.runner is None or (shares_model and in_threads):
             return [task(**params) for params in calls]
         futures = [self.runner.submit(task, params) for params in calls]
         return [future.result() for future in futures]

@@ -28,13 +28,14 @@ def pipeline_flow(spec: PipelineSpec, progress: bool = False) -> PipelineResult:
             jobs = [{"ctx": ctx, "cache": cache, "hookpoint": h, "cfg": c} for h, c in spec.dictionary_jobs()]
             dictionaries = pool.run_all(train_dictionary, jobs)
             each = [{"ctx": ctx, "dictionary": d, "cache": cache} for d in dictionaries]
+            # evaluation and labeling hook into the one loaded model: shares_model keeps threads apart
             evaluations = (
-                pool.run_all(evaluate_dictionary, [j | {"spec": spec.evaluate} for j in each])
+                pool.run_all(evaluate_dictionary, [j | {"spec": spec.evaluate} for j in each], True)
                 if spec.evaluate.enabled
                 else [None] * len(each)
             )
             labelings = (
-                pool.run_all(label_features, [j | {"spec": spec.label} for j in each])
+                pool.run_all(label_features, [j | {"spec": spec.label} for j in each], True)
                 if spec.label.enabled
                 else [None] * len(each)
             )
