@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
+from prefect import flow, task
 from safetensors.torch import load_file
 
-from flows.fanout import task_runner_for
+from flows.fanout import task_pool, task_runner_for
 from schemas.settings import Settings
 from schemas.spec import parse_spec
 from tasks.tracking.catalog import open_catalog
@@ -29,6 +31,25 @@ def test_task_runner_choice(tmp_path):
     assert isinstance(task_runner_for(Settings(home=tmp_path, max_workers=3)), ThreadPoolTaskRunner)
     dask = task_runner_for(Settings(home=tmp_path, task_runner="dask", dask_address="tcp://127.0.0.1:1"))
     assert isinstance(dask, DaskTaskRunner)
+
+
+@task
+def _where(i: int) -> tuple[int, int]:
+    return i, os.getpid()
+
+
+@pytest.mark.slow
+def test_local_dask_cluster_runs_tasks_in_its_worker_processes_in_order(tmp_path, prefect_harness):  # noqa: ARG001
+    settings = Settings(home=tmp_path, task_runner="dask", max_workers=2)  # no address: a LocalCluster
+
+    @flow
+    def fan() -> list[tuple[int, int]]:
+        with task_pool(settings) as pool:
+            return pool.run_all(_where, [{"i": i} for i in range(6)])
+
+    got = fan()
+    assert [i for i, _ in got] == list(range(6))  # results in call order
+    assert os.getpid() not in {pid for _, pid in got}  # ran in the cluster's worker processes
 
 
 def _run(pipeline, spec, home: Path, monkeypatch, **env) -> tuple[object, dict]:
