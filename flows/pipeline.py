@@ -9,7 +9,7 @@ from schemas.artifacts import DictionaryResult, PipelineResult
 from schemas.settings import Settings
 from schemas.spec import PipelineSpec
 from tasks.activations.task import cache_activations, prepare_corpus, register_model
-from tasks.dictionary.task import train_dictionary
+from tasks.dictionary.task import sweep_groups, train_dictionaries_task
 from tasks.evaluate.task import evaluate_dictionary
 from tasks.interactions.task import score_interactions
 from tasks.labeling.task import label_features
@@ -23,10 +23,14 @@ def pipeline_flow(spec: PipelineSpec, progress: bool = False) -> PipelineResult:
         model = register_model(ctx, spec.model)
         corpus = prepare_corpus(ctx, spec.corpus)
         cache = cache_activations(ctx, model, corpus, spec.hookpoints, spec.cache)
-        # the dictionaries of a sweep are independent jobs: they fan out through the settings' task runner
+        # a sweep's dictionaries on one hookpoint train from one pass over the cache (one job per group);
+        # the groups, then each dictionary's evaluation and labeling, fan out through the settings' runner
         with task_pool(settings) as pool:
-            jobs = [{"ctx": ctx, "cache": cache, "hookpoint": h, "cfg": c} for h, c in spec.dictionary_jobs()]
-            dictionaries = pool.run_all(train_dictionary, jobs)
+            groups = [
+                {"ctx": ctx, "cache": cache, "hookpoint": h, "cfgs": cfgs}
+                for h, cfgs in sweep_groups(spec.dictionary_jobs())
+            ]
+            dictionaries = [d for refs in pool.run_all(train_dictionaries_task, groups) for d in refs]
             each = [{"ctx": ctx, "dictionary": d, "cache": cache} for d in dictionaries]
             # evaluation and labeling hook into the one loaded model: shares_model keeps threads apart
             evaluations = (

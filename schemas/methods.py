@@ -36,6 +36,21 @@ class TrainingConfig(Contract):
     seed: int = Field(0, description="Seed for initialisation and the data order.")
     device: str = Field("auto", description="'auto' (CUDA when present, else CPU), 'cpu' or 'cuda[:N]'.")
     log_every: int = Field(20, ge=1, description="Log loss, FVU and L0 to MLflow every this many steps.")
+    # issue 4 (trainer loop): checkpoints and CUDA speed-ups
+    checkpoint_every: int = Field(
+        1000,
+        ge=1,
+        description="Steps between checkpoints (weights + optimizer state) that a killed run resumes from; "
+        "written when the trainer is given a checkpoint folder (the pipeline always gives one).",
+    )
+    autocast: Literal["none", "bf16"] = Field(
+        "none",
+        description="Mixed precision of the forward pass: 'bf16' runs it under bfloat16 autocast (weights "
+        "and optimizer stay float32). Meant for CUDA; it also works on CPU, more slowly.",
+    )
+    compile: bool = Field(
+        False, description="Compile the training loss with torch.compile (worth it on CUDA, for long runs)."
+    )
 
 
 class TopKConfig(TrainingConfig):

@@ -16,7 +16,7 @@ from tasks.dictionary import threshold as _threshold  # noqa: F401
 from tasks.dictionary import topk as _topk  # noqa: F401  (registers "topk")
 from tasks.dictionary.base import Dictionary, ForwardOutput
 from tasks.dictionary.registry import METHODS, build_dictionary, load_dictionary
-from tasks.dictionary.train import TrainResult, train_dictionary
+from tasks.dictionary.train import TrainResult, train_dictionaries, train_dictionary
 
 __all__ = [
     "METHODS",
@@ -25,5 +25,6 @@ __all__ = [
     "TrainResult",
     "build_dictionary",
     "load_dictionary",
+    "train_dictionaries",
     "train_dictionary",
 ]

@@ -34,8 +34,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from schemas.methods import DictionaryConfig
 from tasks.dictionary.base import TrainStepOutput
+from tasks.dictionary.data import validate_acts
 from tasks.dictionary.registry import METHODS, build_dictionary
-from tasks.dictionary.train import MetricsCallback, TrainResult, check_loss, lr_factor, validate_acts
+from tasks.dictionary.train import MetricsCallback, TrainResult, check_loss, lr_factor
 
 
 class _LossModule(nn.Module):

@@ -1,19 +1,26 @@
-"""Train a gradient-based dictionary on cached activations: seeded, minibatched AdamW with live metrics.
+"""Train gradient-based dictionaries on activations: seeded, minibatched AdamW with live metrics.
 
 The loop is method-agnostic. A method supplies its losses and its constraints through the `Trainable` hooks
 (`init_from_data`, `training_loss`, `before_optimizer_step`, `after_optimizer_step`, and optionally
 `after_step(step)` for updates outside the gradient, such as bias adaptation); this module owns the
 data order, the device, the optimizer and its learning-rate schedule (linear warm-up, constant, linear
-decay), dead-latent bookkeeping, the check that the loss stays finite and bounded, and the metrics handed to
-`on_metrics` (MLflow in the flow).
+decay), dead-latent bookkeeping, the check that the loss stays finite and bounded, checkpoints, and the
+metrics handed to `on_metrics` (MLflow in the flow).
+
+Data comes from an `ActivationSource` (`tasks.dictionary.data`): a tensor in memory, or a cache streamed shard
+by shard. `train_dictionaries` trains several dictionaries (a sweep) from one pass: each batch is read once
+and fed to every one of them. A dictionary's batches depend only on (seed, batch_size), so one trained in a
+sweep equals the same one trained alone, and one resumed from a checkpoint equals an uninterrupted run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -21,8 +28,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from schemas.methods import DictionaryConfig
+from tasks.dictionary import checkpoint as ckpt
 from tasks.dictionary.base import Dictionary, TrainStepOutput
+from tasks.dictionary.data import ActivationSource, TensorSource, batches, validate_acts
 from tasks.dictionary.registry import METHODS, build_dictionary
+
+__all__ = ["TrainResult", "resolve_device", "train_dictionaries", "train_dictionary", "validate_acts"]
 
 logger = logging.getLogger(__name__)
 
@@ -68,41 +79,6 @@ def resolve_device(spec: str) -> torch.device:
     return device
 
 
-def validate_acts(acts: Tensor, chunk_rows: int = 65_536) -> None:
-    """Refuse activations that training cannot use, saying how to fix them."""
-    if not isinstance(acts, Tensor):
-        raise TypeError(f"acts must be a torch.Tensor, got {type(acts).__name__}; use torch.from_numpy(...)")
-    if acts.ndim != 2:
-        raise ValueError(
-            f"acts must be [n_tokens, d_in], got shape {tuple(acts.shape)}; "
-            "flatten with acts.reshape(-1, acts.shape[-1])"
-        )
-    if not acts.is_floating_point():
-        raise ValueError(f"acts must be floating point, got {acts.dtype}; cast with acts.float()")
-    if acts.shape[0] < 2 or acts.shape[1] < 1:
-        raise ValueError(f"acts has shape {tuple(acts.shape)}; training needs >= 2 tokens and d_in >= 1")
-    # Chunked so a large cache is not doubled in memory by one boolean mask.
-    for start in range(0, acts.shape[0], chunk_rows):
-        finite = torch.isfinite(acts[start : start + chunk_rows]).all(dim=1)
-        if not bool(finite.all()):
-            row = start + int((~finite).nonzero()[0])
-            raise ValueError(f"acts row {row} holds NaN or inf; drop or recompute those rows before training")
-
-
-def _minibatches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[Tensor]:
-    """Row indices, batch after batch, from back-to-back shuffled passes over the data.
-
-    A batch may straddle two passes so that every batch is full: a one-row tail batch would have zero
-    variance, leaving the FVU undefined.
-    """
-    pending = torch.empty(0, dtype=torch.long)
-    while True:
-        while len(pending) < batch_size:
-            pending = torch.cat([pending, torch.randperm(n, generator=generator)])
-        yield pending[:batch_size]
-        pending = pending[batch_size:]
-
-
 def lr_factor(step: int, steps: int, warmup_steps: int, decay_fraction: float) -> float:
     """Multiplier of the peak lr at optimizer step `step` (1-based): warm-up, flat, decay to 0."""
     factor = 1.0
@@ -118,105 +94,221 @@ def lr_factor(step: int, steps: int, warmup_steps: int, decay_fraction: float) -
 DIVERGENCE_FACTOR = 1e3
 
 
-def check_loss(loss: float, step: int, first_loss: float | None) -> None:
+def check_loss(loss: float, step: int, first_loss: float | None, name: str = "") -> None:
     """Stop with the step named when the loss is NaN/inf or exploded past DIVERGENCE_FACTOR x its start."""
+    who = f"{name}: " if name else ""
     if not math.isfinite(loss):
         raise FloatingPointError(
-            f"loss became {loss} at step {step}; lower the learning rate (lr) or add warmup_steps"
+            f"{who}loss became {loss} at step {step}; lower the learning rate (lr) or add warmup_steps"
         )
     if first_loss is not None and loss > DIVERGENCE_FACTOR * max(first_loss, 1e-6):
         raise FloatingPointError(
-            f"loss diverged at step {step}: {loss:.3g}, over {DIVERGENCE_FACTOR:g}x the first step's "
+            f"{who}loss diverged at step {step}: {loss:.3g}, over {DIVERGENCE_FACTOR:g}x the first step's "
             f"{first_loss:.3g}; lower the learning rate (lr) or add warmup_steps"
         )
 
 
-def train_dictionary(
-    cfg: DictionaryConfig,
-    acts: Tensor,
-    *,
-    on_metrics: MetricsCallback | None = None,
-    progress: bool = False,
-) -> TrainResult:
-    """Train the dictionary `cfg` describes on `acts` [n, d_in] (CPU, any float dtype; it stays there).
+def own_fit(cfg: DictionaryConfig) -> Callable | None:
+    """The `fit` of a method that is not gradient-trained (semi-NMF), which then trains on its own."""
+    return getattr(METHODS.get(cfg.method), "fit", None)
 
-    Steps: `cfg.steps`, else `cfg.epochs` x ceil(n / batch_size). Every `cfg.log_every` steps and at the
-    last one, `on_metrics(metrics, step)` gets loss, mse (raw units), fvu, l0, dead_fraction, auxk_loss and
-    lr. The loss is checked at the first step and every logged step: NaN, inf or a blow-up past
-    DIVERGENCE_FACTOR x the first loss raise FloatingPointError naming the step.
-    """
-    validate_acts(acts)
-    # A method that is not gradient-trained (semi-NMF) brings its own `fit` with this function's signature.
-    own_fit = getattr(METHODS.get(cfg.method), "fit", None)
-    if own_fit is not None:
-        return own_fit(cfg, acts, on_metrics=on_metrics, progress=progress)
-    n, d_in = acts.shape
-    batch_size = min(cfg.batch_size, n)
-    steps = cfg.steps or cfg.epochs * math.ceil(n / batch_size)
-    device = resolve_device(cfg.device)
-    # Methods without a dead-latent threshold count a latent dead after a whole pass without firing.
-    dead_tokens = getattr(cfg, "dead_tokens", n)
 
-    dictionary = build_dictionary(cfg, d_in)
-    if not isinstance(dictionary, Trainable):
-        raise TypeError(f"method {cfg.method!r} lacks the Trainable hooks that train_dictionary needs")
-    dictionary.init_from_data(acts)
-    dictionary.to(device).train()
-    # Optional hook, run after each complete step (1-based), e.g. GBA's every-T-steps bias update.
-    after_step = getattr(dictionary, "after_step", None)
-    # Frozen parameters (a bias-free method's zero biases) stay out of the optimizer and its weight decay.
-    params = [p for p in dictionary.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    batches = _minibatches(n, batch_size, torch.Generator().manual_seed(cfg.seed))
-    tokens_since_fired = torch.zeros(dictionary.d_sae, dtype=torch.long, device=device)
-    logger.info(
-        "training %s: n=%d d_in=%d d_sae=%d batch=%d steps=%d on %s",
-        cfg.method,
-        n,
-        d_in,
-        dictionary.d_sae,
-        batch_size,
-        steps,
-        device,
-    )
+def sweep_key(cfg: DictionaryConfig) -> tuple:
+    """Dictionaries with equal keys can share one pass over the data: they read the same batches."""
+    if own_fit(cfg) is not None:
+        return ("own_fit", id(cfg))
+    return (cfg.batch_size, cfg.seed, cfg.device)
 
-    metrics: dict[str, float] = {}
-    first_loss: float | None = None
-    bar = tqdm(range(1, steps + 1), desc=f"train {cfg.method}", disable=not progress)
-    for step in bar:
-        batch = acts[next(batches)].to(device, non_blocking=True)
-        out = dictionary.training_loss(batch, tokens_since_fired >= dead_tokens)
-        optimizer.zero_grad(set_to_none=True)
+
+class _Member:
+    """One dictionary of a (possibly one-member) sweep: its model, optimizer, counters and checkpoints."""
+
+    def __init__(
+        self,
+        cfg: DictionaryConfig,
+        d_in: int,
+        n_rows: int,
+        device: torch.device,
+        on_metrics: MetricsCallback | None,
+        checkpoint_dir: Path | None,
+    ) -> None:
+        self.cfg, self.device, self.on_metrics, self.checkpoint_dir = cfg, device, on_metrics, checkpoint_dir
+        self.name = f"{cfg.method} (d_sae={cfg.d_sae})"
+        self.batch_size = min(cfg.batch_size, n_rows)
+        self.steps = cfg.steps or cfg.epochs * math.ceil(n_rows / self.batch_size)
+        # Methods without a dead-latent threshold count a latent dead after a whole pass without firing.
+        self.dead_tokens = getattr(cfg, "dead_tokens", n_rows)
+        self.dictionary = build_dictionary(cfg, d_in)
+        if not isinstance(self.dictionary, Trainable):
+            raise TypeError(f"method {cfg.method!r} lacks the Trainable hooks that train_dictionary needs")
+        self.found = ckpt.latest(checkpoint_dir)
+        self.start, self.first_loss, self.metrics = 0, None, {}
+        self.tokens_since_fired = torch.zeros(self.dictionary.d_sae, dtype=torch.long, device=device)
+
+    def prepare(self, sample: Tensor | None) -> None:
+        """Initialise from the data sample (or restore the checkpoint), move to the device, build AdamW."""
+        if self.found is None:
+            assert sample is not None  # the caller reads a sample whenever some member starts afresh
+            self.dictionary.init_from_data(sample)
+        self.dictionary.to(self.device).train()
+        # Optional hook, run after each complete step (1-based), e.g. GBA's every-T-steps bias update.
+        self.after_step = getattr(self.dictionary, "after_step", None)
+        # Frozen parameters (a bias-free method's zero biases) stay out of the optimizer and its weight decay.
+        params = [p for p in self.dictionary.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        if self.found is not None:
+            tensors, state = ckpt.load_checkpoint(self.found, self.dictionary, self.optimizer)
+            self.tokens_since_fired.copy_(tensors["tokens_since_fired"])
+            self.start, self.first_loss, self.metrics = self.found.step, state["first_loss"], state["metrics"]
+            logger.info("%s: resuming from the checkpoint of step %d", self.name, self.start)
+        self.loss_fn = self.dictionary.training_loss
+        if self.cfg.compile:
+            self.loss_fn = torch.compile(self.loss_fn)
+        if self.cfg.autocast == "bf16":
+            self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16)
+        else:
+            self.autocast = contextlib.nullcontext()
+
+    def active(self, step: int) -> bool:
+        return self.start < step <= self.steps
+
+    def train_step(self, batch: Tensor, step: int) -> None:
+        cfg, dictionary = self.cfg, self.dictionary
+        with self.autocast:
+            out = self.loss_fn(batch, self.tokens_since_fired >= self.dead_tokens)
+        self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         dictionary.before_optimizer_step()
-        lr = cfg.lr * lr_factor(step, steps, cfg.warmup_steps, cfg.decay_fraction)
-        for group in optimizer.param_groups:
+        lr = cfg.lr * lr_factor(step, self.steps, cfg.warmup_steps, cfg.decay_fraction)
+        for group in self.optimizer.param_groups:
             group["lr"] = lr
-        optimizer.step()
+        self.optimizer.step()
         dictionary.after_optimizer_step()
-        if after_step is not None:
-            after_step(step)
+        if self.after_step is not None:
+            self.after_step(step)
 
-        tokens_since_fired += batch.shape[0]
-        tokens_since_fired[(out.codes > 0).any(0)] = 0
+        self.tokens_since_fired += batch.shape[0]
+        self.tokens_since_fired[(out.codes > 0).any(0)] = 0
         # Metrics are read back only when logged: each .item() waits for the GPU.
         if step == 1:
-            first_loss = out.loss.item()
-            check_loss(first_loss, step, None)
-        if step % cfg.log_every == 0 or step == steps:
-            check_loss(out.loss.item(), step, first_loss)
-            metrics = {
+            self.first_loss = out.loss.item()
+            check_loss(self.first_loss, step, None, self.name)
+        if step % cfg.log_every == 0 or step == self.steps:
+            check_loss(out.loss.item(), step, self.first_loss, self.name)
+            self.metrics = {
                 "loss": out.loss.item(),
                 "mse": out.mse.item(),
                 "fvu": out.fvu.item(),
                 "l0": (out.codes > 0).sum(-1).float().mean().item(),
-                "dead_fraction": (tokens_since_fired >= dead_tokens).float().mean().item(),
+                "dead_fraction": (self.tokens_since_fired >= self.dead_tokens).float().mean().item(),
                 "auxk_loss": out.auxk_loss.item(),
                 "lr": lr,
             }
-            bar.set_postfix(fvu=f"{metrics['fvu']:.4f}", l0=f"{metrics['l0']:.1f}")
-            if on_metrics is not None:
-                on_metrics(metrics, step)
+            if self.on_metrics is not None:
+                self.on_metrics(self.metrics, step)
+        if self.checkpoint_dir is not None and step % cfg.checkpoint_every == 0 and step < self.steps:
+            self.save_checkpoint(out.loss.item(), step)
 
-    logger.info("trained %s in %d steps: %s", cfg.method, steps, metrics)
-    return TrainResult(dictionary=dictionary.cpu().eval(), final_metrics=metrics, steps=steps)
+    def save_checkpoint(self, loss: float, step: int) -> None:
+        # Only a good state is kept: a run that diverges stops here, leaving the previous checkpoint.
+        check_loss(loss, step, self.first_loss, self.name)
+        for name, p in self.dictionary.named_parameters():
+            if not bool(torch.isfinite(p).all()):
+                raise FloatingPointError(
+                    f"{self.name}: parameter {name} is not finite at step {step}; lower the learning rate "
+                    "(lr) or add warmup_steps"
+                )
+        ckpt.save_checkpoint(
+            self.checkpoint_dir,
+            step,
+            self.dictionary,
+            self.optimizer,
+            {"tokens_since_fired": self.tokens_since_fired},
+            {"first_loss": self.first_loss, "metrics": self.metrics},
+        )
+
+    def result(self) -> TrainResult:
+        return TrainResult(
+            dictionary=self.dictionary.cpu().eval(), final_metrics=self.metrics, steps=self.steps
+        )
+
+
+def train_dictionaries(
+    cfgs: Sequence[DictionaryConfig],
+    data: Tensor | ActivationSource,
+    *,
+    on_metrics: Sequence[MetricsCallback | None] | None = None,
+    checkpoint_dirs: Sequence[Path | None] | None = None,
+    progress: bool = False,
+) -> list[TrainResult]:
+    """Train every dictionary of `cfgs` from one pass over `data`; results in the order of `cfgs`.
+
+    `data` is acts [n, d_in] (CPU, any float dtype; it stays there) or an `ActivationSource`. The configs must
+    share `sweep_key` (batch_size, seed, device): they then read the same batches, each batch once. Steps per
+    dictionary: `cfg.steps`, else `cfg.epochs` x ceil(n / batch_size). Every `cfg.log_every` steps and at the
+    last one, its `on_metrics(metrics, step)` gets loss, mse (raw units), fvu, l0, dead_fraction, auxk_loss
+    and lr. NaN, inf or a loss past DIVERGENCE_FACTOR x the first raise FloatingPointError naming the step.
+    With a `checkpoint_dirs` entry, a dictionary saves a checkpoint there every `cfg.checkpoint_every` steps
+    and, when one is already there, resumes from it.
+    """
+    source = TensorSource(data) if isinstance(data, Tensor) else data
+    n = len(cfgs)
+    callbacks = list(on_metrics) if on_metrics is not None else [None] * n
+    dirs = list(checkpoint_dirs) if checkpoint_dirs is not None else [None] * n
+    if not (n and len(callbacks) == n and len(dirs) == n):
+        raise ValueError(f"got {n} configs, {len(callbacks)} callbacks, {len(dirs)} checkpoint folders")
+    if n == 1 and (fit := own_fit(cfgs[0])) is not None:
+        return [fit(cfgs[0], source.materialize(), on_metrics=callbacks[0], progress=progress)]
+    keys = {sweep_key(cfg) for cfg in cfgs}
+    if len(keys) > 1:
+        raise ValueError(
+            f"dictionaries trained in one pass must share batch_size, seed and device (and be gradient-"
+            f"trained); got {sorted(map(str, keys))}: train them in separate calls"
+        )
+    device = resolve_device(cfgs[0].device)
+    members = [
+        _Member(c, source.d_in, source.n_rows, device, cb, d) for c, cb, d in zip(cfgs, callbacks, dirs)
+    ]
+    fresh = any(m.found is None for m in members)
+    sample = source.init_sample() if fresh else None
+    for m in members:
+        m.prepare(sample)
+    del sample
+    batch_size = members[0].batch_size
+    start, total = min(m.start for m in members), max(m.steps for m in members)
+    logger.info(
+        "training %s: n=%d d_in=%d batch=%d steps %d..%d on %s",
+        ", ".join(m.name for m in members),
+        source.n_rows,
+        source.d_in,
+        batch_size,
+        start + 1,
+        total,
+        device,
+    )
+    feed = batches(source, batch_size, cfgs[0].seed, start)
+    bar = tqdm(range(start + 1, total + 1), desc=f"train {members[0].name}", disable=not progress)
+    for step in bar:
+        batch = next(feed).to(device, non_blocking=True)
+        for m in members:
+            if m.active(step):
+                m.train_step(batch, step)
+        if progress and members[0].metrics:
+            bar.set_postfix(fvu=f"{members[0].metrics['fvu']:.4f}", l0=f"{members[0].metrics['l0']:.1f}")
+    for m in members:
+        logger.info("trained %s in %d steps: %s", m.name, m.steps, m.metrics)
+    return [m.result() for m in members]
+
+
+def train_dictionary(
+    cfg: DictionaryConfig,
+    data: Tensor | ActivationSource,
+    *,
+    on_metrics: MetricsCallback | None = None,
+    checkpoint_dir: Path | None = None,
+    progress: bool = False,
+) -> TrainResult:
+    """Train the one dictionary `cfg` describes; see `train_dictionaries`."""
+    return train_dictionaries(
+        [cfg], data, on_metrics=[on_metrics], checkpoint_dirs=[checkpoint_dir], progress=progress
+    )[0]

@@ -105,9 +105,21 @@ def cache_identity(model: Identity, corpus: Identity, hookpoints: list[str], spe
     )
 
 
+# Trainer fields that do not change the trained dictionary (a resumed run equals an uninterrupted one).
+_RESULT_NEUTRAL = ("checkpoint_every",)
+# Trainer fields added after dictionaries were first fingerprinted: left out at their defaults, so the
+# dictionaries already in a catalog keep their fingerprints (and are reused, not retrained).
+_LATER_DEFAULTS = {"autocast": "none", "compile": False}
+
+
 def dictionary_identity(cache: Identity, hookpoint: str, cfg: DictionaryConfig) -> Identity:
     # the hookpoint field of a sweep entry may be unset; the resolved hookpoint is what counts
     config = _canonical(cfg) | {"hookpoint": hookpoint}
+    for key in _RESULT_NEUTRAL:
+        config.pop(key, None)
+    for key, default in _LATER_DEFAULTS.items():
+        if config.get(key) == default:
+            config.pop(key)
     return identity("dictionary", config, [cache.fingerprint])
 
 

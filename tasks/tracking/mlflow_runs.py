@@ -97,14 +97,34 @@ class Tracker:
         run = self.client.create_run(self.experiment_id, tags=tags, run_name=name)
         return StageRun(self.client, run.info.run_id)
 
+    def reopen(self, run_id: str) -> StageRun | None:
+        """The run `run_id`, set running again, or None if this store has no such (live) run."""
+        try:
+            info = self.client.get_run(run_id).info
+        except MlflowException:
+            return None
+        if info.lifecycle_stage != "active" or info.experiment_id != self.experiment_id:
+            return None
+        self.client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+        return StageRun(self.client, run_id)
+
     def end(self, run: StageRun, ok: bool) -> None:
         status = RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED)
         self.client.set_terminated(run.run_id, status)
 
     @contextmanager
-    def run(self, name: str, parent_run_id: str | None = None, tags: dict | None = None):
-        """A run that ends FINISHED, or FAILED if the block raises (the error still propagates)."""
-        run = self.start(name, parent_run_id, tags)
+    def run(
+        self,
+        name: str,
+        parent_run_id: str | None = None,
+        tags: dict | None = None,
+        run: StageRun | None = None,
+    ):
+        """A run that ends FINISHED, or FAILED if the block raises (the error still propagates).
+
+        With `run` (from `reopen`), that run continues instead of a new one starting.
+        """
+        run = run or self.start(name, parent_run_id, tags)
         ok = False
         try:
             yield run

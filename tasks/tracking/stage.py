@@ -73,6 +73,19 @@ def _exclusive(lock_path: Path) -> Iterator[None]:
             lock_path.unlink(missing_ok=True)  # while still held: a waiting process then fails, not races
 
 
+def artifact_exists(settings: Settings, ident: Identity) -> bool:
+    """Whether the catalog holds a finished artifact with this fingerprint (what `run_stage` reuses)."""
+    found = open_catalog(settings.catalog).find(ident.kind, ident.fingerprint)
+    return found is not None and Path(found["path"]).exists()
+
+
+def _reopen(tracker: Tracker, run_file: Path | None, partial: Path) -> StageRun | None:
+    """The MLflow run of an interrupted build that left `partial` behind, if it is to be continued."""
+    if run_file is None or not run_file.is_file() or not partial.is_dir():
+        return None
+    return tracker.reopen(run_file.read_text().strip())
+
+
 def run_stage(
     ctx: StageContext,
     ident: Identity,
@@ -83,11 +96,14 @@ def run_stage(
     parents: list[ArtifactRef],
     build: Callable[[Path, StageRun], tuple[dict, dict]],
     resumable: bool = False,
+    same_run: bool = False,
 ) -> R:
     """`build(folder, run)` writes the artifact into `folder` and returns (ref fields, catalog columns).
 
     With `resumable`, `folder` is `<id>.partial` and may hold what an interrupted build left; `build` must
-    resume from it. It is kept when the build fails after writing something, and never registered.
+    resume from it. It is kept when the build fails after writing something, and never registered. With
+    `same_run` too, a resumed build continues the MLflow run of the interrupted one (its id is kept in
+    `<id>.partial.run` beside the folder), so its metrics go on at the next step in the same run.
     """
     log = stage_logger()
     settings = ctx.settings
@@ -124,10 +140,18 @@ def run_stage(
         tmp = final.with_name(f"{final.name}.partial-{uuid.uuid4().hex[:8]}")
         lock = contextlib.nullcontext()
     log.info("%s: building %s", name, ident.id)
-    with lock, tracker.run(name, ctx.parent_run_id, tags) as run:
-        run.log_params(config)
-        for p in parents:
-            run.log_input(p, context=p.kind)
+    run_file = final.with_name(f"{final.name}.partial.run") if resumable and same_run else None
+    # the walrus runs after the lock is taken: no other process can be writing the run file then
+    with lock, tracker.run(name, ctx.parent_run_id, tags, reopened := _reopen(tracker, run_file, tmp)) as run:
+        if reopened is not None:
+            log.info("%s: continuing MLflow run %s of the interrupted build", name, run.run_id)
+            run.set_tags({"featureatlas.resumed_under": str(ctx.parent_run_id)})
+        else:
+            run.log_params(config)
+            for p in parents:
+                run.log_input(p, context=p.kind)
+        if run_file is not None:
+            run_file.write_text(run.run_id)
         if resumable and tmp.is_dir() and any(tmp.iterdir()):
             log.info("%s: resuming from %s, left by an interrupted run", name, tmp)
         ok = False
@@ -143,6 +167,8 @@ def run_stage(
                 log.warning("%s: kept %s; running the stage again resumes from it", name, tmp)
             elif tmp.exists():
                 shutil.rmtree(tmp)
+            if run_file is not None and not tmp.exists():
+                run_file.unlink(missing_ok=True)
         ref = ref_cls.model_validate(
             {
                 "id": ident.id,

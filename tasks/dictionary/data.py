@@ -1,0 +1,211 @@
+"""Where training batches come from: an in-memory tensor, or an activation cache streamed shard by shard.
+
+A source yields each epoch as a sequence of shuffled row chunks; `batches` cuts the back-to-back epochs into
+full batches (a batch may straddle two epochs: a one-row tail batch would have zero variance, leaving the FVU
+undefined). Batch `b` is a pure function of (seed, batch_size, b), so a resumed run, or a dictionary trained
+inside a sweep, sees exactly the batches of an uninterrupted run trained alone. Every chunk is checked before
+any dictionary sees it: width `d_in`, finite values (the shard holding a NaN or inf is named).
+
+Initialisation from data (input scale, `b_dec`) uses `init_sample`: all rows when they fit in
+`INIT_SAMPLE_ROWS`, else a bounded sample, so a cache larger than memory is never loaded whole.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from tasks.common.store import ActivationCache
+
+# Rows used to fit the input scale and b_dec: enough for a mean to 3 digits, small enough for any machine.
+INIT_SAMPLE_ROWS = 65_536
+
+
+class BadActivations(ValueError):
+    """Activations that training cannot use (NaN, inf, wrong width, none at all); the message says which."""
+
+
+class ActivationSource(Protocol):
+    """What the trainer reads: `n_rows` rows of width `d_in`, in seeded shuffled epochs."""
+
+    d_in: int
+    n_rows: int
+
+    def epoch(self, epoch: int, batch_size: int, seed: int) -> Iterator[Tensor]:
+        """The rows of one epoch, every row once, as chunks [rows, d_in] in a seeded order."""
+        ...
+
+    def init_sample(self, max_rows: int = INIT_SAMPLE_ROWS) -> Tensor:
+        """At most `max_rows` rows [rows, d_in] for fitting input statistics."""
+        ...
+
+    def materialize(self) -> Tensor:
+        """Every row as one tensor, for the methods that are not minibatch-trained (semi-NMF)."""
+        ...
+
+
+def _check_chunk(chunk: Tensor, d_in: int, where: str) -> None:
+    """Raise BadActivations naming `where` if `chunk` has the wrong width or a non-finite value."""
+    if chunk.shape[-1] != d_in:
+        raise BadActivations(
+            f"{where} has width {chunk.shape[-1]}, but the activations are declared with d_in={d_in}; "
+            "the cache is inconsistent: delete it and cache again"
+        )
+    if not bool(torch.isfinite(chunk).all()):
+        raise BadActivations(
+            f"{where} holds NaN or inf activations; recompute the cache (e.g. the model in float32, or "
+            "dtype bfloat16 instead of float16 for large residual norms)"
+        )
+
+
+def validate_acts(acts: Tensor, chunk_rows: int = 65_536) -> None:
+    """Refuse an in-memory activation tensor that training cannot use, saying how to fix it."""
+    if not isinstance(acts, Tensor):
+        raise TypeError(f"acts must be a torch.Tensor, got {type(acts).__name__}; use torch.from_numpy(...)")
+    if acts.ndim != 2:
+        raise BadActivations(
+            f"acts must be [n_tokens, d_in], got shape {tuple(acts.shape)}; "
+            "flatten with acts.reshape(-1, acts.shape[-1])"
+        )
+    if not acts.is_floating_point():
+        raise BadActivations(f"acts must be floating point, got {acts.dtype}; cast with acts.float()")
+    if acts.shape[0] < 2 or acts.shape[1] < 1:
+        raise BadActivations(f"acts has shape {tuple(acts.shape)}; training needs >= 2 tokens and d_in >= 1")
+    # Chunked so a large tensor is not doubled in memory by one boolean mask.
+    for start in range(0, acts.shape[0], chunk_rows):
+        finite = torch.isfinite(acts[start : start + chunk_rows]).all(dim=1)
+        if not bool(finite.all()):
+            row = start + int((~finite).nonzero()[0])
+            raise BadActivations(
+                f"acts row {row} holds NaN or inf; drop or recompute those rows before training"
+            )
+
+
+class TensorSource:
+    """Rows of an in-memory tensor [n, d_in], checked once up front; one seeded permutation per epoch."""
+
+    def __init__(self, acts: Tensor) -> None:
+        validate_acts(acts)
+        self.acts = acts
+        self.n_rows, self.d_in = acts.shape
+        self._next: tuple[int, int, torch.Generator] | None = None  # (seed, epoch) the generator is at
+
+    def epoch(self, epoch: int, batch_size: int, seed: int) -> Iterator[Tensor]:  # noqa: ARG002
+        # Epoch e is the (e+1)-th permutation of one seeded generator: the data order of the loop before
+        # streaming existed. Read in order, the generator just goes on; anything else replays it.
+        if self._next is not None and self._next[:2] == (seed, epoch):
+            gen = self._next[2]
+        else:
+            gen = torch.Generator().manual_seed(seed)
+            for _ in range(epoch):
+                torch.randperm(self.n_rows, generator=gen)
+        perm = torch.randperm(self.n_rows, generator=gen)
+        self._next = (seed, epoch + 1, gen)
+        for start in range(0, self.n_rows, 65_536):
+            yield self.acts[perm[start : start + 65_536]]
+
+    def init_sample(self, max_rows: int = INIT_SAMPLE_ROWS) -> Tensor:
+        stride = -(-self.n_rows // max_rows)  # ceil: at most max_rows rows, evenly strided
+        return self.acts[::stride]
+
+    def materialize(self) -> Tensor:
+        return self.acts
+
+
+class CacheSource:
+    """The rows `rows` of one hookpoint of a cache, streamed `buffer_shards` shards at a time."""
+
+    def __init__(
+        self,
+        cache: ActivationCache,
+        hookpoint: str,
+        rows: Tensor | None = None,
+        *,
+        buffer_shards: int = 4,
+    ) -> None:
+        info = cache._info(hookpoint)  # refuses an unknown hookpoint, listing the cached ones
+        self.cache, self.hookpoint, self.buffer_shards = cache, hookpoint, buffer_shards
+        self.rows = cache.select_rows("train") if rows is None else rows.to(torch.int64)
+        self.n_rows = int(self.rows.numel())
+        self.d_in = int(info["d_in"])
+        self.shard_tokens = int(cache.manifest["shard_tokens"])
+        if self.n_rows < 2:
+            raise BadActivations(
+                f"the cache at {cache.folder} holds {self.n_rows} training row(s) for {hookpoint!r}; "
+                "training needs >= 2: cache more tokens (corpus max_tokens) or lower heldout_fraction"
+            )
+
+    def _where(self, rows: Tensor) -> str:
+        shard = int(rows.min()) // self.shard_tokens
+        return f"shard {self.cache._info(self.hookpoint)['shards'][shard]['file']} of {self.cache.folder}"
+
+    def _checked(self, acts: Tensor, rows: Tensor) -> Tensor:
+        if acts.shape[-1] != self.d_in or not bool(torch.isfinite(acts).all()):
+            # name the first offending shard, not just the batch
+            bad = ~torch.isfinite(acts).all(dim=1) if acts.shape[-1] == self.d_in else rows == rows
+            _check_chunk(acts[bad], self.d_in, self._where(rows[bad]))
+        return acts
+
+    def epoch(self, epoch: int, batch_size: int, seed: int) -> Iterator[Tensor]:
+        for b in self.cache.stream(
+            self.hookpoint,
+            self.rows,
+            batch_size=batch_size,
+            seed=seed,
+            epoch=epoch,
+            buffer_shards=self.buffer_shards,
+        ):
+            yield self._checked(b.acts, b.rows)
+
+    def init_sample(self, max_rows: int = INIT_SAMPLE_ROWS) -> Tensor:
+        """The selected rows of whole shards, in a fixed shuffled order, until `max_rows` are taken."""
+        n_shards = len(self.cache._info(self.hookpoint)["shards"])
+        shard_of = self.rows // self.shard_tokens
+        parts, taken = [], 0
+        for s in torch.randperm(n_shards, generator=torch.Generator().manual_seed(0)).tolist():
+            selected = self.rows[shard_of == s]
+            if selected.numel() == 0:
+                continue
+            selected = selected[: max_rows - taken]
+            acts = self.cache.read_shard(self.hookpoint, s)[selected - s * self.shard_tokens]
+            parts.append(self._checked(acts, selected))
+            taken += selected.numel()
+            if taken >= max_rows:
+                break
+        return torch.cat(parts)
+
+    def materialize(self) -> Tensor:
+        acts = self.cache.load(self.hookpoint, self.rows)
+        for start in range(0, self.n_rows, 65_536):
+            self._checked(acts[start : start + 65_536], self.rows[start : start + 65_536])
+        return acts
+
+
+def batches(source: ActivationSource, batch_size: int, seed: int, start: int = 0) -> Iterator[Tensor]:
+    """Full batches [batch_size, d_in] from back-to-back epochs, from batch index `start` (0-based) on.
+
+    Skipping to `start` reads only the epoch it falls in: batch b begins at row b * batch_size of the
+    concatenated epochs.
+    """
+    n = source.n_rows
+    epoch, offset = divmod(start * batch_size, n)
+    pending: list[Tensor] = []
+    held = 0
+    while True:
+        for chunk in source.epoch(epoch, batch_size, seed):
+            if offset:  # rows of this epoch that batches before `start` consumed
+                drop = min(offset, chunk.shape[0])
+                chunk, offset = chunk[drop:], offset - drop
+                if chunk.shape[0] == 0:
+                    continue
+            pending.append(chunk)
+            held += chunk.shape[0]
+            while held >= batch_size:
+                data = torch.cat(pending) if len(pending) > 1 else pending[0]
+                yield data[:batch_size]
+                rest = data[batch_size:]
+                pending, held = ([rest] if rest.shape[0] else []), rest.shape[0]
+        epoch += 1
