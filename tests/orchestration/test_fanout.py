@@ -16,9 +16,10 @@ from schemas.spec import parse_spec
 from tasks.tracking.catalog import open_catalog
 from tests.flows.test_pipeline import tiny_spec
 
+# two hookpoints x two methods: two sweep groups (one pass over the cache each), four dictionaries
+HOOKPOINTS = ["model.layers.0", "model.layers.1"]
 SWEEP = [
     {"method": "topk", "d_sae": 64, "k": 4, "batch_size": 256, "epochs": 1},
-    {"method": "topk", "d_sae": 64, "k": 2, "batch_size": 256, "epochs": 1},
     {"method": "relu", "d_sae": 64, "l1_coef": 1.0, "batch_size": 256, "epochs": 1},
 ]
 
@@ -84,9 +85,10 @@ def test_sweep_fans_out_over_threads_and_dask_with_sequential_results(tmp_path, 
 
     from flows.pipeline import pipeline_flow
 
-    spec = parse_spec(tiny_spec(tmp_path, dictionaries=SWEEP, label={"enabled": False}))
+    raw = tiny_spec(tmp_path, hookpoints=HOOKPOINTS, dictionaries=SWEEP, label={"enabled": False})
+    spec = parse_spec(raw)
     seq, w_seq = _run(pipeline_flow, spec, tmp_path / "sequential", monkeypatch)
-    assert len(seq.dictionaries) == 3 and len(set(w_seq)) == 3
+    assert len(seq.dictionaries) == 4 and len(set(w_seq)) == 4
 
     threads, w_threads = _run(pipeline_flow, spec, tmp_path / "threads", monkeypatch, max_workers=2)
     _same(seq, w_seq, threads, w_threads)
@@ -108,12 +110,12 @@ def test_sweep_fans_out_over_threads_and_dask_with_sequential_results(tmp_path, 
         )
         workers = set(client.scheduler_info()["workers"])
     _same(seq, w_seq, dask, w_dask)
-    # the 3 trainings and 3 evaluations ran as tasks on the cluster's worker processes
+    # the 2 sweep groups and 4 evaluations ran as tasks on the cluster's worker processes
     assert len(stream.data) >= 6
     assert {t["worker"] for t in stream.data} <= workers and len(workers) == 2
     # and they wrote their rows into the run's own catalog, with lineage, as the sequential run did
     catalog = open_catalog(Settings(home=tmp_path / "dask").catalog)
     ids = {r.id for _, r in catalog.list()}
     assert {d.dictionary.id for d in dask.dictionaries} | {d.evaluation.id for d in dask.dictionaries} <= ids
-    assert len(ids) == 3 + 3 + 3
+    assert len(ids) == 3 + 4 + 4
     assert not dask.dictionaries[0].dictionary.reused
