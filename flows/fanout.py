@@ -1,9 +1,10 @@
 """Fan independent stage jobs out through a Prefect task runner chosen by the settings.
 
-The dictionaries of a sweep (train, then evaluate and label each one) do not depend on each other, so they
-are submitted together: to a `ThreadPoolTaskRunner` in the flow's process (`task_runner: threads`, the
-default), or to a Dask cluster through `prefect-dask` (`task_runner: dask`), either a running one
-(`dask_address`) or a local cluster of `max_workers` worker processes on 127.0.0.1. With threads and
+The jobs of a sweep do not depend on each other (the trainings of its groups, one pass over the cache per
+hookpoint and batch order; then each dictionary's evaluation and labeling), so they are submitted together:
+to a `ThreadPoolTaskRunner` in the flow's process (`task_runner: threads`, the default), or to a Dask
+cluster through `prefect-dask` (`task_runner: dask`), either a running one (`dask_address`) or a local
+cluster of `max_workers` worker processes on 127.0.0.1. With threads and
 `max_workers: 1` the tasks are simply called in order in the flow's thread, as before fan-out existed.
 Results come back in submission order, so the pipeline's result does not depend on which job ends first.
 Evaluation and labeling hook into the process's one cached language model, so a thread pool runs them in
