@@ -22,6 +22,7 @@ from flows.cli_catalog import catalog_app
 from flows.cli_common import console, fail
 from flows.cli_common import open_catalog_from_settings as _catalog
 from flows.cli_common import settings as current_settings
+from flows.cli_schedule import runs, schedule, worker
 from flows.cli_server import server_app
 from schemas.settings import Settings
 from schemas.spec import SpecError, load_spec
@@ -36,6 +37,8 @@ app.add_typer(catalog_app, name="catalog")
 app.add_typer(server_app, name="server")
 features_app = typer.Typer(help="Search labeled features across dictionaries.", no_args_is_help=True)
 app.add_typer(features_app, name="features")
+for command in (schedule, worker, runs):
+    app.command()(command)
 
 
 def demo_spec_path() -> Path:

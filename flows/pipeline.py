@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prefect import flow
 
+from flows.fanout import task_pool
 from schemas.artifacts import DictionaryResult, PipelineResult
 from schemas.settings import Settings
 from schemas.spec import PipelineSpec
@@ -20,25 +21,36 @@ def pipeline_flow(spec: PipelineSpec, progress: bool = False) -> PipelineResult:
     settings = Settings()
     with pipeline_run(settings, spec, progress) as ctx:
         model = corpus = cache = None  # a spec may hold only an `interactions` section
-        results = []
         if spec.model is not None:
             model = register_model(ctx, spec.model)
             corpus = prepare_corpus(ctx, spec.corpus)
             cache = cache_activations(ctx, model, corpus, spec.hookpoints, spec.cache)
-        # a sweep's dictionaries on one hookpoint train from one pass over the cache, then each goes on
-        trained = [
-            dictionary
-            for hookpoint, cfgs in sweep_groups(spec.dictionary_jobs())
-            for dictionary in train_dictionaries_task(ctx, cache, hookpoint, cfgs)
-        ]
-        for dictionary in trained:
-            evaluation = (
-                evaluate_dictionary(ctx, dictionary, cache, spec.evaluate) if spec.evaluate.enabled else None
+        # a sweep's dictionaries on one hookpoint train from one pass over the cache (one job per group);
+        # the groups, then each dictionary's evaluation and labeling, fan out through the settings' runner
+        with task_pool(settings) as pool:
+            groups = [
+                {"ctx": ctx, "cache": cache, "hookpoint": h, "cfgs": cfgs}
+                for h, cfgs in sweep_groups(spec.dictionary_jobs())
+            ]
+            dictionaries = [d for refs in pool.run_all(train_dictionaries_task, groups) for d in refs]
+            each = [{"ctx": ctx, "dictionary": d, "cache": cache} for d in dictionaries]
+            # evaluation and labeling hook into the one loaded model: shares_model keeps threads apart
+            evaluations = (
+                pool.run_all(evaluate_dictionary, [j | {"spec": spec.evaluate} for j in each], True)
+                if spec.evaluate.enabled
+                else [None] * len(each)
             )
-            labeling = label_features(ctx, dictionary, cache, spec.label) if spec.label.enabled else None
-            results.append(DictionaryResult(dictionary=dictionary, evaluation=evaluation, labeling=labeling))
+            labelings = (
+                pool.run_all(label_features, [j | {"spec": spec.label} for j in each], True)
+                if spec.label.enabled
+                else [None] * len(each)
+            )
+        results = [
+            DictionaryResult(dictionary=d, evaluation=e, labeling=lab)
+            for d, e, lab in zip(dictionaries, evaluations, labelings)
+        ]
         interactions = (
-            score_interactions(ctx, spec.interactions, cache, trained, spec.dictionary_jobs())
+            score_interactions(ctx, spec.interactions, cache, dictionaries, spec.dictionary_jobs())
             if spec.interactions.enabled
             else None
         )

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
+from urllib.parse import unquote, urlsplit
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, DotEnvSettingsSource, SettingsConfigDict
 
 
@@ -29,6 +31,32 @@ class Settings(BaseSettings):
     )
     experiment: str = Field("featureatlas", description="MLflow experiment that pipeline runs go to.")
     online: bool = Field(False, description="Allow downloads from the model hub.")
+    artifact_root: str | None = Field(
+        None,
+        description="Where artifact folders go: a local path or a file:// URL (default: <home>/artifacts).",
+    )
+
+    task_runner: Literal["threads", "dask"] = Field(
+        "threads",
+        description="How independent stage jobs (the dictionaries of a sweep) fan out: a thread pool in "
+        "the flow's process, or a Dask cluster (`dask_address`, else a local cluster of max_workers).",
+    )
+    max_workers: int = Field(
+        1,
+        ge=1,
+        description="Dictionary jobs run at once (threads, or local Dask worker processes); 1: in turn.",
+    )
+    dask_address: str | None = Field(
+        None, description="Scheduler of a running Dask cluster, e.g. tcp://10.0.0.5:8786 (task_runner: dask)."
+    )
+
+    @field_validator("artifact_root")
+    @classmethod
+    def _check_artifact_root(cls, value: str | None) -> str | None:
+        if value is not None:
+            artifact_root_path(value)  # raises with the list of what is supported
+        return value
+
     prefect_api_url: str | None = Field(
         None,
         description="Prefect server API, e.g. http://127.0.0.1:4200/api (default: a temporary server "
@@ -72,7 +100,9 @@ class Settings(BaseSettings):
 
     @property
     def artifacts_dir(self) -> Path:
-        return self.home_dir / "artifacts"
+        if self.artifact_root is None:
+            return self.home_dir / "artifacts"
+        return artifact_root_path(self.artifact_root).expanduser().resolve()
 
     @property
     def catalog(self) -> str:
@@ -85,3 +115,35 @@ class Settings(BaseSettings):
     @property
     def mlflow_artifacts_dir(self) -> Path:
         return self.home_dir / "mlflow-artifacts"
+
+
+SUPPORTED_ARTIFACT_SCHEMES = ("file",)
+
+
+def artifact_root_path(url: str) -> Path:
+    """The local folder an artifact-root URL names: a plain path, or `file:///abs/path` (`file://localhost/`).
+
+    Stages write artifacts with ordinary file operations and hand their paths to the next stage, so only
+    URLs that resolve to a mounted filesystem are accepted; anything else is refused here, before any run.
+    """
+    parts = urlsplit(url)
+    # a one-letter "scheme" is a Windows drive letter, not a URL
+    if not parts.scheme or len(parts.scheme) == 1:
+        return Path(url)
+    if parts.scheme in SUPPORTED_ARTIFACT_SCHEMES:
+        if parts.netloc not in ("", "localhost"):
+            raise ValueError(
+                f"artifact root {url!r}: a file:// URL names this machine's filesystem, not host "
+                f"{parts.netloc!r}; write file:///absolute/path (three slashes), or mount the share and give "
+                "its local path"
+            )
+        if not parts.path.startswith("/"):
+            raise ValueError(
+                f"artifact root {url!r}: a file:// URL needs an absolute path (file:///abs/path)"
+            )
+        return Path(unquote(parts.path))
+    raise ValueError(
+        f"artifact root {url!r}: scheme {parts.scheme!r} is not supported yet; supported: a local path or "
+        f"{', '.join(s + '://' for s in SUPPORTED_ARTIFACT_SCHEMES)} URLs. Object storage (s3://, gs://, "
+        "...) works through a filesystem mount (e.g. s3fs, gcsfuse) given as a local path or file:// URL"
+    )

@@ -56,8 +56,9 @@ class CorpusSpec(Contract):
         default_factory=lambda: list(BUILTIN_CORPORA),
         description="Built-in corpora ('builtin:pydoc_topics': the topic help shipped with Python; "
         "'builtin:stdlib_docstrings': docstrings of the standard library), local .txt, .jsonl or "
-        ".parquet files (one document per .txt file; per record otherwise) or folders written by `datasets`' "
-        "save_to_disk (one document per record). Relative paths are read from the spec file's folder.",
+        ".parquet files (one document per .txt file; per record otherwise), folders of such files (all of "
+        "them, in path order) or folders written by `datasets`' save_to_disk (one document per record). "
+        "Relative paths are read from the spec file's folder.",
         min_length=1,
     )
     text_field: str = Field("text", description="Field holding the text in .jsonl and .parquet files.")
@@ -87,7 +88,7 @@ class CorpusSpec(Contract):
             if not s.startswith("builtin:") and Path(s).suffix not in ("", ".txt", ".jsonl", ".parquet"):
                 raise ValueError(
                     f"corpus file {s!r} must end in .txt, .jsonl or .parquet, or be a folder written by "
-                    "`datasets`' save_to_disk (a path without a suffix)"
+                    "`datasets`' save_to_disk or a folder of such files (a path without a suffix)"
                 )
         return v
 

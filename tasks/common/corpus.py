@@ -64,11 +64,31 @@ def _saved_dataset(path: Path, text_field: str) -> Iterator[tuple[str, str]]:
             yield f"{path.name}:{prefix}{i}", str(text)
 
 
+def _folder(path: Path, text_field: str) -> Iterator[tuple[str, str]]:
+    """Every .txt, .jsonl and .parquet file under a plain folder, in path order (a corpus that grows)."""
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in _FOLDER_SUFFIXES)
+    if not files:
+        raise ValueError(
+            f"corpus folder {str(path)!r} holds no {', '.join(_FOLDER_SUFFIXES)} files (and is not a "
+            "dataset saved with save_to_disk); add files or fix `corpus.sources`"
+        )
+    for f in files:
+        rel = f.relative_to(path).as_posix()
+        for doc_id, text in _local_file(f, text_field):
+            yield f"{path.name}/{rel}{doc_id[len(f.name) :]}", text
+
+
+_FOLDER_SUFFIXES = (".txt", ".jsonl", ".parquet")
+
+
 def _local_file(path: Path, text_field: str) -> Iterator[tuple[str, str]]:
     if not path.exists():
         raise FileNotFoundError(f"corpus file {str(path)!r} does not exist; fix `corpus.sources` in the spec")
     if path.is_dir():
-        yield from _saved_dataset(path, text_field)
+        if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
+            yield from _saved_dataset(path, text_field)
+        else:
+            yield from _folder(path, text_field)
     elif path.suffix == ".txt":
         yield f"{path.name}", path.read_text(encoding="utf-8")
     elif path.suffix == ".jsonl":

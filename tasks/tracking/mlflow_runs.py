@@ -86,8 +86,16 @@ class StageRun:
             source = resolve_dataset_source(ref.path)
         dataset = MetaDataset(source=source, name=ref.id, digest=ref.fingerprint[:32])
         tags = [InputTag("mlflow.data.context", context), InputTag("featureatlas.kind", ref.kind)]
-        datasets = [DatasetInput(dataset._to_mlflow_entity(), tags)]
-        _write(self.client, self.client.log_inputs, self.run_id, datasets=datasets)
+        entity = DatasetInput(dataset._to_mlflow_entity(), tags)
+        for attempt in range(3):
+            try:
+                _write(self.client, self.client.log_inputs, self.run_id, datasets=[entity])
+                return
+            except MlflowException as e:
+                # stages running at once (a fanned-out sweep) may insert the same new dataset together: one
+                # insert wins, and the loser's transaction is rolled back, so repeating it finds the row
+                if attempt == 2 or "unique" not in str(e).lower():
+                    raise
 
 
 def probe(uri: str) -> None:

@@ -38,6 +38,10 @@ def pipeline_run(settings: Settings, spec: PipelineSpec, progress: bool = False)
     open_catalog(settings.catalog)
     tracker = tracker_for(settings)
     tags = {"featureatlas.pipeline": spec.name, "featureatlas.code_version": _git_commit()}
+    from prefect.runtime import flow_run
+
+    if flow_run.id:  # inside a Prefect flow run (always, from the flow): link the two run trees
+        tags["featureatlas.prefect_flow_run_id"] = flow_run.id
     with tracker.run(spec.name, tags=tags) as run:
         run.log_params(spec.model_dump(mode="json"))
         spec_file = settings.home_dir / "specs" / f"{run.run_id}.yaml"

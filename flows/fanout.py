@@ -1,0 +1,73 @@
+"""Fan independent stage jobs out through a Prefect task runner chosen by the settings.
+
+The jobs of a sweep do not depend on each other (the trainings of its groups, one pass over the cache per
+hookpoint and batch order; then each dictionary's evaluation and labeling), so they are submitted together:
+to a `ThreadPoolTaskRunner` in the flow's process (`task_runner: threads`, the default), or to a Dask
+cluster through `prefect-dask` (`task_runner: dask`), either a running one (`dask_address`) or a local
+cluster of `max_workers` worker processes on 127.0.0.1. With threads and
+`max_workers: 1` the tasks are simply called in order in the flow's thread, as before fan-out existed.
+Results come back in submission order, so the pipeline's result does not depend on which job ends first.
+Evaluation and labeling hook into the process's one cached language model, so a thread pool runs them in
+turn and only trainings overlap; Dask workers are separate processes (one thread each: a cluster of your
+own should start its workers with `--nthreads 1`), where all three fan out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+from prefect import Task
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
+
+from schemas.settings import Settings
+
+
+def task_runner_for(settings: Settings) -> TaskRunner | None:
+    """The runner the settings ask for; None means "call the tasks in turn"."""
+    if settings.task_runner == "dask":
+        from prefect_dask import DaskTaskRunner
+
+        if settings.dask_address:
+            return DaskTaskRunner(address=settings.dask_address)
+        return DaskTaskRunner(
+            cluster_class="distributed.LocalCluster",
+            cluster_kwargs={
+                "n_workers": settings.max_workers,
+                "threads_per_worker": 1,  # torch already uses the cores inside one job
+                "processes": True,
+                "host": "127.0.0.1",  # never listen beyond this machine unless told (dask_address)
+                "dashboard_address": None,
+            },
+        )
+    if settings.max_workers == 1:
+        return None
+    return ThreadPoolTaskRunner(max_workers=settings.max_workers)
+
+
+class TaskPool:
+    """Runs a batch of calls of one task and returns their results in order; a failed call fails the batch."""
+
+    def __init__(self, runner: TaskRunner | None) -> None:
+        self.runner = runner
+
+    def run_all(self, task: Task, calls: list[dict[str, Any]], shares_model: bool = False) -> list[Any]:
+        """`shares_model`: the tasks splice hooks into the language model, which is loaded once per process
+        and shared, so threads would see each other's hooks; in a thread pool they then run in turn."""
+        in_threads = isinstance(self.runner, ThreadPoolTaskRunner)
+        if self.runner is None or (shares_model and in_threads):
+            return [task(**params) for params in calls]
+        futures = [self.runner.submit(task, params) for params in calls]
+        return [future.result() for future in futures]
+
+
+@contextlib.contextmanager
+def task_pool(settings: Settings) -> Iterator[TaskPool]:
+    """A `TaskPool` on the settings' runner, started for the block and shut down after it."""
+    runner = task_runner_for(settings)
+    if runner is None:
+        yield TaskPool(None)
+        return
+    with runner:
+        yield TaskPool(runner)

@@ -1,0 +1,173 @@
+"""Schedules: a pipeline spec as a Prefect deployment that a process worker runs, and the runs it made.
+
+`register_schedule` deploys `pipeline_flow` (entrypoint `flows.pipeline.pipeline_flow`, imported by module
+path, so the worker needs featureatlas installed, not a copy of this folder) with the validated spec as its
+parameter, a cron or interval schedule, and a concurrency limit of one run at a time: a run that comes due
+while the last one is still going waits for it (two runs of one spec would race for the same artifacts).
+Each run fingerprints its inputs again, so a run after the corpus grew rebuilds the corpus and what depends
+on it and reuses the rest. Deployments go to a `process` work pool; `featureatlas worker` serves it.
+
+`flows/pipeline_file.py::pipeline_file_flow` is the same pipeline with a spec *path* as its parameter, read
+when each run starts: the entrypoint of the deployments in `infra/prefect.yaml` (`prefect deploy --all`).
+
+Schedules need a real Prefect server (`PREFECT_API_URL`): the temporary server a plain `featureatlas run`
+starts lives only as long as that command, so nothing would ever fire.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import NamedTuple
+
+from schemas.settings import Settings
+from schemas.spec import PipelineSpec
+
+WORK_POOL = "featureatlas"
+TAG = "featureatlas"
+
+
+class ScheduleError(RuntimeError):
+    """A schedule cannot be registered or served; the message says how to fix it."""
+
+
+class Registered(NamedTuple):
+    deployment_id: str
+    name: str  # "<flow name>/<deployment name>", as `prefect deployment run` takes it
+    work_pool: str
+    schedule: str
+
+
+class RunRow(NamedTuple):
+    name: str
+    id: str
+    deployment: str | None
+    state: str
+    expected_start: str | None
+    start: str | None
+    end: str | None
+
+
+def api_url() -> str:
+    """The Prefect server to talk to, or a ScheduleError saying how to get one."""
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        raise ScheduleError(
+            "schedules need a running Prefect server, and PREFECT_API_URL is not set; start one "
+            "(`prefect server start --host 127.0.0.1 --port 4200`) and set "
+            "PREFECT_API_URL=http://127.0.0.1:4200/api"
+        )
+    return url
+
+
+def _ensure_work_pool(client, pool: str) -> None:
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        found = client.read_work_pool(pool)
+    except ObjectNotFound:
+        client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+        return
+    if found.type != "process":
+        raise ScheduleError(
+            f"work pool {pool!r} exists with type {found.type!r}; featureatlas deploys to a 'process' pool: "
+            "pass another --pool name"
+        )
+
+
+def register_schedule(
+    spec: PipelineSpec,
+    *,
+    name: str | None = None,
+    cron: str | None = None,
+    interval: float | None = None,
+    pool: str = WORK_POOL,
+) -> Registered:
+    """Create (or update, for the same name) the deployment of `spec` with its schedule."""
+    if (cron is None) == (interval is None):
+        raise ScheduleError('give exactly one of --cron "0 3 * * *" or --interval SECONDS')
+    if interval is not None and interval <= 0:
+        raise ScheduleError(f"--interval must be a positive number of seconds, got {interval}")
+    url = api_url()
+    from prefect.client.orchestration import get_client
+    from prefect.deployments.runner import EntrypointType
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    from flows.pipeline import pipeline_flow
+
+    name = name or spec.name
+    try:
+        with get_client(sync_client=True) as client:
+            _ensure_work_pool(client, pool)
+    except (OSError, PrefectHTTPStatusError) as e:
+        raise ScheduleError(f"Prefect server at {url} did not answer ({e}); is it running?") from None
+    deployment = pipeline_flow.to_deployment(
+        name=name,
+        cron=cron,
+        interval=interval,
+        parameters={"spec": spec.model_dump(mode="json")},
+        concurrency_limit=1,
+        tags=[TAG],
+        description=f"featureatlas pipeline {spec.name!r}",
+        work_pool_name=pool,
+        entrypoint_type=EntrypointType.MODULE_PATH,
+    )
+    deployment_id = deployment.apply(work_pool_name=pool)
+    when = f"cron {cron!r}" if cron is not None else f"every {interval:g} s"
+    return Registered(str(deployment_id), f"{pipeline_flow.name}/{name}", pool, when)
+
+
+def worker_command(pool: str = WORK_POOL, limit: int | None = None) -> list[str]:
+    """`prefect worker start` for the featureatlas pool (process type: each flow run in a new process)."""
+    cmd = [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--type", "process"]
+    if limit is not None:
+        cmd += ["--limit", str(limit)]
+    return cmd
+
+
+def worker_environment(settings: Settings) -> dict[str, str]:
+    """The worker's environment, the featureatlas home made absolute: flow runs start in a temp folder."""
+    env = os.environ.copy()
+    env["FEATUREATLAS_HOME"] = str(settings.home_dir)
+    if settings.artifact_root is not None:
+        env["FEATUREATLAS_ARTIFACT_ROOT"] = str(Path(settings.artifacts_dir))
+    return env
+
+
+def list_runs(limit: int = 20, upcoming: bool = False) -> list[RunRow]:
+    """Flow runs with their states, newest expected start first: those due by now (finished, running,
+    waiting), or with `upcoming` also the future runs a schedule has already created."""
+    from datetime import datetime, timezone
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterExpectedStartTime
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    def iso(t) -> str | None:
+        return None if t is None else t.isoformat(timespec="seconds")
+
+    with get_client(sync_client=True) as client:
+        now = datetime.now(timezone.utc)
+        due = FlowRunFilter(expected_start_time=FlowRunFilterExpectedStartTime(before_=now))
+        runs = client.read_flow_runs(
+            flow_run_filter=None if upcoming else due, sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=limit
+        )
+        names = {}
+        for d_id in {r.deployment_id for r in runs if r.deployment_id}:
+            names[d_id] = client.read_deployment(d_id).name
+    return [
+        RunRow(
+            name=r.name,
+            id=str(r.id),
+            deployment=names.get(r.deployment_id),
+            state=r.state.name if r.state else "?",
+            expected_start=iso(r.expected_start_time),
+            start=iso(r.start_time),
+            end=iso(r.end_time),
+        )
+        for r in runs
+    ]

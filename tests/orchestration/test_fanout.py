@@ -1,0 +1,121 @@
+"""A sweep fanned out over threads and over a local Dask cluster gives what the sequential run gives."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from prefect import flow, task
+from safetensors.torch import load_file
+
+from flows.fanout import task_pool, task_runner_for
+from schemas.settings import Settings
+from schemas.spec import parse_spec
+from tasks.tracking.catalog import open_catalog
+from tests.flows.test_pipeline import tiny_spec
+
+# two hookpoints x two methods: two sweep groups (one pass over the cache each), four dictionaries
+HOOKPOINTS = ["model.layers.0", "model.layers.1"]
+SWEEP = [
+    {"method": "topk", "d_sae": 64, "k": 4, "batch_size": 256, "epochs": 1},
+    {"method": "relu", "d_sae": 64, "l1_coef": 1.0, "batch_size": 256, "epochs": 1},
+]
+
+
+def test_task_runner_choice(tmp_path):
+    from prefect.task_runners import ThreadPoolTaskRunner
+    from prefect_dask import DaskTaskRunner
+
+    assert task_runner_for(Settings(home=tmp_path)) is None  # one worker: called in turn
+    assert isinstance(task_runner_for(Settings(home=tmp_path, max_workers=3)), ThreadPoolTaskRunner)
+    dask = task_runner_for(Settings(home=tmp_path, task_runner="dask", dask_address="tcp://127.0.0.1:1"))
+    assert isinstance(dask, DaskTaskRunner)
+
+
+@task
+def _where(i: int) -> tuple[int, int]:
+    return i, os.getpid()
+
+
+@pytest.mark.slow
+def test_local_dask_cluster_runs_tasks_in_its_worker_processes_in_order(tmp_path, prefect_harness):  # noqa: ARG001
+    settings = Settings(home=tmp_path, task_runner="dask", max_workers=2)  # no address: a LocalCluster
+
+    @flow
+    def fan() -> list[tuple[int, int]]:
+        with task_pool(settings) as pool:
+            return pool.run_all(_where, [{"i": i} for i in range(6)])
+
+    got = fan()
+    assert [i for i, _ in got] == list(range(6))  # results in call order
+    assert os.getpid() not in {pid for _, pid in got}  # ran in the cluster's worker processes
+
+
+def _run(pipeline, spec, home: Path, monkeypatch, **env) -> tuple[object, dict]:
+    monkeypatch.setenv("FEATUREATLAS_HOME", str(home))
+    for key, value in env.items():
+        monkeypatch.setenv(f"FEATUREATLAS_{key.upper()}", str(value))
+    result = pipeline(spec)
+    weights = {
+        d.dictionary.id: load_file(Path(d.dictionary.path) / "weights.safetensors")
+        for d in result.dictionaries
+    }
+    for key in env:
+        monkeypatch.delenv(f"FEATUREATLAS_{key.upper()}")
+    return result, weights
+
+
+def _same(a, wa, b, wb) -> None:
+    assert [d.dictionary.id for d in a.dictionaries] == [d.dictionary.id for d in b.dictionaries]
+    assert [d.evaluation.id for d in a.dictionaries] == [d.evaluation.id for d in b.dictionaries]
+    assert [d.evaluation.fvu for d in a.dictionaries] == pytest.approx(
+        [d.evaluation.fvu for d in b.dictionaries], rel=1e-5
+    )
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        for name in wa[key]:
+            torch.testing.assert_close(wa[key][name], wb[key][name], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_sweep_fans_out_over_threads_and_dask_with_sequential_results(tmp_path, monkeypatch, prefect_harness):  # noqa: ARG001
+    from distributed import Client, LocalCluster, get_task_stream
+
+    from flows.pipeline import pipeline_flow
+
+    raw = tiny_spec(tmp_path, hookpoints=HOOKPOINTS, dictionaries=SWEEP, label={"enabled": False})
+    spec = parse_spec(raw)
+    seq, w_seq = _run(pipeline_flow, spec, tmp_path / "sequential", monkeypatch)
+    assert len(seq.dictionaries) == 4 and len(set(w_seq)) == 4
+
+    threads, w_threads = _run(pipeline_flow, spec, tmp_path / "threads", monkeypatch, max_workers=2)
+    _same(seq, w_seq, threads, w_threads)
+
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
+        ) as cluster,
+        Client(cluster) as client,
+        get_task_stream(client) as stream,
+    ):
+        dask, w_dask = _run(
+            pipeline_flow,
+            spec,
+            tmp_path / "dask",
+            monkeypatch,
+            task_runner="dask",
+            dask_address=cluster.scheduler_address,
+        )
+        workers = set(client.scheduler_info()["workers"])
+    _same(seq, w_seq, dask, w_dask)
+    # the 2 sweep groups and 4 evaluations ran as tasks on the cluster's worker processes
+    assert len(stream.data) >= 6
+    assert {t["worker"] for t in stream.data} <= workers and len(workers) == 2
+    # and they wrote their rows into the run's own catalog, with lineage, as the sequential run did
+    catalog = open_catalog(Settings(home=tmp_path / "dask").catalog)
+    ids = {r.id for _, r in catalog.list()}
+    assert {d.dictionary.id for d in dask.dictionaries} | {d.evaluation.id for d in dask.dictionaries} <= ids
+    assert len(ids) == 3 + 4 + 4
+    assert not dask.dictionaries[0].dictionary.reused
