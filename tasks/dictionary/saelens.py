@@ -210,6 +210,15 @@ def export_saelens(
         )
     if version not in ("v6", "v5"):
         raise ValueError(f"version {version!r} unknown; use 'v6' (SAELens >= 6) or 'v5'")
+    target = getattr(dictionary.cfg, "target_hookpoint", None)
+    if target is not None:
+        # SAELens' SAE folders reconstruct their own input: a transcoder's decoder lives in the target's
+        # (differently scaled) space, and a folder written as an SAE would load with the wrong weights
+        raise ValueError(
+            f"this {dictionary.method} is a transcoder ({getattr(dictionary.cfg, 'hookpoint', None)!r} -> "
+            f"{target!r}); the SAELens SAE format holds only dictionaries that reconstruct their input, so "
+            "save it with dictionary.save(folder) instead"
+        )
     exported = exporter(dictionary)
     hook_name = hook_name if hook_name is not None else getattr(dictionary.cfg, "hookpoint", None)
     build_cfg = _v6_cfg if version == "v6" else _v5_cfg

@@ -235,6 +235,10 @@ def test_refusals_name_the_reason(tmp_path):
             export_saelens(build_dictionary(cfg, d_in=4), tmp_path / cfg.method)
         assert all(name in str(err.value) for name in EXPORTERS)  # it lists what can be exported
         assert not (tmp_path / cfg.method).exists()
+    transcoder = TopKConfig(d_sae=8, k=2, hookpoint="a", target_hookpoint="b")
+    with pytest.raises(ValueError, match="is a transcoder"):
+        export_saelens(build_dictionary(transcoder, d_in=4), tmp_path / "transcoder")
+    assert not (tmp_path / "transcoder").exists()
     with pytest.raises(ValueError, match="v5 SAELens format needs a hook name"):
         export_saelens(build_dictionary(ReLUConfig(d_sae=8), d_in=4), tmp_path / "v5", version="v5")
     good = {"d_in": D_IN, "d_sae": D_SAE, "metadata": {"sae_lens_version": "6.0.0"}}
