@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from tasks.labeling.codes import firing_codes
+
 __all__ = ["ActivationStats", "activation_statistics", "decoder_neighbours", "logit_effects"]
 
 Batches = Callable[[], Iterable[Tensor]]
@@ -55,7 +57,7 @@ def _keep_smallest(
 def _codes(dictionary: nn.Module, batches: Batches):
     start = 0
     for acts in batches():
-        codes = dictionary.encode(acts).float()
+        codes = firing_codes(dictionary, acts)
         rows = torch.arange(start, start + codes.shape[0], dtype=torch.int64)
         start += codes.shape[0]
         yield rows, codes

@@ -5,6 +5,9 @@ batch's `torch.topk` merged with the running one) and a firing count, so memory 
 [batch_size, d_sae] + [d_sae, top_k] whatever the number of rows. Afterwards each kept row is turned into a
 window of text around its token, and the token that most often carries the maximum becomes the first label:
 a latent whose top contexts all peak on " cat" is labeled '" cat"'. Richer (LLM-written) labels build on this.
+A second pass reads the latent's code at every token of each kept window (`token_activations`), so a
+dashboard can shade the whole window, not only its peak; rows missing from `acts` (e.g. an excluded first
+token) get a null there.
 """
 
 from __future__ import annotations
@@ -22,13 +25,24 @@ import torch
 from torch import Tensor, nn
 
 from tasks.evaluate.metrics import dictionary_placement
+from tasks.labeling.codes import firing_codes
 
 log = logging.getLogger(__name__)
 
 __all__ = ["FEATURE_TABLE_SCHEMA", "top_activating_contexts", "write_feature_table"]
 
+# tokens: the window's token strings; centre: the index of the max token in them; token_activations: the
+# latent's code at each of them (null where the token has no activation row).
 CONTEXT_STRUCT = pl.Struct(
-    {"context": pl.Int64, "position": pl.Int64, "activation": pl.Float64, "text": pl.String}
+    {
+        "context": pl.Int64,
+        "position": pl.Int64,
+        "activation": pl.Float64,
+        "text": pl.String,
+        "tokens": pl.List(pl.String),
+        "centre": pl.Int64,
+        "token_activations": pl.List(pl.Float64),
+    }
 )
 # One row per latent. frequency: share of rows with code > 0; max_activation: largest code seen (contexts
 # keep only codes > 0); label: the commonest max token among the top contexts, JSON-quoted so that leading
@@ -77,7 +91,7 @@ def _stream_top_k(
     top_rows = torch.zeros((d_sae, 0), dtype=torch.int64, device=device)
     fired = torch.zeros(d_sae, dtype=torch.int64, device=device)
     for start in range(0, n, batch_size):
-        codes = dictionary.encode(acts[start : start + batch_size].to(device=device, dtype=dtype)).float()
+        codes = firing_codes(dictionary, acts[start : start + batch_size].to(device=device, dtype=dtype))
         fired += (codes > 0).sum(dim=0)
         vals, rows = torch.topk(codes, min(top_k, codes.shape[0]), dim=0)
         # Merge [d_sae, kept] with this batch's [d_sae, k'] and keep the best top_k of the union.
@@ -86,6 +100,34 @@ def _stream_top_k(
         top_vals, order = torch.topk(merged_vals, min(top_k, merged_vals.shape[1]), dim=1)
         top_rows = torch.gather(merged_rows, 1, order)
     return top_vals.cpu(), top_rows.cpu(), fired.cpu()
+
+
+def _rows_at(row_context: Tensor, row_position: Tensor, length: int, ctx: Tensor, pos: Tensor) -> Tensor:
+    """The activation row of each (ctx, pos) pair, -1 where `acts` holds no row for it."""
+    keys = row_context.long() * length + row_position.long()
+    sorted_keys, order = torch.sort(keys)
+    want = ctx.long() * length + pos.long()
+    at = torch.searchsorted(sorted_keys, want).clamp_max(max(len(keys) - 1, 0))
+    found = sorted_keys[at] == want if len(keys) else torch.zeros_like(want, dtype=torch.bool)
+    return torch.where(found, order[at], torch.full_like(want, -1))
+
+
+@torch.no_grad()
+def _gather_codes(
+    dictionary: nn.Module, acts: Tensor, rows: Tensor, latents: Tensor, batch_size: int
+) -> Tensor:
+    """codes[rows[i], latents[i]] for every pair (nan where rows[i] < 0), in one streamed pass."""
+    device, dtype = dictionary_placement(dictionary, acts.device, acts.dtype)
+    out = torch.full((len(rows),), float("nan"))
+    order = torch.argsort(rows)
+    rows_s, lat_s = rows[order], latents[order]
+    for start in range(0, acts.shape[0], batch_size):
+        lo, hi = torch.searchsorted(rows_s, torch.tensor([start, start + batch_size])).tolist()
+        if lo == hi:
+            continue  # no window touches this batch: skip its encode
+        codes = firing_codes(dictionary, acts[start : start + batch_size].to(device=device, dtype=dtype))
+        out[order[lo:hi]] = codes[rows_s[lo:hi] - start, lat_s[lo:hi].to(codes.device)].cpu()
+    return out
 
 
 def _mark(strings: list[str], centre: int) -> str:
@@ -146,6 +188,17 @@ def top_activating_contexts(
         after = [t for t in ids[centre + 1 :] if t >= 0]
         windows[row] = (ctx, pos, [*before, ids[centre], *after], len(before))
     distinct = sorted({t for *_, ids, _ in windows.values() for t in ids})
+    token_acts = _window_activations(
+        dictionary,
+        acts,
+        row_context,
+        row_position,
+        context_tokens.shape[1],
+        vals_list,
+        rows_list,
+        windows,
+        batch_size,
+    )
     strings = token_strings(distinct)
     if len(strings) != len(distinct):
         raise ValueError(f"token_strings returned {len(strings)} strings for {len(distinct)} token ids")
@@ -154,14 +207,23 @@ def top_activating_contexts(
     shown = {}
     for row, (ctx, pos, ids, centre) in windows.items():
         toks = [display[t] for t in ids]
-        shown[row] = (ctx, pos, toks[centre], _mark(toks, centre))
+        shown[row] = (ctx, pos, toks[centre], _mark(toks, centre), toks, centre)
 
     records = []
     for latent, (vals, rows) in enumerate(zip(vals_list, rows_list)):
-        top = [(v, shown[r]) for v, r in zip(vals, rows) if v > 0]
-        top_tokens = [tok for _, (_, _, tok, _) in top]
+        top = [(v, r, shown[r]) for v, r in zip(vals, rows) if v > 0]
+        top_tokens = [tok for _, _, (_, _, tok, *_) in top]
         contexts = [
-            {"context": ctx, "position": pos, "activation": v, "text": text} for v, (ctx, pos, _, text) in top
+            {
+                "context": ctx,
+                "position": pos,
+                "activation": v,
+                "text": text,
+                "tokens": toks,
+                "centre": centre,
+                "token_activations": token_acts[latent, r],
+            }
+            for v, r, (ctx, pos, _, text, toks, centre) in top
         ]
         # most_common keeps first-seen order on ties, so a tie goes to the token of the strongest context.
         label, count = Counter(top_tokens).most_common(1)[0] if top_tokens else (None, 0)
@@ -179,6 +241,31 @@ def top_activating_contexts(
     df = pl.DataFrame(records, schema=FEATURE_TABLE_SCHEMA)
     log.info("labeled %d of %d latents from %d rows", int((fired > 0).sum()), dictionary.d_sae, n)
     return df
+
+
+def _window_activations(
+    dictionary, acts, row_context, row_position, length, vals_list, rows_list, windows, batch_size
+) -> dict[tuple[int, int], list[float | None]]:
+    """{(latent, row): the latent's code at each token of the row's window} for every kept top context."""
+    keys, lat, ctx, pos, sizes = [], [], [], [], []
+    for latent, (vals, rows) in enumerate(zip(vals_list, rows_list)):
+        for v, r in zip(vals, rows):
+            if v > 0:
+                c, p, ids, centre = windows[r]
+                keys.append((latent, r))
+                sizes.append(len(ids))
+                lat += [latent] * len(ids)
+                ctx += [c] * len(ids)
+                pos += range(p - centre, p - centre + len(ids))  # the window is contiguous in its context
+    if not keys:
+        return {}
+    rows = _rows_at(row_context.cpu(), row_position.cpu(), length, torch.tensor(ctx), torch.tensor(pos))
+    got = _gather_codes(dictionary, acts, rows, torch.tensor(lat), batch_size).tolist()
+    out, at = {}, 0
+    for key, size in zip(keys, sizes):
+        out[key] = [None if v != v else v for v in got[at : at + size]]  # nan (no row) -> null
+        at += size
+    return out
 
 
 def write_feature_table(df: pl.DataFrame, path: str | Path) -> Path:
