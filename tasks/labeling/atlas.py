@@ -3,9 +3,10 @@
 `atlas/index.html` lists every latent with its label, frequency and detection score, with a search box
 (label text) and minimum-frequency / minimum-score filters, all in inline JavaScript over inline JSON; the
 URL fragment presets them (`index.html#q=cat&minfreq=0.01&minscore=0.8`).
-`atlas/features/<latent>.html` shows one latent: its labels and evidence, top contexts and quantile examples
-highlighted by activation, the activation histogram, logit tables, decoder neighbours and co-occurring
-latents. Everything is escaped; files are written to a temporary folder and renamed into place.
+`atlas/features/<latent>.html` shows one latent: its labels and evidence, top contexts (every token shaded
+by the latent's activation on it, the peak token marked) and quantile examples (the sampled token marked),
+the activation histogram, logit tables, decoder neighbours and co-occurring latents. Everything is escaped;
+files are written to a temporary folder and renamed into place.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ __all__ = ["write_atlas"]
 STYLE = """body{font-family:system-ui,sans-serif;margin:1.5em;max-width:70em}
 table{border-collapse:collapse}td,th{padding:.2em .6em;border-bottom:1px solid #ddd;text-align:left}
 .ctx{font-family:monospace;white-space:pre-wrap}.bar{display:inline-block;background:#4a7;height:1em}
-mark{background:rgba(255,120,0,var(--a));padding:0 .1em}input{margin-right:1em}"""
+mark{background:rgba(255,120,0,var(--a));padding:0 .1em}input{margin-right:1em}
+.tok{background:rgba(255,120,0,var(--a))}mark.peak{outline:1px solid #c60}.none{color:#999}"""
 
 INDEX_JS = """const rows=JSON.parse(document.getElementById('data').textContent);
 const byId=id=>document.getElementById(id);
@@ -51,13 +53,40 @@ def _page(title: str, body: str) -> str:
 
 def _highlight(text: str, activation: float, max_act: float) -> str:
     """Escape a «marked» context and shade the marked token by activation / max activation."""
-    alpha = 0.15 + 0.85 * min(max(activation / max_act, 0.0), 1.0) if max_act > 0 else 0.5
+    alpha = _alpha(activation, max_act)
     before, _, rest = text.partition("«")
     token, _, after = rest.partition("»")
     return (
         f'<span class="ctx">{html.escape(before)}<mark style="--a:{alpha:.2f}" '
         f'title="{activation:.3f}">{html.escape(token)}</mark>{html.escape(after)}</span>'
     )
+
+
+def _alpha(activation: float, max_act: float) -> float:
+    return 0.15 + 0.85 * min(max(activation / max_act, 0.0), 1.0) if max_act > 0 else 0.5
+
+
+def _highlight_window(c: dict, max_act: float) -> str:
+    """A top context with every token shaded by the latent's activation there; the peak token is a <mark>.
+
+    Tokens without an activation row (e.g. an excluded first token) are greyed; silent ones are unshaded."""
+    parts = []
+    for i, (tok, act) in enumerate(zip(c["tokens"], c["token_activations"])):
+        text = html.escape(tok)
+        if i == c["centre"]:
+            parts.append(
+                f'<mark class="peak" style="--a:{_alpha(act or 0.0, max_act):.2f}" title="{act:.3f}">'
+                f"{text}</mark>"
+            )
+        elif act is None:
+            parts.append(f'<span class="none" title="no activation">{text}</span>')
+        elif act > 0:
+            parts.append(
+                f'<span class="tok" style="--a:{_alpha(act, max_act):.2f}" title="{act:.3f}">{text}</span>'
+            )
+        else:
+            parts.append(text)
+    return f'<span class="ctx">{"".join(parts)}</span>'
 
 
 def _table(head: list[str], rows: list[list[str]]) -> str:
@@ -81,7 +110,12 @@ def _feature_page(f: dict, dictionary_id: str) -> str:
         _table(
             ["activation", "context"],
             [
-                [f"{c['activation']:.3f}", _highlight(c["text"], c["activation"], max_act)]
+                [
+                    f"{c['activation']:.3f}",
+                    _highlight_window(c, max_act)
+                    if c.get("tokens")
+                    else _highlight(c["text"], c["activation"], max_act),
+                ]
                 for c in f["contexts"]
             ],
         ),
