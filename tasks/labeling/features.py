@@ -3,7 +3,9 @@
 `build_feature_table` adds to the `top_activating_contexts` table (see `FEATURE_COLUMNS` for the new
 columns): activation histogram, examples from activation quantile bins, nearest latents by decoder cosine,
 co-occurring latents, the top promoted/suppressed tokens of the decoder direction, a statistical label with
-its evidence, and its detection and (optional) embedding scores.
+its evidence, and its detection and (optional) embedding scores; with an `LLMLabeler`, LLM labels of the most
+frequent latents, scored the same way. `labels` lists every label of a latent with its `label_source`
+("stat", "llm:<backend>:<model>") and scores: `df.explode("labels").unnest("labels")` is the long table.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from tasks.labeling.feature_stats import activation_statistics, decoder_neighbours, logit_effects
+from tasks.labeling.llm_labels import LLMLabeler
 from tasks.labeling.scoring import MiniLM, balanced_accuracy, embedding_scores
 from tasks.labeling.stat_labeler import NgramCounts, matches, statistical_label
 from tasks.labeling.top_contexts import _mark, top_activating_contexts
@@ -36,6 +39,15 @@ EXAMPLE = pl.Struct(
 )
 NEIGHBOUR = pl.Struct({"latent": pl.Int64, "score": pl.Float64})
 LOGIT = pl.Struct({"token": pl.String, "logit": pl.Float64})
+LABEL = pl.Struct(
+    {
+        "label_source": pl.String,  # "stat" or "llm:<backend>:<model>"
+        "label": pl.String,
+        "detection_score": pl.Float64,
+        "embedding_similarity": pl.Float64,
+        "embedding_contrast": pl.Float64,
+    }
+)
 FEATURE_COLUMNS = {
     "hist_counts": pl.List(pl.Int64),  # n_bins equal bins over [0, max_activation]
     "quantile_examples": pl.List(EXAMPLE),
@@ -49,6 +61,7 @@ FEATURE_COLUMNS = {
     "embedding_similarity": pl.Float64,  # mean MiniLM cosine(label, activating contexts); null past the
     # `embed_latents` most frequent labeled latents
     "embedding_contrast": pl.Float64,  # embedding_similarity minus the mean cosine with random contexts
+    "labels": pl.List(LABEL),  # every label of the latent, statistical and LLM-written, with its scores
 }
 
 
@@ -83,6 +96,7 @@ def build_feature_table(
     *,
     unembedding: Unembedding | None = None,
     embedder: MiniLM | None = None,
+    llm: LLMLabeler | None = None,
     top_k: int = 10,
     window: int = 8,
     batch_size: int = 4096,
@@ -164,8 +178,8 @@ def build_feature_table(
             hit = [matches(lab.items, context_tokens, int(rc[r]), int(rp[r])) for r in held_out]
             miss = [matches(lab.items, context_tokens, int(rc[r]), int(rp[r])) for r in neg_rows]
             detection = balanced_accuracy(hit, miss)
-        pos_texts.append([texts[r] for r in held_out] if lab.label else [])
-        neg_texts.append([texts[r] for r in neg_rows] if lab.label else [])
+        pos_texts.append([texts[r] for r in held_out])
+        neg_texts.append([texts[r] for r in neg_rows])
         rows_out.append(
             {
                 "hist_counts": [int(x) for x in stats.hist[latent].tolist()],
@@ -200,8 +214,44 @@ def build_feature_table(
         )
         for i, (sim, contrast) in zip(labelled, scores):
             rows_out[i]["embedding_similarity"], rows_out[i]["embedding_contrast"] = sim, contrast
+    for r in rows_out:
+        r["labels"] = [_label_entry("stat", r["stat_label"], r)] if r["stat_label"] else []
+    if llm is not None:
+        _add_llm_labels(llm, table, rows_out, promoted, pos_texts, neg_texts, embedder, embed_contexts)
     extra = pl.DataFrame(rows_out, schema=pl.Schema(FEATURE_COLUMNS))
     return pl.concat([table, extra], how="horizontal")
+
+
+def _label_entry(source: str, label: str, scores: dict) -> dict:
+    keys = ("detection_score", "embedding_similarity", "embedding_contrast")
+    return {"label_source": source, "label": label, **{k: scores.get(k) for k in keys}}
+
+
+def _add_llm_labels(llm, table, rows_out, promoted, pos_texts, neg_texts, embedder, embed_contexts) -> None:
+    """LLM labels, detection and embedding scores for the `llm.max_features` most frequent fired latents."""
+    freq = table["frequency"].to_list()
+    chosen = sorted((i for i in range(len(freq)) if freq[i] > 0), key=lambda i: -freq[i])[: llm.max_features]
+    labels = llm.label(
+        [[c["text"] for c in table["contexts"][i]] for i in chosen],
+        [[t["token"] for t in promoted[i]] if promoted else [] for i in chosen],
+    )
+    detection = llm.detect(labels, [pos_texts[i] for i in chosen], [neg_texts[i] for i in chosen])
+    embedded = [(None, None)] * len(chosen)
+    if embedder is not None:
+        kept = [j for j, lab in enumerate(labels) if lab]
+        scores = embedding_scores(
+            embedder,
+            [labels[j] for j in kept],
+            [pos_texts[chosen[j]][:embed_contexts] for j in kept],
+            [neg_texts[chosen[j]][:embed_contexts] for j in kept],
+        )
+        for j, sc in zip(kept, scores):
+            embedded[j] = sc
+    for i, label, det, (sim, contrast) in zip(chosen, labels, detection, embedded):
+        if label:
+            scores = {"detection_score": det, "embedding_similarity": sim, "embedding_contrast": contrast}
+            rows_out[i]["labels"].append(_label_entry(llm.source, label, scores))
+    log.info("LLM-labeled %d of %d latents (%s)", sum(map(bool, labels)), len(chosen), llm.source)
 
 
 def _window_texts(rows, rc, rp, context_tokens, token_strings, window) -> dict[int, str]:
