@@ -33,11 +33,12 @@ const q=byId('q'),f=byId('minfreq'),s=byId('minscore');
 function fmt(x,d){return x===null?'':x.toFixed(d)}
 function esc(t){return String(t).replace(/[&<>"]/g,c=>({'&':'&amp;','<':'&lt;','>':'&gt;','"':'&quot;'}[c]))}
 function render(){const needle=q.value.toLowerCase(),mf=parseFloat(f.value)||0,ms=parseFloat(s.value)||0;
-const shown=rows.filter(r=>(r.label||'').toLowerCase().includes(needle)&&r.frequency>=mf
+const shown=rows.filter(r=>((r.label||'')+' '+(r.llm||'')).toLowerCase().includes(needle)&&r.frequency>=mf
   &&(ms===0||(r.score||0)>=ms));
 byId('count').textContent=shown.length+' of '+rows.length+' features';
 byId('rows').innerHTML=shown.map(r=>'<tr class="feature"><td><a href="features/'+r.latent
-+'.html">'+r.latent+'</a></td><td>'+esc(r.label||'')+'</td><td>'+fmt(r.frequency,5)+'</td><td>'
++'.html">'+r.latent+'</a></td><td>'+esc(r.label||'')+(r.llm?' <i class="llm">'+esc(r.llm)+'</i>':'')
++'</td><td>'+fmt(r.frequency,5)+'</td><td>'
 +fmt(r.score,2)+'</td><td>'+fmt(r.max_activation,3)+'</td></tr>').join('');}
 const h=new URLSearchParams(location.hash.slice(1));  // index.html#q=cat&minfreq=0.01 is a shareable view
 [['q',q],['minfreq',f],['minscore',s]].forEach(([k,e])=>{if(h.has(k))e.value=h.get(k)});
@@ -95,6 +96,26 @@ def _table(head: list[str], rows: list[list[str]]) -> str:
     return f"<table><tr>{th}</tr>{body}</table>"
 
 
+def _labels_table(labels: list[dict]) -> list[str]:
+    """Every label of the feature, whichever labeler wrote it, with its scores."""
+    if not labels:
+        return []
+
+    def fmt(x):
+        return "" if x is None else f"{x:.2f}"
+
+    rows = [
+        [
+            html.escape(e["label_source"]),
+            html.escape(e["label"]),
+            fmt(e["detection_score"]),
+            fmt(e["embedding_similarity"]),
+        ]
+        for e in labels
+    ]
+    return ["<h2>Labels</h2>", _table(["source", "label", "detection", "embedding"], rows)]
+
+
 def _feature_page(f: dict, dictionary_id: str) -> str:
     latent, max_act = f["latent"], f["max_activation"] or 0.0
     label = f.get("stat_label") or f.get("label") or "(no label)"
@@ -106,6 +127,7 @@ def _feature_page(f: dict, dictionary_id: str) -> str:
         f"{'' if f.get('embedding_similarity') is None else format(f['embedding_similarity'], '.2f')}</p>",
         f"<details><summary>label evidence</summary><pre>{html.escape(f.get('stat_label_evidence') or '')}"
         "</pre></details>",
+        *_labels_table(f.get("labels") or []),
         "<h2>Top contexts</h2>",
         _table(
             ["activation", "context"],
@@ -195,6 +217,9 @@ def write_atlas(table: pl.DataFrame, folder: str | Path, dictionary_id: str) -> 
                 {
                     "latent": f["latent"],
                     "label": f.get("stat_label") or f.get("label"),
+                    "llm": next(
+                        (e["label"] for e in f.get("labels") or [] if e["label_source"] != "stat"), None
+                    ),
                     "frequency": f["frequency"],
                     "score": f.get("detection_score"),
                     "max_activation": f["max_activation"],
