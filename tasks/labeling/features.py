@@ -18,6 +18,8 @@ import polars as pl
 import torch
 from torch import Tensor, nn
 
+from tasks.evaluate.metrics import dictionary_placement
+from tasks.labeling.code_stream import CodeStream
 from tasks.labeling.feature_stats import activation_statistics, decoder_neighbours, logit_effects
 from tasks.labeling.llm_labels import LLMLabeler
 from tasks.labeling.scoring import MiniLM, balanced_accuracy, embedding_scores
@@ -105,25 +107,30 @@ def build_feature_table(
     embed_latents: int = 256,
     embed_contexts: int = 6,
 ) -> pl.DataFrame:
-    """`acts`: a `[n, d_in]` tensor or a `ShardedActs` view; the rest as in `top_activating_contexts`."""
-    table = top_activating_contexts(
-        dictionary,
-        acts,
-        row_context,
-        row_position,
-        context_tokens,
-        token_strings,
-        top_k=top_k,
-        window=window,
-        batch_size=batch_size,
-    )
-    d_sae = dictionary.d_sae
+    """`acts`: a `[n, d_in]` tensor or a `ShardedActs` view; the rest as in `top_activating_contexts`.
+
+    The dictionary encodes `acts` once: every later pass reads the spilled firing codes (`CodeStream`)."""
+    device, dtype = dictionary_placement(dictionary, acts.device, acts.dtype)
 
     def batches():
         return (acts[lo : lo + batch_size] for lo in range(0, acts.shape[0], batch_size))
 
-    max_act = torch.tensor(table["max_activation"].to_list()).clamp_min(0)
-    stats = activation_statistics(dictionary, batches, max_act, n_bins=n_bins)
+    with CodeStream(dictionary, batches, device=device, dtype=dtype) as codes:
+        table = top_activating_contexts(
+            dictionary,
+            acts,
+            row_context,
+            row_position,
+            context_tokens,
+            token_strings,
+            top_k=top_k,
+            window=window,
+            batch_size=batch_size,
+            codes=codes,
+        )
+        max_act = torch.tensor(table["max_activation"].to_list()).clamp_min(0)
+        stats = activation_statistics(dictionary, batches, max_act, n_bins=n_bins, codes=codes)
+    d_sae = dictionary.d_sae
     with torch.no_grad():
         W_dec = dictionary.decoder_directions().detach().float().cpu()
     nb_idx, nb_cos = decoder_neighbours(W_dec)

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from tasks.evaluate.metrics import dictionary_placement
-from tasks.labeling.codes import firing_codes
+from tasks.labeling.code_stream import CodeStream, lookup, smallest_per_group
 
 log = logging.getLogger(__name__)
 
@@ -80,26 +80,28 @@ def _validate(
         raise ValueError(f"row_position must be a position within context_tokens' length {length}")
 
 
-@torch.no_grad()
-def _stream_top_k(
-    dictionary: nn.Module, acts: Tensor, top_k: int, batch_size: int
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Per latent: the top_k codes `[d_sae, top_k]`, their row indices, and how many rows had code > 0."""
-    device, dtype = dictionary_placement(dictionary, acts.device, acts.dtype)
-    d_sae, n = dictionary.d_sae, acts.shape[0]
-    top_vals = torch.full((d_sae, 0), float("-inf"), device=device)
-    top_rows = torch.zeros((d_sae, 0), dtype=torch.int64, device=device)
-    fired = torch.zeros(d_sae, dtype=torch.int64, device=device)
-    for start in range(0, n, batch_size):
-        codes = firing_codes(dictionary, acts[start : start + batch_size].to(device=device, dtype=dtype))
-        fired += (codes > 0).sum(dim=0)
-        vals, rows = torch.topk(codes, min(top_k, codes.shape[0]), dim=0)
-        # Merge [d_sae, kept] with this batch's [d_sae, k'] and keep the best top_k of the union.
-        merged_vals = torch.cat([top_vals, vals.T], dim=1)
-        merged_rows = torch.cat([top_rows, rows.T + start], dim=1)
-        top_vals, order = torch.topk(merged_vals, min(top_k, merged_vals.shape[1]), dim=1)
-        top_rows = torch.gather(merged_rows, 1, order)
-    return top_vals.cpu(), top_rows.cpu(), fired.cpu()
+def _stream_top_k(codes: CodeStream, top_k: int) -> tuple[Tensor, Tensor, Tensor, int]:
+    """Per latent: the top_k codes `[d_sae, top_k]` (0 past its firings) and their rows, how many rows it
+    fired on, and the number of rows."""
+    d_sae = codes.d_sae
+    kept_lat = torch.empty(0, dtype=torch.int64)
+    kept_val, kept_row = torch.empty(0), torch.empty(0, dtype=torch.int64)
+    fired = torch.zeros(d_sae, dtype=torch.int64)
+    n = 0
+    for b in codes:
+        fired += torch.bincount(b.latents, minlength=d_sae)
+        n = b.start + b.n
+        # Merge the running best with this batch's firings and keep the top_k of each latent; the running ones
+        # come first, so a tie keeps the earlier row.
+        lat, val = torch.cat([kept_lat, b.latents]), torch.cat([kept_val, b.values])
+        row = torch.cat([kept_row, b.rows])
+        keep = smallest_per_group(lat, -val, top_k)
+        kept_lat, kept_val, kept_row = lat[keep], val[keep], row[keep]
+    rank = torch.arange(len(kept_lat)) - torch.searchsorted(kept_lat, kept_lat)
+    top_vals = torch.zeros(d_sae, top_k)
+    top_rows = torch.zeros(d_sae, top_k, dtype=torch.int64)
+    top_vals[kept_lat, rank], top_rows[kept_lat, rank] = kept_val, kept_row
+    return top_vals, top_rows, fired, n
 
 
 def _rows_at(row_context: Tensor, row_position: Tensor, length: int, ctx: Tensor, pos: Tensor) -> Tensor:
@@ -112,21 +114,15 @@ def _rows_at(row_context: Tensor, row_position: Tensor, length: int, ctx: Tensor
     return torch.where(found, order[at], torch.full_like(want, -1))
 
 
-@torch.no_grad()
-def _gather_codes(
-    dictionary: nn.Module, acts: Tensor, rows: Tensor, latents: Tensor, batch_size: int
-) -> Tensor:
-    """codes[rows[i], latents[i]] for every pair (nan where rows[i] < 0), in one streamed pass."""
-    device, dtype = dictionary_placement(dictionary, acts.device, acts.dtype)
+def _gather_codes(codes: CodeStream, rows: Tensor, latents: Tensor) -> Tensor:
+    """codes[rows[i], latents[i]] for every pair (nan where rows[i] < 0), in one pass."""
     out = torch.full((len(rows),), float("nan"))
     order = torch.argsort(rows)
     rows_s, lat_s = rows[order], latents[order]
-    for start in range(0, acts.shape[0], batch_size):
-        lo, hi = torch.searchsorted(rows_s, torch.tensor([start, start + batch_size])).tolist()
-        if lo == hi:
-            continue  # no window touches this batch: skip its encode
-        codes = firing_codes(dictionary, acts[start : start + batch_size].to(device=device, dtype=dtype))
-        out[order[lo:hi]] = codes[rows_s[lo:hi] - start, lat_s[lo:hi].to(codes.device)].cpu()
+    for b in codes:
+        lo, hi = torch.searchsorted(rows_s, torch.tensor([b.start, b.start + b.n])).tolist()
+        if lo < hi:
+            out[order[lo:hi]] = lookup(b, codes.d_sae, rows_s[lo:hi], lat_s[lo:hi])
     return out
 
 
@@ -149,6 +145,7 @@ def top_activating_contexts(
     top_k: int = 10,
     window: int = 8,
     batch_size: int = 4096,
+    codes: CodeStream | None = None,
 ) -> pl.DataFrame:
     """One row per latent (schema `FEATURE_TABLE_SCHEMA`) with its firing frequency, top contexts and label.
 
@@ -157,6 +154,7 @@ def top_activating_contexts(
     `token_strings` maps token ids to display strings (e.g. `lambda ids: [tok.decode([i]) for i in ids]`).
     Only rows where a latent's code is > 0 count as its contexts; a latent that never fired gets no
     contexts and a null label. Rows to leave out (e.g. position 0) should be left out of `acts` by the caller.
+    `codes`: a `CodeStream` over `acts` to share with later passes (default: one made and closed here).
     """
     if top_k < 1 or batch_size < 1 or window < 0:
         raise ValueError(
@@ -166,7 +164,24 @@ def top_activating_contexts(
     n = acts.shape[0]
     if n == 0:
         raise ValueError("acts has no rows; label on at least one activation row")
-    top_vals, top_rows, fired = _stream_top_k(dictionary, acts, top_k, batch_size)
+    own = codes is None
+    if codes is None:
+        device, dtype = dictionary_placement(dictionary, acts.device, acts.dtype)
+        codes = CodeStream(
+            dictionary,
+            lambda: (acts[lo : lo + batch_size] for lo in range(0, n, batch_size)),
+            device=device,
+            dtype=dtype,
+        )
+    try:
+        return _top_contexts(codes, row_context, row_position, context_tokens, token_strings, top_k, window)
+    finally:
+        if own:
+            codes.close()
+
+
+def _top_contexts(codes, row_context, row_position, context_tokens, token_strings, top_k, window):
+    top_vals, top_rows, fired, n = _stream_top_k(codes, top_k)
     context_tokens = context_tokens.cpu()
 
     # Gather every window first so the (possibly slow) token_strings runs once on the distinct ids.
@@ -189,15 +204,7 @@ def top_activating_contexts(
         windows[row] = (ctx, pos, [*before, ids[centre], *after], len(before))
     distinct = sorted({t for *_, ids, _ in windows.values() for t in ids})
     token_acts = _window_activations(
-        dictionary,
-        acts,
-        row_context,
-        row_position,
-        context_tokens.shape[1],
-        vals_list,
-        rows_list,
-        windows,
-        batch_size,
+        codes, row_context, row_position, context_tokens.shape[1], vals_list, rows_list, windows
     )
     strings = token_strings(distinct)
     if len(strings) != len(distinct):
@@ -239,12 +246,12 @@ def top_activating_contexts(
             }
         )
     df = pl.DataFrame(records, schema=FEATURE_TABLE_SCHEMA)
-    log.info("labeled %d of %d latents from %d rows", int((fired > 0).sum()), dictionary.d_sae, n)
+    log.info("labeled %d of %d latents from %d rows", int((fired > 0).sum()), codes.d_sae, n)
     return df
 
 
 def _window_activations(
-    dictionary, acts, row_context, row_position, length, vals_list, rows_list, windows, batch_size
+    codes, row_context, row_position, length, vals_list, rows_list, windows
 ) -> dict[tuple[int, int], list[float | None]]:
     """{(latent, row): the latent's code at each token of the row's window} for every kept top context."""
     keys, lat, ctx, pos, sizes = [], [], [], [], []
@@ -260,7 +267,7 @@ def _window_activations(
     if not keys:
         return {}
     rows = _rows_at(row_context.cpu(), row_position.cpu(), length, torch.tensor(ctx), torch.tensor(pos))
-    got = _gather_codes(dictionary, acts, rows, torch.tensor(lat), batch_size).tolist()
+    got = _gather_codes(codes, rows, torch.tensor(lat)).tolist()
     out, at = {}, 0
     for key, size in zip(keys, sizes):
         out[key] = [None if v != v else v for v in got[at : at + size]]  # nan (no row) -> null
