@@ -29,7 +29,7 @@ from tasks.labeling.codes import firing_codes
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CodeStream", "SparseBatch", "lookup", "smallest_per_group"]
+__all__ = ["CodeStream", "SparseBatch", "kth_per_group", "lookup", "smallest_per_group"]
 
 
 class SparseBatch(NamedTuple):
@@ -142,6 +142,17 @@ def smallest_per_group(group: Tensor, score: Tensor, k: int) -> Tensor:
         g, g
     )  # g is sorted: searchsorted finds each group's start
     return order[rank < k]
+
+
+def kth_per_group(group: Tensor, score: Tensor, k: int, n_groups: int, empty: float) -> Tensor:
+    """[n_groups] the k-th smallest score of each group in a `smallest_per_group` selection (ordered by
+    group, then score); `empty` where a group holds fewer than k. A new entry enters a full group only below
+    it."""
+    out = torch.full((n_groups,), empty)
+    rank = torch.arange(len(group)) - torch.searchsorted(group, group)
+    last = rank == k - 1
+    out[group[last]] = score[last]
+    return out
 
 
 def lookup(batch: SparseBatch, d_sae: int, rows: Tensor, latents: Tensor) -> Tensor:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from tasks.labeling.code_stream import CodeStream, SparseBatch, lookup, smallest_per_group
+from tasks.labeling.code_stream import CodeStream, SparseBatch, kth_per_group, lookup, smallest_per_group
 
 __all__ = ["ActivationStats", "activation_statistics", "decoder_neighbours", "logit_effects"]
 
@@ -99,16 +99,20 @@ class _QuantileSampler:
         self.group = torch.empty(0, dtype=torch.int64)
         self.key, self.val = torch.empty(0), torch.empty(0)
         self.row = torch.empty(0, dtype=torch.int64)
+        self.ceiling = torch.full((edges.shape[0] * self.n_q,), 2.0)  # keys are < 1: 2 admits any
 
     def add(self, b: SparseBatch) -> None:
         key = torch.rand(len(b.values), generator=self.gen)
         q = (b.values[:, None] >= self.inner[b.latents]).sum(1)
-        ok = b.values < self.top[b.latents]
-        group = torch.cat([self.group, (b.latents * self.n_q + q)[ok]])
+        group = b.latents * self.n_q + q
+        # only keys below their full bin's per_bin-th smallest key can enter it
+        ok = (b.values < self.top[b.latents]) & (key < self.ceiling[group])
+        group = torch.cat([self.group, group[ok]])
         key, val = torch.cat([self.key, key[ok]]), torch.cat([self.val, b.values[ok]])
         row = torch.cat([self.row, b.rows[ok]])
         keep = smallest_per_group(group, key, self.per_bin)
         self.group, self.key, self.val, self.row = group[keep], key[keep], val[keep], row[keep]
+        self.ceiling = kth_per_group(self.group, self.key, self.per_bin, len(self.ceiling), empty=2.0)
 
     def result(self, d_sae: int) -> tuple[Tensor, Tensor]:
         rows = torch.full((d_sae * self.n_q, self.per_bin), -1, dtype=torch.int64)

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from tasks.evaluate.metrics import dictionary_placement
-from tasks.labeling.code_stream import CodeStream, lookup, smallest_per_group
+from tasks.labeling.code_stream import CodeStream, kth_per_group, lookup, smallest_per_group
 
 log = logging.getLogger(__name__)
 
@@ -88,15 +88,18 @@ def _stream_top_k(codes: CodeStream, top_k: int) -> tuple[Tensor, Tensor, Tensor
     kept_val, kept_row = torch.empty(0), torch.empty(0, dtype=torch.int64)
     fired = torch.zeros(d_sae, dtype=torch.int64)
     n = 0
+    floor = torch.zeros(d_sae)  # a firing enters latent j's top_k only above floor[j] (its k-th best so far)
     for b in codes:
         fired += torch.bincount(b.latents, minlength=d_sae)
         n = b.start + b.n
-        # Merge the running best with this batch's firings and keep the top_k of each latent; the running ones
-        # come first, so a tie keeps the earlier row.
-        lat, val = torch.cat([kept_lat, b.latents]), torch.cat([kept_val, b.values])
-        row = torch.cat([kept_row, b.rows])
+        enter = b.values > floor[b.latents]
+        # Merge the running best with this batch's candidates and keep the top_k of each latent; the running
+        # ones come first, so a tie keeps the earlier row.
+        lat, val = torch.cat([kept_lat, b.latents[enter]]), torch.cat([kept_val, b.values[enter]])
+        row = torch.cat([kept_row, b.rows[enter]])
         keep = smallest_per_group(lat, -val, top_k)
         kept_lat, kept_val, kept_row = lat[keep], val[keep], row[keep]
+        floor = -kth_per_group(kept_lat, -kept_val, top_k, d_sae, empty=0.0)
     rank = torch.arange(len(kept_lat)) - torch.searchsorted(kept_lat, kept_lat)
     top_vals = torch.zeros(d_sae, top_k)
     top_rows = torch.zeros(d_sae, top_k, dtype=torch.int64)
