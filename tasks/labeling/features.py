@@ -106,16 +106,18 @@ def build_feature_table(
     n_logits: int = 10,
     embed_latents: int = 256,
     embed_contexts: int = 6,
+    spill_budget: int = 8 << 30,
 ) -> pl.DataFrame:
     """`acts`: a `[n, d_in]` tensor or a `ShardedActs` view; the rest as in `top_activating_contexts`.
 
-    The dictionary encodes `acts` once: every later pass reads the spilled firing codes (`CodeStream`)."""
+    The dictionary encodes `acts` once: every later pass reads the spilled firing codes (`CodeStream`; past
+    `spill_budget` bytes of them, or with 0, every pass encodes again)."""
     device, dtype = dictionary_placement(dictionary, acts.device, acts.dtype)
 
     def batches():
         return (acts[lo : lo + batch_size] for lo in range(0, acts.shape[0], batch_size))
 
-    with CodeStream(dictionary, batches, device=device, dtype=dtype) as codes:
+    with CodeStream(dictionary, batches, device=device, dtype=dtype, spill_budget=spill_budget) as codes:
         table = top_activating_contexts(
             dictionary,
             acts,
