@@ -108,7 +108,6 @@ def test_flow_labels_with_an_openai_compatible_endpoint(tmp_path, home, pipeline
     assert "llm:openai:tiny-rules" in page and "<h2>Labels</h2>" in page
 
 
-@pytest.mark.slow  # a whole pipeline run plus generate() calls: ~45 s on 2 cores
 def test_flow_labels_with_a_tiny_local_chat_model(tmp_path, home, pipeline):  # noqa: F811, ARG001
     folder = tmp_path / "tiny-chat"
     build_tiny_llama(seed=1).save_pretrained(folder)
