@@ -25,7 +25,7 @@ STAGE_VERSIONS = {
     "activation_cache": 2,  # 2: is_special column, special tokens excluded, layout and rms in the manifest
     "dictionary": 1,
     "evaluation": 2,  # issue 5: details (mean ablation, KL, ablation, steering, geometry)
-    "labeling": 3,  # 2: feature statistics, statistical labels, scores, atlas; 3: window activations, LLM
+    "labeling": 2,  # 2: feature statistics, statistical labels, scores, atlas
     "interactions": 1,
 }
 
