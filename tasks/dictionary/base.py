@@ -85,6 +85,10 @@ class Dictionary(nn.Module, ABC):
     def decoder_directions(self) -> Tensor:
         """The dictionary's directions, [d_sae, d_in], one row per latent."""
 
+    def active(self, codes: Tensor) -> Tensor:
+        """Bool mask [..., d_sae] of the codes that count as firing (labeling's frequencies and contexts)."""
+        return codes > 0
+
     def forward(self, acts: Tensor) -> ForwardOutput:
         codes = self.encode(acts)
         return ForwardOutput(acts_hat=self.decode(codes), codes=codes)

@@ -107,6 +107,13 @@ class SemiNMF(Dictionary):
     def decode(self, codes: Tensor) -> Tensor:
         return codes @ self.W_dec / self.input_scale
 
+    # NNLS leaves every code of G slightly above 0 (more so when features overlap), so "> 0" would call every
+    # feature active on every token: a code fires when it is at least this share of its token's largest code.
+    firing_share: ClassVar[float] = 0.1
+
+    def active(self, codes: Tensor) -> Tensor:
+        return codes > self.firing_share * codes.amax(dim=-1, keepdim=True).clamp_min(_EPS)
+
     def decoder_directions(self) -> Tensor:
         return self.W_dec.detach()
 

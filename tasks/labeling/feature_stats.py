@@ -1,14 +1,15 @@
 """Per-latent statistics streamed over activation batches with bounded memory.
 
-`activation_statistics` makes a fixed number of passes over `batches()` (a factory yielding activation rows in
-order, e.g. one cache shard at a time), so memory is [batch, d_sae] plus small per-latent tables whatever the
-number of rows:
+`activation_statistics` reads the firing codes as sparse batches from a `CodeStream` (encoded once, then read
+back from its spill), so memory is one batch plus small per-latent tables whatever the number of rows, and
+the work grows with the number of firings, not rows x d_sae:
 - histogram of the positive codes in `n_bins` equal bins over [0, max_activation] (max from the top-k pass);
 - examples sampled from activation quantile bins: the histogram gives per-latent quantile edges, then
-  priority sampling (each (row, latent) gets a seeded uniform key; the smallest keys in each bin are
-  kept) draws `per_bin` rows uniformly from each bin, plus `n_random` rows where the latent is silent;
-- co-occurrence: Jaccard index of firing sets, counted in chunks of latents so that the count matrix stays
-  below `cooc_budget` entries (a dictionary larger than that costs one extra pass per chunk).
+  priority sampling (each firing gets a seeded uniform key; the smallest keys in each bin are kept) draws
+  `per_bin` firings uniformly from each bin;
+- `n_random` silent rows per latent: uniform random candidate rows, the first ones where it does not fire;
+- co-occurrence: Jaccard index of firing sets, counted from the pairs of firings on each row, in chunks of
+  latents so that the count matrix stays below `cooc_budget` entries (one more pass per further chunk).
 `decoder_neighbours` and `logit_effects` only need weights.
 """
 
@@ -19,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+
+from tasks.labeling.code_stream import CodeStream, SparseBatch, kth_per_group, lookup, smallest_per_group
 
 __all__ = ["ActivationStats", "activation_statistics", "decoder_neighbours", "logit_effects"]
 
@@ -39,51 +42,39 @@ class ActivationStats:
     cooc_jaccard: Tensor
 
 
-def _keep_smallest(
-    best_k: Tensor, best_r: Tensor, keys: Tensor, rows: Tensor, n: int
-) -> tuple[Tensor, Tensor]:
-    """Merge running [d_sae, n] smallest keys with a batch's keys [B, d_sae] (inf = not eligible)."""
-    k = min(n, keys.shape[0])
-    vals, idx = torch.topk(keys, k, dim=0, largest=False)
-    merged_k = torch.cat([best_k, vals.T], dim=1)
-    merged_r = torch.cat([best_r, rows[idx].T], dim=1)
-    best_k, order = torch.topk(merged_k, min(n, merged_k.shape[1]), dim=1, largest=False)
-    return best_k, torch.gather(merged_r, 1, order)
+def _histogram(b: SparseBatch, hist: Tensor, scale: Tensor, n_bins: int) -> None:
+    """Add this batch's firings to `hist [d_sae, n_bins]` (equal bins over [0, max_activation])."""
+    bins = (b.values * scale[b.latents]).long().clamp(0, n_bins - 1) + b.latents * n_bins
+    hist.view(-1).index_add_(0, bins, torch.ones(len(bins), dtype=torch.float64))
 
 
-@torch.no_grad()
-def _codes(dictionary: nn.Module, batches: Batches):
-    start = 0
-    for acts in batches():
-        codes = dictionary.encode(acts).float()
-        rows = torch.arange(start, start + codes.shape[0], dtype=torch.int64)
-        start += codes.shape[0]
-        yield rows, codes
+def _cooc_add(counts: Tensor, b: SparseBatch, lo: int, d_sae: int, max_pairs: int = 1 << 22) -> None:
+    """Add to `counts [n, d_sae]` how often latent lo+i fires on the same row as each latent (itself too).
 
-
-def _histogram(dictionary, batches, max_act: Tensor, n_bins: int, chunk: int):
-    """Pass 1: histograms, firing counts, and the co-occurrence counts of the first `chunk` latents."""
-    d_sae = max_act.shape[0]
-    hist = torch.zeros(d_sae, n_bins, dtype=torch.float64)
-    fired_n = torch.zeros(d_sae, dtype=torch.float64)
-    cooc = torch.zeros(min(chunk, d_sae), d_sae, dtype=torch.float64)
-    scale = (n_bins / max_act.clamp_min(1e-12)).float()
-    offsets = torch.arange(d_sae) * n_bins
-    for _, codes in _codes(dictionary, batches):
-        fired = codes > 0
-        bins = (codes * scale).long().clamp(0, n_bins - 1) + offsets
-        hist.view(-1).index_add_(0, bins[fired], torch.ones(int(fired.sum()), dtype=torch.float64))
-        f = fired.float()  # per-batch counts are exact in float32; totals accumulate in float64
-        fired_n += f.sum(0)
-        cooc += _cooc_counts(f, 0, cooc.shape[0])
-    return hist, fired_n, cooc
-
-
-def _cooc_counts(f: Tensor, lo: int, n: int) -> Tensor:
-    """[n, d_sae] joint firing counts of latents lo..lo+n with all latents in the batch `f [B, d_sae]`.
-
-    Sparse times dense: codes are sparse, so this costs nnz * d_sae instead of B * n * d_sae."""
-    return torch.sparse.mm(f[:, lo : lo + n].T.to_sparse(), f)
+    Pairs are enumerated from the sparse firings (each firing of a chunk latent with every firing of its row),
+    in blocks of at most `max_pairs`, so the cost is the number of such pairs, not rows x n x d_sae."""
+    n = counts.shape[0]
+    local = b.rows - b.start
+    per_row = torch.bincount(local, minlength=b.n)
+    row_start = per_row.cumsum(0) - per_row
+    sel = (b.latents >= lo) & (b.latents < lo + n)
+    a_row, a_lat = local[sel], b.latents[sel] - lo
+    reps = per_row[a_row]
+    ends = reps.cumsum(0)
+    flat = counts.view(-1)
+    first = 0
+    while first < len(reps):
+        # the longest run of chunk firings whose pairs fit in one block (at least one firing)
+        last = max(
+            first + 1, int(torch.searchsorted(ends, ends[first] - reps[first] + max_pairs, right=True))
+        )
+        r, reps_b = a_row[first:last], reps[first:last]
+        owner = torch.repeat_interleave(torch.arange(len(r)), reps_b)
+        offset = torch.arange(len(owner)) - (reps_b.cumsum(0) - reps_b)[owner]
+        partner = row_start[r][owner] + offset
+        idx = a_lat[first:last][owner] * d_sae + b.latents[partner]
+        flat.index_add_(0, idx, torch.ones(len(idx), dtype=counts.dtype))
+        first = last
 
 
 def _quantile_edges(hist: Tensor, max_act: Tensor, n_q: int) -> Tensor:
@@ -95,6 +86,50 @@ def _quantile_edges(hist: Tensor, max_act: Tensor, n_q: int) -> Tensor:
     inner = (idx + 1).double() / n_bins * max_act[:, None].double()
     zeros = torch.zeros(hist.shape[0], 1, dtype=torch.float64)
     return torch.cat([zeros, inner, max_act[:, None].double() * (1 + 1e-6)], dim=1)
+
+
+class _QuantileSampler:
+    """Priority sampling per (latent, quantile bin): each firing gets a seeded uniform key, and the `per_bin`
+    smallest keys of each bin are kept with their rows and codes, a uniform sample of the bin's firings."""
+
+    def __init__(self, edges: Tensor, per_bin: int, gen: torch.Generator):
+        self.inner = edges[:, 1:-1].float()  # a firing's bin: how many inner edges it reaches
+        self.top = edges[:, -1].float()
+        self.n_q, self.per_bin, self.gen = edges.shape[1] - 1, per_bin, gen
+        self.group = torch.empty(0, dtype=torch.int64)
+        self.key, self.val = torch.empty(0), torch.empty(0)
+        self.row = torch.empty(0, dtype=torch.int64)
+        self.ceiling = torch.full((edges.shape[0] * self.n_q,), 2.0)  # keys are < 1: 2 admits any
+
+    def add(self, b: SparseBatch) -> None:
+        key = torch.rand(len(b.values), generator=self.gen)
+        q = (b.values[:, None] >= self.inner[b.latents]).sum(1)
+        group = b.latents * self.n_q + q
+        # only keys below their full bin's per_bin-th smallest key can enter it
+        ok = (b.values < self.top[b.latents]) & (key < self.ceiling[group])
+        group = torch.cat([self.group, group[ok]])
+        key, val = torch.cat([self.key, key[ok]]), torch.cat([self.val, b.values[ok]])
+        row = torch.cat([self.row, b.rows[ok]])
+        keep = smallest_per_group(group, key, self.per_bin)
+        self.group, self.key, self.val, self.row = group[keep], key[keep], val[keep], row[keep]
+        self.ceiling = kth_per_group(self.group, self.key, self.per_bin, len(self.ceiling), empty=2.0)
+
+    def result(self, d_sae: int) -> tuple[Tensor, Tensor]:
+        rows = torch.full((d_sae * self.n_q, self.per_bin), -1, dtype=torch.int64)
+        vals = torch.full(rows.shape, float("nan"), dtype=torch.float64)
+        slot = torch.arange(len(self.group)) - torch.searchsorted(self.group, self.group)
+        rows[self.group, slot], vals[self.group, slot] = self.row, self.val.double()
+        shape = (d_sae, self.n_q, self.per_bin)
+        return rows.view(shape), vals.view(shape)
+
+
+def _silent_candidates(d_sae: int, n_rows: int, n_random: int, gen: torch.Generator) -> Tensor:
+    """[d_sae, 4 * n_random] uniform random rows per latent, repeats replaced by -1 (first one kept)."""
+    cand = torch.randint(0, n_rows, (d_sae, 4 * n_random), generator=gen)
+    srt, order = torch.sort(cand, dim=1, stable=True)
+    dup = torch.zeros_like(srt, dtype=torch.bool)
+    dup[:, 1:] = srt[:, 1:] == srt[:, :-1]
+    return cand.masked_fill(torch.zeros_like(dup).scatter(1, order, dup), -1)
 
 
 def activation_statistics(
@@ -109,67 +144,87 @@ def activation_statistics(
     n_cooc: int = 5,
     cooc_budget: int = 1 << 24,
     seed: int = 0,
+    codes: CodeStream | None = None,
 ) -> ActivationStats:
-    """Stream `batches()` two or more times; `max_activation [d_sae]` comes from the top-k pass."""
-    d_sae = dictionary.d_sae
+    """Stream `batches()` (or the shared `codes`); `max_activation [d_sae]` comes from the top-k pass."""
+    own = codes is None
+    if codes is None:
+        codes = CodeStream(dictionary, batches)
+    try:
+        return _statistics(
+            codes, max_activation, n_bins, n_quantiles, per_bin, n_random, n_cooc, cooc_budget, seed
+        )
+    finally:
+        if own:
+            codes.close()
+
+
+def _statistics(codes, max_activation, n_bins, n_quantiles, per_bin, n_random, n_cooc, cooc_budget, seed):
+    d_sae = codes.d_sae
     max_act = max_activation.double().clamp_min(0)
     chunk = max(1, min(d_sae, cooc_budget // max(d_sae, 1)))
-    hist, fired_n, cooc = _histogram(dictionary, batches, max_act, n_bins, chunk)
-    edges = _quantile_edges(hist, max_act, n_quantiles)
+    chunks = list(range(0, d_sae, chunk))
+    counts = {}  # co-occurrence count chunks, each [chunk, d_sae]; two ride along the first passes
 
-    edges_f = edges.float()
-    inf = torch.empty(d_sae, 0)
-    none = torch.empty(d_sae, 0, dtype=torch.int64)
-    best = [(inf, none) for _ in range(n_quantiles)]
-    silent = (inf, none)
-    gen = torch.Generator().manual_seed(seed)
-    for rows, codes in _codes(dictionary, batches):
-        # float32 keys and codes: a batch's [B, d_sae] temporaries dominate memory at large d_sae
-        keys = torch.rand(codes.shape, generator=gen)
-        c = codes
-        for q in range(n_quantiles):
-            inside = (c > 0) & (c >= edges_f[:, q]) & (c < edges_f[:, q + 1])
-            best[q] = _keep_smallest(*best[q], keys.masked_fill(~inside, float("inf")), rows, per_bin)
-        silent = _keep_smallest(*silent, keys.masked_fill(c > 0, float("inf")), rows, n_random)
-    sample_rows = torch.full((d_sae, n_quantiles, per_bin), -1, dtype=torch.int64)
-    for q, (k, r) in enumerate(best):
-        sample_rows[:, q, : r.shape[1]] = r.masked_fill(k.isinf(), -1)
-    random_rows = torch.full((d_sae, n_random), -1, dtype=torch.int64)
-    random_rows[:, : silent[1].shape[1]] = silent[1].masked_fill(silent[0].isinf(), -1)
+    def take_top(lo: int, c: Tensor) -> None:
+        union = fired_n[lo : lo + c.shape[0], None] + fired_n[None, :] - c
+        jac = c / union.clamp_min(1)
+        jac[torch.arange(c.shape[0]), torch.arange(lo, lo + c.shape[0])] = -1  # not itself
+        vals, idx = torch.topk(jac, cooc_lat.shape[1], dim=1)
+        cooc_lat[lo : lo + c.shape[0]], cooc_jac[lo : lo + c.shape[0]] = idx, vals
 
-    # The codes of the sampled rows, and the remaining co-occurrence chunks, come from further passes.
-    sample_vals = torch.full(sample_rows.shape, float("nan"), dtype=torch.float64)
-    flat_rows = sample_rows.reshape(d_sae, -1)
+    # Pass 1: histograms, firing counts, the first co-occurrence chunk.
+    hist = torch.zeros(d_sae, n_bins, dtype=torch.float64)
+    fired_n = torch.zeros(d_sae, dtype=torch.float64)
+    scale = (n_bins / max_act.clamp_min(1e-12)).float()
+    counts[0] = torch.zeros(min(chunk, d_sae), d_sae, dtype=torch.float64)
+    n_rows = 0
+    for b in codes:
+        _histogram(b, hist, scale, n_bins)
+        fired_n += torch.bincount(b.latents, minlength=d_sae).double()
+        _cooc_add(counts[0], b, 0, d_sae)
+        n_rows = b.start + b.n
     cooc_lat = torch.empty(d_sae, min(n_cooc, d_sae - 1), dtype=torch.int64)
     cooc_jac = torch.empty(cooc_lat.shape, dtype=torch.float64)
+    take_top(0, counts.pop(0))
 
-    def take_top(lo: int, counts: Tensor) -> None:
-        union = fired_n[lo : lo + counts.shape[0], None] + fired_n[None, :] - counts
-        jac = counts / union.clamp_min(1)
-        jac[torch.arange(counts.shape[0]), torch.arange(lo, lo + counts.shape[0])] = -1  # not itself
-        vals, idx = torch.topk(jac, cooc_lat.shape[1], dim=1)
-        cooc_lat[lo : lo + counts.shape[0]], cooc_jac[lo : lo + counts.shape[0]] = idx, vals
+    # Pass 2: quantile samples, the silent check of random candidate rows, the second co-occurrence chunk.
+    gen = torch.Generator().manual_seed(seed)
+    edges = _quantile_edges(hist, max_act, n_quantiles)
+    sampler = _QuantileSampler(edges, per_bin, gen)
+    cand = _silent_candidates(d_sae, max(n_rows, 1), n_random, gen)
+    flat_c = cand.flatten()
+    order = torch.argsort(flat_c)
+    cand_rows, cand_lat = flat_c[order], torch.arange(d_sae).repeat_interleave(cand.shape[1])[order]
+    fires = torch.zeros(len(flat_c), dtype=torch.bool)
+    second = chunks[1] if len(chunks) > 1 else None
+    if second is not None:
+        counts[second] = torch.zeros(min(chunk, d_sae - second), d_sae, dtype=torch.float64)
+    for b in codes:
+        sampler.add(b)
+        lo, hi = torch.searchsorted(cand_rows, torch.tensor([b.start, b.start + b.n])).tolist()
+        if lo < hi:
+            fires[order[lo:hi]] = lookup(b, d_sae, cand_rows[lo:hi], cand_lat[lo:hi]) > 0
+        if second is not None:
+            _cooc_add(counts[second], b, second, d_sae)
+    if second is not None:
+        take_top(second, counts.pop(second))
+    sample_rows, sample_vals = sampler.result(d_sae)
+    silent = cand.masked_fill(fires.view(cand.shape), -1)
+    # the first n_random silent candidates of each latent, in candidate order
+    rank = (silent >= 0).long().cumsum(1)
+    keep = (silent >= 0) & (rank <= n_random)
+    random_rows = torch.full((d_sae, n_random), -1, dtype=torch.int64)
+    lat_i, col = keep.nonzero(as_tuple=True)
+    random_rows[lat_i, rank[lat_i, col] - 1] = silent[lat_i, col]
 
-    take_top(0, cooc)
-    for lo in range(0, d_sae, chunk):
-        counts = torch.zeros(min(chunk, d_sae - lo), d_sae, dtype=torch.float64) if lo else None
-        for rows, codes in _codes(dictionary, batches):
-            if lo == 0:
-                _fill_sample_vals(sample_vals, flat_rows, rows, codes)
-            else:
-                counts += _cooc_counts((codes > 0).float(), lo, counts.shape[0])
-        if lo:
-            take_top(lo, counts)
+    # Further passes: the remaining co-occurrence chunks (over the spilled firing codes, no re-encoding).
+    for lo in chunks[2:]:
+        c = torch.zeros(min(chunk, d_sae - lo), d_sae, dtype=torch.float64)
+        for b in codes:
+            _cooc_add(c, b, lo, d_sae)
+        take_top(lo, c)
     return ActivationStats(hist, edges, sample_rows, sample_vals, random_rows, cooc_lat, cooc_jac)
-
-
-def _fill_sample_vals(out: Tensor, flat_rows: Tensor, rows: Tensor, codes: Tensor) -> None:
-    """Write the codes of sampled rows that fall in this batch into `out [d_sae, n_q, per_bin]`."""
-    start, stop = int(rows[0]), int(rows[-1]) + 1
-    in_batch = (flat_rows >= start) & (flat_rows < stop)
-    lat, slot = in_batch.nonzero(as_tuple=True)
-    vals = codes[flat_rows[lat, slot] - start, lat].double()
-    out.view(out.shape[0], -1)[lat, slot] = vals
 
 
 @torch.no_grad()

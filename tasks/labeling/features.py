@@ -3,7 +3,9 @@
 `build_feature_table` adds to the `top_activating_contexts` table (see `FEATURE_COLUMNS` for the new
 columns): activation histogram, examples from activation quantile bins, nearest latents by decoder cosine,
 co-occurring latents, the top promoted/suppressed tokens of the decoder direction, a statistical label with
-its evidence, and its detection and (optional) embedding scores.
+its evidence, and its detection and (optional) embedding scores; with an `LLMLabeler`, LLM labels of the most
+frequent latents, scored the same way. `labels` lists every label of a latent with its `label_source`
+("stat", "llm:<backend>:<model>") and scores: `df.explode("labels").unnest("labels")` is the long table.
 """
 
 from __future__ import annotations
@@ -16,7 +18,10 @@ import polars as pl
 import torch
 from torch import Tensor, nn
 
+from tasks.evaluate.metrics import dictionary_placement
+from tasks.labeling.code_stream import CodeStream
 from tasks.labeling.feature_stats import activation_statistics, decoder_neighbours, logit_effects
+from tasks.labeling.llm_labels import LLMLabeler
 from tasks.labeling.scoring import MiniLM, balanced_accuracy, embedding_scores
 from tasks.labeling.stat_labeler import NgramCounts, matches, statistical_label
 from tasks.labeling.top_contexts import _mark, top_activating_contexts
@@ -36,6 +41,15 @@ EXAMPLE = pl.Struct(
 )
 NEIGHBOUR = pl.Struct({"latent": pl.Int64, "score": pl.Float64})
 LOGIT = pl.Struct({"token": pl.String, "logit": pl.Float64})
+LABEL = pl.Struct(
+    {
+        "label_source": pl.String,  # "stat" or "llm:<backend>:<model>"
+        "label": pl.String,
+        "detection_score": pl.Float64,
+        "embedding_similarity": pl.Float64,
+        "embedding_contrast": pl.Float64,
+    }
+)
 FEATURE_COLUMNS = {
     "hist_counts": pl.List(pl.Int64),  # n_bins equal bins over [0, max_activation]
     "quantile_examples": pl.List(EXAMPLE),
@@ -49,6 +63,7 @@ FEATURE_COLUMNS = {
     "embedding_similarity": pl.Float64,  # mean MiniLM cosine(label, activating contexts); null past the
     # `embed_latents` most frequent labeled latents
     "embedding_contrast": pl.Float64,  # embedding_similarity minus the mean cosine with random contexts
+    "labels": pl.List(LABEL),  # every label of the latent, statistical and LLM-written, with its scores
 }
 
 
@@ -83,6 +98,7 @@ def build_feature_table(
     *,
     unembedding: Unembedding | None = None,
     embedder: MiniLM | None = None,
+    llm: LLMLabeler | None = None,
     top_k: int = 10,
     window: int = 8,
     batch_size: int = 4096,
@@ -90,26 +106,33 @@ def build_feature_table(
     n_logits: int = 10,
     embed_latents: int = 256,
     embed_contexts: int = 6,
+    spill_budget: int = 8 << 30,
 ) -> pl.DataFrame:
-    """`acts`: a `[n, d_in]` tensor or a `ShardedActs` view; the rest as in `top_activating_contexts`."""
-    table = top_activating_contexts(
-        dictionary,
-        acts,
-        row_context,
-        row_position,
-        context_tokens,
-        token_strings,
-        top_k=top_k,
-        window=window,
-        batch_size=batch_size,
-    )
-    d_sae = dictionary.d_sae
+    """`acts`: a `[n, d_in]` tensor or a `ShardedActs` view; the rest as in `top_activating_contexts`.
+
+    The dictionary encodes `acts` once: every later pass reads the spilled firing codes (`CodeStream`; past
+    `spill_budget` bytes of them, or with 0, every pass encodes again)."""
+    device, dtype = dictionary_placement(dictionary, acts.device, acts.dtype)
 
     def batches():
         return (acts[lo : lo + batch_size] for lo in range(0, acts.shape[0], batch_size))
 
-    max_act = torch.tensor(table["max_activation"].to_list()).clamp_min(0)
-    stats = activation_statistics(dictionary, batches, max_act, n_bins=n_bins)
+    with CodeStream(dictionary, batches, device=device, dtype=dtype, spill_budget=spill_budget) as codes:
+        table = top_activating_contexts(
+            dictionary,
+            acts,
+            row_context,
+            row_position,
+            context_tokens,
+            token_strings,
+            top_k=top_k,
+            window=window,
+            batch_size=batch_size,
+            codes=codes,
+        )
+        max_act = torch.tensor(table["max_activation"].to_list()).clamp_min(0)
+        stats = activation_statistics(dictionary, batches, max_act, n_bins=n_bins, codes=codes)
+    d_sae = dictionary.d_sae
     with torch.no_grad():
         W_dec = dictionary.decoder_directions().detach().float().cpu()
     nb_idx, nb_cos = decoder_neighbours(W_dec)
@@ -164,8 +187,8 @@ def build_feature_table(
             hit = [matches(lab.items, context_tokens, int(rc[r]), int(rp[r])) for r in held_out]
             miss = [matches(lab.items, context_tokens, int(rc[r]), int(rp[r])) for r in neg_rows]
             detection = balanced_accuracy(hit, miss)
-        pos_texts.append([texts[r] for r in held_out] if lab.label else [])
-        neg_texts.append([texts[r] for r in neg_rows] if lab.label else [])
+        pos_texts.append([texts[r] for r in held_out])
+        neg_texts.append([texts[r] for r in neg_rows])
         rows_out.append(
             {
                 "hist_counts": [int(x) for x in stats.hist[latent].tolist()],
@@ -200,8 +223,44 @@ def build_feature_table(
         )
         for i, (sim, contrast) in zip(labelled, scores):
             rows_out[i]["embedding_similarity"], rows_out[i]["embedding_contrast"] = sim, contrast
+    for r in rows_out:
+        r["labels"] = [_label_entry("stat", r["stat_label"], r)] if r["stat_label"] else []
+    if llm is not None:
+        _add_llm_labels(llm, table, rows_out, promoted, pos_texts, neg_texts, embedder, embed_contexts)
     extra = pl.DataFrame(rows_out, schema=pl.Schema(FEATURE_COLUMNS))
     return pl.concat([table, extra], how="horizontal")
+
+
+def _label_entry(source: str, label: str, scores: dict) -> dict:
+    keys = ("detection_score", "embedding_similarity", "embedding_contrast")
+    return {"label_source": source, "label": label, **{k: scores.get(k) for k in keys}}
+
+
+def _add_llm_labels(llm, table, rows_out, promoted, pos_texts, neg_texts, embedder, embed_contexts) -> None:
+    """LLM labels, detection and embedding scores for the `llm.max_features` most frequent fired latents."""
+    freq = table["frequency"].to_list()
+    chosen = sorted((i for i in range(len(freq)) if freq[i] > 0), key=lambda i: -freq[i])[: llm.max_features]
+    labels = llm.label(
+        [[c["text"] for c in table["contexts"][i]] for i in chosen],
+        [[t["token"] for t in promoted[i]] if promoted else [] for i in chosen],
+    )
+    detection = llm.detect(labels, [pos_texts[i] for i in chosen], [neg_texts[i] for i in chosen])
+    embedded = [(None, None)] * len(chosen)
+    if embedder is not None:
+        kept = [j for j, lab in enumerate(labels) if lab]
+        scores = embedding_scores(
+            embedder,
+            [labels[j] for j in kept],
+            [pos_texts[chosen[j]][:embed_contexts] for j in kept],
+            [neg_texts[chosen[j]][:embed_contexts] for j in kept],
+        )
+        for j, sc in zip(kept, scores):
+            embedded[j] = sc
+    for i, label, det, (sim, contrast) in zip(chosen, labels, detection, embedded):
+        if label:
+            scores = {"detection_score": det, "embedding_similarity": sim, "embedding_contrast": contrast}
+            rows_out[i]["labels"].append(_label_entry(llm.source, label, scores))
+    log.info("LLM-labeled %d of %d latents (%s)", sum(map(bool, labels)), len(chosen), llm.source)
 
 
 def _window_texts(rows, rc, rp, context_tokens, token_strings, window) -> dict[int, str]:

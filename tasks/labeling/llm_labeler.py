@@ -1,6 +1,7 @@
 """An LLM labeler with pluggable backends: a prompt per latent from its top contexts and logit effects.
 
-Backends answer `complete(prompts) -> answers` and count the tokens they used:
+Backends answer `complete(prompts, system=..., max_tokens=...) -> answers` and count the requests and tokens
+they used:
 - `OpenAIChatBackend`: any OpenAI-compatible `/chat/completions` endpoint over HTTP; `batch_size` requests in
   flight at once, retries with exponential backoff on 429/5xx/connection errors, a timeout per request. The
   API key is read from an environment variable at request time and never stored in logs or reprs.
@@ -24,12 +25,37 @@ import torch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["OpenAIChatBackend", "TransformersChatBackend", "build_prompt", "clean_label"]
+__all__ = [
+    "DETECT_SYSTEM",
+    "SYSTEM",
+    "OpenAIChatBackend",
+    "TransformersChatBackend",
+    "build_detection_prompt",
+    "build_prompt",
+    "clean_label",
+    "parse_yes",
+]
 
 SYSTEM = (
     "You label features of a language model. Given text snippets where the feature fires (the token it "
     "fires on is marked «like this») and the tokens it promotes, answer with a label of at most 6 words."
 )
+
+
+DETECT_SYSTEM = (
+    "You check labels of language model features. Given a feature's label and a text snippet with one token "
+    "marked «like this», answer yes if the feature fires on the marked token, else no. Answer with one word."
+)
+
+
+def build_detection_prompt(label: str, context: str) -> str:
+    return f"Feature label: {label}\nSnippet: {context}\nDoes the feature fire on the marked token?"
+
+
+def parse_yes(answer: str) -> bool:
+    """A detection answer is positive when its first word is 'yes' (any case, punctuation ignored)."""
+    words = answer.strip().split()
+    return bool(words) and words[0].strip(".,!:;\"'`*").lower() == "yes"
 
 
 def build_prompt(contexts: Sequence[str], promoted: Sequence[str] = (), max_contexts: int = 8) -> str:
@@ -81,11 +107,11 @@ class OpenAIChatBackend:
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
 
-    def _post(self, prompt: str) -> str:
+    def _post(self, prompt: str, system: str = SYSTEM, max_tokens: int | None = None) -> str:
         body = {
             "model": self.model,
-            "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}],
-            "max_tokens": self.max_tokens,
+            "messages": [{"role": "system", "content": system}, {"role": "user", "content": prompt}],
+            "max_tokens": max_tokens or self.max_tokens,
             "temperature": 0,
         }
         headers = {"Content-Type": "application/json"}
@@ -112,7 +138,7 @@ class OpenAIChatBackend:
                     ) from None
                 reason = type(e).__name__
             delay = self.backoff_s * 2**attempt
-            log.warning("LLM request failed (%s); retry %d in %.1f s", reason, attempt + 1, delay)
+            log.warning("LLM request failed (%s); retry %d in %.2f s", reason, attempt + 1, delay)
             time.sleep(delay)
         usage = data.get("usage") or {}
         with self._lock:
@@ -121,9 +147,11 @@ class OpenAIChatBackend:
             self.completion_tokens += int(usage.get("completion_tokens", 0))
         return data["choices"][0]["message"]["content"]
 
-    def complete(self, prompts: Sequence[str]) -> list[str]:
+    def complete(
+        self, prompts: Sequence[str], *, system: str = SYSTEM, max_tokens: int | None = None
+    ) -> list[str]:
         with ThreadPoolExecutor(max_workers=self.batch_size) as pool:
-            return list(pool.map(self._post, prompts))
+            return list(pool.map(lambda p: self._post(p, system, max_tokens), prompts))
 
 
 class TransformersChatBackend:
@@ -131,22 +159,32 @@ class TransformersChatBackend:
 
     def __init__(self, model, tokenizer, *, max_new_tokens: int = 24):
         self.model, self.tokenizer, self.max_new_tokens = model.eval(), tokenizer, max_new_tokens
-        self.prompt_tokens = self.completion_tokens = 0
+        self.prompt_tokens = self.completion_tokens = self.requests = 0
 
     @property
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
 
     @torch.no_grad()
-    def complete(self, prompts: Sequence[str]) -> list[str]:
+    def complete(
+        self, prompts: Sequence[str], *, system: str = SYSTEM, max_tokens: int | None = None
+    ) -> list[str]:
         out = []
         for prompt in prompts:
-            messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}]
+            messages = [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
             ids = self.tokenizer.apply_chat_template(
                 messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
             )["input_ids"]
-            gen = self.model.generate(ids, max_new_tokens=self.max_new_tokens, do_sample=False)
+            ids = ids.to(self.model.device)
+            gen = self.model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_tokens or self.max_new_tokens,
+                do_sample=False,
+                pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
+            )
             new = gen[0, ids.shape[1] :]
+            self.requests += 1
             self.prompt_tokens += ids.shape[1]
             self.completion_tokens += new.shape[0]
             out.append(self.tokenizer.decode(new, skip_special_tokens=True))

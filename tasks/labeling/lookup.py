@@ -37,7 +37,8 @@ def find_atlas(catalog: Catalog, artifact_id: str) -> Path:
 
 
 def search_labels(catalog: Catalog, text: str, limit: int = 50) -> list[dict]:
-    """Features whose label (statistical, else top token) contains `text` (any case), best scores first."""
+    """Features whose label (statistical, else top token; or an LLM label) contains `text` (any case), best
+    scores first; each hit names its `label_source`."""
     needle = text.lower()
     found = []
     for row in _labelings(catalog):
@@ -56,8 +57,22 @@ def search_labels(catalog: Catalog, text: str, limit: int = 50) -> list[dict]:
                 score.alias("detection_score"),
             )
             .filter(pl.col("label").str.to_lowercase().str.contains(needle, literal=True))
+            .with_columns(pl.lit("stat").alias("label_source"))
             .collect()
         )
+        if "labels" in names:  # LLM labels (the statistical one is matched above)
+            llm = (
+                lf.select("latent", "frequency", "labels")
+                .explode("labels")
+                .unnest("labels")
+                .filter(
+                    (pl.col("label_source") != "stat")
+                    & pl.col("label").str.to_lowercase().str.contains(needle, literal=True)
+                )
+                .select(hits.columns)
+                .collect()
+            )
+            hits = pl.concat([hits, llm])
         for hit in hits.iter_rows(named=True):
             atlas = Path(row.uri) / "atlas" / "features" / f"{hit['latent']}.html"
             found.append(

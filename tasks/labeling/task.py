@@ -16,6 +16,7 @@ from tasks.common.store import ActivationCache
 from tasks.dictionary import load_dictionary
 from tasks.labeling.atlas import write_atlas
 from tasks.labeling.features import Unembedding, build_feature_table
+from tasks.labeling.llm_labels import build_labeler
 from tasks.labeling.scoring import load_minilm
 from tasks.labeling.sharded import ShardedActs
 from tasks.labeling.stat_labeler import count_ngrams
@@ -49,6 +50,7 @@ def label_features(
             decode = lambda i, tok=loaded.tokenizer: tok.decode([i])  # noqa: E731
             del loaded
         sae = load_dictionary(dictionary.path)
+        llm = build_labeler(spec.llm, online=ctx.settings.online) if spec.llm is not None else None
         table = build_feature_table(
             sae,
             ShardedActs(store, dictionary.hookpoint, rows),
@@ -59,6 +61,7 @@ def label_features(
             count_ngrams(input_ids),
             unembedding=unembedding,
             embedder=load_minilm() if spec.embedding_score else None,
+            llm=llm,
             top_k=spec.top_k,
             window=spec.window,
         )
@@ -78,6 +81,18 @@ def label_features(
                 "mean_detection_score": float(scores.mean()) if len(scores) else float("nan"),
             }
         )
+        if llm is not None:
+            entries = table.select(pl.col("labels").explode().struct.unnest()).filter(
+                pl.col("label_source") == llm.source
+            )
+            llm_scores = entries["detection_score"].drop_nulls()
+            run.log_metrics(
+                {
+                    **llm.usage(),
+                    "n_llm_labeled": entries.height,
+                    "mean_llm_detection_score": float(llm_scores.mean()) if len(llm_scores) else float("nan"),
+                }
+            )
         run.log_artifact(folder / "features.parquet")
         fields = {
             "dictionary_id": dictionary.id,

@@ -5,6 +5,9 @@ batch's `torch.topk` merged with the running one) and a firing count, so memory 
 [batch_size, d_sae] + [d_sae, top_k] whatever the number of rows. Afterwards each kept row is turned into a
 window of text around its token, and the token that most often carries the maximum becomes the first label:
 a latent whose top contexts all peak on " cat" is labeled '" cat"'. Richer (LLM-written) labels build on this.
+A second pass reads the latent's code at every token of each kept window (`token_activations`), so a
+dashboard can shade the whole window, not only its peak; rows missing from `acts` (e.g. an excluded first
+token) get a null there.
 """
 
 from __future__ import annotations
@@ -22,13 +25,24 @@ import torch
 from torch import Tensor, nn
 
 from tasks.evaluate.metrics import dictionary_placement
+from tasks.labeling.code_stream import CodeStream, kth_per_group, lookup, smallest_per_group
 
 log = logging.getLogger(__name__)
 
 __all__ = ["FEATURE_TABLE_SCHEMA", "top_activating_contexts", "write_feature_table"]
 
+# tokens: the window's token strings; centre: the index of the max token in them; token_activations: the
+# latent's code at each of them (null where the token has no activation row).
 CONTEXT_STRUCT = pl.Struct(
-    {"context": pl.Int64, "position": pl.Int64, "activation": pl.Float64, "text": pl.String}
+    {
+        "context": pl.Int64,
+        "position": pl.Int64,
+        "activation": pl.Float64,
+        "text": pl.String,
+        "tokens": pl.List(pl.String),
+        "centre": pl.Int64,
+        "token_activations": pl.List(pl.Float64),
+    }
 )
 # One row per latent. frequency: share of rows with code > 0; max_activation: largest code seen (contexts
 # keep only codes > 0); label: the commonest max token among the top contexts, JSON-quoted so that leading
@@ -66,26 +80,53 @@ def _validate(
         raise ValueError(f"row_position must be a position within context_tokens' length {length}")
 
 
-@torch.no_grad()
-def _stream_top_k(
-    dictionary: nn.Module, acts: Tensor, top_k: int, batch_size: int
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Per latent: the top_k codes `[d_sae, top_k]`, their row indices, and how many rows had code > 0."""
-    device, dtype = dictionary_placement(dictionary, acts.device, acts.dtype)
-    d_sae, n = dictionary.d_sae, acts.shape[0]
-    top_vals = torch.full((d_sae, 0), float("-inf"), device=device)
-    top_rows = torch.zeros((d_sae, 0), dtype=torch.int64, device=device)
-    fired = torch.zeros(d_sae, dtype=torch.int64, device=device)
-    for start in range(0, n, batch_size):
-        codes = dictionary.encode(acts[start : start + batch_size].to(device=device, dtype=dtype)).float()
-        fired += (codes > 0).sum(dim=0)
-        vals, rows = torch.topk(codes, min(top_k, codes.shape[0]), dim=0)
-        # Merge [d_sae, kept] with this batch's [d_sae, k'] and keep the best top_k of the union.
-        merged_vals = torch.cat([top_vals, vals.T], dim=1)
-        merged_rows = torch.cat([top_rows, rows.T + start], dim=1)
-        top_vals, order = torch.topk(merged_vals, min(top_k, merged_vals.shape[1]), dim=1)
-        top_rows = torch.gather(merged_rows, 1, order)
-    return top_vals.cpu(), top_rows.cpu(), fired.cpu()
+def _stream_top_k(codes: CodeStream, top_k: int) -> tuple[Tensor, Tensor, Tensor, int]:
+    """Per latent: the top_k codes `[d_sae, top_k]` (0 past its firings) and their rows, how many rows it
+    fired on, and the number of rows."""
+    d_sae = codes.d_sae
+    kept_lat = torch.empty(0, dtype=torch.int64)
+    kept_val, kept_row = torch.empty(0), torch.empty(0, dtype=torch.int64)
+    fired = torch.zeros(d_sae, dtype=torch.int64)
+    n = 0
+    floor = torch.zeros(d_sae)  # a firing enters latent j's top_k only above floor[j] (its k-th best so far)
+    for b in codes:
+        fired += torch.bincount(b.latents, minlength=d_sae)
+        n = b.start + b.n
+        enter = b.values > floor[b.latents]
+        # Merge the running best with this batch's candidates and keep the top_k of each latent; the running
+        # ones come first, so a tie keeps the earlier row.
+        lat, val = torch.cat([kept_lat, b.latents[enter]]), torch.cat([kept_val, b.values[enter]])
+        row = torch.cat([kept_row, b.rows[enter]])
+        keep = smallest_per_group(lat, -val, top_k)
+        kept_lat, kept_val, kept_row = lat[keep], val[keep], row[keep]
+        floor = -kth_per_group(kept_lat, -kept_val, top_k, d_sae, empty=0.0)
+    rank = torch.arange(len(kept_lat)) - torch.searchsorted(kept_lat, kept_lat)
+    top_vals = torch.zeros(d_sae, top_k)
+    top_rows = torch.zeros(d_sae, top_k, dtype=torch.int64)
+    top_vals[kept_lat, rank], top_rows[kept_lat, rank] = kept_val, kept_row
+    return top_vals, top_rows, fired, n
+
+
+def _rows_at(row_context: Tensor, row_position: Tensor, length: int, ctx: Tensor, pos: Tensor) -> Tensor:
+    """The activation row of each (ctx, pos) pair, -1 where `acts` holds no row for it."""
+    keys = row_context.long() * length + row_position.long()
+    sorted_keys, order = torch.sort(keys)
+    want = ctx.long() * length + pos.long()
+    at = torch.searchsorted(sorted_keys, want).clamp_max(max(len(keys) - 1, 0))
+    found = sorted_keys[at] == want if len(keys) else torch.zeros_like(want, dtype=torch.bool)
+    return torch.where(found, order[at], torch.full_like(want, -1))
+
+
+def _gather_codes(codes: CodeStream, rows: Tensor, latents: Tensor) -> Tensor:
+    """codes[rows[i], latents[i]] for every pair (nan where rows[i] < 0), in one pass."""
+    out = torch.full((len(rows),), float("nan"))
+    order = torch.argsort(rows)
+    rows_s, lat_s = rows[order], latents[order]
+    for b in codes:
+        lo, hi = torch.searchsorted(rows_s, torch.tensor([b.start, b.start + b.n])).tolist()
+        if lo < hi:
+            out[order[lo:hi]] = lookup(b, codes.d_sae, rows_s[lo:hi], lat_s[lo:hi])
+    return out
 
 
 def _mark(strings: list[str], centre: int) -> str:
@@ -107,6 +148,7 @@ def top_activating_contexts(
     top_k: int = 10,
     window: int = 8,
     batch_size: int = 4096,
+    codes: CodeStream | None = None,
 ) -> pl.DataFrame:
     """One row per latent (schema `FEATURE_TABLE_SCHEMA`) with its firing frequency, top contexts and label.
 
@@ -115,6 +157,7 @@ def top_activating_contexts(
     `token_strings` maps token ids to display strings (e.g. `lambda ids: [tok.decode([i]) for i in ids]`).
     Only rows where a latent's code is > 0 count as its contexts; a latent that never fired gets no
     contexts and a null label. Rows to leave out (e.g. position 0) should be left out of `acts` by the caller.
+    `codes`: a `CodeStream` over `acts` to share with later passes (default: one made and closed here).
     """
     if top_k < 1 or batch_size < 1 or window < 0:
         raise ValueError(
@@ -124,7 +167,24 @@ def top_activating_contexts(
     n = acts.shape[0]
     if n == 0:
         raise ValueError("acts has no rows; label on at least one activation row")
-    top_vals, top_rows, fired = _stream_top_k(dictionary, acts, top_k, batch_size)
+    own = codes is None
+    if codes is None:
+        device, dtype = dictionary_placement(dictionary, acts.device, acts.dtype)
+        codes = CodeStream(
+            dictionary,
+            lambda: (acts[lo : lo + batch_size] for lo in range(0, n, batch_size)),
+            device=device,
+            dtype=dtype,
+        )
+    try:
+        return _top_contexts(codes, row_context, row_position, context_tokens, token_strings, top_k, window)
+    finally:
+        if own:
+            codes.close()
+
+
+def _top_contexts(codes, row_context, row_position, context_tokens, token_strings, top_k, window):
+    top_vals, top_rows, fired, n = _stream_top_k(codes, top_k)
     context_tokens = context_tokens.cpu()
 
     # Gather every window first so the (possibly slow) token_strings runs once on the distinct ids.
@@ -146,6 +206,9 @@ def top_activating_contexts(
         after = [t for t in ids[centre + 1 :] if t >= 0]
         windows[row] = (ctx, pos, [*before, ids[centre], *after], len(before))
     distinct = sorted({t for *_, ids, _ in windows.values() for t in ids})
+    token_acts = _window_activations(
+        codes, row_context, row_position, context_tokens.shape[1], vals_list, rows_list, windows
+    )
     strings = token_strings(distinct)
     if len(strings) != len(distinct):
         raise ValueError(f"token_strings returned {len(strings)} strings for {len(distinct)} token ids")
@@ -154,14 +217,23 @@ def top_activating_contexts(
     shown = {}
     for row, (ctx, pos, ids, centre) in windows.items():
         toks = [display[t] for t in ids]
-        shown[row] = (ctx, pos, toks[centre], _mark(toks, centre))
+        shown[row] = (ctx, pos, toks[centre], _mark(toks, centre), toks, centre)
 
     records = []
     for latent, (vals, rows) in enumerate(zip(vals_list, rows_list)):
-        top = [(v, shown[r]) for v, r in zip(vals, rows) if v > 0]
-        top_tokens = [tok for _, (_, _, tok, _) in top]
+        top = [(v, r, shown[r]) for v, r in zip(vals, rows) if v > 0]
+        top_tokens = [tok for _, _, (_, _, tok, *_) in top]
         contexts = [
-            {"context": ctx, "position": pos, "activation": v, "text": text} for v, (ctx, pos, _, text) in top
+            {
+                "context": ctx,
+                "position": pos,
+                "activation": v,
+                "text": text,
+                "tokens": toks,
+                "centre": centre,
+                "token_activations": token_acts[latent, r],
+            }
+            for v, r, (ctx, pos, _, text, toks, centre) in top
         ]
         # most_common keeps first-seen order on ties, so a tie goes to the token of the strongest context.
         label, count = Counter(top_tokens).most_common(1)[0] if top_tokens else (None, 0)
@@ -177,8 +249,33 @@ def top_activating_contexts(
             }
         )
     df = pl.DataFrame(records, schema=FEATURE_TABLE_SCHEMA)
-    log.info("labeled %d of %d latents from %d rows", int((fired > 0).sum()), dictionary.d_sae, n)
+    log.info("labeled %d of %d latents from %d rows", int((fired > 0).sum()), codes.d_sae, n)
     return df
+
+
+def _window_activations(
+    codes, row_context, row_position, length, vals_list, rows_list, windows
+) -> dict[tuple[int, int], list[float | None]]:
+    """{(latent, row): the latent's code at each token of the row's window} for every kept top context."""
+    keys, lat, ctx, pos, sizes = [], [], [], [], []
+    for latent, (vals, rows) in enumerate(zip(vals_list, rows_list)):
+        for v, r in zip(vals, rows):
+            if v > 0:
+                c, p, ids, centre = windows[r]
+                keys.append((latent, r))
+                sizes.append(len(ids))
+                lat += [latent] * len(ids)
+                ctx += [c] * len(ids)
+                pos += range(p - centre, p - centre + len(ids))  # the window is contiguous in its context
+    if not keys:
+        return {}
+    rows = _rows_at(row_context.cpu(), row_position.cpu(), length, torch.tensor(ctx), torch.tensor(pos))
+    got = _gather_codes(codes, rows, torch.tensor(lat)).tolist()
+    out, at = {}, 0
+    for key, size in zip(keys, sizes):
+        out[key] = [None if v != v else v for v in got[at : at + size]]  # nan (no row) -> null
+        at += size
+    return out
 
 
 def write_feature_table(df: pl.DataFrame, path: str | Path) -> Path:

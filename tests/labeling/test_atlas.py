@@ -93,3 +93,16 @@ def test_atlas_in_headless_chromium(atlas, tmp_path):
     assert shot.stat().st_size > 1000
     if os.environ.get("FEATUREATLAS_KEEP_SCREENSHOT"):
         shutil.copy(shot, os.environ["FEATUREATLAS_KEEP_SCREENSHOT"])
+
+
+def test_every_window_token_is_shaded_by_its_activation():
+    from tasks.labeling.atlas import _highlight_window
+
+    c = {"tokens": ["<a>", " b", " c", " d"], "token_activations": [None, 2.0, 1.0, 0.0], "centre": 1}
+    got = _highlight_window(c, max_act=2.0)
+    # alpha = 0.15 + 0.85 * activation / max: 1.00 at the peak, 0.575 (shown 0.57) at half of it
+    assert got == (
+        '<span class="ctx"><span class="none" title="no activation">&lt;a&gt;</span>'
+        '<mark class="peak" style="--a:1.00" title="2.000"> b</mark>'
+        '<span class="tok" style="--a:0.57" title="1.000"> c</span> d</span>'
+    )

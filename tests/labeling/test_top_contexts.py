@@ -110,6 +110,11 @@ def test_streamed_top_k_equals_brute_force(batch_size):
             [column[r].item() for r in fired], rel=1e-6
         )
         assert df["frequency"][latent] == pytest.approx((column > 0).float().mean().item())
+        # every token of the window, gathered across batch boundaries (row = context * 16 + position)
+        for c in contexts:
+            first = c["context"] * 16 + c["position"] - c["centre"]
+            expect = column[first : first + len(c["tokens"])].tolist()
+            assert c["token_activations"] == pytest.approx(expect, rel=1e-5, abs=1e-6)
 
 
 def _one_hot_toy():
@@ -154,3 +159,32 @@ def test_mismatched_rows_are_refused():
         top_activating_contexts(dictionary, acts, row_context[:-1], row_position, tokens, token_strings)
     with pytest.raises(ValueError, match="row_context must index"):
         top_activating_contexts(dictionary, acts, row_context + 100, row_position, tokens, token_strings)
+
+
+def test_window_carries_the_activation_of_every_token():
+    """Latent 0 reads 2 * " cat" + 0.5 * " sat" - " mat": in "The cat sat on the mat" its codes are
+    (0, 2, 0.5, 0, 0, 0), worked out by hand. Row 0 ("The") is left out of acts, like an excluded first
+    token."""
+    _, acts, row_context, row_position, tokens = _one_hot_toy()
+    W_enc = torch.zeros(len(VOCAB), 2)
+    W_enc[1, 0], W_enc[2, 0], W_enc[5, 0] = 2.0, 0.5, -1.0
+    W_enc[3, 1] = 1.0  # latent 1 fires on " on" only
+    dictionary = ReluLinear(W_enc, torch.zeros(2))
+    df = top_activating_contexts(
+        dictionary, acts[1:], row_context[1:], row_position[1:], tokens, token_strings, top_k=2, window=2
+    )
+    cat, sat = df["contexts"][0]
+    assert (cat["position"], cat["activation"]) == (1, 2.0)
+    assert cat["tokens"] == ["The", " cat", " sat", " on"] and cat["centre"] == 1
+    assert cat["token_activations"] == [None, 2.0, 0.5, 0.0]  # "The" has no activation row
+    assert (sat["position"], sat["activation"]) == (2, 0.5)
+    assert sat["tokens"] == ["The", " cat", " sat", " on", " the"] and sat["centre"] == 2
+    assert sat["token_activations"] == [None, 2.0, 0.5, 0.0, 0.0]
+    (on,) = df["contexts"][1]
+    assert on["tokens"] == [" cat", " sat", " on", " the", " mat"]
+    assert on["token_activations"] == [0.0, 0.0, 1.0, 0.0, 0.0]
+    # the window runs into the -1 padding at the end: those positions are dropped, not given a value
+    wide = top_activating_contexts(
+        dictionary, acts, row_context, row_position, tokens, token_strings, window=8
+    )
+    assert wide["contexts"][1][0]["token_activations"] == [0.0, 0.0, 0.0, 1.0, 0.0, 0.0]

@@ -1,0 +1,165 @@
+"""A dictionary's firing codes over a stream of activation batches, as sparse batches, encoded only once.
+
+Every labeling pass (top-k, window activations, histograms, quantile samples, silent rows, co-occurrence)
+reads the same codes. Encoding costs a `[batch, d_in] @ [d_in, d_sae]` matmul per batch and dense
+`[batch, d_sae]` temporaries, while the firing codes of a sparse dictionary are a few per token. So the first
+pass encodes and writes each batch's firing codes (local row, latent, value; 12 bytes each) to a temporary
+folder, and later passes read them back: one encode instead of one per pass, and every later step costs
+O(firing codes) instead of O(rows x d_sae). Memory stays at one batch; disk holds the firing codes. If they
+would pass `spill_budget` bytes (a dense dictionary), the spill is dropped and every pass encodes again.
+
+`smallest_per_group` is the one selection primitive the passes share: within each group (a latent, or a
+latent's quantile bin), keep the entries with the k smallest scores, merging a running selection with a batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from tasks.labeling.codes import firing_codes
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CodeStream", "SparseBatch", "kth_per_group", "lookup", "smallest_per_group"]
+
+
+class SparseBatch(NamedTuple):
+    """The firing codes of rows start..start+n, sorted by row then latent (all on the CPU)."""
+
+    start: int
+    n: int
+    rows: Tensor  # [nnz] int64, global row index
+    latents: Tensor  # [nnz] int64
+    values: Tensor  # [nnz] float32, > 0
+
+
+class CodeStream:
+    """Iterating gives `SparseBatch`es of `dictionary`'s firing codes over `batches()` (fresh each call).
+
+    `n_rows` is known after the first full pass. Call `close()` (or use `with`) to remove the spill folder.
+    """
+
+    def __init__(
+        self,
+        dictionary: nn.Module,
+        batches: Callable[[], Iterable[Tensor]],
+        *,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        spill_budget: int = 8 << 30,
+        spill_dir: str | Path | None = None,
+    ):
+        self.dictionary, self.batches = dictionary, batches
+        self.device, self.dtype = device, dtype
+        self.d_sae: int = dictionary.d_sae
+        self.spill_budget = spill_budget
+        self._spill_parent = spill_dir
+        self._folder: Path | None = None
+        self._files: list[tuple[int, int, Path]] | None = None  # (start, n, file) once a pass completed
+        self.n_rows: int | None = None
+        self.encode_passes = 0
+
+    def __enter__(self) -> CodeStream:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._folder is not None:
+            shutil.rmtree(self._folder, ignore_errors=True)
+            self._folder = None
+        self._files = None
+
+    def __iter__(self) -> Iterator[SparseBatch]:
+        if self._files is not None:
+            for start, n, path in self._files:
+                t = load_file(str(path))
+                yield SparseBatch(start, n, t["rows"].long() + start, t["latents"].long(), t["values"])
+            return
+        yield from self._encode_pass()
+
+    @torch.no_grad()
+    def _encode(self, acts: Tensor, start: int) -> SparseBatch:
+        x = acts.to(device=self.device or acts.device, dtype=self.dtype or acts.dtype)
+        codes = firing_codes(self.dictionary, x)
+        r, lat = (codes > 0).nonzero(as_tuple=True)  # row-major: sorted by row, then latent
+        vals = codes[r, lat].cpu()
+        return SparseBatch(start, acts.shape[0], r.cpu() + start, lat.cpu(), vals)
+
+    def _encode_pass(self) -> Iterator[SparseBatch]:
+        self.encode_passes += 1
+        spill = self.encode_passes == 1 and self.spill_budget > 0
+        if spill:
+            self._folder = Path(tempfile.mkdtemp(prefix="featureatlas-codes-", dir=self._spill_parent))
+        files, size, start = [], 0, 0
+        try:
+            for acts in self.batches():
+                batch = self._encode(acts, start)
+                if spill:
+                    size += 12 * len(batch.values)
+                    if size > self.spill_budget:
+                        log.info("firing codes pass %d bytes: re-encoding on every pass", self.spill_budget)
+                        shutil.rmtree(self._folder, ignore_errors=True)
+                        self._folder, spill = None, False
+                    else:
+                        path = self._folder / f"{len(files):06d}.safetensors"
+                        save_file(
+                            {
+                                "rows": (batch.rows - start).int(),
+                                "latents": batch.latents.int(),
+                                "values": batch.values.contiguous(),
+                            },
+                            str(path),
+                        )
+                        files.append((start, batch.n, path))
+                start += batch.n
+                yield batch
+        except BaseException:
+            self.close()
+            raise
+        self.n_rows = start
+        if spill:
+            self._files = files
+
+
+def smallest_per_group(group: Tensor, score: Tensor, k: int) -> Tensor:
+    """Indices of the entries with the k smallest `score`s within each `group`, ties to the earlier entry;
+    ordered by group, then score."""
+    order = torch.argsort(score, stable=True)
+    order = order[torch.argsort(group[order], stable=True)]
+    g = group[order]
+    rank = torch.arange(len(g)) - torch.searchsorted(
+        g, g
+    )  # g is sorted: searchsorted finds each group's start
+    return order[rank < k]
+
+
+def kth_per_group(group: Tensor, score: Tensor, k: int, n_groups: int, empty: float) -> Tensor:
+    """[n_groups] the k-th smallest score of each group in a `smallest_per_group` selection (ordered by
+    group, then score); `empty` where a group holds fewer than k. A new entry enters a full group only below
+    it."""
+    out = torch.full((n_groups,), empty)
+    rank = torch.arange(len(group)) - torch.searchsorted(group, group)
+    last = rank == k - 1
+    out[group[last]] = score[last]
+    return out
+
+
+def lookup(batch: SparseBatch, d_sae: int, rows: Tensor, latents: Tensor) -> Tensor:
+    """The code at each (row, latent) of this batch's rows (0 where it does not fire)."""
+    keys = (batch.rows - batch.start) * d_sae + batch.latents  # sorted: rows, then latents
+    want = (rows - batch.start) * d_sae + latents
+    if len(keys) == 0:
+        return torch.zeros(len(want))
+    at = torch.searchsorted(keys, want).clamp_max(len(keys) - 1)
+    return torch.where(keys[at] == want, batch.values[at], torch.zeros(()))
