@@ -40,7 +40,7 @@ class SteeringResult(Contract):
 
 
 class DecoderGeometry(Contract):
-    """Overlap figures of the unit decoder directions."""
+    """Euclidean overlap figures of the unit, unwhitened decoder directions (not the atomic inner product)."""
 
     n_directions: int = Field(description="Latents with a nonzero decoder direction.")
     coherence: float = Field(description="Max |cos| between two different latents' decoder directions.")
@@ -48,6 +48,27 @@ class DecoderGeometry(Contract):
     duplicate_fraction: float = Field(description="Share of latents with a neighbour above the threshold.")
     duplicate_threshold: float = Field(description="|cos| above which two latents count as duplicates.")
     neuron_alignment: float = Field(description="Mean over latents of max_k |d_j[k]| (1: neuron basis).")
+
+
+class AtomicGeometry(Contract):
+    """Coherence of the whitened decoder directions S^(1/2) d_j, S = (E[x x^T] + lambda I)^-1, and the share
+    of latents meeting the uniqueness condition mu_i < 1/(2K - 1); the neuron basis e_k is the baseline."""
+
+    ridge: float = Field(description="lambda as a fraction of the mean eigenvalue tr(E[x x^T]) / d_in.")
+    lambda_value: float = Field(description="The lambda added to E[x x^T], in squared activation units.")
+    n_directions: int = Field(description="Latents with a nonzero decoder direction.")
+    k: float = Field(description="K of the uniqueness condition: the dictionary's L0 on the held-out tokens.")
+    bound: float = Field(description="1 / (2K - 1) (1 when K <= 1).")
+    max_coherence: float = Field(description="max_i mu_i, mu_i = max_{j != i} |<u_i, u_j>| (whitened, unit).")
+    mean_coherence: float = Field(description="Mean over latents of mu_i.")
+    unique_fraction: float = Field(description="Share of latents with mu_i < 1 / (2K - 1).")
+    neuron_max_coherence: float = Field(description="max mu_k of the whitened neuron basis S^(1/2) e_k.")
+    neuron_mean_coherence: float = Field(description="Mean mu_k of the whitened neuron basis.")
+    neuron_unique_fraction: float = Field(description="Share of neurons with mu_k < 1 / (2K - 1), same K.")
+    neuron_l0: float = Field(description="The neuron basis's own L0: mean nonzero coordinates of x.")
+    neuron_unique_fraction_own_l0: float = Field(
+        description="Share of neurons with mu_k < 1 / (2 neuron_l0 - 1)."
+    )
 
 
 class EvalDetails(Contract):
@@ -74,4 +95,11 @@ class EvalDetails(Contract):
     steering: list[SteeringResult] = Field(
         default_factory=list, description="Chosen latents steered to the KL target, both signs."
     )
-    geometry: DecoderGeometry | None = Field(None, description="Overlap of the decoder directions.")
+    geometry: DecoderGeometry | None = Field(
+        None,
+        description="Euclidean overlap of the unwhitened decoder directions (nearest-neighbour |cos|, neuron "
+        "alignment): the earlier figures, not the atomic inner product.",
+    )
+    atomic_geometry: AtomicGeometry | None = Field(
+        None, description="Coherence under the atomic inner product and the uniqueness fraction."
+    )

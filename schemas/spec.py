@@ -142,6 +142,12 @@ class EvaluateSpec(Contract):
         False,
         description="Evaluate even on a model or hookpoint other than the one trained on.",
     )
+    geometry_ridge: float = Field(
+        1e-3,
+        ge=0,
+        description="lambda of the atomic inner product S = (E[x x^T] + lambda I)^-1, as a fraction of the "
+        "mean eigenvalue of E[x x^T].",
+    )
 
 
 class LabelSpec(Contract):

@@ -20,7 +20,7 @@ from tasks.dictionary import load_dictionary
 from tasks.evaluate.ablation import ablate_latents, most_frequent_latents
 from tasks.evaluate.ce_loss import ce_loss_score
 from tasks.evaluate.compatibility import check_dictionary_fits
-from tasks.evaluate.geometry import decoder_geometry
+from tasks.evaluate.geometry import atomic_geometry, decoder_geometry
 from tasks.evaluate.metrics import reconstruction_metrics
 from tasks.evaluate.steering import steer_latent
 from tasks.tracking.catalog import open_catalog
@@ -102,9 +102,10 @@ def evaluate_dictionary(
             raise ValueError("the cache has no held-out tokens; raise `corpus.heldout_fraction` above 0")
         loaded = load_model_ref(cache.model.source, cache.model.spec, cache.model.path, cache.model.converted)
         sae = load_dictionary(dictionary.path, device=str(loaded.device))
+        acts = store.load(hookpoint, rows)
         recon = reconstruction_metrics(
             sae,
-            store.load(hookpoint, rows),
+            acts,
             device=str(loaded.device),
             dense_threshold=spec.dense_threshold,
             hist_bins_per_decade=spec.hist_bins_per_decade,
@@ -128,6 +129,7 @@ def evaluate_dictionary(
             **ce.model_dump(include=set(EvalDetails.model_fields)),
             **causal_figures(loaded, sae, hookpoint, ids, mask, spec, exclude_first),
             geometry=decoder_geometry(sae),
+            atomic_geometry=atomic_geometry(sae, acts, recon.l0, ridge=spec.geometry_ridge),
         )
         metrics = {
             "n_tokens": recon.n_tokens,
@@ -147,7 +149,8 @@ def evaluate_dictionary(
             for k, v in details.model_dump().items()
             if isinstance(v, float | int) and not isinstance(v, bool)
         }
-        scalars |= {f"geometry_{k}": v for k, v in details.geometry.model_dump().items()}
+        scalars |= {f"geometry_euclidean_{k}": v for k, v in details.geometry.model_dump().items()}
+        scalars |= {f"geometry_atomic_{k}": v for k, v in details.atomic_geometry.model_dump().items()}
         if details.ablations:
             scalars["ablation_max_loss_change"] = abs(details.ablations[0].loss_change)
         if details.steering:
