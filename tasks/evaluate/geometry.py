@@ -7,9 +7,9 @@ unit whitened directions u_i:
   mu_i             - coherence of latent i, max_{j != i} |<u_i, u_j>|;
   unique_fraction  - share of latents with mu_i < 1/(2K - 1), K the dictionary's L0: the condition under which
                      a K-sparse code over these directions is the unique sparsest one (Donoho-Elad);
-and the same for the neuron basis (whitened e_k) as a baseline, at the dictionary's K and at the neuron basis's
-own L0 (the mean number of nonzero coordinates of x). lambda is `ridge * tr(E[x x^T]) / d_in`, so the ridge
-means the same at every hookpoint scale.
+and the same for the neuron basis (whitened e_k) as a baseline, at the dictionary's K and at the neuron
+basis's own L0 (the mean number of nonzero coordinates of x). lambda is `ridge * tr(E[x x^T]) / d_in`, so
+the ridge means the same at every hookpoint scale.
 
 `decoder_geometry` keeps the earlier, plain Euclidean figures (nearest-neighbour |cos| of the unwhitened unit
 directions, duplicates, neuron alignment); they are labeled `euclidean` in the report and are not the
@@ -89,7 +89,7 @@ def decoder_geometry(
 
 @torch.no_grad()
 def whitening(acts: Tensor, ridge: float, chunk: int = 8192) -> tuple[Tensor, float]:
-    """(S^(1/2) [d_in, d_in] float64, lambda) with S = (E[x x^T] + lambda I)^-1, lambda = ridge tr(E[xx^T])/d_in.
+    """(S^(1/2) [d_in, d_in] in float64, lambda): S = (E[x x^T] + lambda I)^-1, lambda = ridge tr(E[xx^T])/d.
 
     Double precision: the small eigenvalues, which whitening blows up, are the ones float32 loses.
     """

@@ -81,7 +81,7 @@ def test_whitening_a_diagonal_second_moment():
 
 def test_correlated_activations_make_the_neuron_basis_coherent():
     # 3 x +-(1, 1) and 1 x +-(1, -1): E[x x^T] = [[1, .5], [.5, 1]], S = (4/3) [[1, -.5], [-.5, 1]],
-    # so the whitened neurons have cos = S_01 / S_00 = -1/2: mu = 1/2 for both, although e0 and e1 are orthogonal.
+    # so the whitened neurons have cos = S_01 / S_00 = -1/2: mu = 1/2 for both, e0 and e1 being orthogonal.
     acts = torch.tensor([[1.0, 1]] * 3 + [[-1.0, -1]] * 3 + [[1.0, -1], [-1.0, 1]])
     dictionary = Linear(torch.eye(2))  # the dictionary *is* the neuron basis
     g = atomic_geometry(dictionary, acts, l0=1.2, ridge=0.0)
