@@ -1,6 +1,6 @@
 """The richer figures of an evaluation, nested in `EvalReport.details`: whole-set direction and sparsity
-figures, the mean-ablation CE-loss baseline and KL, features as causes (ablation and steering) and the
-geometry of the decoder directions.
+figures, the mean-ablation CE-loss baseline and KL, features as causes (ablation and steering), the
+geometry of the decoder directions and the comparison with a supervised reference dictionary.
 
 They live apart from `schemas/artifacts.py` so the report keeps its flat headline fields and older reports
 (without details) still load.
@@ -71,6 +71,59 @@ class AtomicGeometry(Contract):
     )
 
 
+class AttributeMatch(Contract):
+    """The dictionary latent that best detects one attribute value (active on the prompts that have it)."""
+
+    attribute: str = Field(description="Attribute name, e.g. 'io'.")
+    value: str = Field(description="Attribute value, e.g. 'Mary'.")
+    latent: int = Field(description="Latent with the highest F1 for this value.")
+    precision: float = Field(description="Share of the prompts it is active on that have the value.")
+    recall: float = Field(description="Share of the prompts with the value that it is active on.")
+    f1: float = Field(description="Harmonic mean of precision and recall.")
+
+
+class AttributeControl(Contract):
+    """Editing one attribute v -> v' (the next valid value) in the activation, scored against the prompt
+    actually rewritten to v': control = 1 - sum KL(cf || edited) / sum KL(cf || unedited)."""
+
+    attribute: str = Field(description="Edited attribute.")
+    n_edits: int = Field(description="Prompts edited (those with a valid counterfactual).")
+    kl_unedited: float = Field(description="Mean KL(counterfactual || clean) at the last position, nats.")
+    supervised: float | None = Field(
+        description="Control of the supervised dictionary (swap u_{a,v} for u_{a,v'}); None when the edit "
+        "leaves the next-token distribution unchanged (kl_unedited ~ 0)."
+    )
+    dictionary: float | None = Field(
+        description="Control of the dictionary: best-F1 latent for v zeroed, best-F1 latent for v' set to "
+        "its mean activation on prompts with v'; None as above."
+    )
+
+
+class SupervisedEval(Contract):
+    """Supervised reference dictionary of mean codes on a templated task, against the dictionary under test.
+
+    Activations are read at the hookpoint at each prompt's last token and patched there. LD is the mean
+    logit difference logit(answer) - logit(distractor); mean ablation sets the activation to u_0 = E[a].
+    sufficiency = (LD_patched - LD_mean) / (LD_clean - LD_mean) with the reconstruction patched in;
+    necessity = (LD_clean - LD_removed) / (LD_clean - LD_mean) with a - a_hat + E[a_hat] patched in (the
+    features replaced by their mean); both are None when LD_clean - LD_mean is under 1e-6.
+    """
+
+    task: str = Field(description="Template task, e.g. 'ioi'.")
+    n_prompts: int = Field(description="Prompts the codes were fit and scored on.")
+    attributes: list[str] = Field(description="Attributes the supervised dictionary has codes for.")
+    logit_diff_clean: float = Field(description="Mean LD of the unmodified model.")
+    logit_diff_mean_ablation: float = Field(description="Mean LD with the activation set to E[a].")
+    supervised_fvu: float = Field(description="FVU of u_0 + sum_a u_{a,v(a)} on the prompts' activations.")
+    dictionary_fvu: float = Field(description="FVU of decode(encode(a)) on the prompts' activations.")
+    supervised_sufficiency: float | None = Field(description="Sufficiency of the supervised dictionary.")
+    dictionary_sufficiency: float | None = Field(description="Sufficiency of the dictionary.")
+    supervised_necessity: float | None = Field(description="Necessity of the supervised dictionary.")
+    dictionary_necessity: float | None = Field(description="Necessity of the dictionary.")
+    control: list[AttributeControl] = Field(description="One entry per attribute.")
+    best_latents: list[AttributeMatch] = Field(description="Best-F1 latent of every attribute value.")
+
+
 class EvalDetails(Contract):
     """Everything an evaluation measures beyond the headline fields of `EvalReport`."""
 
@@ -102,4 +155,7 @@ class EvalDetails(Contract):
     )
     atomic_geometry: AtomicGeometry | None = Field(
         None, description="Coherence under the atomic inner product and the uniqueness fraction."
+    )
+    supervised: SupervisedEval | None = Field(
+        None, description="Against a supervised reference dictionary (when `supervised_prompts` > 0)."
     )
