@@ -130,6 +130,14 @@ def _tokenize(tokenizer, prompts: list[LabeledPrompt], device: torch.device | st
         mask[i, : len(r)] = 1
     answer = torch.tensor([_first_token(tokenizer, p.answer) for p in prompts])
     distractor = torch.tensor([_first_token(tokenizer, p.distractor) for p in prompts])
+    same = (answer == distractor).nonzero().flatten().tolist()
+    if same:
+        p = prompts[same[0]]
+        raise ValueError(
+            f"the tokenizer starts {p.answer!r} and {p.distractor!r} with the same token, so their logit "
+            "difference is always 0; use a tokenizer in which the task's words are single tokens (GPT-2, "
+            "Llama and SmolLM2 tokenizers are)"
+        )
     lengths = torch.tensor([len(r) for r in rows])
     return _Prompts(ids.to(device), mask.to(device), (lengths - 1).to(device), answer, distractor)
 
@@ -311,7 +319,9 @@ class _Editor:
 
     def control(self, attribute: str, scores: AttributeScores) -> AttributeControl:
         """Edit `attribute` to its next valid value in every prompt, scored against the rewritten prompts."""
-        pairs = [(i, self.task.edit_target(pr, attribute)) for i, pr in enumerate(self.prompts)]
+        # only to values the prompts have, so that both u_{attr,v'} and the best latent for v' are known
+        seen = set(self.supervised.codes[attribute])
+        pairs = [(i, self.task.edit_target(pr, attribute, seen)) for i, pr in enumerate(self.prompts)]
         pairs = [(i, cf) for i, cf in pairs if cf is not None]
         if not pairs:
             raise ValueError(f"no prompt of task {self.task.name!r} can have {attribute!r} edited")

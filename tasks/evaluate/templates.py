@@ -120,12 +120,18 @@ class TemplateTask:
         match = [t for t, a in self.template_attributes.items() if a == wanted]
         return self.prompt(match[0], slots) if match else None
 
-    def edit_target(self, prompt: LabeledPrompt, attribute: str) -> LabeledPrompt | None:
-        """The counterfactual for the next value of `attribute` (cyclically) that gives a valid prompt."""
+    def edit_target(
+        self, prompt: LabeledPrompt, attribute: str, allowed: set[str] | None = None
+    ) -> LabeledPrompt | None:
+        """The counterfactual for the next value of `attribute` (cyclically, among `allowed` if given) that
+        gives a valid prompt."""
         values = self.values(attribute)
         start = values.index(prompt.attributes[attribute])
         for step in range(1, len(values)):
-            cf = self.counterfactual(prompt, attribute, values[(start + step) % len(values)])
+            value = values[(start + step) % len(values)]
+            if allowed is not None and value not in allowed:
+                continue
+            cf = self.counterfactual(prompt, attribute, value)
             if cf is not None:
                 return cf
         return None
