@@ -30,11 +30,12 @@ TOY = TemplateTask(
 )
 
 
-def word_tokenizer(task: TemplateTask) -> PreTrainedTokenizerFast:
-    """One token per word and punctuation mark of the task's templates and pools."""
+def word_tokenizer(task: TemplateTask, extra: list[str] = ()) -> PreTrainedTokenizerFast:
+    """One token per word and punctuation mark of the task's templates and pools (and `extra` words)."""
     words = ["[PAD]"] + sorted(
         {w for t in task.templates.values() for w in re.findall(r"\w+|[^\w\s]", re.sub(r"{\w+}", "", t))}
         | {w for pool in task.pools.values() for w in pool}
+        | set(extra)
     )
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[PAD]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
