@@ -39,6 +39,7 @@ __all__ = [
     "AttributeScores",
     "MeanCodes",
     "attribute_scores",
+    "best_matches",
     "fit_mean_codes",
     "supervised_evaluation",
 ]
