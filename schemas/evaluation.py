@@ -106,7 +106,8 @@ class SupervisedEval(Contract):
     logit difference logit(answer) - logit(distractor); mean ablation sets the activation to u_0 = E[a].
     sufficiency = (LD_patched - LD_mean) / (LD_clean - LD_mean) with the reconstruction patched in;
     necessity = (LD_clean - LD_removed) / (LD_clean - LD_mean) with a - a_hat + E[a_hat] patched in (the
-    features replaced by their mean); both are None when LD_clean - LD_mean is under 1e-6.
+    features replaced by their mean); both are None when |LD_clean - LD_mean| < 5% of |LD_clean| (mean
+    ablation of this one activation hardly moves the task, so there is nothing to recover).
     """
 
     task: str = Field(description="Template task, e.g. 'ioi'.")

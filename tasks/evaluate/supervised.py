@@ -35,6 +35,8 @@ from tasks.evaluate.templates import LabeledPrompt, TemplateTask
 
 log = logging.getLogger(__name__)
 
+MIN_GAP = 0.05  # sufficiency and necessity need |LD_clean - LD_mean| >= MIN_GAP * |LD_clean|
+
 __all__ = [
     "AttributeScores",
     "MeanCodes",
@@ -251,12 +253,15 @@ def supervised_evaluation(
 
         ld_clean, ld_mean = _logit_diff(clean, batch), ld(supervised.u0.expand_as(acts))
         gap = ld_clean - ld_mean
+        # Where mean ablation hardly moves the logit difference, this activation does not carry the task
+        # (later layers fetch it from other positions) and the ratios would only amplify noise.
+        defined = abs(gap) >= max(1e-6, MIN_GAP * abs(ld_clean))
 
         def sufficiency(hat: Tensor) -> float | None:
-            return None if abs(gap) < 1e-6 else (ld(hat) - ld_mean) / gap
+            return (ld(hat) - ld_mean) / gap if defined else None
 
         def necessity(hat: Tensor) -> float | None:
-            return None if abs(gap) < 1e-6 else (ld_clean - ld(acts - hat + hat.mean(0))) / gap
+            return (ld_clean - ld(acts - hat + hat.mean(0))) / gap if defined else None
 
         active = (codes != 0).cpu()
         scores = {a: attribute_scores(active, labels, a, task.values(a)) for a in task.attributes}
