@@ -305,7 +305,7 @@ def compare(
         return
     table = Table(title=f"{len(rows)} evaluated dictionaries")
     columns = ["dictionary_id", "method", "hookpoint", "d_sae", "l0", "fvu", "ce_loss_score",
-               "ce_loss_score_mean", "dead_fraction", "dense_fraction"]  # fmt: skip
+               "ce_loss_score_mean", "dead_fraction", "dense_fraction", "ioi_sufficiency"]  # fmt: skip
     for col in columns:
         table.add_column(col)
     for r in rows:

@@ -143,6 +143,25 @@ class EvaluateSpec(Contract):
         False,
         description="Evaluate even on a model or hookpoint other than the one trained on.",
     )
+    geometry_ridge: float = Field(
+        1e-3,
+        ge=0,
+        description="lambda of the atomic inner product S = (E[x x^T] + lambda I)^-1, as a fraction of the "
+        "mean eigenvalue of E[x x^T].",
+    )
+    supervised_prompts: int = Field(
+        0,
+        ge=0,
+        description="Prompts of the templated indirect-object task for the supervised reference dictionary "
+        "(sufficiency, necessity, control, latent F1); 0 skips it, else at least 8.",
+    )
+
+    @field_validator("supervised_prompts")
+    @classmethod
+    def _enough_prompts(cls, n: int) -> int:
+        if 0 < n < 8:
+            raise ValueError(f"supervised_prompts={n} is too few to fit mean codes; use 0 (skip) or >= 8")
+        return n
 
 
 class LLMLabelSpec(Contract):

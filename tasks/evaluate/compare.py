@@ -37,6 +37,9 @@ class ComparisonRow(Contract):
     ce_loss_score_mean: float | None = Field(None, description="CE-loss score against mean ablation.")
     dead_fraction: float = Field(description="Share of latents that never fired.")
     dense_fraction: float | None = Field(None, description="Share of dense latents (newer evaluations).")
+    ioi_sufficiency: float | None = Field(
+        None, description="Sufficiency on the indirect-object task (when `evaluate.supervised_prompts` > 0)."
+    )
 
 
 def comparison_rows(catalog: Catalog) -> list[ComparisonRow]:
@@ -65,6 +68,7 @@ def comparison_rows(catalog: Catalog) -> list[ComparisonRow]:
                 ce_loss_score_mean=details.get("ce_loss_score_mean"),
                 dead_fraction=ref["dead_fraction"],
                 dense_fraction=details.get("dense_fraction"),
+                ioi_sufficiency=(details.get("supervised") or {}).get("dictionary_sufficiency"),
             )
         )
     return sorted(rows, key=lambda r: (r.method, r.hookpoint, r.l0))

@@ -1,6 +1,7 @@
-"""Prefect task of stage 3: reconstruction, sparsity, CE-loss and causal figures of a dictionary on held-out
-data. The headline figures go to the report's flat fields and MLflow metrics; the rest (histogram, ablations,
-steering) to `EvalReport.details` and `eval.json`."""
+"""Prefect task of stage 3: reconstruction, sparsity, CE-loss, causal and geometric figures of a dictionary on
+held-out data (and, when asked, against a supervised reference dictionary on the indirect-object task). The
+headline figures go to the report's flat fields and MLflow metrics; the rest (histogram, ablations, steering,
+geometry, supervised) to `EvalReport.details` and `eval.json`."""
 
 from __future__ import annotations
 
@@ -20,9 +21,11 @@ from tasks.dictionary import load_dictionary
 from tasks.evaluate.ablation import ablate_latents, most_frequent_latents
 from tasks.evaluate.ce_loss import ce_loss_score
 from tasks.evaluate.compatibility import check_dictionary_fits
-from tasks.evaluate.geometry import decoder_geometry
+from tasks.evaluate.geometry import atomic_geometry, decoder_geometry
 from tasks.evaluate.metrics import reconstruction_metrics
 from tasks.evaluate.steering import steer_latent
+from tasks.evaluate.supervised import supervised_evaluation
+from tasks.evaluate.templates import ioi_task
 from tasks.tracking.catalog import open_catalog
 from tasks.tracking.identity import evaluation_identity, ref_identity
 from tasks.tracking.mlflow_runs import StageRun
@@ -88,6 +91,23 @@ def causal_figures(
     return {"ablations": ablations, "steering": steering}
 
 
+def supervised_figures(loaded, sae, hookpoint: str, spec: EvaluateSpec):
+    """The dictionary against mean codes on the indirect-object task (None when switched off)."""
+    if spec.supervised_prompts == 0:
+        return None
+    task = ioi_task()
+    return supervised_evaluation(
+        loaded.model,
+        loaded.tokenizer,
+        sae,
+        hookpoint,
+        task,
+        task.sample(spec.supervised_prompts),
+        batch_size=spec.batch_size,
+        device=loaded.device,
+    )
+
+
 @task(name="evaluate_dictionary", cache_policy=NO_CACHE)
 def evaluate_dictionary(
     ctx: StageContext,
@@ -116,9 +136,10 @@ def evaluate_dictionary(
             raise ValueError("the cache has no held-out tokens; raise `corpus.heldout_fraction` above 0")
         loaded = load_model_ref(cache.model.source, cache.model.spec, cache.model.path, cache.model.converted)
         sae = load_dictionary(dictionary.path, device=str(loaded.device))
+        acts = store.load(hookpoint, rows)
         recon = reconstruction_metrics(
             sae,
-            store.load(hookpoint, rows),
+            acts,
             device=str(loaded.device),
             dense_threshold=spec.dense_threshold,
             hist_bins_per_decade=spec.hist_bins_per_decade,
@@ -146,6 +167,8 @@ def evaluate_dictionary(
             **ce.model_dump(include=set(EvalDetails.model_fields)),
             **causes,
             geometry=decoder_geometry(sae),
+            atomic_geometry=atomic_geometry(sae, acts, recon.l0, ridge=spec.geometry_ridge),
+            supervised=supervised_figures(loaded, sae, hookpoint, spec),
         )
         metrics = {
             "n_tokens": recon.n_tokens,
@@ -165,7 +188,14 @@ def evaluate_dictionary(
             for k, v in details.model_dump().items()
             if isinstance(v, float | int) and not isinstance(v, bool)
         }
-        scalars |= {f"geometry_{k}": v for k, v in details.geometry.model_dump().items()}
+        scalars |= {f"geometry_euclidean_{k}": v for k, v in details.geometry.model_dump().items()}
+        scalars |= {f"geometry_atomic_{k}": v for k, v in details.atomic_geometry.model_dump().items()}
+        if details.supervised is not None:
+            scalars |= {
+                f"ioi_{k}": v
+                for k, v in details.supervised.model_dump().items()
+                if isinstance(v, float) and k != "n_prompts"
+            }
         if details.ablations:
             scalars["ablation_max_loss_change"] = abs(details.ablations[0].loss_change)
         if details.steering:

@@ -24,7 +24,7 @@ STAGE_VERSIONS = {
     "corpus": 2,  # 2: document order no longer puts every held-out document first
     "activation_cache": 2,  # 2: is_special column, special tokens excluded, layout and rms in the manifest
     "dictionary": 1,
-    "evaluation": 2,  # issue 5: details (mean ablation, KL, ablation, steering, geometry)
+    "evaluation": 3,  # 2: details (mean ablation, KL, ablation, steering, geometry); 3: atomic geometry
     "labeling": 2,  # 2: feature statistics, statistical labels, scores, atlas
     "interactions": 2,  # 2: pair cap, retraining class, probes on dictionary latents
 }
