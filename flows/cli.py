@@ -336,3 +336,7 @@ def main() -> None:
         app()
     except ServiceUnavailable as e:  # the database or tracking server is down: the message says which
         raise SystemExit(fail(str(e)).exit_code) from None
+
+
+if __name__ == "__main__":  # python -m flows.cli, the same as the featureatlas command
+    main()
