@@ -10,6 +10,7 @@ from schemas.methods import BAConfig, GBAConfig
 from schemas.spec import SpecError, parse_spec
 from tasks.dictionary import build_dictionary, load_dictionary, train_dictionary
 from tasks.dictionary.gba import BASAE, GBASAE
+from tasks.dictionary.synthetic import recovery_at_init
 from tests.dictionary.test_topk import plant
 
 
@@ -90,6 +91,7 @@ def test_ba_recovers_planted_features_and_biases_adapt(tmp_path):
         update_every=10,
         gamma_minus=0.05,
     )
+    assert recovery_at_init(cfg, truth.acts, truth.directions)["frr_08"] < 0.2  # not handed the answer
     result = train_dictionary(cfg, truth.acts)
     sae = result.dictionary
     best = (truth.directions @ sae.decoder_directions().T).max(dim=1).values

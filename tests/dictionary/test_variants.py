@@ -21,6 +21,7 @@ from schemas.methods import (
 )
 from schemas.spec import parse_spec
 from tasks.dictionary import build_dictionary, load_dictionary, train_dictionary
+from tasks.dictionary.synthetic import recovery_at_init
 from tests.dictionary.test_topk import plant
 
 VARIANTS = ("relu", "batchtopk", "matryoshka", "jumprelu", "gated", "threshold")
@@ -305,6 +306,7 @@ def test_pipeline_spec_accepts_every_variant(method):
 def test_topk_family_recovers_planted_dictionary(method, floor):
     truth = plant(8000)
     cfg = variant_cfg(method, d_sae=128, lr=4e-3, batch_size=256, steps=400, log_every=400)
+    assert recovery_at_init(cfg, truth.acts, truth.directions)["frr_08"] < 0.2  # not handed the answer
     sae = train_dictionary(cfg, truth.acts).dictionary
     best = (truth.directions @ sae.decoder_directions().T).max(dim=1).values
     assert (best > 0.8).float().mean().item() >= floor
