@@ -17,6 +17,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from schemas.methods import DictionaryConfig
+
 # Dictionaries draw their initial rows with torch.randn from Generator().manual_seed(cfg.seed); a toy drawing
 # its planted directions the same way from the same seed would hand every method the answer at initialisation
 # (the first rows coincide exactly). Toys therefore seed their generator with this offset added.
@@ -69,6 +71,25 @@ def hierarchical_toy(
     on = (torch.rand(n_samples, n_singletons, generator=g) < p_singleton).float()
     acts = acts + (on * coefs((n_samples, n_singletons))) @ singletons
     return HierarchicalToy(parents, children, singletons, acts)
+
+
+def planted_directions(n: int, d_in: int, *, seed: int = 0) -> Tensor:
+    """`n` random unit-norm directions [n, d_in], drawn apart from every method's initialisation."""
+    return _unit(torch.randn(n, d_in, generator=torch.Generator().manual_seed(SEED_OFFSET + seed)))
+
+
+def recovery_at_init(cfg: DictionaryConfig, acts: Tensor, true_dirs: Tensor) -> dict[str, float]:
+    """`recovery` of `true_dirs` by the dictionary `cfg` builds, initialised from `acts`, before any step.
+
+    A recovery test asserts this is low: a high share means the toy handed the method its answer.
+    """
+    from tasks.dictionary.registry import build_dictionary
+
+    dictionary = build_dictionary(cfg, acts.shape[1])
+    init = getattr(dictionary, "init_from_data", None)
+    if init is not None:
+        init(acts)
+    return recovery(true_dirs, dictionary.decoder_directions().detach())
 
 
 def recovery(true_dirs: Tensor, learned: Tensor) -> dict[str, float]:

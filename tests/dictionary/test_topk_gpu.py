@@ -7,6 +7,7 @@ import torch
 
 from schemas.methods import TopKConfig
 from tasks.dictionary import train_dictionary
+from tasks.dictionary.synthetic import recovery_at_init
 from tests.dictionary.test_topk import fvu, plant, recovered_fraction
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -16,6 +17,8 @@ def test_cuda_training_matches_cpu_recovery():
     truth = plant(20_000)
     fresh = plant(4000, data_seed=123).acts
     quality = {}
+    cfg = TopKConfig(d_sae=128, k=3, seed=0)
+    assert recovery_at_init(cfg, truth.acts, truth.directions)["frr_08"] < 0.2  # not handed the answer
     for device in ("cpu", "cuda"):
         cfg = TopKConfig(
             d_sae=128, k=3, lr=2e-3, batch_size=256, steps=2000, seed=0, device=device, log_every=500

@@ -21,6 +21,7 @@ from schemas.methods import (
 )
 from schemas.spec import parse_spec
 from tasks.dictionary import build_dictionary, load_dictionary, train_dictionary
+from tasks.dictionary.synthetic import recovery_at_init
 from tests.dictionary.test_topk import plant
 
 VARIANTS = ("relu", "batchtopk", "matryoshka", "jumprelu", "gated", "threshold")
@@ -297,14 +298,17 @@ def test_pipeline_spec_accepts_every_variant(method):
 
 # ---- planted-dictionary recovery ---------------------------------------------------------------------------
 # Only the TopK family is asserted: at these tiny sizes and step counts it recovers the planted dictionary on
-# every seed tried (0-2), while relu, jumprelu, gated and threshold recover it on some seeds and not others
-# (they need their sparsity weight tuned and more steps).
+# every seed tried (0-2, planted apart from the init: batchtopk 1.0 / 0.98 / 0.92, matryoshka 0.83 / 0.88 /
+# 0.86 at cosine 0.8). relu, jumprelu, gated and threshold were seen to recover it on some seeds and not
+# others when the planted rows were the init rows; not re-measured since (they need their sparsity weight
+# tuned and more steps).
 
 
 @pytest.mark.parametrize(("method", "floor"), [("batchtopk", 0.9), ("matryoshka", 0.8)])
 def test_topk_family_recovers_planted_dictionary(method, floor):
     truth = plant(8000)
     cfg = variant_cfg(method, d_sae=128, lr=4e-3, batch_size=256, steps=400, log_every=400)
+    assert recovery_at_init(cfg, truth.acts, truth.directions)["frr_08"] < 0.2  # not handed the answer
     sae = train_dictionary(cfg, truth.acts).dictionary
     best = (truth.directions @ sae.decoder_directions().T).max(dim=1).values
     assert (best > 0.8).float().mean().item() >= floor
