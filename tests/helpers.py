@@ -123,3 +123,18 @@ def build_tiny_bert(seed: int = 0) -> BertModel:
         pad_token_id=0,
     )
     return BertModel(cfg).eval()
+
+
+class IdentityDictionary(torch.nn.Module):
+    """An exact stand-in dictionary: codes = relu([x, -x]), so decode(encode(x)) = x; latent i < d writes e_i
+    (it fires when coordinate i is positive) and latent d + i writes -e_i."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.d_in, self.d_sae = d, 2 * d
+
+    def encode(self, acts: torch.Tensor) -> torch.Tensor:
+        return torch.relu(torch.cat([acts, -acts], dim=-1))
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        return codes[..., : self.d_in] - codes[..., self.d_in :]

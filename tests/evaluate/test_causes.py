@@ -4,29 +4,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from tasks.common.hooks import splice
 from tasks.evaluate.ablation import ablate_latents, latent_contribution, most_frequent_latents
 from tasks.evaluate.ce_loss import ce_loss_score
 from tasks.evaluate.steering import decoder_direction, steer_latent
+from tests.helpers import IdentityDictionary as Identity
 from tests.helpers import build_tiny_llama
 
 HOOKPOINT = "model.layers.1"
 
 
-class Identity(nn.Module):
-    """decode(encode(x)) = x with codes relu([x, -x]): latent i < d writes e_i, latent d + i writes -e_i."""
-
-    def __init__(self, d: int):
-        super().__init__()
-        self.d_in, self.d_sae = d, 2 * d
-
-    def encode(self, acts: Tensor) -> Tensor:
-        return torch.relu(torch.cat([acts, -acts], dim=-1))
-
-    def decode(self, codes: Tensor) -> Tensor:
-        return codes[..., : self.d_in] - codes[..., self.d_in :]
 
 
 @pytest.fixture(scope="module")

@@ -11,23 +11,12 @@ from torch import Tensor, nn
 
 from tasks.common.hooks import capture_activations, splice
 from tasks.evaluate.ce_loss import ce_loss_score
+from tests.helpers import IdentityDictionary as Identity
 from tests.helpers import build_tiny_llama
 
 HOOKPOINT = "model.layers.1"
 
 
-class Identity(nn.Module):
-    """Exact stand-in dictionary: codes = relu([x, -x]), acts_hat = codes[:d] - codes[d:] = x."""
-
-    def __init__(self, d: int):
-        super().__init__()
-        self.d_in, self.d_sae = d, 2 * d
-
-    def encode(self, acts: Tensor) -> Tensor:
-        return torch.relu(torch.cat([acts, -acts], dim=-1))
-
-    def decode(self, codes: Tensor) -> Tensor:
-        return codes[..., : self.d_in] - codes[..., self.d_in :]
 
 
 class Zeros(Identity):

