@@ -195,8 +195,10 @@ class SemiNMFConfig(TrainingConfig):
     sparsity: float = Field(
         0.01, gt=0, le=1, description="Share of each column of F kept (largest magnitudes) after its update."
     )
-    init: Literal["random", "svd"] = Field(
-        "svd", description="Start from random G, or from the activations' top singular directions."
+    init: Literal["random", "svd", "kmeans"] = Field(
+        "svd",
+        description="Start from random G, from the activations' top singular directions, or from k-means "
+        "clusters of the tokens (G = cluster indicators + 0.2, as Ding, Li & Jordan).",
     )
     init_passes: int = Field(
         100,

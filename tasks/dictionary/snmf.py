@@ -10,7 +10,7 @@ The multiplicative G update never raises the loss for fixed F; the rescale chang
 entries a column keeps. Two things made planted recovery unreliable (on ten planted draws, sparsifying from
 the first pass matched every column on 2), and both are handled here:
   * Sparsifying before G has separated the features locks columns onto mixed supports. The first
-    `init_passes` passes are plain (unsparsified) semi-NMF from the SVD or random start, part of the
+    `init_passes` passes are plain (unsparsified) semi-NMF from the SVD, k-means or random start, part of the
     initialisation; with 100 of them 5 of the 10 draws match every column at cosine > 0.99.
   * Truncating the least-squares F is not a descent step: when a column's support changes the loss can rise
     (it did on 4 of the 10 draws). A truncated F that fits the current G worse than the previous F is
@@ -130,6 +130,8 @@ def _init_G(cfg: SemiNMFConfig, acts: Tensor, rows: int, scale: float) -> Tensor
     g = torch.Generator().manual_seed(cfg.seed)
     if cfg.init == "random":
         return torch.rand(n, cfg.d_sae, generator=g) + 1e-3
+    if cfg.init == "kmeans":
+        return _kmeans_G(cfg, acts, rows, scale)
     gram = torch.zeros(d_in, d_in, dtype=torch.float64)
     for _, x in _chunks(acts, rows, scale):
         gram += (x.T @ x).double()
@@ -145,6 +147,33 @@ def _init_G(cfg: SemiNMFConfig, acts: Tensor, rows: int, scale: float) -> Tensor
     flip = G.clamp_min(0).sum(0) < (-G).clamp_min(0).sum(0)
     G[:, flip] *= -1
     return G.clamp_min(0) + 1e-2 * G.abs().mean()
+
+
+def _kmeans_G(cfg: SemiNMFConfig, acts: Tensor, rows: int, scale: float) -> Tensor:
+    """Ding, Li & Jordan's start: cluster the tokens into `d_sae` groups, G = cluster indicators + 0.2.
+
+    Mini-batch k-means (scikit-learn) sees the tokens chunk by chunk, like every other pass here, so a cache
+    larger than memory can be clustered.
+    """
+    from sklearn.cluster import MiniBatchKMeans
+
+    n = acts.shape[0]
+    if n < cfg.d_sae:
+        raise ValueError(
+            f"init 'kmeans' needs at least d_sae = {cfg.d_sae} tokens to make that many clusters, got {n}; "
+            "use init 'svd' or more tokens"
+        )
+    # each partial_fit chunk must hold at least d_sae tokens
+    chunk = max(rows, cfg.d_sae)
+    km = MiniBatchKMeans(n_clusters=cfg.d_sae, random_state=cfg.seed, batch_size=chunk, n_init=3)
+    for _ in range(3):  # a few sweeps over the tokens: mini-batch k-means converges slowly from one
+        for start in range(0, n - cfg.d_sae + 1, chunk):
+            km.partial_fit((acts[start : start + chunk].to(torch.float32) * scale).numpy())
+    G = torch.full((n, cfg.d_sae), 0.2)
+    for sl, x in _chunks(acts, rows, scale):
+        labels = torch.from_numpy(km.predict(x.numpy())).long()
+        G[sl] += torch.nn.functional.one_hot(labels, cfg.d_sae).float()
+    return G
 
 
 class _Run(NamedTuple):

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import Tensor
 
 from schemas.methods import SemiNMFConfig
 from schemas.spec import parse_spec
 from tasks.dictionary import load_dictionary, train_dictionary
-from tasks.dictionary.snmf import SemiNMF, multiplicative_update, sparsify_columns
+from tasks.dictionary.snmf import SemiNMF, _init_G, multiplicative_update, sparsify_columns
 from tasks.dictionary.synthetic import PlantedNMF, planted_snmf
 
 
@@ -118,3 +119,35 @@ def test_patience_stops_early_and_keeps_the_best_iterate():
 def test_spec_accepts_snmf():
     spec = parse_spec({"model": {"path": "m"}, "hookpoints": ["h"], "dictionaries": [{"method": "snmf"}]})
     assert spec.dictionaries[0].init == "svd"
+
+
+def _one_feature_per_token(n: int = 600, d_in: int = 40, r: int = 4) -> tuple[Tensor, Tensor, Tensor]:
+    """Tokens that each use one planted feature (label), at magnitude 0.5-1.5, plus noise 0.01."""
+    g = torch.Generator().manual_seed(0)
+    F = torch.randn(d_in, r, generator=g) * (torch.rand(d_in, r, generator=g).argsort(0) < 4)
+    labels = torch.arange(n) % r
+    magnitude = 0.5 + torch.rand(n, generator=g)
+    acts = magnitude[:, None] * F.T[labels] + 0.01 * torch.randn(n, d_in, generator=g)
+    return acts, labels, F
+
+
+def test_kmeans_start_is_the_cluster_indicators_plus_0_2():
+    acts, labels, _ = _one_feature_per_token()
+    cfg = SemiNMFConfig(d_sae=4, init="kmeans", batch_size=128)
+    G = _init_G(cfg, acts, 128, 1.0)
+    assert torch.allclose(G.unique(), torch.tensor([0.2, 1.2]))
+    assert torch.allclose(G.sum(1), torch.full((600,), 1.0 + 4 * 0.2))
+    found = G.argmax(1)
+    # the clusters are the planted groups, up to renaming: each found cluster holds one true label
+    pairs = set(zip(found.tolist(), labels.tolist()))
+    assert len(pairs) == 4 and len({f for f, _ in pairs}) == 4
+
+
+def test_kmeans_start_recovers_single_feature_tokens_and_refuses_too_few_tokens():
+    acts, _, F = _one_feature_per_token()
+    cfg = SemiNMFConfig(d_sae=4, init="kmeans", sparsity=0.1, batch_size=128, max_iters=50)
+    snmf = train_dictionary(cfg, acts).dictionary
+    cos = (F / F.norm(dim=0)).T @ snmf.decoder_directions().T
+    assert cos.max(dim=1).values.min() > 0.99
+    with pytest.raises(ValueError, match="at least d_sae = 4 tokens"):
+        train_dictionary(cfg, acts[:3])
