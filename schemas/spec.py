@@ -111,6 +111,14 @@ class CacheSpec(Contract):
         "`is_special` in tokens.parquet) out of training, evaluation and labeling; their activations have "
         "huge norms. They are still cached.",
     )
+    parts: int = Field(
+        1,
+        ge=1,
+        description="Jobs the forward passes are split into, each caching its own range of shards through "
+        "the settings' task runner (a Dask cluster runs them at once; threads run them in turn). The cache "
+        "is byte-identical for every value, so it is not part of the cache's fingerprint; more parts than "
+        "full shards are cut down to one part per full shard.",
+    )
 
 
 class EvaluateSpec(Contract):

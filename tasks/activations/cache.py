@@ -3,10 +3,23 @@
 Only real tokens are stored (padding never becomes a row). The forward pass stops after the deepest requested
 hookpoint, so caching an early layer does not pay for the rest of the model.
 
-Resuming: `resume.json` (written first) records what is being cached. If `out_dir` already holds one with the
-same content, the full shards that every hookpoint finished are kept and the forward pass restarts at the
-batch holding the first missing row; batches are the same as in a single run, so the finished cache is
-byte-identical to one made without interruption. `resume.json` is removed just before the manifest is written.
+Three steps, so that the forward passes can be split into jobs (`cache.parts`) that run on other processes
+or machines:
+  plan_cache     tokenise, check the hookpoints, and cut the rows into parts: part p owns the full shards
+                 [first_p, end_p) (shard s holds rows [s*T, (s+1)*T)), the last part also the trailing
+                 partial shard; `prepare_cache` then records the run in `resume.json` (or discards the
+                 shards of another run);
+  write_part     runs the batches that hold the part's missing rows and writes its shards under their final
+                 names. Batches are cut at multiples of batch_size from context 0 exactly as in a single run,
+                 so every shard holds the same bytes whichever part, or run, wrote it;
+  assemble       re-reads every shard in order (sizes, sha256 and float64 statistics, as one run sums them),
+                 writes the token table and contexts, removes `resume.json` and writes the manifest last.
+`write_cache` calls the three in one process: parts=1 is the same code path as any other split.
+
+Resuming: if `out_dir` already holds a `resume.json` with the same content, every part keeps the full shards
+it finds in its own range (from its first shard on, without a gap, on every hookpoint) and restarts at the
+batch holding its first missing row, so a killed run recomputes only what is missing and ends with the bytes
+of an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -20,10 +33,12 @@ from typing import NamedTuple
 
 import polars as pl
 import torch
+from safetensors import safe_open
 from tqdm import tqdm
 
 from schemas.spec import CacheSpec, CorpusSpec
 from tasks.common.corpus import Contexts, build_contexts
+from tasks.common.hookpoints import Site
 from tasks.common.hooks import capture_activations, resolve_site
 from tasks.common.models import LoadedModel
 from tasks.common.store import (
@@ -32,6 +47,7 @@ from tasks.common.store import (
     atomic_save_safetensors,
     atomic_write_text,
     finished_shards,
+    hookpoint_dir,
 )
 
 log = logging.getLogger(__name__)
@@ -44,21 +60,160 @@ class CacheSummary(NamedTuple):
     manifest: dict
 
 
+class CachePlan(NamedTuple):
+    """What `plan_cache` worked out: the same in every process for the same arguments."""
+
+    contexts: Contexts
+    sites: dict[str, Site]
+    key: dict  # what resume.json records: a folder holding another key holds another run's shards
+    n_rows: int
+    parts: list[tuple[int, int]]  # shard range [first, end) of each part; the last ends past the tail
+
+
 def _token_strings(tokenizer, ids: list[int]) -> dict[int, str]:
     """Display string of every distinct id, decoded one id at a time (so ' the' keeps its space)."""
     return {i: tokenizer.decode([i]) for i in sorted(set(ids))}
 
 
-def _resume_point(out_dir: Path, key: dict, hookpoints: list[str], shard_tokens: int) -> int:
-    """Full shards every hookpoint finished in an earlier run with the same `key` (0: start afresh)."""
+def _split(n_rows: int, shard_tokens: int, parts: int) -> list[tuple[int, int]]:
+    """Shard ranges of `parts` parts: full shards shared out evenly, the trailing partial one to the last.
+
+    More parts than full shards are cut down to one per full shard (a part with nothing to do would only
+    load the model); a cache of less than one shard is one part.
+    """
+    n_full, tail = divmod(n_rows, shard_tokens)
+    n = max(1, min(parts, n_full))
+    bounds = [p * n_full // n for p in range(n + 1)]
+    bounds[-1] += bool(tail)
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def plan_cache(
+    loaded: LoadedModel,
+    documents: pl.DataFrame,
+    corpus: CorpusSpec,
+    cache: CacheSpec,
+    hookpoints: list[str],
+    *,
+    header: dict,
+) -> CachePlan:
+    """Contexts, sites and the parts' shard ranges; no disk and no forward pass."""
+    # fail before any work, with close matches (or why an alias does not resolve) in the message
+    sites = {hp: resolve_site(loaded.model, hp) for hp in hookpoints}
+    contexts = build_contexts(documents, loaded.tokenizer, corpus)
+    key = {
+        "hookpoints": hookpoints,
+        # `parts` left out: it does not change the bytes, so a run killed with one split resumes with another
+        "cache": cache.model_dump(mode="json", exclude={"parts"}),
+        "header": header,
+        "contexts_sha256": hashlib.sha256(contexts.input_ids.numpy().tobytes()).hexdigest(),
+        "n_contexts": contexts.input_ids.shape[0],
+    }
+    n_rows = int(contexts.attention_mask.sum())
+    parts = _split(n_rows, cache.shard_tokens, cache.parts)
+    if len(parts) < cache.parts:
+        log.info(
+            "%d rows make %d full shards: caching in %d parts, not %d",
+            n_rows,
+            n_rows // cache.shard_tokens,
+            len(parts),
+            cache.parts,
+        )
+    return CachePlan(contexts, sites, key, n_rows, parts)
+
+
+def prepare_cache(plan: CachePlan, out_dir: Path) -> None:
+    """Record the run in `out_dir/resume.json`, keeping what an earlier run with the same key left there.
+
+    Called once, before any part starts: it deletes the shards of a different or unknown run.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
     resume_file = out_dir / "resume.json"
-    if resume_file.is_file() and json.loads(resume_file.read_text()) == key:
-        return min(finished_shards(out_dir, hp, shard_tokens) for hp in hookpoints)
+    if resume_file.is_file() and json.loads(resume_file.read_text()) == plan.key:
+        return
     if (out_dir / "acts").exists():
         log.warning("%s holds shards of a different or unknown run; starting afresh", out_dir)
         shutil.rmtree(out_dir / "acts")
-    atomic_write_text(json.dumps(key, indent=1), resume_file)
-    return 0
+    atomic_write_text(json.dumps(plan.key, indent=1), resume_file)
+
+
+def write_part(
+    loaded: LoadedModel,
+    plan: CachePlan,
+    cache: CacheSpec,
+    out_dir: Path,
+    part: int,
+    *,
+    progress: bool = False,
+) -> int:
+    """Write the missing shards of part `part` into `out_dir`; return how many batches it ran."""
+    resume_file = out_dir / "resume.json"
+    if not resume_file.is_file() or json.loads(resume_file.read_text()) != plan.key:
+        raise RuntimeError(
+            f"{out_dir} is not prepared for this cache (its resume.json is missing or records another run); "
+            "call prepare_cache(plan, out_dir) once before the parts (write_cache does)"
+        )
+    model, _, device = loaded
+    hookpoints, (first, end) = plan.key["hookpoints"], plan.parts[part]
+    T, bs = cache.shard_tokens, cache.batch_size
+    # full shards this part finished in an earlier run (on every hookpoint); the tail is always redone
+    kept = min(finished_shards(out_dir, hp, T, first, end) for hp in hookpoints)
+    row_start = (first + kept) * T
+    row_stop = plan.n_rows if part == len(plan.parts) - 1 else end * T
+    if row_start >= row_stop:
+        log.info("part %d (shards %d-%d): all finished", part, first, end - 1)
+        return 0
+    ids_all, mask_all = plan.contexts.input_ids, plan.contexts.attention_mask
+    row_end = mask_all.sum(1).cumsum(0)  # row_end[c]: rows before context c + 1
+    n_ctx = ids_all.shape[0]
+    # the batch holding the part's first missing row, aligned as a single run aligns it
+    first_batch = int(torch.searchsorted(row_end, row_start, right=True)) // bs * bs
+    last_batch = int(torch.searchsorted(row_end, row_stop - 1, right=True)) // bs * bs
+    log.info(
+        "part %d: shards %d-%d, %d kept; contexts %d-%d",
+        part,
+        first,
+        end - 1,
+        kept,
+        first_batch,
+        min(last_batch + bs, n_ctx) - 1,
+    )
+    writers: dict[str, ShardWriter] = {}
+    batches = range(first_batch, last_batch + 1, bs)
+    for start in tqdm(batches, desc=f"caching activations, part {part}", unit="batch", disable=not progress):
+        mask = mask_all[start : start + bs].to(device)
+        with torch.inference_mode():  # ~15% faster than no_grad on CPU: no version counters
+            acts = capture_activations(model, hookpoints, ids_all[start : start + bs].to(device), mask)
+        # rows [batch_row, ...) of the cache are in this batch; keep those inside [row_start, row_stop)
+        batch_row = int(row_end[start - 1]) if start else 0
+        lo, hi = max(row_start - batch_row, 0), row_stop - batch_row
+        keep = mask.bool()
+        for hp in hookpoints:
+            if hp not in writers:
+                d_in, layout = acts[hp].shape[-1], plan.sites[hp].layout()
+                writers[hp] = ShardWriter(
+                    out_dir, hp, d_in, cache.dtype, T, layout, first_shard=first + kept, stats=False
+                )
+            writers[hp].add(acts[hp][keep][lo:hi])
+    for w in writers.values():
+        w.finish()  # the last part flushes the tail; the others end on a shard boundary, with nothing left
+    return len(batches)
+
+
+def _shard_width(out_dir: Path, hookpoint: str, n_rows: int, shard_tokens: int) -> int:
+    """d_in of `hookpoint`'s shards, once every shard is known to be there with its row count."""
+    shard_dir = out_dir / "acts" / hookpoint_dir(hookpoint)
+    n_shards = -(-n_rows // shard_tokens)
+    full = finished_shards(out_dir, hookpoint, shard_tokens, 0, n_rows // shard_tokens)
+    tail = shard_dir / f"{n_shards - 1:05d}.safetensors"
+    if full < n_rows // shard_tokens or not tail.is_file():
+        missing = f"{full:05d}" if full < n_rows // shard_tokens else f"{n_shards - 1:05d}"
+        raise RuntimeError(
+            f"{out_dir}: shard {missing} of hookpoint {hookpoint!r} is missing or short, so a part did not "
+            "finish; run the caching again (it resumes, recomputing only the missing shards)"
+        )
+    with safe_open(str(tail), "pt") as f:
+        return f.get_slice("acts").get_shape()[1]
 
 
 def _token_table(tokenizer, documents: pl.DataFrame, contexts: Contexts, shard_tokens: int) -> pl.DataFrame:
@@ -88,6 +243,50 @@ def _token_table(tokenizer, documents: pl.DataFrame, contexts: Contexts, shard_t
     )
 
 
+def assemble(
+    tokenizer, documents: pl.DataFrame, plan: CachePlan, cache: CacheSpec, out_dir: Path, *, header: dict
+) -> CacheSummary:
+    """Adopt every part's shards, write the token table, contexts and (last) the manifest."""
+    contexts, T = plan.contexts, cache.shard_tokens
+    n_ctx, L = contexts.input_ids.shape
+    n_shards = -(-plan.n_rows // T)
+    hp_info = {}
+    for hp in plan.key["hookpoints"]:
+        d_in = _shard_width(out_dir, hp, plan.n_rows, T)
+        writer = ShardWriter(out_dir, hp, d_in, cache.dtype, T, plan.sites[hp].layout())
+        writer.adopt(n_shards)  # every shard re-read in order: float64 sums as one run makes them
+        hp_info[hp] = writer.finish()
+    tokens = _token_table(tokenizer, documents, contexts, T)
+    tokens.write_parquet(out_dir / "tokens.parquet")
+    atomic_save_safetensors(
+        {
+            "input_ids": contexts.input_ids,
+            "attention_mask": contexts.attention_mask,
+            "heldout": contexts.heldout.to(torch.uint8),
+        },
+        out_dir / "contexts.safetensors",
+    )
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        **header,
+        "dtype": cache.dtype,
+        "exclude_first_token": cache.exclude_first_token,
+        "exclude_special_tokens": cache.exclude_special_tokens,
+        "context_length": L,
+        "n_contexts": n_ctx,
+        "n_tokens": plan.n_rows,
+        "n_train_tokens": int((tokens["split"] == "train").sum()),
+        "n_heldout_tokens": int((tokens["split"] == "heldout").sum()),
+        "n_special_tokens": int(tokens["is_special"].sum()),
+        "shard_tokens": T,
+        "hookpoints": hp_info,
+    }
+    (out_dir / "resume.json").unlink()
+    # the manifest is written last: a folder without one is never taken for a finished cache
+    atomic_write_text(json.dumps(manifest, indent=1), out_dir / "manifest.json")
+    return CacheSummary(plan.n_rows, n_ctx, {hp: i["d_in"] for hp, i in hp_info.items()}, manifest)
+
+
 def write_cache(
     loaded: LoadedModel,
     documents: pl.DataFrame,
@@ -99,81 +298,13 @@ def write_cache(
     header: dict,
     progress: bool = False,
 ) -> CacheSummary:
-    """Cache `hookpoints` of `loaded.model` over `documents` into `out_dir`.
+    """Cache `hookpoints` of `loaded.model` over `documents` into `out_dir`, its parts one after another.
 
     `out_dir` is empty, or holds what an interrupted call with the same arguments left there: it resumes.
     """
-    model, tokenizer, device = loaded
-    # fail before any work, with close matches (or why an alias does not resolve) in the message
-    sites = {hp: resolve_site(model, hp) for hp in hookpoints}
-    contexts = build_contexts(documents, tokenizer, corpus)
-    n_ctx, L = contexts.input_ids.shape
-    bs, shard_tokens = cache.batch_size, cache.shard_tokens
-    out_dir.mkdir(parents=True, exist_ok=True)
-    key = {
-        "hookpoints": hookpoints,
-        "cache": cache.model_dump(mode="json"),
-        "header": header,
-        "contexts_sha256": hashlib.sha256(contexts.input_ids.numpy().tobytes()).hexdigest(),
-        "n_contexts": n_ctx,
-    }
-    kept = _resume_point(out_dir, key, hookpoints, shard_tokens)
-    # resume at the batch that holds the first missing row, so every batch is the one a single run makes
-    row_end = contexts.attention_mask.sum(1).cumsum(0)
-    first_row = kept * shard_tokens
-    first_ctx = int(torch.searchsorted(row_end, first_row, right=True))
-    # at least one batch runs (its rows skipped if all are kept): the writers learn d_in from it
-    first_batch = min(first_ctx // bs * bs, (n_ctx - 1) // bs * bs)
-    skip = first_row - (int(row_end[first_batch - 1]) if first_batch else 0)
-    if kept:
-        log.info("resuming: %d shards per hookpoint kept, restarting at context %d", kept, first_batch)
-    log.info("caching %d contexts of up to %d tokens at %s", n_ctx, L, hookpoints)
-    writers: dict[str, ShardWriter] = {}
-    report_every = max(1, (n_ctx // bs) // 10)
-    batches = range(first_batch, n_ctx, bs)
-    for start in tqdm(batches, desc="caching activations", unit="batch", disable=not progress):
-        ids = contexts.input_ids[start : start + bs].to(device)
-        mask = contexts.attention_mask[start : start + bs].to(device)
-        with torch.inference_mode():  # ~15% faster than no_grad on CPU: no version counters
-            acts = capture_activations(model, hookpoints, ids, mask)
-        keep = mask.bool()
-        if (start // bs) % report_every == 0:
-            log.info("cached %d of %d contexts", start, n_ctx)
-        for hp in hookpoints:
-            if hp not in writers:
-                layout = sites[hp].layout()
-                writers[hp] = ShardWriter(out_dir, hp, acts[hp].shape[-1], cache.dtype, shard_tokens, layout)
-                writers[hp].adopt(kept)
-            writers[hp].add(acts[hp][keep][skip:] if start == first_batch else acts[hp][keep])
-
-    tokens = _token_table(tokenizer, documents, contexts, shard_tokens)
-    n_rows = tokens.height
-    tokens.write_parquet(out_dir / "tokens.parquet")
-    atomic_save_safetensors(
-        {
-            "input_ids": contexts.input_ids,
-            "attention_mask": contexts.attention_mask,
-            "heldout": contexts.heldout.to(torch.uint8),
-        },
-        out_dir / "contexts.safetensors",
-    )
-    hp_info = {hp: w.finish() for hp, w in writers.items()}
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        **header,
-        "dtype": cache.dtype,
-        "exclude_first_token": cache.exclude_first_token,
-        "exclude_special_tokens": cache.exclude_special_tokens,
-        "context_length": L,
-        "n_contexts": n_ctx,
-        "n_tokens": n_rows,
-        "n_train_tokens": int((tokens["split"] == "train").sum()),
-        "n_heldout_tokens": int((tokens["split"] == "heldout").sum()),
-        "n_special_tokens": int(tokens["is_special"].sum()),
-        "shard_tokens": shard_tokens,
-        "hookpoints": hp_info,
-    }
-    (out_dir / "resume.json").unlink()
-    # the manifest is written last: a folder without one is never taken for a finished cache
-    atomic_write_text(json.dumps(manifest, indent=1), out_dir / "manifest.json")
-    return CacheSummary(n_rows, n_ctx, {hp: i["d_in"] for hp, i in hp_info.items()}, manifest)
+    plan = plan_cache(loaded, documents, corpus, cache, hookpoints, header=header)
+    log.info("caching %d contexts of up to %d tokens at %s", *plan.contexts.input_ids.shape, hookpoints)
+    prepare_cache(plan, out_dir)
+    for part in range(len(plan.parts)):
+        write_part(loaded, plan, cache, out_dir, part, progress=progress)
+    return assemble(loaded.tokenizer, documents, plan, cache, out_dir, header=header)

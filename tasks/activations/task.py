@@ -1,4 +1,13 @@
-"""Prefect tasks of stage 1: register the model, prepare the corpus, cache activations."""
+"""Prefect tasks of stage 1: register the model, prepare the corpus, cache activations.
+
+Caching fans out: `cache_activations` plans the parts (`cache.parts`), submits one `cache_part` task per
+part through the settings' task runner (`flows.fanout.task_pool`) and assembles the cache once all are done;
+only then does `run_stage` register it. Every part hooks the language model, and a process holds one copy
+of it (`load_model` caches it), so on a thread pool the parts run in turn (`shares_model`: two threads would
+see each other's hooks, and a copy per thread would double the memory for cores torch already uses); on a
+Dask cluster each worker process loads the model itself from the registered reference (a loaded model is
+never pickled) and the parts run at once, writing into the stage's folder, which every worker must see.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +19,10 @@ import polars as pl
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from flows.fanout import task_pool
 from schemas.artifacts import ActivationCacheRef, CorpusRef, ModelRef
 from schemas.spec import CacheSpec, CorpusSpec, ModelSpec
-from tasks.activations.cache import write_cache
+from tasks.activations.cache import assemble, plan_cache, prepare_cache, write_part
 from tasks.common.corpus import load_documents
 from tasks.common.models import (
     describe,
@@ -89,6 +99,33 @@ def prepare_corpus(ctx: StageContext, spec: CorpusSpec) -> CorpusRef:
     )
 
 
+def _cache_header(model: ModelRef, corpus: CorpusRef) -> dict:
+    return {
+        "model_id": model.id,
+        "model_fingerprint": model.fingerprint,
+        "corpus_id": corpus.id,
+        "corpus_fingerprint": corpus.fingerprint,
+    }
+
+
+@task(name="cache_part", cache_policy=NO_CACHE)
+def cache_part(
+    model: ModelRef,
+    corpus: CorpusRef,
+    hookpoints: list[str],
+    spec: CacheSpec,
+    folder: str,
+    part: int,
+    progress: bool = False,
+) -> int:
+    """Write the shards of one part of a cache into `folder` (prepared by `cache_activations`); returns
+    the batches it ran. Everything comes as references, so a Dask worker loads the model and corpus itself."""
+    loaded = load_model_ref(model.source, model.spec, model.path, model.converted)
+    docs = pl.read_parquet(Path(corpus.path) / "documents.parquet")
+    plan = plan_cache(loaded, docs, corpus.spec, spec, hookpoints, header=_cache_header(model, corpus))
+    return write_part(loaded, plan, spec, Path(folder), part, progress=progress)
+
+
 @task(name="cache_activations", cache_policy=NO_CACHE)
 def cache_activations(
     ctx: StageContext, model: ModelRef, corpus: CorpusRef, hookpoints: list[str], spec: CacheSpec
@@ -100,15 +137,20 @@ def cache_activations(
         loaded = load_model_ref(model.source, model.spec, model.path, model.converted)
         docs = pl.read_parquet(Path(corpus.path) / "documents.parquet")
         t0 = time.perf_counter()
-        header = {
-            "model_id": model.id,
-            "model_fingerprint": model.fingerprint,
-            "corpus_id": corpus.id,
-            "corpus_fingerprint": corpus.fingerprint,
-        }
-        summary = write_cache(
-            loaded, docs, corpus.spec, spec, hookpoints, folder, header=header, progress=ctx.progress
-        )
+        header = _cache_header(model, corpus)
+        plan = plan_cache(loaded, docs, corpus.spec, spec, hookpoints, header=header)
+        prepare_cache(plan, folder)
+        calls = [
+            {"model": model, "corpus": corpus, "hookpoints": hookpoints, "spec": spec, "folder": str(folder)}
+            | {"part": p, "progress": ctx.progress}
+            for p in range(len(plan.parts))
+        ]
+        if len(calls) == 1:
+            batches = [cache_part(**calls[0])]  # in this process: no cluster started for one job
+        else:
+            with task_pool(ctx.settings) as pool:
+                batches = pool.run_all(cache_part, calls, shares_model=True)
+        summary = assemble(loaded.tokenizer, docs, plan, spec, folder, header=header)
         seconds = time.perf_counter() - t0
         m = summary.manifest
         run.log_metrics(
@@ -118,6 +160,8 @@ def cache_activations(
                 "n_train_tokens": m["n_train_tokens"],
                 "n_heldout_tokens": m["n_heldout_tokens"],
                 "seconds": seconds,
+                "parts": len(plan.parts),
+                "batches": sum(batches),  # fewer than a full run's when it resumed
                 "tokens_per_second": summary.n_tokens / max(seconds, 1e-9),
             }
         )

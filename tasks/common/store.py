@@ -94,6 +94,9 @@ class ShardWriter:
 
     Statistics are summed shard by shard (in float64, from the rows as stored), so a cache resumed after a
     kill, which re-reads its finished shards, ends with exactly the figures of one made in a single run.
+
+    A part of a cache split into jobs (`first_shard`, `stats=False`) only writes its shards, numbered from
+    `first_shard`; the assembly step adopts every shard afterwards and sums the statistics then, in order.
     """
 
     def __init__(
@@ -104,6 +107,9 @@ class ShardWriter:
         dtype: str,
         shard_tokens: int,
         layout: dict | None = None,
+        *,
+        first_shard: int = 0,
+        stats: bool = True,
     ):
         self.root = folder
         self.folder = folder / "acts" / hookpoint_dir(hookpoint)
@@ -118,7 +124,8 @@ class ShardWriter:
         self.buffer: list[torch.Tensor] = []
         self.buffered = 0
         self.shards: list[dict] = []
-        self.n_shards = 0  # shards handed to the writer thread (self.shards lists those written)
+        self.n_shards = first_shard  # next shard number (self.shards lists those recorded)
+        self.stats = stats
         # one thread per hookpoint writes, fsyncs, hashes and sums shards in order while the model runs on
         self._pool = ThreadPoolExecutor(
             max_workers=1, thread_name_prefix=f"shards-{hookpoint_dir(hookpoint)}"
@@ -161,7 +168,9 @@ class ShardWriter:
         self._pending.append(self._pool.submit(self._write, shard, path))
 
     def _write(self, shard: torch.Tensor, path: Path) -> None:
-        self._record(shard, path, write_acts_shard(shard, path))
+        sha256 = write_acts_shard(shard, path)
+        if self.stats:
+            self._record(shard, path, sha256)
 
     def _record(self, shard: torch.Tensor, path: Path, sha256: str) -> None:
         a64 = shard.double()
@@ -202,15 +211,18 @@ class ShardWriter:
         }
 
 
-def finished_shards(folder: Path, hookpoint: str, shard_tokens: int) -> int:
-    """How many full shards (00000, 00001, ... without a gap) an interrupted run left for `hookpoint`.
+def finished_shards(
+    folder: Path, hookpoint: str, shard_tokens: int, start: int = 0, stop: int | None = None
+) -> int:
+    """How many full shards (`start`, `start` + 1, ... without a gap, before `stop`) an interrupted run left
+    for `hookpoint`.
 
     Shards are renamed into place only once fsynced, so a shard under its final name is complete; its size is
     still checked against its own header, which costs nothing and catches a copy cut short.
     """
     shard_dir = folder / "acts" / hookpoint_dir(hookpoint)
-    n = 0
-    while (path := shard_dir / f"{n:05d}.safetensors").is_file():
+    n = start
+    while (stop is None or n < stop) and (path := shard_dir / f"{n:05d}.safetensors").is_file():
         try:
             with safe_open(str(path), "pt") as f:
                 rows = f.get_slice("acts").get_shape()[0]
@@ -219,7 +231,7 @@ def finished_shards(folder: Path, hookpoint: str, shard_tokens: int) -> int:
         if rows != shard_tokens:
             break
         n += 1
-    return n
+    return n - start
 
 
 class StreamBatch(NamedTuple):

@@ -97,10 +97,15 @@ def corpus_identity(spec: CorpusSpec) -> Identity:
     return identity("corpus", {"spec": _canonical(spec), "content": content}, [])
 
 
+# Cache fields that do not change the cache's bytes: `parts` only splits the same forward passes into jobs
+# (a test holds the files of parts=3 equal to those of parts=1), so caches made either way are one artifact.
+_CACHE_NEUTRAL = {"parts"}
+
+
 def cache_identity(model: Identity, corpus: Identity, hookpoints: list[str], spec: CacheSpec) -> Identity:
     return identity(
         "activation_cache",
-        {"hookpoints": hookpoints, "cache": _canonical(spec)},
+        {"hookpoints": hookpoints, "cache": spec.model_dump(mode="json", exclude=_CACHE_NEUTRAL)},
         [model.fingerprint, corpus.fingerprint],
     )
 

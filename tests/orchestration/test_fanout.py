@@ -1,4 +1,5 @@
-"""A sweep fanned out over threads and over a local Dask cluster gives what the sequential run gives."""
+"""A sweep, and a cache in parts, fanned out over threads and over a local Dask cluster give what the
+sequential run gives: the same ids and weights, and the same cache files byte for byte."""
 
 from __future__ import annotations
 
@@ -67,7 +68,13 @@ def _run(pipeline, spec, home: Path, monkeypatch, **env) -> tuple[object, dict]:
     return result, weights
 
 
+def _cache_files(result) -> dict[str, bytes]:
+    folder = Path(result.cache.path)
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 def _same(a, wa, b, wb) -> None:
+    assert a.cache.id == b.cache.id and _cache_files(a) == _cache_files(b)
     assert [d.dictionary.id for d in a.dictionaries] == [d.dictionary.id for d in b.dictionaries]
     assert [d.evaluation.id for d in a.dictionaries] == [d.evaluation.id for d in b.dictionaries]
     assert [d.evaluation.fvu for d in a.dictionaries] == pytest.approx(
@@ -89,6 +96,8 @@ def test_sweep_fans_out_over_threads_and_dask_with_sequential_results(tmp_path, 
     spec = parse_spec(raw)
     seq, w_seq = _run(pipeline_flow, spec, tmp_path / "sequential", monkeypatch)
     assert len(seq.dictionaries) == 4 and len(set(w_seq)) == 4
+    # the fanned-out runs cache in two parts (the tiny corpus makes 7 full shards of 512 rows and a tail)
+    spec = parse_spec(raw | {"cache": raw["cache"] | {"parts": 2}})
 
     threads, w_threads = _run(pipeline_flow, spec, tmp_path / "threads", monkeypatch, max_workers=2)
     _same(seq, w_seq, threads, w_threads)
@@ -110,8 +119,8 @@ def test_sweep_fans_out_over_threads_and_dask_with_sequential_results(tmp_path, 
         )
         workers = set(client.scheduler_info()["workers"])
     _same(seq, w_seq, dask, w_dask)
-    # the 2 sweep groups and 4 evaluations ran as tasks on the cluster's worker processes
-    assert len(stream.data) >= 6
+    # the 2 cache parts, 2 sweep groups and 4 evaluations ran as tasks on the cluster's worker processes
+    assert len(stream.data) >= 8
     assert {t["worker"] for t in stream.data} <= workers and len(workers) == 2
     # and they wrote their rows into the run's own catalog, with lineage, as the sequential run did
     catalog = open_catalog(Settings(home=tmp_path / "dask").catalog)
