@@ -7,7 +7,8 @@ mutually exclusive children, plus `n_singletons` independent features. A token h
 independently with probability `p_singleton`. A child's direction leans towards its parent's
 (cosine `child_cosine`): children refine their parent, so a linear encoder sees a parent "fire" whenever
 any child does, while pursuit can subtract the parent and explain the child from the residual.
-Coefficients are uniform in [0.5, 1.5). `recovery` scores learned directions against any planted set.
+Coefficients are uniform in [0.5, 1.5). `bias_adaptation_toy` is the benchmark of (G)BA: features of one
+firing rate in samples of two sparsities. `recovery` scores learned directions against any planted set.
 """
 
 from __future__ import annotations
@@ -71,6 +72,38 @@ def hierarchical_toy(
     on = (torch.rand(n_samples, n_singletons, generator=g) < p_singleton).float()
     acts = acts + (on * coefs((n_samples, n_singletons))) @ singletons
     return HierarchicalToy(parents, children, singletons, acts)
+
+
+class BiasAdaptationToy(NamedTuple):
+    """Planted features [n_features, d_in] (unit rows), samples acts [n, d_in], each feature's firing rate."""
+
+    features: Tensor
+    acts: Tensor
+    true_freq: float
+
+
+def bias_adaptation_toy(
+    n_samples: int,
+    *,
+    n_features: int = 128,
+    d_in: int = 42,
+    k_sparse: int = 3,
+    k_dense: int = 20,
+    seed: int = 0,
+) -> BiasAdaptationToy:
+    """The bias-adaptation toy of "Taming Polysemanticity": random unit-norm features, half the samples a
+    non-negative combination of `k_sparse` of them, half of `k_dense`, coefficients uniform in [0.5, 1.5).
+
+    Every feature fires on (k_sparse + k_dense) / 2 / n_features of the samples (0.09 at the defaults), most
+    of them in the dense half, where a linear read-out of one feature carries the interference of the others.
+    """
+    g = torch.Generator().manual_seed(SEED_OFFSET + seed)
+    features = _unit(torch.randn(n_features, d_in, generator=g))
+    ranks = torch.rand(n_samples, n_features, generator=g).argsort(-1).argsort(-1)
+    n_active = torch.where(torch.arange(n_samples) < n_samples // 2, k_sparse, k_dense).unsqueeze(-1)
+    coefs = (torch.rand(n_samples, n_features, generator=g) + 0.5) * (ranks < n_active)
+    acts = (coefs @ features)[torch.randperm(n_samples, generator=g)]
+    return BiasAdaptationToy(features, acts, (k_sparse + k_dense) / 2 / n_features)
 
 
 def planted_directions(n: int, d_in: int, *, seed: int = 0) -> Tensor:
