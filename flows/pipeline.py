@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.fanout import task_pool
 from schemas.artifacts import DictionaryResult, PipelineResult
 from schemas.settings import Settings
 from schemas.spec import PipelineSpec
@@ -13,6 +12,7 @@ from tasks.dictionary.task import sweep_groups, train_dictionaries_task
 from tasks.evaluate.task import evaluate_dictionary
 from tasks.interactions.task import score_interactions
 from tasks.labeling.task import label_features
+from tasks.tracking.fanout import task_pool
 from tasks.tracking.pipeline_run import log_summary, pipeline_run
 
 

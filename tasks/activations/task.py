@@ -1,11 +1,11 @@
 """Prefect tasks of stage 1: register the model, prepare the corpus, cache activations.
 
-Caching fans out: `cache_activations` plans the parts (`cache.parts`), submits one `cache_part` task per
-part through the settings' task runner (`flows.fanout.task_pool`) and assembles the cache once all are done;
-only then does `run_stage` register it. Every part hooks the language model, and a process holds one copy
-of it (`load_model` caches it), so on a thread pool the parts run in turn (`shares_model`: two threads would
-see each other's hooks, and a copy per thread would double the memory for cores torch already uses); on a
-Dask cluster each worker process loads the model itself from the registered reference (a loaded model is
+Caching fans out: `cache_activations` plans the parts (`cache.parts`), submits one `cache_part` task per part
+through the settings' task runner (`tasks.tracking.fanout.task_pool`) and assembles the cache once all are
+done; only then does `run_stage` register it. Every part hooks the language model, and a process holds one
+copy of it (`load_model` caches it), so on a thread pool the parts run in turn (`shares_model`: two threads
+would see each other's hooks, and a copy per thread would double the memory for cores torch already uses); on
+a Dask cluster each worker process loads the model itself from the registered reference (a loaded model is
 never pickled) and the parts run at once, writing into the stage's folder, which every worker must see.
 """
 
@@ -19,7 +19,6 @@ import polars as pl
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from flows.fanout import task_pool
 from schemas.artifacts import ActivationCacheRef, CorpusRef, ModelRef
 from schemas.spec import CacheSpec, CorpusSpec, ModelSpec
 from tasks.activations.cache import assemble, plan_cache, prepare_cache, write_part
@@ -32,6 +31,7 @@ from tasks.common.models import (
     resolve_source,
     source_files,
 )
+from tasks.tracking.fanout import task_pool
 from tasks.tracking.identity import Identity, cache_identity, corpus_identity, model_identity, ref_identity
 from tasks.tracking.mlflow_runs import StageRun
 from tasks.tracking.stage import StageContext, run_stage

@@ -11,10 +11,10 @@ import torch
 from prefect import flow, task
 from safetensors.torch import load_file
 
-from flows.fanout import task_pool, task_runner_for
 from schemas.settings import Settings
 from schemas.spec import parse_spec
 from tasks.tracking.catalog import open_catalog
+from tasks.tracking.fanout import task_pool, task_runner_for
 from tests.flows.test_pipeline import tiny_spec
 
 # two hookpoints x two methods: two sweep groups (one pass over the cache each), four dictionaries
