@@ -15,6 +15,10 @@ from schemas.base import Contract
 # Methods whose code can encode one hookpoint and reconstruct another (tasks.dictionary.transcoder): the
 # linear-encoder SAEs. Not GBA/BA (tied weights), MP (pursuit on its own residual) or semi-NMF (factorises).
 TRANSCODER_METHODS = ("topk", "batchtopk", "matryoshka", "relu", "jumprelu", "gated", "threshold")
+# Methods that can train data-parallel (tasks.dictionary.distributed): every gradient-trained one whose state
+# lives in its parameters. Not GBA/BA (bias updates outside the gradient) or semi-NMF (its own fit): their
+# state would be per-rank.
+DATA_PARALLEL_METHODS = (*TRANSCODER_METHODS, "mp")
 
 
 class TrainingConfig(Contract):
@@ -63,6 +67,17 @@ class TrainingConfig(Contract):
     compile: bool = Field(
         False, description="Compile the training loss with torch.compile (worth it on CUDA, for long runs)."
     )
+    # issue 8: data-parallel training from the spec
+    nproc_per_node: int = Field(
+        1,
+        ge=1,
+        # Left out of dumps at 1 (so of fingerprints and cfg.json): single-process dictionaries are unchanged.
+        exclude_if=lambda v: v == 1,
+        description="Train data-parallel in this many processes (torchrun, DistributedDataParallel; one per "
+        "GPU, NCCL on GPUs, gloo on CPU), each on batch_size / nproc_per_node rows of every batch. Above 1 "
+        "the dictionary trains alone (not in a sweep's shared pass), without checkpoints, and differs from "
+        "the 1-process result (losses are normalised per process's share), so it is a different dictionary.",
+    )
 
     @model_validator(mode="after")
     def _transcoder_fields(self) -> TrainingConfig:
@@ -83,6 +98,39 @@ class TrainingConfig(Contract):
             raise ValueError(
                 f"target_hookpoint equals hookpoint ({self.hookpoint!r}); drop target_hookpoint for a plain "
                 "dictionary, or name the site the transcoder should predict"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _data_parallel_fields(self) -> TrainingConfig:
+        n = self.nproc_per_node
+        if n == 1:
+            return self
+        method = getattr(self, "method", None)
+        if method not in DATA_PARALLEL_METHODS:
+            raise ValueError(
+                f"method {method!r} cannot train data-parallel (nproc_per_node={n}): its updates outside the "
+                f"gradient would differ per process; drop nproc_per_node, or use one of "
+                f"{', '.join(DATA_PARALLEL_METHODS)}"
+            )
+        unsupported = [
+            name
+            for name, on in (
+                ("target_hookpoint", self.target_hookpoint is not None),
+                ("autocast", self.autocast != "none"),
+                ("compile", self.compile),
+            )
+            if on
+        ]
+        if unsupported:
+            raise ValueError(
+                f"nproc_per_node={n} does not support {', '.join(unsupported)} yet; drop it, or train in "
+                "one process (nproc_per_node: 1)"
+            )
+        if self.batch_size % n:
+            raise ValueError(
+                f"batch_size {self.batch_size} does not split over nproc_per_node={n} processes; use a "
+                f"multiple of {n}, e.g. {self.batch_size - self.batch_size % n or n}"
             )
         return self
 

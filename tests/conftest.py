@@ -27,10 +27,31 @@ def _seed() -> None:
 
 
 @pytest.fixture
-def home(tmp_path, monkeypatch) -> Settings:
-    """A fresh featureatlas home for one test: its own catalog, MLflow store and artifacts."""
+def home(request, tmp_path, monkeypatch) -> Settings:
+    """A fresh featureatlas home for one test: its own catalog, MLflow store and artifacts.
+
+    In a test that also takes `backend`, the catalog and MLflow store are on that backend.
+    """
     monkeypatch.setenv("FEATUREATLAS_HOME", str(tmp_path / "home"))
+    if "backend" in request.fixturenames:
+        request.getfixturevalue("backend")  # its database URLs go into the environment first
     return Settings()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request, monkeypatch) -> str:
+    """Run the test with its catalog and MLflow store in SQLite files (the default) or PostgreSQL.
+
+    PostgreSQL: two fresh databases of the session's one throwaway cluster (`pg_cluster`), named by
+    FEATUREATLAS_CATALOG_URL and FEATUREATLAS_MLFLOW_TRACKING_URI, so every `Settings()` the test and the
+    flow build uses them. Skipped without the server binaries, failed instead under CI=true.
+    """
+    if request.param == "postgresql":
+        from tests.pg import fresh_database_env
+
+        for name, url in fresh_database_env(request.getfixturevalue("pg_cluster")).items():
+            monkeypatch.setenv(name, url)
+    return request.param
 
 
 @pytest.fixture(scope="session")

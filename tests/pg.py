@@ -34,6 +34,15 @@ def server_bin() -> Path | None:
     return Path(initdb).parent if initdb and shutil.which("pg_ctl") else None
 
 
+# The settings that put a home's catalog and MLflow store elsewhere than its SQLite files.
+DATABASE_ENV = ("FEATUREATLAS_CATALOG_URL", "FEATUREATLAS_MLFLOW_TRACKING_URI")
+
+
+def fresh_database_env(cluster: Cluster) -> dict[str, str]:
+    """DATABASE_ENV pointing at two new, empty databases of `cluster`."""
+    return {name: cluster.url(cluster.create_database()) for name in DATABASE_ENV}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

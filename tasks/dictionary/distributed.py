@@ -12,6 +12,8 @@ big batch.
     torchrun --nproc-per-node 2 -m tasks.dictionary.distributed \\
         --cache ARTIFACTS/activation_cache/cache-... --hookpoint model.layers.6 --config cfg.json --out DIR
 
+The pipeline launches it so (`tasks.dictionary.launch`) for a dictionary whose config sets `nproc_per_node`.
+
 GPU ranks use NCCL and the GPU `LOCAL_RANK` names; CPU ranks use gloo (how the tests run it). Methods with
 updates outside the gradient (`after_step`, GBA) or their own `fit` (semi-NMF) are refused: their state would
 be per-rank.
@@ -30,6 +32,7 @@ import torch
 import torch.distributed as dist
 from pydantic import TypeAdapter
 from torch import Tensor, nn
+from torch.distributed.elastic.multiprocessing.errors import record
 from torch.nn.parallel import DistributedDataParallel
 
 from schemas.methods import DictionaryConfig
@@ -48,6 +51,21 @@ class _LossModule(nn.Module):
 
     def forward(self, acts: Tensor, dead_mask: Tensor):
         return tuple(self.dictionary.training_loss(acts, dead_mask))
+
+
+# Logged per step as the mean over the ranks' shares; with the trainer's dead_fraction and lr they are the
+# metrics `train.train_dictionaries` logs.
+_STATS = ("loss", "mse", "fvu", "l0", "auxk_loss")
+
+
+def _step_stats(out: TrainStepOutput) -> Tensor:
+    l0 = (out.codes > 0).sum(-1).float().mean()
+    values = (out.loss.detach(), out.mse, out.fvu, l0, out.auxk_loss)
+    return torch.stack([v.detach().double() for v in values])
+
+
+def _name(cfg: DictionaryConfig) -> str:
+    return f"{cfg.method} (d_sae={cfg.d_sae})"
 
 
 def _global_batches(n: int, batch_size: int, seed: int) -> Iterator[Tensor]:
@@ -117,12 +135,13 @@ def train_data_parallel(
         dead_mask = tokens_since_fired >= dead_tokens
         optimizer.zero_grad(set_to_none=True)
         fired = torch.zeros(dictionary.d_sae, dtype=torch.bool, device=device)
+        stats = torch.zeros(len(_STATS), dtype=torch.float64, device=device)
         for rank in ranks:
             out = TrainStepOutput(*module(batch[rank * share : (rank + 1) * share].to(device), dead_mask))
-            loss = out.loss
             # DDP averages gradients over ranks; accumulating here must average the same way
-            (loss if distributed else loss / world).backward()
+            (out.loss if distributed else out.loss / world).backward()
             fired |= (out.codes > 0).any(0)
+            stats += _step_stats(out)
         if distributed:
             flags = fired.to(torch.int32)
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
@@ -135,17 +154,19 @@ def train_data_parallel(
         dictionary.after_optimizer_step()
         tokens_since_fired += batch_size
         tokens_since_fired[fired] = 0
-        if step == 1:
-            first_loss = loss.item()
-            check_loss(first_loss, step, None)
-        if step % cfg.log_every == 0 or step == steps:
-            check_loss(loss.item(), step, first_loss)
-            metrics = {
-                "loss": loss.item(),
-                "fvu": out.fvu.item(),
-                "dead_fraction": (tokens_since_fired >= dead_tokens).float().mean().item(),
-                "lr": lr,
-            }
+        logged = step % cfg.log_every == 0 or step == steps
+        if step == 1 or logged:
+            # the mean over the W shares, the same on every rank, so every rank stops at the same step
+            if distributed:
+                dist.all_reduce(stats)
+            means = dict(zip(_STATS, (stats / world).tolist()))
+            if step == 1:
+                first_loss = means["loss"]
+                check_loss(first_loss, step, None, _name(cfg))
+        if logged:
+            check_loss(means["loss"], step, first_loss, _name(cfg))
+            dead = (tokens_since_fired >= dead_tokens).float().mean().item()
+            metrics = means | {"dead_fraction": dead, "lr": lr}
             if on_metrics is not None and ranks[0] == 0:
                 on_metrics(metrics, step)
     return TrainResult(dictionary=dictionary.cpu().eval(), final_metrics=metrics, steps=steps)
@@ -170,6 +191,30 @@ def _load_acts(args: argparse.Namespace) -> Tensor:
     return store.load(args.hookpoint, store.select_rows("train"))
 
 
+def _metrics_writer(path: str | None) -> MetricsCallback | None:
+    """A callback appending {"step", "metrics"} JSON lines to `path` (rank 0 calls it), flushed each time."""
+    if path is None:
+        return None
+
+    def write(metrics: dict[str, float], step: int) -> None:
+        with open(path, "a") as f:
+            f.write(json.dumps({"step": step, "metrics": metrics}) + "\n")
+
+    return write
+
+
+def _with_world_size(cfg: DictionaryConfig, world: int) -> DictionaryConfig:
+    """`cfg` recording the processes it trains in (so its cfg.json says so); a different count is refused."""
+    if cfg.nproc_per_node not in (1, world):
+        raise ValueError(
+            f"the config asks for nproc_per_node={cfg.nproc_per_node}, but torchrun started {world} "
+            f"processes; launch with --nproc-per-node {cfg.nproc_per_node} or change the config"
+        )
+    raw = cfg.model_dump(mode="json") | {"nproc_per_node": world}
+    return TypeAdapter(DictionaryConfig).validate_python(raw)
+
+
+@record  # a failing rank's traceback goes into torchrun's error report, not only its own stderr
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Data-parallel dictionary training; launch with torchrun.")
     source = parser.add_mutually_exclusive_group(required=True)
@@ -178,6 +223,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--hookpoint", help="Hookpoint to train on (with --cache).")
     parser.add_argument("--config", required=True, help="JSON file of the dictionary config.")
     parser.add_argument("--out", required=True, help="Folder for cfg.json + weights.safetensors (rank 0).")
+    parser.add_argument("--metrics", help="JSON-lines file for the logged metrics of each step (rank 0).")
     args = parser.parse_args(argv)
     if args.cache is not None and args.hookpoint is None:
         parser.error("--cache needs --hookpoint")
@@ -185,7 +231,8 @@ def main(argv: list[str] | None = None) -> None:
     backend = "nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo"
     dist.init_process_group(backend)
     try:
-        result = train_data_parallel(cfg, _load_acts(args))
+        cfg = _with_world_size(cfg, dist.get_world_size())
+        result = train_data_parallel(cfg, _load_acts(args), on_metrics=_metrics_writer(args.metrics))
         if dist.get_rank() == 0:
             result.dictionary.save(Path(args.out))
         dist.barrier()

@@ -4,7 +4,8 @@ Every dictionary is still its own stage: its own fingerprint, nested MLflow run,
 Those already in the catalog are reused, never retrained; the rest that can share a pass (`sweep_key`) train
 together. Each builds resumably in `<id>.partial/`: checkpoints go to its `checkpoints/` subfolder, and after
 a kill the next run resumes there and continues the same MLflow run. A failed or killed sweep registers
-nothing; each dictionary keeps its last good checkpoint.
+nothing; each dictionary keeps its last good checkpoint. A dictionary with `nproc_per_node` > 1 trains alone
+in a torchrun launch (`tasks.dictionary.launch`), without checkpoints, and is registered the same way.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from schemas.artifacts import ActivationCacheRef, DictionaryRef
 from schemas.methods import DictionaryConfig
 from tasks.common.store import ActivationCache
 from tasks.dictionary.data import BadActivations, CacheSource
+from tasks.dictionary.launch import train_with_torchrun
 from tasks.dictionary.paired import PairedSource
 from tasks.dictionary.train import MetricsCallback, TrainResult, sweep_key, train_dictionaries
 from tasks.tracking.identity import Identity, dictionary_identity, ref_identity
@@ -27,6 +29,7 @@ from tasks.tracking.mlflow_runs import StageRun
 from tasks.tracking.stage import StageContext, artifact_exists, run_stage, stage_logger
 
 CHECKPOINTS = "checkpoints"
+DATA_PARALLEL = "torchrun"  # the launch's config, metrics and rank 0's output, inside the partial folder
 
 
 def sweep_groups(jobs: list[tuple[str, DictionaryConfig]]) -> list[tuple[str, list[DictionaryConfig]]]:
@@ -125,13 +128,25 @@ class _Sweep:
             return log_metrics
 
         t0 = time.perf_counter()
-        results = train_dictionaries(
-            cfgs,
-            source,
-            on_metrics=[on_metrics(i) for i in order],
-            checkpoint_dirs=[self.slots[i][0] / CHECKPOINTS for i in order],
-            progress=self.ctx.progress,
-        )
+        if cfgs[0].nproc_per_node > 1:  # alone in its group (sweep_key)
+            (i,) = order
+            workdir = self.slots[i][0] / DATA_PARALLEL
+            name, nproc = _stage_name(cfgs[0], self.hookpoint), cfgs[0].nproc_per_node
+            log.info("%s: data-parallel in %d torchrun processes", name, nproc)
+            results = [
+                train_with_torchrun(
+                    cfgs[0], Path(self.cache.path), self.hookpoint, workdir, on_metrics=on_metrics(i)
+                )
+            ]
+            shutil.rmtree(workdir)
+        else:
+            results = train_dictionaries(
+                cfgs,
+                source,
+                on_metrics=[on_metrics(i) for i in order],
+                checkpoint_dirs=[self.slots[i][0] / CHECKPOINTS for i in order],
+                progress=self.ctx.progress,
+            )
         seconds = time.perf_counter() - t0
         for i, result in zip(order, results):
             self.fields[i] = self._save(i, result, seconds, source.n_rows)

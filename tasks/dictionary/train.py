@@ -118,6 +118,8 @@ def sweep_key(cfg: DictionaryConfig) -> tuple:
     """Dictionaries with equal keys can share one pass over the data: they read the same batches."""
     if own_fit(cfg) is not None:
         return ("own_fit", id(cfg))
+    if cfg.nproc_per_node > 1:  # trains alone, in its own torchrun launch (tasks.dictionary.launch)
+        return ("data_parallel", id(cfg))
     if cfg.target_hookpoint is not None:  # a transcoder's batches also carry its target's activations
         return (cfg.batch_size, cfg.seed, cfg.device, cfg.target_hookpoint)
     return (cfg.batch_size, cfg.seed, cfg.device)

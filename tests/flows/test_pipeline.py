@@ -1,4 +1,6 @@
-"""The whole flow under a real Prefect test server, with a real SQLite catalog and a real MLflow store."""
+"""The whole flow under a real Prefect test server, with a real catalog and a real MLflow store, each test on
+SQLite and on PostgreSQL (the `backend` fixture): artifacts, lineage, nested runs, reuse and failures land the
+same on both, and the database password reaches no MLflow param or tag."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from mlflow.tracking import MlflowClient
 from schemas.spec import parse_spec
 from tasks.tracking.catalog import open_catalog
 from tests.helpers import TINY_TEXT, save_tiny_llama
+from tests.pg import PASSWORD
 
 
 def tiny_spec(tmp_path: Path, **overrides) -> dict:
@@ -49,12 +52,13 @@ def second_details_roundtrip(report) -> bool:
     return type(report).model_validate(report.model_dump(mode="json")).details == report.details
 
 
-def test_flow_tracks_registers_and_reuses(tmp_path, home, pipeline):
+def test_flow_tracks_registers_and_reuses(tmp_path, backend, home, pipeline):
     spec = parse_spec(tiny_spec(tmp_path))
     first = pipeline(spec)
 
     # every artifact exists on disk, in the catalog, with the expected lineage
     catalog = open_catalog(home.catalog)
+    assert catalog.engine.dialect.name == backend
     d = first.dictionaries[0]
     ids = {first.model.id, first.corpus.id, first.cache.id, d.dictionary.id, d.evaluation.id, d.labeling.id}
     assert {r.id for _, r in catalog.list()} == ids
@@ -110,6 +114,8 @@ def test_flow_tracks_registers_and_reuses(tmp_path, home, pipeline):
     )
     assert len(rerun) == 6
     assert all(r.data.tags.get("featureatlas.reused_from_run") for r in rerun)
+    for r in client.search_runs([exp.experiment_id]):
+        assert PASSWORD not in str(r.data.params) + str(r.data.tags)
 
     # a changed dictionary config trains anew but reuses the cache
     spec2 = parse_spec(
@@ -122,7 +128,7 @@ def test_flow_tracks_registers_and_reuses(tmp_path, home, pipeline):
     assert third.dictionaries[0].dictionary.id != d.dictionary.id
 
 
-def test_failed_stage_leaves_no_artifact(tmp_path, home, pipeline):
+def test_failed_stage_leaves_no_artifact(tmp_path, backend, home, pipeline):  # noqa: ARG001
     spec = parse_spec(tiny_spec(tmp_path, hookpoints=["model.layer.1"]))
     with pytest.raises(ValueError, match="model.layers.1"):
         pipeline(spec)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from mlflow.tracking import MlflowClient
 from prefect import flow, task
 from safetensors.torch import load_file
 
@@ -128,3 +129,44 @@ def test_sweep_fans_out_over_threads_and_dask_with_sequential_results(tmp_path, 
     assert {d.dictionary.id for d in dask.dictionaries} | {d.evaluation.id for d in dask.dictionaries} <= ids
     assert len(ids) == 3 + 4 + 4
     assert not dask.dictionaries[0].dictionary.reused
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+def test_sweep_fanned_out_over_threads_writes_every_row_and_run_to_postgresql(
+    tmp_path,
+    backend,  # noqa: ARG001
+    monkeypatch,
+    prefect_harness,  # noqa: ARG001
+):
+    """The concurrent writers (two threads' stages racing on one new MLflow dataset, the cache) on PostgreSQL.
+
+    Only the threads arm runs here: the Dask arm writes through the same code from processes and costs
+    minutes more; the results equal the sequential run's on SQLite (the test above).
+    """
+    from flows.pipeline import pipeline_flow
+
+    raw = tiny_spec(tmp_path, hookpoints=HOOKPOINTS, dictionaries=SWEEP, label={"enabled": False})
+    result, weights = _run(pipeline_flow, parse_spec(raw), tmp_path / "threads", monkeypatch, max_workers=2)
+    assert len(weights) == 4
+    settings = Settings(home=tmp_path / "threads")
+    catalog = open_catalog(settings.catalog)
+    assert catalog.engine.dialect.name == "postgresql"
+    assert len(catalog.list()) == 3 + 4 + 4
+    for d in result.dictionaries:
+        assert catalog.parents(d.dictionary.id) == [result.cache.id]
+        assert catalog.parents(d.evaluation.id) == sorted([d.dictionary.id, result.cache.id])
+    client = MlflowClient(settings.mlflow_uri)
+    exp = client.get_experiment_by_name(settings.experiment)
+    children = client.search_runs(
+        [exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{result.mlflow_run_id}'"
+    )
+    stages = [r.data.tags["featureatlas.stage"] for r in children]
+    assert sorted(stages) == sorted(
+        ["model", "corpus", "activation_cache"] + ["dictionary", "evaluation"] * 4
+    )
+    assert {r.info.status for r in children} == {"FINISHED"}
+    dictionary_runs = [r for r in children if r.data.tags["featureatlas.stage"] == "dictionary"]
+    assert all(
+        [i.dataset.name for i in r.inputs.dataset_inputs] == [result.cache.id] for r in dictionary_runs
+    )

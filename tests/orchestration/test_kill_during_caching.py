@@ -1,5 +1,6 @@
 """Kill -9 a `featureatlas run` while it caches: nothing half-made is registered, and the re-run resumes to
-the outputs of an uninterrupted run (the same cache bytes, the same dictionary weights)."""
+the outputs of an uninterrupted run (the same cache bytes, the same dictionary weights). On SQLite and on
+PostgreSQL: the killed process's open connections must leave no half-made row there either."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from schemas.settings import Settings
 from schemas.spec import load_spec
 from tasks.tracking.catalog import open_catalog
 from tests.flows.test_pipeline import tiny_spec
+from tests.pg import fresh_database_env
 
 REPO = Path(__file__).parents[2]
 
@@ -29,6 +31,8 @@ def _files(folder: Path) -> dict[str, bytes]:
 @pytest.mark.slow
 def test_killed_pipeline_resumes_caching_and_matches_an_uninterrupted_run(
     tmp_path,
+    backend,  # the killed process's catalog and MLflow store: SQLite files or PostgreSQL
+    request,
     monkeypatch,
     prefect_harness,  # noqa: ARG001
 ):
@@ -68,6 +72,7 @@ def test_killed_pipeline_resumes_caching_and_matches_an_uninterrupted_run(
 
     # nothing half-made is registered: the model and corpus are, the cache only exists as its .partial
     settings = Settings(home=killed_home)
+    assert open_catalog(settings.catalog).engine.dialect.name == backend
     assert sorted(k for k, _ in open_catalog(settings.catalog).list()) == ["corpus", "model"]
     (partial,) = shards.glob("*.partial")
     assert not (partial / "manifest.json").exists()
@@ -75,7 +80,11 @@ def test_killed_pipeline_resumes_caching_and_matches_an_uninterrupted_run(
     kept = {str(p.relative_to(partial)): p.stat().st_mtime_ns for p in partial.glob("acts/*/*.safetensors")}
 
     monkeypatch.setenv("FEATUREATLAS_HOME", str(tmp_path / "fresh"))
-    fresh = pipeline_flow(spec)
+    with monkeypatch.context() as own:
+        if backend == "postgresql":  # the reference run gets databases of its own, as its home does on SQLite
+            for name, url in fresh_database_env(request.getfixturevalue("pg_cluster")).items():
+                own.setenv(name, url)
+        fresh = pipeline_flow(spec)
     monkeypatch.setenv("FEATUREATLAS_HOME", str(killed_home))
     resumed = pipeline_flow(spec)
 
