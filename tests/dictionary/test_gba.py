@@ -79,20 +79,18 @@ def test_only_w_and_a_are_trained_parameters():
 
 def test_ba_recovers_planted_features_and_biases_adapt(tmp_path):
     truth = plant(12_000, d_in=16, n_features=32, k_true=3)
-    # The bias schedule (an update every 50 steps, gamma_minus 0.01); lr 3e-2 as in the benchmark (at
-    # 1e-3 the rows of W do not reach the features in time). The biases need ~30 updates to settle near
+    # Every default: the bias schedule (an update every 50 steps, gamma_minus 0.01) and BA's own lr
+    # 3e-2 decaying over the last 30% (at 1e-3 the rows of W do not reach the features in time). The biases need ~30 updates to settle near
     # -0.39, hence 3000 steps: seeds 0-3 all reach 1.0 at cosine 0.8 (0.91-0.97 at cosine 0.9); at 2000
     # steps (batch 256) 0.84-0.94.
     cfg = BAConfig(
         d_sae=64,
         target_freq=3 / 32,
-        lr=3e-2,
-        decay_fraction=0.3,
         batch_size=128,
         steps=3000,
         device="cpu",
     )
-    assert (cfg.update_every, cfg.gamma_minus) == (50, 0.01)
+    assert (cfg.update_every, cfg.gamma_minus, cfg.lr, cfg.decay_fraction) == (50, 0.01, 3e-2, 0.3)
     assert recovery_at_init(cfg, truth.acts, truth.directions)["frr_08"] < 0.2  # not handed the answer
     result = train_dictionary(cfg, truth.acts)
     sae = result.dictionary
@@ -141,8 +139,6 @@ def test_ba_recovers_the_bias_adaptation_toy_at_the_true_frequency():
     cfg = BAConfig(
         d_sae=256,
         target_freq=toy.true_freq,
-        lr=3e-2,
-        decay_fraction=0.3,
         batch_size=256,
         steps=4000,
         device="cpu",
