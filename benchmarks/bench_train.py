@@ -7,6 +7,10 @@ encoder and decoder and two each in their backward passes). The TopK family runs
 (tasks/dictionary/sparse_decoder.py: only the k selected decoder rows are gathered, and the encoder gradient
 is built from the selected entries), which leaves one dense matmul, the encoder's forward; `<method>_dense`
 rows time the same method on the dense path. The batch is random, so no latent is dead and AuxK is off.
+GBA and BA steps include their bias rule's bookkeeping (the rule itself runs every `update_every` steps).
+Semi-NMF is not gradient-trained: its "step" is one pass of its alternation over the batch (least-squares
+F with its d_sae x d_sae solve, the sparsification, the multiplicative G update), the unit its `fit` repeats
+over the tokens.
 Each method runs in its own subprocess so that its peak memory is its own: on CUDA
 `torch.cuda.max_memory_allocated`; on CPU the rise of the process's max RSS over its size just before the
 dictionary is built (model, optimizer state and the step's intermediates; the input batch and the torch
@@ -41,6 +45,10 @@ METHODS = (
     "jumprelu",
     "gated",
     "threshold",
+    "mp",
+    "gba",
+    "ba",
+    "snmf",
 )
 # The TopK family trains on its sparse path by default; `<method>_dense` times it on the dense path.
 DENSE_SUFFIX = "_dense"
@@ -87,27 +95,30 @@ def run_one(method: str, args: argparse.Namespace) -> dict[str, float]:
 
     method, dense = method.removesuffix(DENSE_SUFFIX), method.endswith(DENSE_SUFFIX)
     fields = {"method": method, "d_sae": args.d_sae, "device": device}
-    if method in ("topk", "batchtopk", "matryoshka"):
+    if method in ("topk", "batchtopk", "matryoshka", "mp"):
         fields["k"] = args.k
     cfg = TypeAdapter(DictionaryConfig).validate_python(fields)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     rss_before = _rss_mb()
-    sae = build_dictionary(cfg, args.d_in)
-    if hasattr(sae, "sparse_decoder"):
-        sae.sparse_decoder = not dense
-    sae.init_from_data(acts.cpu())
-    sae.to(device).train()
-    optimizer = torch.optim.AdamW([p for p in sae.parameters() if p.requires_grad], lr=cfg.lr)
-    dead = torch.zeros(args.d_sae, dtype=torch.bool, device=device)
+    if method == "snmf":
+        step = _snmf_pass(cfg, acts)
+    else:
+        sae = build_dictionary(cfg, args.d_in)
+        if hasattr(sae, "sparse_decoder"):
+            sae.sparse_decoder = not dense
+        sae.init_from_data(acts.cpu())
+        sae.to(device).train()
+        optimizer = torch.optim.AdamW([p for p in sae.parameters() if p.requires_grad], lr=cfg.lr)
+        dead = torch.zeros(args.d_sae, dtype=torch.bool, device=device)
 
-    def step() -> None:
-        out = sae.training_loss(acts, dead)
-        optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        sae.before_optimizer_step()
-        optimizer.step()
-        sae.after_optimizer_step()
+        def step() -> None:
+            out = sae.training_loss(acts, dead)
+            optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            sae.before_optimizer_step()
+            optimizer.step()
+            sae.after_optimizer_step()
 
     step()  # warm-up: allocates optimizer state and caches kernels
     _median_seconds(lambda: acts @ weight, 1, device)
@@ -130,6 +141,26 @@ def run_one(method: str, args: argparse.Namespace) -> dict[str, float]:
         "matmul_ratio": round(ratio, 2),
         "peak_mb": round(peak_mb, 1),
     }
+
+
+def _snmf_pass(cfg, acts):
+    """One semi-NMF pass over `acts` as `fit_snmf` makes it, with G kept between passes."""
+    import torch
+
+    from tasks.dictionary.snmf import least_squares_F, multiplicative_update, sparse_F
+
+    G = torch.rand(acts.shape[0], cfg.d_sae, generator=torch.Generator().manual_seed(0), device=acts.device)
+    total_sq = float(acts.pow(2).sum())
+    F_prev = None
+
+    def step() -> None:
+        nonlocal F_prev
+        F_ls, sums = least_squares_F(acts, G, acts.shape[0], 1.0)
+        F = sparse_F(cfg, F_ls, F_prev, sums, total_sq)
+        G.copy_(multiplicative_update(G, acts @ F, F.T @ F))
+        F_prev = F
+
+    return step
 
 
 def main() -> None:

@@ -197,7 +197,7 @@ class _Sums(NamedTuple):
         return total_sq - 2 * float((F * self.AG).sum()) + float(((F.T @ F) * self.GtG).sum())
 
 
-def _least_squares_F(acts: Tensor, G: Tensor, rows: int, scale: float) -> tuple[Tensor, _Sums]:
+def least_squares_F(acts: Tensor, G: Tensor, rows: int, scale: float) -> tuple[Tensor, _Sums]:
     """(F = A G (G^T G + ridge)^-1 [d_in, d_sae], the sums) from one pass over the tokens."""
     d_sae = G.shape[1]
     AG = torch.zeros(acts.shape[1], d_sae, dtype=torch.float64)
@@ -209,7 +209,7 @@ def _least_squares_F(acts: Tensor, G: Tensor, rows: int, scale: float) -> tuple[
     return torch.linalg.solve(GtG + _RIDGE * eye, AG.T).T.float(), _Sums(AG, GtG)
 
 
-def _sparse_F(
+def sparse_F(
     cfg: SemiNMFConfig, F_ls: Tensor, F_prev: Tensor | None, sums: _Sums, total_sq: float
 ) -> Tensor:
     """The sparsified least-squares F, unless it fits the current G worse than the previous F does.
@@ -240,7 +240,7 @@ def _alternate(
     n, d_in = acts.shape
     total_sq, centred_sq = sums
     for _ in range(cfg.init_passes):
-        F, sums = _least_squares_F(acts, G, rows, scale)
+        F, sums = least_squares_F(acts, G, rows, scale)
         norms = sums.GtG.diagonal().sqrt().float().clamp_min(_EPS)
         G /= norms
         F *= norms
@@ -251,8 +251,8 @@ def _alternate(
     best_loss, best_F, best_metrics, since_progress, it = math.inf, None, {}, 0, 0
     F_prev: Tensor | None = None
     for it in tqdm(range(1, cfg.max_iters + 1), desc="fit snmf", disable=not progress):
-        F_ls, sums = _least_squares_F(acts, G, rows, scale)
-        F = _sparse_F(cfg, F_ls, F_prev, sums, total_sq)
+        F_ls, sums = least_squares_F(acts, G, rows, scale)
+        F = sparse_F(cfg, F_ls, F_prev, sums, total_sq)
         norms = sums.GtG.diagonal().sqrt().float().clamp_min(_EPS)
         G /= norms
         F *= norms
