@@ -8,6 +8,7 @@ Everything else (AuxK, unit-norm decoder, input scaling) is the TopK SAE's.
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 import torch
@@ -30,6 +31,43 @@ def batch_topk(pre: Tensor, k: int) -> Tensor:
 
 def batch_topk_entries(pre: Tensor, k: int, oversample: int = 2) -> tuple[Tensor, Tensor]:
     """(rows, cols), sorted by row, of the k * n_tokens largest entries of pre [n_tokens, d_sae].
+
+    First tried: a cut-off from a sample (`_above_sampled_cutoff`), one comparison pass instead of a top-k
+    per token; if too few entries pass it, the per-token candidates below.
+    """
+    found = _above_sampled_cutoff(pre, k)
+    if found is not None:
+        return found
+    return _batch_topk_by_candidates(pre, k, oversample)
+
+
+def _above_sampled_cutoff(
+    pre: Tensor, k: int, sample: int = 1 << 16, margin: float = 1.3
+) -> tuple[Tensor, Tensor] | None:
+    """The batch top-k among the entries at or above a cut-off estimated from an evenly strided sample.
+
+    The cut-off is the sample's value that `margin` times the kept share of entries reach. Every entry the
+    batch top-k keeps is at or above the keep-th largest value; when at least `keep` entries pass the
+    cut-off, that value passes it too, so the top-k of the passing entries is exact. Otherwise None (the
+    sample misjudged the tail): the caller falls back to per-token candidates.
+    """
+    n, d_sae = pre.shape
+    flat = pre.reshape(-1)
+    keep = min(k * n, flat.numel())
+    if keep * margin >= flat.numel() or flat.numel() < 4 * sample:
+        return None  # most entries are kept, or the batch is small: candidates are as cheap
+    drawn = flat[:: flat.numel() // sample]
+    n_drawn = math.ceil(keep / flat.numel() * drawn.numel() * margin)
+    cutoff = drawn.topk(n_drawn, sorted=False).values.min()
+    passing = (flat >= cutoff).nonzero().squeeze(1)
+    if passing.numel() < keep:
+        return None
+    chosen = passing[flat[passing].topk(keep, sorted=False).indices].sort().values  # flat order: by row
+    return chosen // d_sae, chosen % d_sae
+
+
+def _batch_topk_by_candidates(pre: Tensor, k: int, oversample: int) -> tuple[Tensor, Tensor]:
+    """`batch_topk_entries` from each token's top `oversample * k` candidates.
 
     A top-k over all n_tokens * d_sae entries is slow on CPU (seconds at the benchmark's size), so the
     candidates are first each token's top `oversample * k`. A token whose smallest candidate still reaches

@@ -15,6 +15,7 @@ from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from schemas.methods import TopKConfig
 from tasks.dictionary.base import Dictionary, TrainStepOutput
@@ -139,13 +140,14 @@ class TopKSAE(TranscoderSites, Dictionary):
                 return self.auxk_loss(pre, err, dead_mask)
 
         var = (y - y.mean(0)).pow(2).sum().clamp_min(_EPS)
-        fvus = [(y - r).pow(2).sum() / var for r in recons]
-        err = y - recons[-1]
-        err_sq = err.pow(2).sum()
-        aux = auxk(err.detach())
+        # mse_loss fuses the difference, square and sum (and its backward) into one pass per reconstruction
+        fvus = [F.mse_loss(r, y, reduction="sum") / var for r in recons]
+        with torch.no_grad():
+            err = y - recons[-1]
+        aux = auxk(err)
         return TrainStepOutput(
             loss=self.reconstruction_loss(fvus) + self.cfg.auxk_coef * aux,
-            mse=(err_sq / err.numel() / self.output_scale**2).detach(),
+            mse=(fvus[-1].detach() * var / err.numel() / self.output_scale**2),
             fvu=fvus[-1].detach(),
             auxk_loss=aux.detach(),
             codes=codes,

@@ -9,7 +9,7 @@ import torch
 
 from schemas.methods import BatchTopKConfig, MatryoshkaConfig, TopKConfig
 from tasks.dictionary import build_dictionary
-from tasks.dictionary.batchtopk import batch_topk_entries
+from tasks.dictionary.batchtopk import _above_sampled_cutoff, batch_topk_entries
 from tasks.dictionary.sparse_decoder import (
     SelectedPre,
     SparseCodes,
@@ -146,6 +146,22 @@ def test_batch_topk_entries_equal_the_flat_top_k(hot_row):
     assert sorted(zip(rows.tolist(), cols.tolist())) == sorted((int(i) // 64, int(i) % 64) for i in flat)
     assert rows.tolist() == sorted(rows.tolist())
     assert (rows == 3).sum() == (32 if hot_row else (rows == 3).sum())
+
+
+@pytest.mark.parametrize("layout", ["random", "sample_sees_only_the_tail"])
+def test_batch_topk_entries_from_a_sampled_cutoff_are_exact(layout):
+    # 512 x 1024 entries: large enough for the sampled cut-off (a sample of 65,536, every 8th entry)
+    g = torch.Generator().manual_seed(2)
+    pre = torch.randn(512, 1024, generator=g)
+    if layout == "sample_sees_only_the_tail":
+        # the strided sample holds only large values, so its cut-off is far too high and too few entries
+        # pass it: the per-token candidates must take over, with the same answer
+        pre.view(-1)[::8] += 50.0
+    assert (_above_sampled_cutoff(pre, k=8) is None) == (layout != "random")
+    rows, cols = batch_topk_entries(pre, k=8)
+    flat = pre.flatten().topk(8 * 512).indices
+    assert sorted(zip(rows.tolist(), cols.tolist())) == sorted((int(i) // 1024, int(i) % 1024) for i in flat)
+    assert rows.tolist() == sorted(rows.tolist())
 
 
 def test_sparse_decode_with_empty_rows_matches_dense():
