@@ -175,6 +175,15 @@ def test_fast_pursuit_matches_the_loop(signed, n_random, k, threshold):
     torch.testing.assert_close(sae.b_dec.grad, ref_grads[1])
     with torch.no_grad():  # the no-autograd encode gives the same codes
         torch.testing.assert_close(sae.encode(acts), ref_codes.detach())
+    # Gradients through the codes themselves (encode under autograd), not only through the reconstruction.
+    weights = torch.randn(ref_codes.shape, generator=torch.Generator().manual_seed(2)).double()
+    sae.zero_grad()
+    (reference_training_loss(sae, acts, k)[0] * weights).sum().backward()
+    ref_grads = sae.W_dec.grad.clone(), sae.b_dec.grad.clone()
+    sae.zero_grad()
+    (sae.encode(acts) * weights).sum().backward()
+    torch.testing.assert_close(sae.W_dec.grad, ref_grads[0])
+    torch.testing.assert_close(sae.b_dec.grad, ref_grads[1])
     # The data does exercise the early stops: tokens with fewer non-zero steps than k.
     active = (ref_codes != 0).sum(-1)
     if not signed:
