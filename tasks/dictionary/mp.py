@@ -10,8 +10,10 @@ Unlike a linear encoder, pursuit explains away: once a parent direction is subtr
 no longer look active, which suits hierarchical (mutually exclusive) features. Gradients flow through the
 selected scores (and the residual updates) into the atoms; the argmax choices are not differentiated.
 
-Speed. A literal loop costs k dense [batch, d_in] x [d_in, d_sae] matmuls under autograd (about 150 matmuls'
-time per training step at d_sae 4608, k 32). Here the choice of atoms and the coefficients are split:
+Speed. A literal loop costs k dense [batch, d_in] x [d_in, d_sae] matmuls under autograd and keeps every
+residual for the backward (a training step took ~170 matmuls' time and 3.8 GB at d_in 576, d_sae 4608, batch
+4096, k 32 on CPU; this version ~15 and 1 GB, README "Training-step speed"). Here the choice of atoms and
+the coefficients are split:
 
 - Selection runs without autograd. Since r <- r - s a_i, the scores move by -s Gram[i] with
   Gram = W_dec W_dec^T: one matmul for the first scores and one for the Gram matrix, then k in-place row
@@ -21,7 +23,7 @@ time per training step at d_sae 4608, k 32). Here the choice of atoms and the co
   <a_t, a_s> c_s) with m_t the fixed step masks: a unit lower-triangular k x k system per token, solved
   differentiably, so the gradients are those of the loop (through the selected scores and the residual
   updates, not through the argmax). The decode in training is the sparse sum_t c_t a_t, and the backward of
-  the two is written out (`_SparsePursuit`): 3-4x faster than autograd's on CPU.
+  the two is written out (`_SparsePursuit`): 2-4x faster than autograd's on CPU.
 - `encode` without gradients stops after selection: its scores are the codes.
 """
 
