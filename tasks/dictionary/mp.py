@@ -185,16 +185,24 @@ class MPSAE(Dictionary):
         return self.W_dec / self.W_dec.norm(dim=-1, keepdim=True).clamp_min(_EPS)
 
     def _pursue(self, x_scaled: Tensor, k: int) -> Pursuit:
-        """`k` greedy steps on scaled inputs [n, d_in]; differentiable when autograd is on."""
-        atoms = self.atoms()
-        r0 = x_scaled - self.b_dec
-        sel = select_atoms(r0.detach(), atoms.detach(), k, self.cfg.residual_threshold)
-        codes = r0.new_zeros(r0.shape[0], self.d_sae)
-        if not (torch.is_grad_enabled() and (r0.requires_grad or atoms.requires_grad)):
-            return Pursuit(codes.scatter_add_(-1, sel.idx, sel.score), None)
-        # atoms[idx] [n, k, d_in]: its backward scatters the atoms' gradients into W_dec.
-        recon, coef = _SparsePursuit.apply(r0, atoms[sel.idx], sel.mask)
-        return Pursuit(codes.scatter_add(-1, sel.idx, coef), recon)
+        """`k` greedy steps on scaled inputs [n, d_in]; differentiable when autograd is on.
+
+        Pursuit runs in float32 or wider and outside autocast: the in-place score updates would accumulate
+        bfloat16 rounding over k steps, and the triangular solve has no half-precision kernels. Codes and
+        reconstruction come back in the weights' dtype.
+        """
+        dtype = self.W_dec.dtype
+        work = torch.promote_types(dtype, torch.float32)
+        with torch.autocast(x_scaled.device.type, enabled=False):
+            atoms = self.atoms().to(work)
+            r0 = x_scaled.to(work) - self.b_dec.to(work)
+            sel = select_atoms(r0.detach(), atoms.detach(), k, self.cfg.residual_threshold)
+            codes = x_scaled.new_zeros(r0.shape[0], self.d_sae, dtype=dtype)
+            if not (torch.is_grad_enabled() and (r0.requires_grad or atoms.requires_grad)):
+                return Pursuit(codes.scatter_add_(-1, sel.idx, sel.score.to(dtype)), None)
+            # atoms[idx] [n, k, d_in]: its backward scatters the atoms' gradients into W_dec.
+            recon, coef = _SparsePursuit.apply(r0, atoms[sel.idx], sel.mask)
+        return Pursuit(codes.scatter_add(-1, sel.idx, coef.to(dtype)), recon.to(dtype))
 
     def pursuit(self, x_scaled: Tensor, k: int) -> Tensor:
         """Codes [..., d_sae] of `k` greedy steps on already scaled inputs [..., d_in]."""

@@ -190,3 +190,22 @@ def test_fast_pursuit_matches_the_loop(signed, n_random, k, threshold):
         assert bool((active[-40:] == 1).all())  # one basis atom, then no positive score
     elif threshold > 0:
         assert bool((active < k).any())
+
+
+def test_pursuit_ignores_bf16_autocast_and_trains_in_bf16():
+    # Pursuit runs in float32 outside autocast: under bf16 autocast the loss and codes are the float32 ones;
+    # with bfloat16 weights the step still runs (no bfloat16 triangular solve), with bfloat16 codes.
+    acts = plant(300, d_in=16, n_features=48, k_true=4).acts
+    sae = build_dictionary(MPConfig(d_sae=48, k=6), d_in=16)
+    sae.init_from_data(acts)
+    dead = torch.zeros(48, dtype=torch.bool)
+    plain = sae.training_loss(acts, dead)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = sae.training_loss(acts, dead)
+    torch.testing.assert_close(mixed.loss, plain.loss)
+    torch.testing.assert_close(mixed.codes, plain.codes)
+    sae = sae.to(torch.bfloat16)
+    out = sae.training_loss(acts, dead)
+    out.loss.backward()
+    assert out.codes.dtype == torch.bfloat16 and bool(sae.W_dec.grad.isfinite().all())
+    assert abs(out.fvu.item() - plain.fvu.item()) < 0.05
