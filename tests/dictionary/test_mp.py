@@ -114,3 +114,98 @@ def test_hierarchical_toy_error_non_increasing_in_steps():
     untrained = build_dictionary(cfg, d_in=16).decoder_directions()
     cos = lambda D: (toy.parents @ D.T).max(dim=1).values.mean().item()  # noqa: E731
     assert cos(sae.decoder_directions()) > cos(untrained) + 0.1
+
+
+def reference_training_loss(sae: MPSAE, acts: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The literal pursuit loop under autograd (the module's earlier implementation): codes and FVU loss."""
+    x = acts.to(sae.W_dec.dtype) * sae.input_scale
+    atoms = sae.atoms()
+    r = x - sae.b_dec
+    stop_norm = sae.cfg.residual_threshold * r.detach().norm(dim=-1)
+    codes = r.new_zeros(*r.shape[:-1], sae.d_sae)
+    for _ in range(k):
+        score, idx = (r @ atoms.T).relu().max(dim=-1)
+        score = score * (r.detach().norm(dim=-1) > stop_norm)
+        codes = codes.scatter_add(-1, idx.unsqueeze(-1), score.unsqueeze(-1))
+        r = r - score.unsqueeze(-1) * atoms[idx]
+    err = x - (codes @ atoms + sae.b_dec)
+    return codes, err.pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+
+
+def pursuit_problem(n_random: int, signed: bool, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Atoms [64, 16]: the 16 basis vectors and 48 random directions, and random tokens [n_random, 16].
+
+    signed=False: the 48 directions are non-negative, and 40 more tokens have one large positive coordinate
+    and small negative others: after that basis atom their residual is < 0 everywhere, so every score is <= 0
+    and they stop (well-separated scores: no ties to flip). signed=True: the random tokens are spanned well
+    and reach a residual threshold within k steps.
+    """
+    g = torch.Generator().manual_seed(seed)
+    extra = torch.randn(48, 16, generator=g)
+    W = torch.cat([torch.eye(16), extra if signed else extra.abs()]).double()
+    x = torch.randn(n_random, 16, generator=g).double()
+    if signed:
+        return W / W.norm(dim=-1, keepdim=True), x
+    hot = -0.1 - 0.1 * torch.rand(40, 16, generator=g).double()
+    hot[torch.arange(40), torch.arange(40) % 16] = 3.0
+    return W / W.norm(dim=-1, keepdim=True), torch.cat([x, hot])
+
+
+@pytest.mark.parametrize("signed", [False, True])
+@pytest.mark.parametrize("n_random", [4, 400])  # 4 (+ 40) tokens score directly; 400 (+ 40) use the Gram path
+@pytest.mark.parametrize(("k", "threshold"), [(3, 0.0), (12, 0.0), (12, 0.3), (40, 0.05)])
+def test_fast_pursuit_matches_the_loop(signed, n_random, k, threshold):
+    W, acts = pursuit_problem(n_random, signed)
+    sae = build_dictionary(MPConfig(d_sae=64, k=k, residual_threshold=threshold, device="cpu"), d_in=16)
+    sae = sae.double()
+    with torch.no_grad():
+        sae.W_dec.copy_(W * 1.1)  # not unit: atoms() renormalises in both
+        # b_dec >= 0 keeps the hot tokens' small coordinates negative in r0 = x - b_dec.
+        sae.b_dec.copy_(0.05 * torch.randn(16, generator=torch.Generator().manual_seed(1)).double().abs())
+    ref_codes, ref_loss = reference_training_loss(sae, acts, k)
+    ref_loss.backward()
+    ref_grads = sae.W_dec.grad.clone(), sae.b_dec.grad.clone()
+    sae.zero_grad()
+
+    out = sae.training_loss(acts, torch.zeros(64, dtype=torch.bool))
+    out.loss.backward()
+    torch.testing.assert_close(out.codes, ref_codes.detach())
+    torch.testing.assert_close(out.loss.detach(), ref_loss.detach())
+    torch.testing.assert_close(sae.W_dec.grad, ref_grads[0])
+    torch.testing.assert_close(sae.b_dec.grad, ref_grads[1])
+    with torch.no_grad():  # the no-autograd encode gives the same codes
+        torch.testing.assert_close(sae.encode(acts), ref_codes.detach())
+    # Gradients through the codes themselves (encode under autograd), not only through the reconstruction.
+    weights = torch.randn(ref_codes.shape, generator=torch.Generator().manual_seed(2)).double()
+    sae.zero_grad()
+    (reference_training_loss(sae, acts, k)[0] * weights).sum().backward()
+    ref_grads = sae.W_dec.grad.clone(), sae.b_dec.grad.clone()
+    sae.zero_grad()
+    (sae.encode(acts) * weights).sum().backward()
+    torch.testing.assert_close(sae.W_dec.grad, ref_grads[0])
+    torch.testing.assert_close(sae.b_dec.grad, ref_grads[1])
+    # The data does exercise the early stops: tokens with fewer non-zero steps than k.
+    active = (ref_codes != 0).sum(-1)
+    if not signed:
+        assert bool((active[-40:] == 1).all())  # one basis atom, then no positive score
+    elif threshold > 0:
+        assert bool((active < k).any())
+
+
+def test_pursuit_ignores_bf16_autocast_and_trains_in_bf16():
+    # Pursuit runs in float32 outside autocast: under bf16 autocast the loss and codes are the float32 ones;
+    # with bfloat16 weights the step still runs (no bfloat16 triangular solve), with bfloat16 codes.
+    acts = plant(300, d_in=16, n_features=48, k_true=4).acts
+    sae = build_dictionary(MPConfig(d_sae=48, k=6), d_in=16)
+    sae.init_from_data(acts)
+    dead = torch.zeros(48, dtype=torch.bool)
+    plain = sae.training_loss(acts, dead)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = sae.training_loss(acts, dead)
+    torch.testing.assert_close(mixed.loss, plain.loss)
+    torch.testing.assert_close(mixed.codes, plain.codes)
+    sae = sae.to(torch.bfloat16)
+    out = sae.training_loss(acts, dead)
+    out.loss.backward()
+    assert out.codes.dtype == torch.bfloat16 and bool(sae.W_dec.grad.isfinite().all())
+    assert abs(out.fvu.item() - plain.fvu.item()) < 0.05

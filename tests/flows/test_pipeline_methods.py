@@ -22,6 +22,7 @@ SWEEP = [
     {"method": "jumprelu"},
     {"method": "gated", "l1_coef": 1.0},
     {"method": "threshold", "tau": 0.5},
+    {"method": "mp", "k": 4},
 ]
 
 
