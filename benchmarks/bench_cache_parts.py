@@ -62,6 +62,8 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     from distributed import Client, LocalCluster
 
+    from tasks.tracking.fanout import dask_worker_config
+
     loaded, corpus, docs = _setup(args.tokens, args.context_length)
     one = CacheSpec(batch_size=8, shard_tokens=1024)
     split = one.model_copy(update={"parts": args.parts})
@@ -70,6 +72,7 @@ def main() -> None:
     times: dict[str, list[float]] = {"one": [], "in turn": [], "dask": []}
     with (
         tempfile.TemporaryDirectory(prefix="bench-parts-") as tmp,
+        dask_worker_config(),
         LocalCluster(
             n_workers=len(plan.parts), threads_per_worker=1, host="127.0.0.1", dashboard_address=None
         ) as cluster,

@@ -63,7 +63,10 @@ def main() -> None:
 
     from distributed import Client, LocalCluster
 
+    from tasks.tracking.fanout import dask_worker_config
+
     with (
+        dask_worker_config(),
         LocalCluster(
             n_workers=args.workers, threads_per_worker=1, host="127.0.0.1", dashboard_address=None
         ) as cluster,

@@ -23,6 +23,23 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from schemas.settings import Settings
 
+# Dask workers sample their threads' stacks every 10 ms for the dashboard's profile (sys._current_frames).
+# On Python before 3.12 that call can deadlock a worker: it holds the interpreter's thread-list lock while
+# allocating, a garbage collection it triggers can run a finalizer that needs the same lock, and the task
+# thread then waits for the GIL forever (CPython gh-106883; seen here as an evaluation stuck for minutes).
+# Workers started by featureatlas run with the profiler off; start your own with
+# DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED=False.
+DASK_WORKER_CONFIG = {"distributed.worker.profile.enabled": False}
+
+
+@contextlib.contextmanager
+def dask_worker_config() -> Iterator[None]:
+    """Dask settings for worker processes started inside the block (nannies hand them to the workers)."""
+    import dask
+
+    with dask.config.set(DASK_WORKER_CONFIG):
+        yield
+
 
 def task_runner_for(settings: Settings) -> TaskRunner | None:
     """The runner the settings ask for; None means "call the tasks in turn"."""
@@ -69,5 +86,6 @@ def task_pool(settings: Settings) -> Iterator[TaskPool]:
     if runner is None:
         yield TaskPool(None)
         return
-    with runner:
+    config = dask_worker_config() if settings.task_runner == "dask" else contextlib.nullcontext()
+    with config, runner:
         yield TaskPool(runner)

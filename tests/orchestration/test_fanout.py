@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from schemas.settings import Settings
 from schemas.spec import parse_spec
 from tasks.tracking.catalog import open_catalog
-from tasks.tracking.fanout import task_pool, task_runner_for
+from tasks.tracking.fanout import dask_worker_config, task_pool, task_runner_for
 from tests.flows.test_pipeline import tiny_spec
 
 # two hookpoints x two methods: two sweep groups (one pass over the cache each), four dictionaries
@@ -37,8 +37,10 @@ def test_task_runner_choice(tmp_path):
 
 
 @task
-def _where(i: int) -> tuple[int, int]:
-    return i, os.getpid()
+def _where(i: int) -> tuple[int, int, bool]:
+    import dask
+
+    return i, os.getpid(), dask.config.get("distributed.worker.profile.enabled")
 
 
 @pytest.mark.slow
@@ -46,13 +48,15 @@ def test_local_dask_cluster_runs_tasks_in_its_worker_processes_in_order(tmp_path
     settings = Settings(home=tmp_path, task_runner="dask", max_workers=2)  # no address: a LocalCluster
 
     @flow
-    def fan() -> list[tuple[int, int]]:
+    def fan() -> list[tuple[int, int, bool]]:
         with task_pool(settings) as pool:
             return pool.run_all(_where, [{"i": i} for i in range(6)])
 
     got = fan()
-    assert [i for i, _ in got] == list(range(6))  # results in call order
-    assert os.getpid() not in {pid for _, pid in got}  # ran in the cluster's worker processes
+    assert [i for i, _, _ in got] == list(range(6))  # results in call order
+    assert os.getpid() not in {pid for _, pid, _ in got}  # ran in the cluster's worker processes
+    # with the stack-sampling profiler off (it can deadlock a worker on Python < 3.12)
+    assert {profiling for _, _, profiling in got} == {False}
 
 
 def _run(pipeline, spec, home: Path, monkeypatch, **env) -> tuple[object, dict]:
@@ -104,6 +108,7 @@ def test_sweep_fans_out_over_threads_and_dask_with_sequential_results(tmp_path, 
     _same(seq, w_seq, threads, w_threads)
 
     with (
+        dask_worker_config(),
         LocalCluster(
             n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
         ) as cluster,
