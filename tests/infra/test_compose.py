@@ -44,6 +44,9 @@ def test_services_and_their_wiring():
     )  # fmt: skip
     worker = services["dask-worker"]
     assert "tcp://dask-scheduler:8786" in worker["command"] and worker["deploy"]["replicas"] >= 2
+    # one thread a worker (tasks in one process share its hooked model), and no stack-sampling profiler
+    assert "--nthreads 1" in worker["command"]
+    assert worker["environment"]["DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED"] == "False"
     assert "--port 8786" in services["dask-scheduler"]["command"]
     worker_catalog = make_url(worker["environment"]["FEATUREATLAS_CATALOG_URL"])
     assert (worker_catalog.host, worker_catalog.database) == ("postgres", "catalog")
