@@ -4,8 +4,8 @@
 
 SmolLM2-135M from local files, one set of contexts, measured in one run:
   one     - `write_cache` with parts=1 in this process (the baseline);
-  in turn - `write_cache` with parts=N in this process: the price of the split alone (each part tokenises
-            the corpus again, and a batch that straddles a part boundary runs once in each part);
+  in turn - `write_cache` with parts=N in this process: the price of the split alone (a batch that
+            straddles a part boundary runs once in each part);
   dask    - what the pipeline does with `task_runner: dask`: plan and prepare here, the N parts on a
             `distributed.LocalCluster` of N single-threaded worker processes on 127.0.0.1 (each loads the
             model itself, before the timing starts), then the assembly here.

@@ -1,12 +1,13 @@
 """Prefect tasks of stage 1: register the model, prepare the corpus, cache activations.
 
-Caching fans out: `cache_activations` plans the parts (`cache.parts`), submits one `cache_part` task per part
-through the settings' task runner (`tasks.tracking.fanout.task_pool`) and assembles the cache once all are
-done; only then does `run_stage` register it. Every part hooks the language model, and a process holds one
-copy of it (`load_model` caches it), so on a thread pool the parts run in turn (`shares_model`: two threads
-would see each other's hooks, and a copy per thread would double the memory for cores torch already uses); on
-a Dask cluster each worker process loads the model itself from the registered reference (a loaded model is
-never pickled) and the parts run at once, writing into the stage's folder, which every worker must see.
+Caching fans out: `cache_activations` plans the parts (`cache.parts`), runs them and assembles the cache once
+all are done; only then does `run_stage` register it. Every part hooks the language model, and a process
+holds one copy of it (`load_model` caches it), so without Dask the parts run in turn in the stage's process
+(on threads two parts would see each other's hooks, and a copy per thread would double the memory for cores
+torch already uses); on a Dask cluster one `cache_part` task per part goes through the settings' task runner
+(`tasks.tracking.fanout.task_pool`), each worker process loads the model itself from the registered
+reference (a loaded model is never pickled), and the parts run at once, writing into the stage's folder,
+which every worker must see.
 """
 
 from __future__ import annotations
@@ -140,16 +141,27 @@ def cache_activations(
         header = _cache_header(model, corpus)
         plan = plan_cache(loaded, docs, corpus.spec, spec, hookpoints, header=header)
         prepare_cache(plan, folder)
-        calls = [
-            {"model": model, "corpus": corpus, "hookpoints": hookpoints, "spec": spec, "folder": str(folder)}
-            | {"part": p, "progress": ctx.progress}
-            for p in range(len(plan.parts))
-        ]
-        if len(calls) == 1:
-            batches = [cache_part(**calls[0])]  # in this process: no cluster started for one job
+        if len(plan.parts) == 1 or ctx.settings.task_runner != "dask":
+            # in this process, with the plan made above: one job starts no cluster, and on threads the parts
+            # would run in turn anyway (they hook the one loaded model)
+            batches = [
+                write_part(loaded, plan, spec, folder, p, progress=ctx.progress)
+                for p in range(len(plan.parts))
+            ]
         else:
+            calls = [
+                {
+                    "model": model,
+                    "corpus": corpus,
+                    "hookpoints": hookpoints,
+                    "spec": spec,
+                    "folder": str(folder),
+                }
+                | {"part": p, "progress": ctx.progress}
+                for p in range(len(plan.parts))
+            ]
             with task_pool(ctx.settings) as pool:
-                batches = pool.run_all(cache_part, calls, shares_model=True)
+                batches = pool.run_all(cache_part, calls)
         summary = assemble(loaded.tokenizer, docs, plan, spec, folder, header=header)
         seconds = time.perf_counter() - t0
         m = summary.manifest
