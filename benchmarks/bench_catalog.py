@@ -23,7 +23,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tasks.tracking.catalog import Catalog  # noqa: E402
+from featureatlas.tasks.tracking.catalog import Catalog  # noqa: E402
 from tests.pg import remove_cluster, start_cluster  # noqa: E402
 from tests.tracking.catalog_writer import corpus_ref  # noqa: E402
 

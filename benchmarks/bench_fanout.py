@@ -28,8 +28,8 @@ def _acts(n: int, d_in: int) -> torch.Tensor:
 def _train(job: int, n: int, d_in: int, d_sae: int, steps: int, torch_threads: int) -> float:
     """One sweep entry (k varies with the job); returns the last FVU so the work cannot be skipped."""
     torch.set_num_threads(torch_threads)
-    from schemas.methods import TopKConfig
-    from tasks.dictionary.train import train_dictionary
+    from featureatlas.schemas.methods import TopKConfig
+    from featureatlas.tasks.dictionary.train import train_dictionary
 
     cfg = TopKConfig(d_sae=d_sae, k=4 + job, batch_size=512, steps=steps, device="cpu", log_every=steps)
     return train_dictionary(cfg, _acts(n, d_in)).final_metrics["fvu"]
@@ -63,7 +63,7 @@ def main() -> None:
 
     from distributed import Client, LocalCluster
 
-    from tasks.tracking.fanout import dask_worker_config
+    from featureatlas.tasks.tracking.fanout import dask_worker_config
 
     with (
         dask_worker_config(),

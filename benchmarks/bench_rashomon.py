@@ -22,8 +22,8 @@ import time
 
 import torch
 
-from tasks.interactions.fis import Layered, pair_fis, pair_fis_naive
-from tasks.interactions.rashomon import explore, pair_models
+from featureatlas.tasks.interactions.fis import Layered, pair_fis, pair_fis_naive
+from featureatlas.tasks.interactions.rashomon import explore, pair_models
 
 N_ROWS, N_PERMS, PAIRS, NAIVE_PAIRS, EXPLORE_STEPS = 256, 3, 4, 2, 4
 

@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from schemas.methods import (
+from featureatlas.schemas.methods import (
     BAConfig,
     BatchTopKConfig,
     GBAConfig,
@@ -36,9 +36,9 @@ from schemas.methods import (
     SemiNMFConfig,
     TopKConfig,
 )
-from tasks.dictionary import train_dictionary
-from tasks.dictionary.gba import GBASAE
-from tasks.dictionary.synthetic import (
+from featureatlas.tasks.dictionary import train_dictionary
+from featureatlas.tasks.dictionary.gba import GBASAE
+from featureatlas.tasks.dictionary.synthetic import (
     bias_adaptation_toy,
     hierarchical_toy,
     planted_snmf,

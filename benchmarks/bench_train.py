@@ -83,8 +83,8 @@ def run_one(method: str, args: argparse.Namespace) -> dict[str, float]:
     import torch
     from pydantic import TypeAdapter
 
-    from schemas.methods import DictionaryConfig
-    from tasks.dictionary import build_dictionary
+    from featureatlas.schemas.methods import DictionaryConfig
+    from featureatlas.tasks.dictionary import build_dictionary
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -147,7 +147,7 @@ def _snmf_pass(cfg, acts):
     """One semi-NMF pass over `acts` as `fit_snmf` makes it, with G kept between passes."""
     import torch
 
-    from tasks.dictionary.snmf import least_squares_F, multiplicative_update, sparse_F
+    from featureatlas.tasks.dictionary.snmf import least_squares_F, multiplicative_update, sparse_F
 
     G = torch.rand(acts.shape[0], cfg.d_sae, generator=torch.Generator().manual_seed(0), device=acts.device)
     total_sq = float(acts.pow(2).sum())

@@ -18,15 +18,15 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from flows.cli_catalog import catalog_app
-from flows.cli_common import console, fail
-from flows.cli_common import open_catalog_from_settings as _catalog
-from flows.cli_common import settings as current_settings
-from flows.cli_schedule import runs, schedule, worker
-from flows.cli_server import server_app
-from schemas.settings import Settings
-from schemas.spec import SpecError, load_spec
-from tasks.tracking.env import configure_environment
+from featureatlas.flows.cli_catalog import catalog_app
+from featureatlas.flows.cli_common import console, fail
+from featureatlas.flows.cli_common import open_catalog_from_settings as _catalog
+from featureatlas.flows.cli_common import settings as current_settings
+from featureatlas.flows.cli_schedule import runs, schedule, worker
+from featureatlas.flows.cli_server import server_app
+from featureatlas.schemas.settings import Settings
+from featureatlas.schemas.spec import SpecError, load_spec
+from featureatlas.tasks.tracking.env import configure_environment
 
 app = typer.Typer(
     help="featureatlas: declarative, tracked pipelines for finding features in neural networks.",
@@ -42,7 +42,7 @@ for command in (schedule, worker, runs):
 
 
 def demo_spec_path() -> Path:
-    return Path(str(resources.files("flows") / "pipelines" / "demo.yaml"))
+    return Path(str(resources.files("featureatlas.flows") / "pipelines" / "demo.yaml"))
 
 
 def _run(spec_path: Path, plan: bool, as_json: bool) -> None:
@@ -54,7 +54,7 @@ def _run(spec_path: Path, plan: bool, as_json: bool) -> None:
     if plan:
         _print_plan(spec, settings, as_json)
         return
-    from flows.pipeline import pipeline_flow
+    from featureatlas.flows.pipeline import pipeline_flow
 
     result = pipeline_flow(spec, progress=sys.stderr.isatty() and not as_json)
     if as_json:
@@ -64,7 +64,7 @@ def _run(spec_path: Path, plan: bool, as_json: bool) -> None:
 
 
 def _print_plan(spec, settings: Settings, as_json: bool) -> None:
-    from flows.plan import plan_pipeline
+    from featureatlas.flows.plan import plan_pipeline
 
     try:
         stages = plan_pipeline(spec, settings)
@@ -146,7 +146,7 @@ def _print_interactions(ref, n: int = 5) -> None:
 
 
 def _print_result(result, settings: Settings) -> None:
-    from tasks.tracking.stage import tracker_for
+    from featureatlas.tasks.tracking.stage import tracker_for
 
     client = tracker_for(settings).client
     children = client.search_runs(
@@ -242,7 +242,7 @@ def dashboard(
     open_browser: Annotated[bool, typer.Option("--open", help="Also open it in the web browser.")] = False,
 ) -> None:
     """Print (and with --open, open) the path of a dictionary's static HTML feature atlas."""
-    from tasks.labeling.lookup import find_atlas
+    from featureatlas.tasks.labeling.lookup import find_atlas
 
     try:
         index = find_atlas(_catalog(), artifact_id)
@@ -262,7 +262,7 @@ def features_search(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Features of every labeled dictionary whose label contains TEXT, best detection score first."""
-    from tasks.labeling.lookup import search_labels
+    from featureatlas.tasks.labeling.lookup import search_labels
 
     hits = search_labels(_catalog(), text, limit)
     if as_json:
@@ -288,7 +288,12 @@ def compare(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable table.")] = False,
 ) -> None:
     """Table of every evaluated dictionary and frontier plots (FVU, CE-loss score, dead fraction vs L0)."""
-    from tasks.evaluate.compare import comparison_rows, frontier_plot, log_comparison, write_table
+    from featureatlas.tasks.evaluate.compare import (
+        comparison_rows,
+        frontier_plot,
+        log_comparison,
+        write_table,
+    )
 
     settings = current_settings()
     rows = comparison_rows(_catalog())
@@ -328,7 +333,7 @@ def _show_stage_logs() -> None:
 
 
 def main() -> None:
-    from tasks.tracking.retry import ServiceUnavailable
+    from featureatlas.tasks.tracking.retry import ServiceUnavailable
 
     configure_environment(Settings())
     _show_stage_logs()

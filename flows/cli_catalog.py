@@ -9,9 +9,9 @@ import typer
 from rich.table import Table
 from rich.tree import Tree
 
-from flows.cli_common import console, fail
-from flows.cli_common import open_catalog_from_settings as _catalog
-from schemas.catalog import ROWS
+from featureatlas.flows.cli_common import console, fail
+from featureatlas.flows.cli_common import open_catalog_from_settings as _catalog
+from featureatlas.schemas.catalog import ROWS
 
 catalog_app = typer.Typer(help="Browse the metadata catalog.", no_args_is_help=True)
 KINDS = list(ROWS)

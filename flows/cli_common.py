@@ -7,8 +7,8 @@ import sys
 import typer
 from rich.console import Console
 
-from schemas.settings import Settings
-from tasks.tracking.env import configure_environment
+from featureatlas.schemas.settings import Settings
+from featureatlas.tasks.tracking.env import configure_environment
 
 # piped output (logs, CI, README examples) is not cut to 80 columns
 console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
@@ -25,6 +25,6 @@ def settings() -> Settings:
 
 
 def open_catalog_from_settings():
-    from tasks.tracking.catalog import open_catalog
+    from featureatlas.tasks.tracking.catalog import open_catalog
 
     return open_catalog(settings().catalog)

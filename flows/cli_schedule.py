@@ -10,10 +10,10 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from flows.cli_common import console, fail
-from flows.cli_common import settings as current_settings
-from flows.schedules import WORK_POOL, ScheduleError
-from schemas.spec import SpecError, load_spec
+from featureatlas.flows.cli_common import console, fail
+from featureatlas.flows.cli_common import settings as current_settings
+from featureatlas.flows.schedules import WORK_POOL, ScheduleError
+from featureatlas.schemas.spec import SpecError, load_spec
 
 
 def schedule(
@@ -33,7 +33,7 @@ def schedule(
     pool: Annotated[str, typer.Option("--pool", help="Process work pool the worker serves.")] = WORK_POOL,
 ) -> None:
     """Register SPEC as a Prefect deployment on a schedule; `featureatlas worker` runs it when due."""
-    from flows.schedules import register_schedule
+    from featureatlas.flows.schedules import register_schedule
 
     current_settings()
     try:
@@ -59,7 +59,7 @@ def worker(
     ] = None,
 ) -> None:
     """Serve scheduled pipelines: a Prefect process worker, each run in a new process. Ctrl-C stops it."""
-    from flows.schedules import api_url, worker_command, worker_environment
+    from featureatlas.flows.schedules import api_url, worker_command, worker_environment
 
     settings = current_settings()
     try:
@@ -78,7 +78,7 @@ def runs(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Pipeline flow runs that are due (finished, running, waiting) with their states, newest first."""
-    from flows.schedules import list_runs
+    from featureatlas.flows.schedules import list_runs
 
     current_settings()
     rows = list_runs(limit, upcoming)

@@ -8,8 +8,8 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from flows.cli_common import console, fail
-from flows.cli_common import settings as current_settings
+from featureatlas.flows.cli_common import console, fail
+from featureatlas.flows.cli_common import settings as current_settings
 
 server_app = typer.Typer(
     help="Run a Prefect server and an MLflow server on 127.0.0.1 against the configured database.",
@@ -19,7 +19,7 @@ _ONLY = typer.Option("--only", help="Just this server: prefect or mlflow (defaul
 
 
 def _names(only: str | None) -> tuple[str, ...]:
-    from tasks.tracking.servers import NAMES
+    from featureatlas.tasks.tracking.servers import NAMES
 
     if only is None:
         return NAMES
@@ -63,7 +63,7 @@ def start(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Start the servers in the background (pid files and logs in <home>/server) and wait until healthy."""
-    from tasks.tracking.servers import start as start_servers
+    from featureatlas.tasks.tracking.servers import start as start_servers
 
     settings = current_settings()
     try:
@@ -83,7 +83,7 @@ def start(
 @server_app.command("stop")
 def stop(only: Annotated[Optional[str], _ONLY] = None) -> None:  # noqa: UP045
     """Stop the servers that `featureatlas server start` started."""
-    from tasks.tracking.servers import stop as stop_servers
+    from featureatlas.tasks.tracking.servers import stop as stop_servers
 
     stopped = stop_servers(current_settings(), only=_names(only))
     console.print(f"stopped: {', '.join(stopped)}" if stopped else "no server was running")
@@ -92,7 +92,7 @@ def stop(only: Annotated[Optional[str], _ONLY] = None) -> None:  # noqa: UP045
 @server_app.command("status")
 def status(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False) -> None:
     """Each server's URL, pid and health; exits 1 when one is recorded but not healthy."""
-    from tasks.tracking.servers import status as server_status
+    from featureatlas.tasks.tracking.servers import status as server_status
 
     statuses = server_status(current_settings())
     _print(statuses, as_json)

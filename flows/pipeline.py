@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from prefect import flow
 
-from schemas.artifacts import DictionaryResult, PipelineResult
-from schemas.settings import Settings
-from schemas.spec import PipelineSpec
-from tasks.activations.task import cache_activations, prepare_corpus, register_model
-from tasks.dictionary.task import sweep_groups, train_dictionaries_task
-from tasks.evaluate.task import evaluate_dictionary
-from tasks.interactions.task import score_interactions
-from tasks.labeling.task import label_features
-from tasks.tracking.fanout import task_pool
-from tasks.tracking.pipeline_run import log_summary, pipeline_run
+from featureatlas.schemas.artifacts import DictionaryResult, PipelineResult
+from featureatlas.schemas.settings import Settings
+from featureatlas.schemas.spec import PipelineSpec
+from featureatlas.tasks.activations.task import cache_activations, prepare_corpus, register_model
+from featureatlas.tasks.dictionary.task import sweep_groups, train_dictionaries_task
+from featureatlas.tasks.evaluate.task import evaluate_dictionary
+from featureatlas.tasks.interactions.task import score_interactions
+from featureatlas.tasks.labeling.task import label_features
+from featureatlas.tasks.tracking.fanout import task_pool
+from featureatlas.tasks.tracking.pipeline_run import log_summary, pipeline_run
 
 
 @flow(name="featureatlas-pipeline")

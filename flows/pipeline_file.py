@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.pipeline import pipeline_flow
-from schemas.artifacts import PipelineResult
-from schemas.spec import load_spec
+from featureatlas.flows.pipeline import pipeline_flow
+from featureatlas.schemas.artifacts import PipelineResult
+from featureatlas.schemas.spec import load_spec
 
 
 @flow(name="featureatlas-pipeline-file")

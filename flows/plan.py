@@ -8,11 +8,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import NamedTuple
 
-from schemas.settings import Settings
-from schemas.spec import PipelineSpec
-from tasks.activations.task import model_ident
-from tasks.tracking.catalog import open_catalog
-from tasks.tracking.identity import (
+from featureatlas.schemas.settings import Settings
+from featureatlas.schemas.spec import PipelineSpec
+from featureatlas.tasks.activations.task import model_ident
+from featureatlas.tasks.tracking.catalog import open_catalog
+from featureatlas.tasks.tracking.identity import (
     Identity,
     cache_identity,
     corpus_identity,

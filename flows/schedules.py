@@ -21,8 +21,8 @@ import sys
 from pathlib import Path
 from typing import NamedTuple
 
-from schemas.settings import Settings
-from schemas.spec import PipelineSpec
+from featureatlas.schemas.settings import Settings
+from featureatlas.schemas.spec import PipelineSpec
 
 WORK_POOL = "featureatlas"
 TAG = "featureatlas"
@@ -97,7 +97,7 @@ def register_schedule(
     from prefect.deployments.runner import EntrypointType
     from prefect.exceptions import PrefectHTTPStatusError
 
-    from flows.pipeline import pipeline_flow
+    from featureatlas.flows.pipeline import pipeline_flow
 
     name = name or spec.name
     try:

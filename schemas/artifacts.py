@@ -10,10 +10,17 @@ from typing import Literal
 
 from pydantic import Field
 
-from schemas.base import Contract
-from schemas.evaluation import EvalDetails
-from schemas.methods import DictionaryConfig
-from schemas.spec import CacheSpec, CorpusSpec, EvaluateSpec, InteractionsSpec, LabelSpec, ModelSpec
+from featureatlas.schemas.base import Contract
+from featureatlas.schemas.evaluation import EvalDetails
+from featureatlas.schemas.methods import DictionaryConfig
+from featureatlas.schemas.spec import (
+    CacheSpec,
+    CorpusSpec,
+    EvaluateSpec,
+    InteractionsSpec,
+    LabelSpec,
+    ModelSpec,
+)
 
 ArtifactKind = Literal[
     "model", "corpus", "activation_cache", "dictionary", "evaluation", "labeling", "interactions"

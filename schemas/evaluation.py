@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from schemas.base import Contract
+from featureatlas.schemas.base import Contract
 
 
 class LatentAblation(Contract):

@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from schemas.base import Contract
+from featureatlas.schemas.base import Contract
 
 TOKEN_LABELS = ("digit", "capitalized", "punctuation", "space_prefixed")
 

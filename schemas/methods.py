@@ -10,7 +10,7 @@ from typing import Annotated, Literal, Union
 
 from pydantic import Field, model_validator
 
-from schemas.base import Contract
+from featureatlas.schemas.base import Contract
 
 # Methods whose code can encode one hookpoint and reconstruct another (tasks.dictionary.transcoder): the
 # linear-encoder SAEs. Not GBA/BA (tied weights), MP (pursuit on its own residual) or semi-NMF (factorises).

@@ -12,9 +12,9 @@ from typing import Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from schemas.base import Contract, format_validation_error
-from schemas.interactions import InteractionsSpec
-from schemas.methods import DictionaryConfig
+from featureatlas.schemas.base import Contract, format_validation_error
+from featureatlas.schemas.interactions import InteractionsSpec
+from featureatlas.schemas.methods import DictionaryConfig
 
 DType = Literal["float32", "float16", "bfloat16"]
 BUILTIN_CORPORA = ("builtin:pydoc_topics", "builtin:stdlib_docstrings")

@@ -9,8 +9,8 @@ import tempfile
 _HOME = tempfile.mkdtemp(prefix="featureatlas-test-")
 os.environ["FEATUREATLAS_HOME"] = _HOME
 
-from schemas.settings import Settings  # noqa: E402
-from tasks.tracking.env import configure_environment  # noqa: E402
+from featureatlas.schemas.settings import Settings  # noqa: E402
+from featureatlas.tasks.tracking.env import configure_environment  # noqa: E402
 
 configure_environment(Settings())
 

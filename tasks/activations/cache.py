@@ -36,12 +36,12 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from schemas.spec import CacheSpec, CorpusSpec
-from tasks.common.corpus import Contexts, build_contexts
-from tasks.common.hookpoints import Site
-from tasks.common.hooks import capture_activations, resolve_site
-from tasks.common.models import LoadedModel
-from tasks.common.store import (
+from featureatlas.schemas.spec import CacheSpec, CorpusSpec
+from featureatlas.tasks.common.corpus import Contexts, build_contexts
+from featureatlas.tasks.common.hookpoints import Site
+from featureatlas.tasks.common.hooks import capture_activations, resolve_site
+from featureatlas.tasks.common.models import LoadedModel
+from featureatlas.tasks.common.store import (
     FORMAT_VERSION,
     ShardWriter,
     atomic_save_safetensors,

@@ -20,11 +20,11 @@ import polars as pl
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from schemas.artifacts import ActivationCacheRef, CorpusRef, ModelRef
-from schemas.spec import CacheSpec, CorpusSpec, ModelSpec
-from tasks.activations.cache import assemble, plan_cache, prepare_cache, write_part
-from tasks.common.corpus import load_documents
-from tasks.common.models import (
+from featureatlas.schemas.artifacts import ActivationCacheRef, CorpusRef, ModelRef
+from featureatlas.schemas.spec import CacheSpec, CorpusSpec, ModelSpec
+from featureatlas.tasks.activations.cache import assemble, plan_cache, prepare_cache, write_part
+from featureatlas.tasks.common.corpus import load_documents
+from featureatlas.tasks.common.models import (
     describe,
     export_model,
     load_model,
@@ -32,10 +32,16 @@ from tasks.common.models import (
     resolve_source,
     source_files,
 )
-from tasks.tracking.fanout import task_pool
-from tasks.tracking.identity import Identity, cache_identity, corpus_identity, model_identity, ref_identity
-from tasks.tracking.mlflow_runs import StageRun
-from tasks.tracking.stage import StageContext, run_stage
+from featureatlas.tasks.tracking.fanout import task_pool
+from featureatlas.tasks.tracking.identity import (
+    Identity,
+    cache_identity,
+    corpus_identity,
+    model_identity,
+    ref_identity,
+)
+from featureatlas.tasks.tracking.mlflow_runs import StageRun
+from featureatlas.tasks.tracking.stage import StageContext, run_stage
 
 
 def model_ident(spec: ModelSpec, online: bool) -> tuple[str, Identity]:

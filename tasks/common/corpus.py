@@ -18,7 +18,7 @@ from typing import NamedTuple
 import polars as pl
 import torch
 
-from schemas.spec import CorpusSpec
+from featureatlas.schemas.spec import CorpusSpec
 
 _MIN_DOCSTRING_CHARS = 200
 

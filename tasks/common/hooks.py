@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from tasks.common.hookpoints import HINT as _HINT
-from tasks.common.hookpoints import Site, resolve_site
+from featureatlas.tasks.common.hookpoints import HINT as _HINT
+from featureatlas.tasks.common.hookpoints import Site, resolve_site
 
 __all__ = [
     "capture_activations",

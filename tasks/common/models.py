@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 import torch
 
-from schemas.spec import ModelSpec
+from featureatlas.schemas.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 

@@ -26,8 +26,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from tasks.common.models import DTYPES
-from tasks.tracking.paths import inside
+from featureatlas.tasks.common.models import DTYPES
+from featureatlas.tasks.tracking.paths import inside
 
 FORMAT_VERSION = 2  # 2: token column is_special, per-hookpoint layout, rms and mean_squared_norm
 
@@ -342,7 +342,7 @@ class ActivationCache:
 
         See `tasks.common.stream.stream_batches`.
         """
-        from tasks.common.stream import stream_batches
+        from featureatlas.tasks.common.stream import stream_batches
 
         if rows is None:
             rows = self.select_rows("train")

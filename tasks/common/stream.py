@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from tasks.common.store import StreamBatch
+from featureatlas.tasks.common.store import StreamBatch
 
 if TYPE_CHECKING:
-    from tasks.common.store import ActivationCache
+    from featureatlas.tasks.common.store import ActivationCache
 
 
 def stream_batches(

@@ -4,19 +4,19 @@ Importing this package registers every built-in method, so `load_dictionary` can
 """
 
 # issue 4a: registers "relu", "batchtopk", "matryoshka", "jumprelu", "gated", "threshold"
-from tasks.dictionary import batchtopk as _batchtopk  # noqa: F401
-from tasks.dictionary import gated as _gated  # noqa: F401
-from tasks.dictionary import gba as _gba  # noqa: F401  (registers "gba" and "ba")
-from tasks.dictionary import jumprelu as _jumprelu  # noqa: F401
-from tasks.dictionary import matryoshka as _matryoshka  # noqa: F401
-from tasks.dictionary import mp as _mp  # noqa: F401  (registers "mp")
-from tasks.dictionary import relu as _relu  # noqa: F401
-from tasks.dictionary import snmf as _snmf  # noqa: F401  (registers "snmf")
-from tasks.dictionary import threshold as _threshold  # noqa: F401
-from tasks.dictionary import topk as _topk  # noqa: F401  (registers "topk")
-from tasks.dictionary.base import Dictionary, ForwardOutput
-from tasks.dictionary.registry import METHODS, build_dictionary, load_dictionary
-from tasks.dictionary.train import TrainResult, train_dictionaries, train_dictionary
+from featureatlas.tasks.dictionary import batchtopk as _batchtopk  # noqa: F401
+from featureatlas.tasks.dictionary import gated as _gated  # noqa: F401
+from featureatlas.tasks.dictionary import gba as _gba  # noqa: F401  (registers "gba" and "ba")
+from featureatlas.tasks.dictionary import jumprelu as _jumprelu  # noqa: F401
+from featureatlas.tasks.dictionary import matryoshka as _matryoshka  # noqa: F401
+from featureatlas.tasks.dictionary import mp as _mp  # noqa: F401  (registers "mp")
+from featureatlas.tasks.dictionary import relu as _relu  # noqa: F401
+from featureatlas.tasks.dictionary import snmf as _snmf  # noqa: F401  (registers "snmf")
+from featureatlas.tasks.dictionary import threshold as _threshold  # noqa: F401
+from featureatlas.tasks.dictionary import topk as _topk  # noqa: F401  (registers "topk")
+from featureatlas.tasks.dictionary.base import Dictionary, ForwardOutput
+from featureatlas.tasks.dictionary.registry import METHODS, build_dictionary, load_dictionary
+from featureatlas.tasks.dictionary.train import TrainResult, train_dictionaries, train_dictionary
 
 __all__ = [
     "METHODS",

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ValidationError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from schemas.base import format_validation_error
+from featureatlas.schemas.base import format_validation_error
 
 logger = logging.getLogger(__name__)
 

@@ -14,10 +14,10 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from schemas.methods import BatchTopKConfig
-from tasks.dictionary.registry import register
-from tasks.dictionary.sparse_decoder import flat_entries
-from tasks.dictionary.topk import TopKSAE
+from featureatlas.schemas.methods import BatchTopKConfig
+from featureatlas.tasks.dictionary.registry import register
+from featureatlas.tasks.dictionary.sparse_decoder import flat_entries
+from featureatlas.tasks.dictionary.topk import TopKSAE
 
 
 def batch_topk(pre: Tensor, k: int) -> Tensor:

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from tasks.dictionary.base import Dictionary
+from featureatlas.tasks.dictionary.base import Dictionary
 
 logger = logging.getLogger(__name__)
 

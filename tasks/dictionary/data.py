@@ -18,7 +18,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from tasks.common.store import ActivationCache
+from featureatlas.tasks.common.store import ActivationCache
 
 # Rows used to fit the input scale and b_dec: enough for a mean to 3 digits, small enough for any machine.
 INIT_SAMPLE_ROWS = 65_536

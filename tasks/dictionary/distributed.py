@@ -35,11 +35,11 @@ from torch import Tensor, nn
 from torch.distributed.elastic.multiprocessing.errors import record
 from torch.nn.parallel import DistributedDataParallel
 
-from schemas.methods import DictionaryConfig
-from tasks.dictionary.base import TrainStepOutput
-from tasks.dictionary.data import validate_acts
-from tasks.dictionary.registry import METHODS, build_dictionary
-from tasks.dictionary.train import MetricsCallback, TrainResult, check_loss, lr_factor
+from featureatlas.schemas.methods import DictionaryConfig
+from featureatlas.tasks.dictionary.base import TrainStepOutput
+from featureatlas.tasks.dictionary.data import validate_acts
+from featureatlas.tasks.dictionary.registry import METHODS, build_dictionary
+from featureatlas.tasks.dictionary.train import MetricsCallback, TrainResult, check_loss, lr_factor
 
 
 class _LossModule(nn.Module):
@@ -185,7 +185,7 @@ def _load_acts(args: argparse.Namespace) -> Tensor:
         from safetensors.torch import load_file
 
         return load_file(args.acts)["acts"]
-    from tasks.common.store import ActivationCache
+    from featureatlas.tasks.common.store import ActivationCache
 
     store = ActivationCache(args.cache)
     return store.load(args.hookpoint, store.select_rows("train"))

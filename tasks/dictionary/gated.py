@@ -17,10 +17,10 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from schemas.methods import GatedConfig
-from tasks.dictionary.base import TrainStepOutput
-from tasks.dictionary.registry import register
-from tasks.dictionary.sae_common import LinearSAE
+from featureatlas.schemas.methods import GatedConfig
+from featureatlas.tasks.dictionary.base import TrainStepOutput
+from featureatlas.tasks.dictionary.registry import register
+from featureatlas.tasks.dictionary.sae_common import LinearSAE
 
 
 @register

@@ -27,10 +27,10 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from schemas.methods import BAConfig, GBAConfig
-from tasks.dictionary.base import Dictionary, TrainStepOutput
-from tasks.dictionary.registry import register
-from tasks.dictionary.scaling import fit_input_scale
+from featureatlas.schemas.methods import BAConfig, GBAConfig
+from featureatlas.tasks.dictionary.base import Dictionary, TrainStepOutput
+from featureatlas.tasks.dictionary.registry import register
+from featureatlas.tasks.dictionary.scaling import fit_input_scale
 
 _EPS = 1e-12
 

@@ -16,10 +16,10 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from schemas.methods import JumpReLUConfig
-from tasks.dictionary.base import TrainStepOutput
-from tasks.dictionary.registry import register
-from tasks.dictionary.sae_common import LinearSAE
+from featureatlas.schemas.methods import JumpReLUConfig
+from featureatlas.tasks.dictionary.base import TrainStepOutput
+from featureatlas.tasks.dictionary.registry import register
+from featureatlas.tasks.dictionary.sae_common import LinearSAE
 
 # Smallest threshold allowed after an optimizer step: theta <= 0 would let every positive pre-activation fire.
 _MIN_THRESHOLD = 1e-6

@@ -11,7 +11,6 @@ the end of torchrun's output, where the failing rank's traceback is (`distribute
 from __future__ import annotations
 
 import json
-import os
 import re
 import socket
 import subprocess
@@ -20,11 +19,10 @@ from pathlib import Path
 
 import torch
 
-from schemas.methods import DictionaryConfig
-from tasks.dictionary.registry import load_dictionary
-from tasks.dictionary.train import MetricsCallback, TrainResult
+from featureatlas.schemas.methods import DictionaryConfig
+from featureatlas.tasks.dictionary.registry import load_dictionary
+from featureatlas.tasks.dictionary.train import MetricsCallback, TrainResult
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 # How much of torchrun's output a failure carries: the rank's traceback and torchrun's summary fit in it.
 ERROR_TAIL_CHARS = 6000
 
@@ -48,7 +46,7 @@ def torchrun_command(
         sys.executable, "-m", "torch.distributed.run",
         "--nnodes", "1", "--nproc-per-node", str(nproc),
         "--master-addr", "127.0.0.1", "--master-port", str(port),
-        "-m", "tasks.dictionary.distributed",
+        "-m", "featureatlas.tasks.dictionary.distributed",
         "--cache", str(cache), "--hookpoint", hookpoint, "--config", str(config),
         "--out", str(out / "dictionary"), "--metrics", str(out / "metrics.jsonl"),
     ]  # fmt: skip
@@ -95,10 +93,8 @@ def train_with_torchrun(
     config.write_text(json.dumps(cfg.model_dump(mode="json")))
     (workdir / "metrics.jsonl").unlink(missing_ok=True)
     cmd = torchrun_command(cfg.nproc_per_node, free_loopback_port(), cache, hookpoint, config, workdir)
-    path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
-    done = subprocess.run(
-        cmd, env=os.environ | {"PYTHONPATH": path}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    )
+    # The ranks import the installed `featureatlas` package, as the stage itself does.
+    done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     output = done.stdout.decode(errors="replace")
     if done.returncode != 0:
         raise DataParallelError(

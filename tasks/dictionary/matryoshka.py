@@ -13,10 +13,10 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from schemas.methods import MatryoshkaConfig
-from tasks.dictionary.batchtopk import BatchTopKSAE
-from tasks.dictionary.registry import register
-from tasks.dictionary.sparse_decoder import SparseCodes, bag_sum, row_offsets
+from featureatlas.schemas.methods import MatryoshkaConfig
+from featureatlas.tasks.dictionary.batchtopk import BatchTopKSAE
+from featureatlas.tasks.dictionary.registry import register
+from featureatlas.tasks.dictionary.sparse_decoder import SparseCodes, bag_sum, row_offsets
 
 
 @register

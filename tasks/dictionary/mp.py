@@ -34,10 +34,10 @@ from typing import ClassVar, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from schemas.methods import MPConfig
-from tasks.dictionary.base import Dictionary, TrainStepOutput
-from tasks.dictionary.registry import register
-from tasks.dictionary.scaling import fit_input_scale
+from featureatlas.schemas.methods import MPConfig
+from featureatlas.tasks.dictionary.base import Dictionary, TrainStepOutput
+from featureatlas.tasks.dictionary.registry import register
+from featureatlas.tasks.dictionary.scaling import fit_input_scale
 
 _EPS = 1e-12
 # The Gram path holds a [d_sae, d_sae] matrix; past this many entries (1 GiB at float32) it scores directly.

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from tasks.dictionary.data import INIT_SAMPLE_ROWS, ActivationSource, BadActivations, CacheSource
+from featureatlas.tasks.dictionary.data import INIT_SAMPLE_ROWS, ActivationSource, BadActivations, CacheSource
 
 
 class PairedSource:

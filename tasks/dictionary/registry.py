@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from schemas.methods import DictionaryConfig
-from tasks.dictionary.base import CFG_NAME, Dictionary, read_cfg_json
+from featureatlas.schemas.methods import DictionaryConfig
+from featureatlas.tasks.dictionary.base import CFG_NAME, Dictionary, read_cfg_json
 
 METHODS: dict[str, type[Dictionary]] = {}
 

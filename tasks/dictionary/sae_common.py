@@ -14,8 +14,8 @@ from abc import abstractmethod
 import torch
 from torch import Tensor, nn
 
-from tasks.dictionary.base import Dictionary
-from tasks.dictionary.transcoder import TranscoderSites
+from featureatlas.tasks.dictionary.base import Dictionary
+from featureatlas.tasks.dictionary.transcoder import TranscoderSites
 
 # Guards divisions by a batch variance or a row norm; far below any real value after input scaling.
 EPS = 1e-12

@@ -44,8 +44,8 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from tasks.dictionary.base import Dictionary
-from tasks.dictionary.saelens_import import SAELENS_CFG, SAELENS_WEIGHTS, import_saelens
+from featureatlas.tasks.dictionary.base import Dictionary
+from featureatlas.tasks.dictionary.saelens_import import SAELENS_CFG, SAELENS_WEIGHTS, import_saelens
 
 __all__ = ["EXPORTERS", "SAELENS_CFG", "SAELENS_WEIGHTS", "export_saelens", "import_saelens"]
 

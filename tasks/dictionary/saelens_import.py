@@ -16,8 +16,8 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
-from tasks.dictionary.base import Dictionary
-from tasks.dictionary.registry import METHODS
+from featureatlas.tasks.dictionary.base import Dictionary
+from featureatlas.tasks.dictionary.registry import METHODS
 
 logger = logging.getLogger(__name__)
 

@@ -37,11 +37,11 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from schemas.methods import SemiNMFConfig
-from tasks.dictionary.base import Dictionary
-from tasks.dictionary.registry import register
-from tasks.dictionary.scaling import fit_input_scale
-from tasks.dictionary.train import MetricsCallback, TrainResult
+from featureatlas.schemas.methods import SemiNMFConfig
+from featureatlas.tasks.dictionary.base import Dictionary
+from featureatlas.tasks.dictionary.registry import register
+from featureatlas.tasks.dictionary.scaling import fit_input_scale
+from featureatlas.tasks.dictionary.train import MetricsCallback, TrainResult
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from schemas.methods import DictionaryConfig
+from featureatlas.schemas.methods import DictionaryConfig
 
 # Dictionaries draw their initial rows with torch.randn from Generator().manual_seed(cfg.seed); a toy drawing
 # its planted directions the same way from the same seed would hand every method the answer at initialisation
@@ -116,7 +116,7 @@ def recovery_at_init(cfg: DictionaryConfig, acts: Tensor, true_dirs: Tensor) -> 
 
     A recovery test asserts this is low: a high share means the toy handed the method its answer.
     """
-    from tasks.dictionary.registry import build_dictionary
+    from featureatlas.tasks.dictionary.registry import build_dictionary
 
     dictionary = build_dictionary(cfg, acts.shape[1])
     init = getattr(dictionary, "init_from_data", None)

@@ -17,16 +17,16 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from schemas.artifacts import ActivationCacheRef, DictionaryRef
-from schemas.methods import DictionaryConfig
-from tasks.common.store import ActivationCache
-from tasks.dictionary.data import BadActivations, CacheSource
-from tasks.dictionary.launch import train_with_torchrun
-from tasks.dictionary.paired import PairedSource
-from tasks.dictionary.train import MetricsCallback, TrainResult, sweep_key, train_dictionaries
-from tasks.tracking.identity import Identity, dictionary_identity, ref_identity
-from tasks.tracking.mlflow_runs import StageRun
-from tasks.tracking.stage import StageContext, artifact_exists, run_stage, stage_logger
+from featureatlas.schemas.artifacts import ActivationCacheRef, DictionaryRef
+from featureatlas.schemas.methods import DictionaryConfig
+from featureatlas.tasks.common.store import ActivationCache
+from featureatlas.tasks.dictionary.data import BadActivations, CacheSource
+from featureatlas.tasks.dictionary.launch import train_with_torchrun
+from featureatlas.tasks.dictionary.paired import PairedSource
+from featureatlas.tasks.dictionary.train import MetricsCallback, TrainResult, sweep_key, train_dictionaries
+from featureatlas.tasks.tracking.identity import Identity, dictionary_identity, ref_identity
+from featureatlas.tasks.tracking.mlflow_runs import StageRun
+from featureatlas.tasks.tracking.stage import StageContext, artifact_exists, run_stage, stage_logger
 
 CHECKPOINTS = "checkpoints"
 DATA_PARALLEL = "torchrun"  # the launch's config, metrics and rank 0's output, inside the partial folder

@@ -14,10 +14,10 @@ from typing import ClassVar
 
 from torch import Tensor
 
-from schemas.methods import ThresholdConfig
-from tasks.dictionary.base import TrainStepOutput
-from tasks.dictionary.registry import register
-from tasks.dictionary.sae_common import LinearSAE
+from featureatlas.schemas.methods import ThresholdConfig
+from featureatlas.tasks.dictionary.base import TrainStepOutput
+from featureatlas.tasks.dictionary.registry import register
+from featureatlas.tasks.dictionary.sae_common import LinearSAE
 
 
 @register

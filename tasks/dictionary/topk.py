@@ -17,11 +17,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from schemas.methods import TopKConfig
-from tasks.dictionary.base import Dictionary, TrainStepOutput
-from tasks.dictionary.registry import register
-from tasks.dictionary.sae_common import input_statistics
-from tasks.dictionary.sparse_decoder import (
+from featureatlas.schemas.methods import TopKConfig
+from featureatlas.tasks.dictionary.base import Dictionary, TrainStepOutput
+from featureatlas.tasks.dictionary.registry import register
+from featureatlas.tasks.dictionary.sae_common import input_statistics
+from featureatlas.tasks.dictionary.sparse_decoder import (
     SparseCodes,
     per_row_entries,
     select_codes,
@@ -29,7 +29,7 @@ from tasks.dictionary.sparse_decoder import (
     sparse_encode,
     use_sparse_path,
 )
-from tasks.dictionary.transcoder import TranscoderSites
+from featureatlas.tasks.dictionary.transcoder import TranscoderSites
 
 # Guards the divisions by a batch variance; far below any real activation variance after input scaling.
 _EPS = 1e-12

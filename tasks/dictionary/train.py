@@ -27,12 +27,12 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from schemas.methods import DictionaryConfig
-from tasks.dictionary import checkpoint as ckpt
-from tasks.dictionary.base import Dictionary, TrainStepOutput
-from tasks.dictionary.data import ActivationSource, TensorSource, batches, validate_acts
-from tasks.dictionary.paired import PairedSource
-from tasks.dictionary.registry import METHODS, build_dictionary
+from featureatlas.schemas.methods import DictionaryConfig
+from featureatlas.tasks.dictionary import checkpoint as ckpt
+from featureatlas.tasks.dictionary.base import Dictionary, TrainStepOutput
+from featureatlas.tasks.dictionary.data import ActivationSource, TensorSource, batches, validate_acts
+from featureatlas.tasks.dictionary.paired import PairedSource
+from featureatlas.tasks.dictionary.registry import METHODS, build_dictionary
 
 __all__ = ["TrainResult", "resolve_device", "train_dictionaries", "train_dictionary", "validate_acts"]
 

@@ -15,10 +15,10 @@ from contextlib import nullcontext
 import torch
 from torch import Tensor, nn
 
-from schemas.evaluation import LatentAblation
-from tasks.common.hooks import capture_activations, splice
-from tasks.evaluate.ce_loss import capture, keep_first, next_token_loss_sum
-from tasks.evaluate.metrics import dictionary_placement
+from featureatlas.schemas.evaluation import LatentAblation
+from featureatlas.tasks.common.hooks import capture_activations, splice
+from featureatlas.tasks.evaluate.ce_loss import capture, keep_first, next_token_loss_sum
+from featureatlas.tasks.evaluate.metrics import dictionary_placement
 
 log = logging.getLogger(__name__)
 

@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from schemas.base import Contract
-from tasks.common.hooks import splice
-from tasks.evaluate.metrics import dictionary_placement
+from featureatlas.schemas.base import Contract
+from featureatlas.tasks.common.hooks import splice
+from featureatlas.tasks.evaluate.metrics import dictionary_placement
 
 log = logging.getLogger(__name__)
 

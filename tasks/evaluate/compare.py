@@ -13,10 +13,10 @@ from pathlib import Path
 
 from pydantic import Field
 
-from schemas.base import Contract
-from schemas.settings import Settings
-from tasks.tracking.catalog import Catalog
-from tasks.tracking.stage import tracker_for
+from featureatlas.schemas.base import Contract
+from featureatlas.schemas.settings import Settings
+from featureatlas.tasks.tracking.catalog import Catalog
+from featureatlas.tasks.tracking.stage import tracker_for
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 
-from schemas.artifacts import ActivationCacheRef, DictionaryRef
+from featureatlas.schemas.artifacts import ActivationCacheRef, DictionaryRef
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from schemas.evaluation import AtomicGeometry, DecoderGeometry
-from tasks.evaluate.metrics import dictionary_placement
+from featureatlas.schemas.evaluation import AtomicGeometry, DecoderGeometry
+from featureatlas.tasks.evaluate.metrics import dictionary_placement
 
 __all__ = [
     "AtomicGeometry",

@@ -18,7 +18,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from schemas.base import Contract
+from featureatlas.schemas.base import Contract
 
 log = logging.getLogger(__name__)
 

@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from schemas.evaluation import SteeringResult
-from tasks.common.hooks import splice
-from tasks.evaluate.metrics import dictionary_placement
+from featureatlas.schemas.evaluation import SteeringResult
+from featureatlas.tasks.common.hooks import splice
+from featureatlas.tasks.evaluate.metrics import dictionary_placement
 
 log = logging.getLogger(__name__)
 

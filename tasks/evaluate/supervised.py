@@ -28,10 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from schemas.evaluation import AttributeControl, AttributeMatch, SupervisedEval
-from tasks.common.hooks import splice
-from tasks.evaluate.metrics import dictionary_placement
-from tasks.evaluate.templates import LabeledPrompt, TemplateTask
+from featureatlas.schemas.evaluation import AttributeControl, AttributeMatch, SupervisedEval
+from featureatlas.tasks.common.hooks import splice
+from featureatlas.tasks.evaluate.metrics import dictionary_placement
+from featureatlas.tasks.evaluate.templates import LabeledPrompt, TemplateTask
 
 log = logging.getLogger(__name__)
 

@@ -12,24 +12,24 @@ import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from schemas.artifacts import ActivationCacheRef, DictionaryRef, EvalReport
-from schemas.evaluation import EvalDetails
-from schemas.spec import EvaluateSpec
-from tasks.common.models import load_model_ref
-from tasks.common.store import ActivationCache
-from tasks.dictionary import load_dictionary
-from tasks.evaluate.ablation import ablate_latents, most_frequent_latents
-from tasks.evaluate.ce_loss import ce_loss_score
-from tasks.evaluate.compatibility import check_dictionary_fits
-from tasks.evaluate.geometry import atomic_geometry, decoder_geometry
-from tasks.evaluate.metrics import reconstruction_metrics
-from tasks.evaluate.steering import steer_latent
-from tasks.evaluate.supervised import supervised_evaluation
-from tasks.evaluate.templates import ioi_task
-from tasks.tracking.catalog import open_catalog
-from tasks.tracking.identity import evaluation_identity, ref_identity
-from tasks.tracking.mlflow_runs import StageRun
-from tasks.tracking.stage import StageContext, run_stage
+from featureatlas.schemas.artifacts import ActivationCacheRef, DictionaryRef, EvalReport
+from featureatlas.schemas.evaluation import EvalDetails
+from featureatlas.schemas.spec import EvaluateSpec
+from featureatlas.tasks.common.models import load_model_ref
+from featureatlas.tasks.common.store import ActivationCache
+from featureatlas.tasks.dictionary import load_dictionary
+from featureatlas.tasks.evaluate.ablation import ablate_latents, most_frequent_latents
+from featureatlas.tasks.evaluate.ce_loss import ce_loss_score
+from featureatlas.tasks.evaluate.compatibility import check_dictionary_fits
+from featureatlas.tasks.evaluate.geometry import atomic_geometry, decoder_geometry
+from featureatlas.tasks.evaluate.metrics import reconstruction_metrics
+from featureatlas.tasks.evaluate.steering import steer_latent
+from featureatlas.tasks.evaluate.supervised import supervised_evaluation
+from featureatlas.tasks.evaluate.templates import ioi_task
+from featureatlas.tasks.tracking.catalog import open_catalog
+from featureatlas.tasks.tracking.identity import evaluation_identity, ref_identity
+from featureatlas.tasks.tracking.mlflow_runs import StageRun
+from featureatlas.tasks.tracking.stage import StageContext, run_stage
 
 
 def heldout_contexts(store: ActivationCache, n: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,7 +14,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from tasks.interactions.fis import Layered, LossName, Predictor
+from featureatlas.tasks.interactions.fis import Layered, LossName, Predictor
 
 SKLEARN_DATASETS = ("breast_cancer", "diabetes", "wine")
 ReferenceName = Literal["linear", "gradient_boosting", "mlp"]

@@ -18,7 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from tasks.interactions.rashomon import Exploration, PairCloud  # noqa: E402
+from featureatlas.tasks.interactions.rashomon import Exploration, PairCloud  # noqa: E402
 
 
 def halo_points(cloud: PairCloud, ex: Exploration) -> tuple[np.ndarray, np.ndarray]:

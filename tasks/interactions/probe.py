@@ -15,8 +15,8 @@ import numpy as np
 import polars as pl
 import torch
 
-from tasks.common.store import ActivationCache
-from tasks.dictionary import load_dictionary
+from featureatlas.tasks.common.store import ActivationCache
+from featureatlas.tasks.dictionary import load_dictionary
 
 LABEL_COLUMN = "label"
 

@@ -16,7 +16,13 @@ from typing import NamedTuple
 
 import torch
 
-from tasks.interactions.fis import LossName, Predictor, model_losses, pair_fis, single_feature_losses
+from featureatlas.tasks.interactions.fis import (
+    LossName,
+    Predictor,
+    model_losses,
+    pair_fis,
+    single_feature_losses,
+)
 
 BUDGETS = torch.linspace(0.0, 1.0, 11)
 # sign combinations (direction of m_i, direction of m_j), one per quadrant of the halo plot

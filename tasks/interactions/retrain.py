@@ -14,8 +14,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from tasks.interactions.fis import LossName, Predictor, model_losses, pair_fis
-from tasks.interactions.rashomon import PairCloud
+from featureatlas.tasks.interactions.fis import LossName, Predictor, model_losses, pair_fis
+from featureatlas.tasks.interactions.rashomon import PairCloud
 
 Fit = Callable[[int, np.ndarray], Predictor]
 """`fit(seed, rows)`: the reference's learner fitted on training rows `rows` (a bootstrap sample)."""

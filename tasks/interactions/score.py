@@ -12,8 +12,8 @@ from typing import Literal, NamedTuple
 import polars as pl
 import torch
 
-from tasks.interactions.fis import LossName, Predictor, importances, model_losses, pair_fis
-from tasks.interactions.rashomon import (
+from featureatlas.tasks.interactions.fis import LossName, Predictor, importances, model_losses, pair_fis
+from featureatlas.tasks.interactions.rashomon import (
     Exploration,
     Multiplicity,
     PairCloud,
@@ -23,7 +23,7 @@ from tasks.interactions.rashomon import (
     multiplicity_of,
     pair_cloud,
 )
-from tasks.interactions.retrain import Fit, RetrainedSet, retrain_cloud, retrain_set
+from featureatlas.tasks.interactions.retrain import Fit, RetrainedSet, retrain_cloud, retrain_set
 
 Ranking = Literal["reference_fis", "importance"]
 

@@ -12,18 +12,23 @@ import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from schemas.artifacts import ActivationCacheRef, DictionaryRef, InteractionScoresRef
-from schemas.methods import DictionaryConfig
-from schemas.spec import InteractionsSpec
-from tasks.interactions.data import Table, fit_reference, load_table, split_frame
-from tasks.interactions.plots import halo_plot, swarm_plot
-from tasks.interactions.probe import LABEL_COLUMN, dictionary_frame
-from tasks.interactions.rashomon import explore, pair_cloud
-from tasks.interactions.score import score_pairs
-from tasks.tracking.catalog import open_catalog
-from tasks.tracking.identity import dictionary_identity, file_digest, interactions_identity, ref_identity
-from tasks.tracking.mlflow_runs import StageRun
-from tasks.tracking.stage import StageContext, run_stage
+from featureatlas.schemas.artifacts import ActivationCacheRef, DictionaryRef, InteractionScoresRef
+from featureatlas.schemas.methods import DictionaryConfig
+from featureatlas.schemas.spec import InteractionsSpec
+from featureatlas.tasks.interactions.data import Table, fit_reference, load_table, split_frame
+from featureatlas.tasks.interactions.plots import halo_plot, swarm_plot
+from featureatlas.tasks.interactions.probe import LABEL_COLUMN, dictionary_frame
+from featureatlas.tasks.interactions.rashomon import explore, pair_cloud
+from featureatlas.tasks.interactions.score import score_pairs
+from featureatlas.tasks.tracking.catalog import open_catalog
+from featureatlas.tasks.tracking.identity import (
+    dictionary_identity,
+    file_digest,
+    interactions_identity,
+    ref_identity,
+)
+from featureatlas.tasks.tracking.mlflow_runs import StageRun
+from featureatlas.tasks.tracking.stage import StageContext, run_stage
 
 PLOTS = {"scaling": ("halo.png", "swarm.png"), "retraining": ("swarm_retrain.png",)}
 

@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from tasks.labeling.codes import firing_codes
+from featureatlas.tasks.labeling.codes import firing_codes
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from tasks.dictionary.base import Dictionary
+from featureatlas.tasks.dictionary.base import Dictionary
 
 __all__ = ["firing_codes"]
 

@@ -21,7 +21,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from tasks.labeling.code_stream import CodeStream, SparseBatch, kth_per_group, lookup, smallest_per_group
+from featureatlas.tasks.labeling.code_stream import (
+    CodeStream,
+    SparseBatch,
+    kth_per_group,
+    lookup,
+    smallest_per_group,
+)
 
 __all__ = ["ActivationStats", "activation_statistics", "decoder_neighbours", "logit_effects"]
 

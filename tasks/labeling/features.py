@@ -18,13 +18,13 @@ import polars as pl
 import torch
 from torch import Tensor, nn
 
-from tasks.evaluate.metrics import dictionary_placement
-from tasks.labeling.code_stream import CodeStream
-from tasks.labeling.feature_stats import activation_statistics, decoder_neighbours, logit_effects
-from tasks.labeling.llm_labels import LLMLabeler
-from tasks.labeling.scoring import MiniLM, balanced_accuracy, embedding_scores
-from tasks.labeling.stat_labeler import NgramCounts, matches, statistical_label
-from tasks.labeling.top_contexts import _mark, top_activating_contexts
+from featureatlas.tasks.evaluate.metrics import dictionary_placement
+from featureatlas.tasks.labeling.code_stream import CodeStream
+from featureatlas.tasks.labeling.feature_stats import activation_statistics, decoder_neighbours, logit_effects
+from featureatlas.tasks.labeling.llm_labels import LLMLabeler
+from featureatlas.tasks.labeling.scoring import MiniLM, balanced_accuracy, embedding_scores
+from featureatlas.tasks.labeling.stat_labeler import NgramCounts, matches, statistical_label
+from featureatlas.tasks.labeling.top_contexts import _mark, top_activating_contexts
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from schemas.spec import LLMLabelSpec, ModelSpec
-from tasks.labeling.llm_labeler import (
+from featureatlas.schemas.spec import LLMLabelSpec, ModelSpec
+from featureatlas.tasks.labeling.llm_labeler import (
     DETECT_SYSTEM,
     OpenAIChatBackend,
     TransformersChatBackend,
@@ -25,7 +25,7 @@ from tasks.labeling.llm_labeler import (
     clean_label,
     parse_yes,
 )
-from tasks.labeling.scoring import balanced_accuracy
+from featureatlas.tasks.labeling.scoring import balanced_accuracy
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ def build_labeler(spec: LLMLabelSpec, *, online: bool = False) -> LLMLabeler:
         )
         source = f"llm:openai:{spec.model}"
     else:
-        from tasks.common.models import load_model, resolve_source
+        from featureatlas.tasks.common.models import load_model, resolve_source
 
         path = spec.model or SMOLLM2[0]
         gguf = spec.gguf_file or (SMOLLM2[1] if path == SMOLLM2[0] else None)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import polars as pl
 
-from tasks.tracking.catalog import Catalog
+from featureatlas.tasks.tracking.catalog import Catalog
 
 __all__ = ["find_atlas", "search_labels"]
 

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import torch
 from safetensors.torch import load_file
 
-from tasks.common.store import ActivationCache
+from featureatlas.tasks.common.store import ActivationCache
 
 __all__ = ["ShardedActs"]
 

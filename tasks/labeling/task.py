@@ -9,21 +9,21 @@ import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from schemas.artifacts import ActivationCacheRef, DictionaryRef, LabelingRef
-from schemas.spec import LabelSpec
-from tasks.common.models import load_model_ref
-from tasks.common.store import ActivationCache
-from tasks.dictionary import load_dictionary
-from tasks.labeling.atlas import write_atlas
-from tasks.labeling.features import Unembedding, build_feature_table
-from tasks.labeling.llm_labels import build_labeler
-from tasks.labeling.scoring import load_minilm
-from tasks.labeling.sharded import ShardedActs
-from tasks.labeling.stat_labeler import count_ngrams
-from tasks.labeling.top_contexts import write_feature_table
-from tasks.tracking.identity import labeling_identity, ref_identity
-from tasks.tracking.mlflow_runs import StageRun
-from tasks.tracking.stage import StageContext, run_stage
+from featureatlas.schemas.artifacts import ActivationCacheRef, DictionaryRef, LabelingRef
+from featureatlas.schemas.spec import LabelSpec
+from featureatlas.tasks.common.models import load_model_ref
+from featureatlas.tasks.common.store import ActivationCache
+from featureatlas.tasks.dictionary import load_dictionary
+from featureatlas.tasks.labeling.atlas import write_atlas
+from featureatlas.tasks.labeling.features import Unembedding, build_feature_table
+from featureatlas.tasks.labeling.llm_labels import build_labeler
+from featureatlas.tasks.labeling.scoring import load_minilm
+from featureatlas.tasks.labeling.sharded import ShardedActs
+from featureatlas.tasks.labeling.stat_labeler import count_ngrams
+from featureatlas.tasks.labeling.top_contexts import write_feature_table
+from featureatlas.tasks.tracking.identity import labeling_identity, ref_identity
+from featureatlas.tasks.tracking.mlflow_runs import StageRun
+from featureatlas.tasks.tracking.stage import StageContext, run_stage
 
 
 @task(name="label_features", cache_policy=NO_CACHE)

@@ -24,8 +24,8 @@ import polars as pl
 import torch
 from torch import Tensor, nn
 
-from tasks.evaluate.metrics import dictionary_placement
-from tasks.labeling.code_stream import CodeStream, kth_per_group, lookup, smallest_per_group
+from featureatlas.tasks.evaluate.metrics import dictionary_placement
+from featureatlas.tasks.labeling.code_stream import CodeStream, kth_per_group, lookup, smallest_per_group
 
 log = logging.getLogger(__name__)
 

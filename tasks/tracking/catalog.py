@@ -21,13 +21,13 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-import schemas
-from schemas.artifacts import ArtifactRef
-from schemas.catalog import ROWS, ArtifactRow, LineageEdge
-from tasks.tracking.retry import retrying
-from tasks.tracking.secrets import mask_secrets
+import featureatlas.schemas as schemas_pkg
+from featureatlas.schemas.artifacts import ArtifactRef
+from featureatlas.schemas.catalog import ROWS, ArtifactRow, LineageEdge
+from featureatlas.tasks.tracking.retry import retrying
+from featureatlas.tasks.tracking.secrets import mask_secrets
 
-MIGRATIONS = Path(schemas.__file__).resolve().parent / "migrations"
+MIGRATIONS = Path(schemas_pkg.__file__).resolve().parent / "migrations"
 _MIGRATION_LOCK = 0x66656174  # PostgreSQL advisory lock key held while migrating ("feat")
 _HINT = (
     "Check that the database server is running and the URL is right (FEATUREATLAS_CATALOG_URL); "

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import os
 
-from schemas.settings import Settings
-from tasks.tracking.secrets import install_log_masking
+from featureatlas.schemas.settings import Settings
+from featureatlas.tasks.tracking.secrets import install_log_masking
 
 
 def configure_environment(settings: Settings | None = None) -> Settings:

@@ -21,7 +21,7 @@ from typing import Any
 from prefect import Task
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from schemas.settings import Settings
+from featureatlas.schemas.settings import Settings
 
 # Dask workers sample their threads' stacks every 10 ms for the dashboard's profile (sys._current_frames).
 # On Python before 3.12 that call can deadlock a worker: it holds the interpreter's thread-list lock while

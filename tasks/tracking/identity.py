@@ -14,10 +14,17 @@ from typing import NamedTuple
 
 from pydantic import BaseModel
 
-from schemas.catalog import ID_PREFIX
-from schemas.methods import DictionaryConfig
-from schemas.spec import CacheSpec, CorpusSpec, EvaluateSpec, InteractionsSpec, LabelSpec, ModelSpec
-from tasks.common.store import sha256_file
+from featureatlas.schemas.catalog import ID_PREFIX
+from featureatlas.schemas.methods import DictionaryConfig
+from featureatlas.schemas.spec import (
+    CacheSpec,
+    CorpusSpec,
+    EvaluateSpec,
+    InteractionsSpec,
+    LabelSpec,
+    ModelSpec,
+)
+from featureatlas.tasks.common.store import sha256_file
 
 STAGE_VERSIONS = {
     "model": 1,

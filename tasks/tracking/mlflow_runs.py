@@ -25,10 +25,10 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
-from schemas.artifacts import ArtifactRef
-from tasks.tracking.paths import check_name
-from tasks.tracking.retry import retrying
-from tasks.tracking.secrets import mask_secrets
+from featureatlas.schemas.artifacts import ArtifactRef
+from featureatlas.tasks.tracking.paths import check_name
+from featureatlas.tasks.tracking.retry import retrying
+from featureatlas.tasks.tracking.secrets import mask_secrets
 
 _MAX_PARAM = 6000
 _HINT = (

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import yaml
 
-from schemas.artifacts import PipelineResult
-from schemas.settings import Settings
-from schemas.spec import PipelineSpec
-from tasks.tracking.catalog import open_catalog
-from tasks.tracking.mlflow_runs import StageRun
-from tasks.tracking.stage import StageContext, stage_logger, tracker_for
+from featureatlas.schemas.artifacts import PipelineResult
+from featureatlas.schemas.settings import Settings
+from featureatlas.schemas.spec import PipelineSpec
+from featureatlas.tasks.tracking.catalog import open_catalog
+from featureatlas.tasks.tracking.mlflow_runs import StageRun
+from featureatlas.tasks.tracking.stage import StageContext, stage_logger, tracker_for
 
 
 def _git_commit() -> str:

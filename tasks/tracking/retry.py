@@ -17,7 +17,7 @@ from typing import TypeVar
 import tenacity
 from sqlalchemy.exc import DisconnectionError, OperationalError
 
-from tasks.tracking.secrets import mask_text, mask_url
+from featureatlas.tasks.tracking.secrets import mask_text, mask_url
 
 T = TypeVar("T")
 log = logging.getLogger("featureatlas.retry")

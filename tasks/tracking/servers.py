@@ -26,8 +26,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from schemas.settings import Settings
-from tasks.tracking.secrets import mask_url
+from featureatlas.schemas.settings import Settings
+from featureatlas.tasks.tracking.secrets import mask_url
 
 NAMES = ("prefect", "mlflow")
 

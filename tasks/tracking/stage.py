@@ -23,13 +23,13 @@ from typing import TypeVar
 
 from pydantic import Field
 
-from schemas.artifacts import ArtifactRef
-from schemas.base import Contract
-from schemas.settings import Settings
-from tasks.tracking.catalog import open_catalog
-from tasks.tracking.identity import Identity
-from tasks.tracking.mlflow_runs import StageRun, Tracker, open_tracker
-from tasks.tracking.paths import inside
+from featureatlas.schemas.artifacts import ArtifactRef
+from featureatlas.schemas.base import Contract
+from featureatlas.schemas.settings import Settings
+from featureatlas.tasks.tracking.catalog import open_catalog
+from featureatlas.tasks.tracking.identity import Identity
+from featureatlas.tasks.tracking.mlflow_runs import StageRun, Tracker, open_tracker
+from featureatlas.tasks.tracking.paths import inside
 
 R = TypeVar("R", bound=ArtifactRef)
 

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import torch
 
-from schemas.spec import CacheSpec, CorpusSpec
-from tasks.activations.cache import plan_cache, prepare_cache, write_cache, write_part
-from tasks.common.corpus import load_documents
-from tasks.common.models import LoadedModel
+from featureatlas.schemas.spec import CacheSpec, CorpusSpec
+from featureatlas.tasks.activations.cache import plan_cache, prepare_cache, write_cache, write_part
+from featureatlas.tasks.common.corpus import load_documents
+from featureatlas.tasks.common.models import LoadedModel
 from tests.helpers import build_tiny_llama, build_tiny_tokenizer
 
 

@@ -8,11 +8,11 @@ import polars as pl
 import pytest
 import torch
 
-from schemas.spec import CacheSpec, CorpusSpec
-from tasks.activations.cache import write_cache
-from tasks.common.corpus import build_contexts, load_documents
-from tasks.common.models import LoadedModel
-from tasks.common.store import ActivationCache, CacheIntegrityError
+from featureatlas.schemas.spec import CacheSpec, CorpusSpec
+from featureatlas.tasks.activations.cache import write_cache
+from featureatlas.tasks.common.corpus import build_contexts, load_documents
+from featureatlas.tasks.common.models import LoadedModel
+from featureatlas.tasks.common.store import ActivationCache, CacheIntegrityError
 from tests.helpers import TINY_TEXT, build_tiny_llama, build_tiny_tokenizer
 
 

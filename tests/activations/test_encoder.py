@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 
-from schemas.spec import CacheSpec, CorpusSpec, ModelSpec, SpecError, parse_spec
-from tasks.activations.cache import write_cache
-from tasks.common.corpus import build_contexts, load_documents
-from tasks.common.models import load_model
-from tasks.common.store import ActivationCache
+from featureatlas.schemas.spec import CacheSpec, CorpusSpec, ModelSpec, SpecError, parse_spec
+from featureatlas.tasks.activations.cache import write_cache
+from featureatlas.tasks.common.corpus import build_contexts, load_documents
+from featureatlas.tasks.common.models import load_model
+from featureatlas.tasks.common.store import ActivationCache
 from tests.helpers import TINY_TEXT, build_tiny_bert, build_tiny_tokenizer
 
 

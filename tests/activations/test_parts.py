@@ -13,11 +13,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from schemas.spec import CacheSpec, CorpusSpec
-from tasks.activations.cache import _split, assemble, plan_cache, prepare_cache, write_cache, write_part
-from tasks.common.corpus import load_documents
-from tasks.common.models import LoadedModel
-from tasks.tracking.identity import Identity, cache_identity
+from featureatlas.schemas.spec import CacheSpec, CorpusSpec
+from featureatlas.tasks.activations.cache import (
+    _split,
+    assemble,
+    plan_cache,
+    prepare_cache,
+    write_cache,
+    write_part,
+)
+from featureatlas.tasks.common.corpus import load_documents
+from featureatlas.tasks.common.models import LoadedModel
+from featureatlas.tasks.tracking.identity import Identity, cache_identity
 from tests.activations.cache_worker import run
 from tests.helpers import TINY_TEXT, build_tiny_llama, build_tiny_tokenizer
 

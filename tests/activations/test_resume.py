@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.common.store import ActivationCache
+from featureatlas.tasks.common.store import ActivationCache
 from tests.activations.cache_worker import run
 from tests.helpers import TINY_TEXT, build_tiny_llama
 

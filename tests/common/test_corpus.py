@@ -8,8 +8,8 @@ import polars as pl
 import pytest
 import torch
 
-from schemas.spec import CorpusSpec
-from tasks.common.corpus import build_contexts, load_documents
+from featureatlas.schemas.spec import CorpusSpec
+from featureatlas.tasks.common.corpus import build_contexts, load_documents
 from tests.helpers import TINY_TEXT, build_tiny_tokenizer
 
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tasks.common.hookpoints import resolve_site
-from tasks.common.hooks import capture_activations, resolve_hookpoint, splice
+from featureatlas.tasks.common.hookpoints import resolve_site
+from featureatlas.tasks.common.hooks import capture_activations, resolve_hookpoint, splice
 from tests.helpers import build_tiny_bert, build_tiny_gemma, build_tiny_gpt2, build_tiny_llama
 
 ALL = ["resid_post.{L}", "mlp_out.{L}", "mlp_hidden.{L}", "attn_out.{L}", "attn_z.{L}"]

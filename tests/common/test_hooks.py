@@ -9,7 +9,13 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutput
 
-from tasks.common.hooks import capture_activations, resolve_hookpoint, rewrap_output, splice, unwrap_output
+from featureatlas.tasks.common.hooks import (
+    capture_activations,
+    resolve_hookpoint,
+    rewrap_output,
+    splice,
+    unwrap_output,
+)
 from tests.helpers import build_tiny_llama
 
 

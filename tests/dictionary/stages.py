@@ -8,11 +8,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from schemas.artifacts import ActivationCacheRef
-from schemas.settings import Settings
-from schemas.spec import CacheSpec, CorpusSpec, ModelSpec
-from tasks.activations.task import cache_activations, prepare_corpus, register_model
-from tasks.tracking.stage import StageContext
+from featureatlas.schemas.artifacts import ActivationCacheRef
+from featureatlas.schemas.settings import Settings
+from featureatlas.schemas.spec import CacheSpec, CorpusSpec, ModelSpec
+from featureatlas.tasks.activations.task import cache_activations, prepare_corpus, register_model
+from featureatlas.tasks.tracking.stage import StageContext
 from tests.helpers import TINY_TEXT, save_tiny_llama
 
 HOOKPOINT = "model.layers.1"

@@ -17,15 +17,15 @@ from mlflow.tracking import MlflowClient
 from pydantic import TypeAdapter, ValidationError
 from safetensors.torch import load_file
 
-from schemas.methods import DATA_PARALLEL_METHODS, DictionaryConfig, ReLUConfig, TopKConfig
-from schemas.spec import SpecError, parse_spec
-from tasks.common.store import ActivationCache
-from tasks.dictionary.distributed import _check_method, train_data_parallel
-from tasks.dictionary.launch import DataParallelError
-from tasks.dictionary.registry import METHODS
-from tasks.dictionary.task import sweep_groups
-from tasks.tracking.catalog import open_catalog
-from tasks.tracking.identity import Identity, dictionary_identity
+from featureatlas.schemas.methods import DATA_PARALLEL_METHODS, DictionaryConfig, ReLUConfig, TopKConfig
+from featureatlas.schemas.spec import SpecError, parse_spec
+from featureatlas.tasks.common.store import ActivationCache
+from featureatlas.tasks.dictionary.distributed import _check_method, train_data_parallel
+from featureatlas.tasks.dictionary.launch import DataParallelError
+from featureatlas.tasks.dictionary.registry import METHODS
+from featureatlas.tasks.dictionary.task import sweep_groups
+from featureatlas.tasks.tracking.catalog import open_catalog
+from featureatlas.tasks.tracking.identity import Identity, dictionary_identity
 from tests.flows.test_pipeline import pipeline, tiny_spec  # noqa: F401  (fixture)
 
 DDP = {"method": "topk", "d_sae": 64, "k": 4, "batch_size": 128, "steps": 12, "log_every": 4}
@@ -131,7 +131,7 @@ def test_the_pipeline_trains_nproc_2_under_torchrun_and_registers_it(tmp_path, h
 
 @pytest.mark.slow  # a torchrun launch of two processes (~20 s on 2 loaded cores)
 def test_a_failing_rank_fails_the_stage_with_its_error(tmp_path, home):
-    from tasks.dictionary.task import train_dictionaries_task
+    from featureatlas.tasks.dictionary.task import train_dictionaries_task
     from tests.dictionary.stages import HOOKPOINT, build_cache
 
     ctx, cache = build_cache(tmp_path, home)
@@ -144,7 +144,7 @@ def test_a_failing_rank_fails_the_stage_with_its_error(tmp_path, home):
 
 
 def test_a_mismatched_process_count_is_refused():
-    from tasks.dictionary.distributed import _with_world_size
+    from featureatlas.tasks.dictionary.distributed import _with_world_size
 
     assert _with_world_size(TopKConfig(batch_size=128), 4).nproc_per_node == 4
     with pytest.raises(ValueError, match="launch with --nproc-per-node 2"):

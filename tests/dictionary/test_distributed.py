@@ -12,9 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from schemas.methods import GBAConfig, ReLUConfig, TopKConfig
-from tasks.dictionary.distributed import train_data_parallel
-from tasks.dictionary.train import train_dictionary
+from featureatlas.schemas.methods import GBAConfig, ReLUConfig, TopKConfig
+from featureatlas.tasks.dictionary.distributed import train_data_parallel
+from featureatlas.tasks.dictionary.train import train_dictionary
 
 REPO = Path(__file__).parents[2]
 
@@ -65,7 +65,7 @@ def test_torchrun_two_gloo_ranks_match_one_process_on_the_same_micro_batches(tmp
     env = os.environ | {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-        "-m", "tasks.dictionary.distributed",
+        "-m", "featureatlas.tasks.dictionary.distributed",
         "--acts", str(tmp_path / "acts.safetensors"), "--config", str(tmp_path / "cfg.json"),
         "--out", str(tmp_path / "ddp"),
     ]  # fmt: skip

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from schemas.methods import BAConfig, GBAConfig
-from schemas.spec import SpecError, parse_spec
-from tasks.dictionary import build_dictionary, load_dictionary, train_dictionary
-from tasks.dictionary.gba import BASAE, GBASAE
-from tasks.dictionary.synthetic import bias_adaptation_toy, recovery, recovery_at_init
+from featureatlas.schemas.methods import BAConfig, GBAConfig
+from featureatlas.schemas.spec import SpecError, parse_spec
+from featureatlas.tasks.dictionary import build_dictionary, load_dictionary, train_dictionary
+from featureatlas.tasks.dictionary.gba import BASAE, GBASAE
+from featureatlas.tasks.dictionary.synthetic import bias_adaptation_toy, recovery, recovery_at_init
 from tests.dictionary.test_topk import plant
 
 

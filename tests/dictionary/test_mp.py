@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from schemas.methods import MPConfig
-from schemas.spec import SpecError, parse_spec
-from tasks.dictionary import build_dictionary, load_dictionary, train_dictionary
-from tasks.dictionary.mp import MPSAE
-from tasks.dictionary.synthetic import hierarchical_toy, recovery_at_init
+from featureatlas.schemas.methods import MPConfig
+from featureatlas.schemas.spec import SpecError, parse_spec
+from featureatlas.tasks.dictionary import build_dictionary, load_dictionary, train_dictionary
+from featureatlas.tasks.dictionary.mp import MPSAE
+from featureatlas.tasks.dictionary.synthetic import hierarchical_toy, recovery_at_init
 from tests.dictionary.test_topk import plant
 
 

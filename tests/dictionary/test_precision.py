@@ -7,9 +7,9 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from schemas.methods import TopKConfig
-from tasks.dictionary.train import train_dictionary
-from tasks.tracking.identity import Identity, dictionary_identity
+from featureatlas.schemas.methods import TopKConfig
+from featureatlas.tasks.dictionary.train import train_dictionary
+from featureatlas.tasks.tracking.identity import Identity, dictionary_identity
 from tests.dictionary.test_topk import plant
 
 BASE = dict(d_sae=64, k=4, batch_size=64, steps=30, log_every=5, device="cpu")
@@ -43,7 +43,7 @@ def test_fingerprints_follow_the_result_not_the_checkpoint_interval():
     import hashlib
     import json
 
-    from tasks.tracking.identity import STAGE_VERSIONS
+    from featureatlas.tasks.tracking.identity import STAGE_VERSIONS
 
     old = TopKConfig().model_dump(mode="json")
     for key in ("checkpoint_every", "autocast", "compile"):

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from schemas.methods import (
+from featureatlas.schemas.methods import (
     BatchTopKConfig,
     GatedConfig,
     GBAConfig,
@@ -23,8 +23,8 @@ from schemas.methods import (
     ThresholdConfig,
     TopKConfig,
 )
-from tasks.dictionary import build_dictionary
-from tasks.dictionary.saelens import EXPORTERS, export_saelens, import_saelens
+from featureatlas.tasks.dictionary import build_dictionary
+from featureatlas.tasks.dictionary.saelens import EXPORTERS, export_saelens, import_saelens
 
 D_IN, D_SAE = 6, 12
 

@@ -7,11 +7,11 @@ import pytest
 import torch
 from torch import Tensor
 
-from schemas.methods import SemiNMFConfig
-from schemas.spec import parse_spec
-from tasks.dictionary import load_dictionary, train_dictionary
-from tasks.dictionary.snmf import SemiNMF, _init_G, multiplicative_update, sparsify_columns
-from tasks.dictionary.synthetic import PlantedNMF, planted_snmf
+from featureatlas.schemas.methods import SemiNMFConfig
+from featureatlas.schemas.spec import parse_spec
+from featureatlas.tasks.dictionary import load_dictionary, train_dictionary
+from featureatlas.tasks.dictionary.snmf import SemiNMF, _init_G, multiplicative_update, sparsify_columns
+from featureatlas.tasks.dictionary.synthetic import PlantedNMF, planted_snmf
 
 
 @pytest.fixture(autouse=True)

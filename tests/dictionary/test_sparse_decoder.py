@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from schemas.methods import BatchTopKConfig, MatryoshkaConfig, TopKConfig
-from tasks.dictionary import build_dictionary
-from tasks.dictionary.batchtopk import _above_sampled_cutoff, batch_topk_entries
-from tasks.dictionary.sparse_decoder import (
+from featureatlas.schemas.methods import BatchTopKConfig, MatryoshkaConfig, TopKConfig
+from featureatlas.tasks.dictionary import build_dictionary
+from featureatlas.tasks.dictionary.batchtopk import _above_sampled_cutoff, batch_topk_entries
+from featureatlas.tasks.dictionary.sparse_decoder import (
     SelectedPre,
     SparseCodes,
     per_row_entries,

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from schemas.methods import BatchTopKConfig, MatryoshkaConfig, TopKConfig
-from tasks.dictionary import build_dictionary
-from tasks.dictionary.sparse_decoder import use_sparse_path
+from featureatlas.schemas.methods import BatchTopKConfig, MatryoshkaConfig, TopKConfig
+from featureatlas.tasks.dictionary import build_dictionary
+from featureatlas.tasks.dictionary.sparse_decoder import use_sparse_path
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

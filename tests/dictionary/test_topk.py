@@ -12,11 +12,17 @@ import numpy as np
 import pytest
 import torch
 
-from schemas.methods import TopKConfig
-from tasks.dictionary import METHODS, TrainResult, build_dictionary, load_dictionary, train_dictionary
-from tasks.dictionary.registry import register
-from tasks.dictionary.synthetic import planted_directions, recovery_at_init
-from tasks.dictionary.topk import TopKSAE
+from featureatlas.schemas.methods import TopKConfig
+from featureatlas.tasks.dictionary import (
+    METHODS,
+    TrainResult,
+    build_dictionary,
+    load_dictionary,
+    train_dictionary,
+)
+from featureatlas.tasks.dictionary.registry import register
+from featureatlas.tasks.dictionary.synthetic import planted_directions, recovery_at_init
+from featureatlas.tasks.dictionary.topk import TopKSAE
 
 METRIC_KEYS = {"loss", "mse", "fvu", "l0", "dead_fraction", "auxk_loss", "lr"}
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from schemas.methods import TopKConfig
-from tasks.dictionary import train_dictionary
-from tasks.dictionary.synthetic import recovery_at_init
+from featureatlas.schemas.methods import TopKConfig
+from featureatlas.tasks.dictionary import train_dictionary
+from featureatlas.tasks.dictionary.synthetic import recovery_at_init
 from tests.dictionary.test_topk import fvu, plant, recovered_fraction
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -17,16 +17,16 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from schemas.methods import ReLUConfig, TopKConfig
-from schemas.settings import Settings
-from schemas.spec import SpecError, parse_spec
-from tasks.common.store import ActivationCache, write_acts_shard
-from tasks.dictionary import load_dictionary
-from tasks.dictionary.data import BadActivations, CacheSource
-from tasks.dictionary.task import CHECKPOINTS, train_dictionaries_task
-from tasks.dictionary.train import train_dictionary
-from tasks.tracking.catalog import open_catalog
-from tasks.tracking.identity import dictionary_identity, ref_identity
+from featureatlas.schemas.methods import ReLUConfig, TopKConfig
+from featureatlas.schemas.settings import Settings
+from featureatlas.schemas.spec import SpecError, parse_spec
+from featureatlas.tasks.common.store import ActivationCache, write_acts_shard
+from featureatlas.tasks.dictionary import load_dictionary
+from featureatlas.tasks.dictionary.data import BadActivations, CacheSource
+from featureatlas.tasks.dictionary.task import CHECKPOINTS, train_dictionaries_task
+from featureatlas.tasks.dictionary.train import train_dictionary
+from featureatlas.tasks.tracking.catalog import open_catalog
+from featureatlas.tasks.tracking.identity import dictionary_identity, ref_identity
 from tests.dictionary.stages import HOOKPOINT, build_cache
 from tests.dictionary.train_worker import run as run_worker
 

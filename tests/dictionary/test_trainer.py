@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from schemas.methods import ReLUConfig, TopKConfig
-from tasks.dictionary import build_dictionary, train_dictionary
-from tasks.dictionary.relu import ReLUSAE
-from tasks.dictionary.sae_common import geometric_median, input_statistics
-from tasks.dictionary.train import check_loss, lr_factor
+from featureatlas.schemas.methods import ReLUConfig, TopKConfig
+from featureatlas.tasks.dictionary import build_dictionary, train_dictionary
+from featureatlas.tasks.dictionary.relu import ReLUSAE
+from featureatlas.tasks.dictionary.sae_common import geometric_median, input_statistics
+from featureatlas.tasks.dictionary.train import check_loss, lr_factor
 from tests.dictionary.test_topk import plant
 
 

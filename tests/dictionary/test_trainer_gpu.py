@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from schemas.methods import BatchTopKConfig, ReLUConfig, TopKConfig
-from tasks.dictionary.train import train_dictionaries, train_dictionary
+from featureatlas.schemas.methods import BatchTopKConfig, ReLUConfig, TopKConfig
+from featureatlas.tasks.dictionary.train import train_dictionaries, train_dictionary
 from tests.dictionary.test_topk import plant
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -10,15 +10,15 @@ import shutil
 import pytest
 import torch
 
-from schemas.methods import BAConfig, JumpReLUConfig, MPConfig, ReLUConfig, TopKConfig
-from schemas.spec import CacheSpec, CorpusSpec
-from tasks.activations.cache import write_cache
-from tasks.common.corpus import load_documents
-from tasks.common.models import LoadedModel
-from tasks.common.store import ActivationCache, write_acts_shard
-from tasks.dictionary.checkpoint import latest
-from tasks.dictionary.data import BadActivations, CacheSource, TensorSource, batches
-from tasks.dictionary.train import train_dictionaries, train_dictionary
+from featureatlas.schemas.methods import BAConfig, JumpReLUConfig, MPConfig, ReLUConfig, TopKConfig
+from featureatlas.schemas.spec import CacheSpec, CorpusSpec
+from featureatlas.tasks.activations.cache import write_cache
+from featureatlas.tasks.common.corpus import load_documents
+from featureatlas.tasks.common.models import LoadedModel
+from featureatlas.tasks.common.store import ActivationCache, write_acts_shard
+from featureatlas.tasks.dictionary.checkpoint import latest
+from featureatlas.tasks.dictionary.data import BadActivations, CacheSource, TensorSource, batches
+from featureatlas.tasks.dictionary.train import train_dictionaries, train_dictionary
 from tests.dictionary.test_topk import plant
 from tests.helpers import TINY_TEXT, build_tiny_llama, build_tiny_tokenizer
 

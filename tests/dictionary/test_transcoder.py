@@ -11,13 +11,13 @@ import torch
 from pydantic import TypeAdapter
 from torch import nn
 
-from schemas.methods import BatchTopKConfig, DictionaryConfig, ReLUConfig, TopKConfig
-from schemas.spec import SpecError, parse_spec
-from tasks.common.hooks import splice
-from tasks.dictionary import build_dictionary, load_dictionary, train_dictionary
-from tasks.evaluate.ablation import ablate_latents
-from tasks.evaluate.ce_loss import ce_loss_score, next_token_loss_sum
-from tasks.evaluate.metrics import reconstruction_metrics
+from featureatlas.schemas.methods import BatchTopKConfig, DictionaryConfig, ReLUConfig, TopKConfig
+from featureatlas.schemas.spec import SpecError, parse_spec
+from featureatlas.tasks.common.hooks import splice
+from featureatlas.tasks.dictionary import build_dictionary, load_dictionary, train_dictionary
+from featureatlas.tasks.evaluate.ablation import ablate_latents
+from featureatlas.tasks.evaluate.ce_loss import ce_loss_score, next_token_loss_sum
+from featureatlas.tasks.evaluate.metrics import reconstruction_metrics
 from tests.helpers import build_tiny_llama
 
 D_IN, N_FEATURES, K_TRUE = 32, 64, 3

@@ -10,7 +10,7 @@ import pytest
 import torch
 from pydantic import TypeAdapter, ValidationError
 
-from schemas.methods import (
+from featureatlas.schemas.methods import (
     BatchTopKConfig,
     DictionaryConfig,
     GatedConfig,
@@ -19,9 +19,9 @@ from schemas.methods import (
     ReLUConfig,
     ThresholdConfig,
 )
-from schemas.spec import parse_spec
-from tasks.dictionary import build_dictionary, load_dictionary, train_dictionary
-from tasks.dictionary.synthetic import recovery_at_init
+from featureatlas.schemas.spec import parse_spec
+from featureatlas.tasks.dictionary import build_dictionary, load_dictionary, train_dictionary
+from featureatlas.tasks.dictionary.synthetic import recovery_at_init
 from tests.dictionary.test_topk import plant
 
 VARIANTS = ("relu", "batchtopk", "matryoshka", "jumprelu", "gated", "threshold")

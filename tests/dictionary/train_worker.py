@@ -14,16 +14,16 @@ from pathlib import Path
 import torch
 from pydantic import TypeAdapter
 
-from schemas.methods import DictionaryConfig
+from featureatlas.schemas.methods import DictionaryConfig
 
 
 def run(args: dict, sleep_s: float = 0.0) -> list:
-    from schemas.artifacts import ActivationCacheRef
-    from schemas.settings import Settings
-    from tasks.dictionary.task import train_dictionaries_task
-    from tasks.dictionary.topk import TopKSAE
-    from tasks.tracking.env import configure_environment
-    from tasks.tracking.stage import StageContext
+    from featureatlas.schemas.artifacts import ActivationCacheRef
+    from featureatlas.schemas.settings import Settings
+    from featureatlas.tasks.dictionary.task import train_dictionaries_task
+    from featureatlas.tasks.dictionary.topk import TopKSAE
+    from featureatlas.tasks.tracking.env import configure_environment
+    from featureatlas.tasks.tracking.stage import StageContext
 
     torch.set_num_threads(1)  # the same reduction order as the test process, for bitwise equality
     settings = configure_environment(Settings(home=Path(args["home"])))

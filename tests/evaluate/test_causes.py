@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import Tensor
 
-from tasks.common.hooks import splice
-from tasks.evaluate.ablation import ablate_latents, latent_contribution, most_frequent_latents
-from tasks.evaluate.ce_loss import ce_loss_score
-from tasks.evaluate.steering import decoder_direction, steer_latent
+from featureatlas.tasks.common.hooks import splice
+from featureatlas.tasks.evaluate.ablation import ablate_latents, latent_contribution, most_frequent_latents
+from featureatlas.tasks.evaluate.ce_loss import ce_loss_score
+from featureatlas.tasks.evaluate.steering import decoder_direction, steer_latent
 from tests.helpers import IdentityDictionary as Identity
 from tests.helpers import build_tiny_llama
 

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tasks.common.hooks import capture_activations, splice
-from tasks.evaluate.ce_loss import ce_loss_score
+from featureatlas.tasks.common.hooks import capture_activations, splice
+from featureatlas.tasks.evaluate.ce_loss import ce_loss_score
 from tests.helpers import IdentityDictionary as Identity
 from tests.helpers import build_tiny_llama
 

@@ -6,7 +6,7 @@ import csv
 
 import pytest
 
-from tasks.evaluate.compare import ComparisonRow, frontier_plot, write_table
+from featureatlas.tasks.evaluate.compare import ComparisonRow, frontier_plot, write_table
 
 
 def row(method: str, l0: float, fvu: float, score: float, dead: float, hookpoint="model.layers.1"):

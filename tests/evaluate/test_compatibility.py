@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from schemas.artifacts import ActivationCacheRef, DictionaryRef, ModelRef
-from tasks.evaluate.compatibility import check_dictionary_fits
+from featureatlas.schemas.artifacts import ActivationCacheRef, DictionaryRef, ModelRef
+from featureatlas.tasks.evaluate.compatibility import check_dictionary_fits
 
 
 def cache_ref(model_id: str = "mdl-aaa", d_in: int = 32) -> ActivationCacheRef:

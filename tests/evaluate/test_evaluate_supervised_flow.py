@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from schemas.spec import EvaluateSpec, parse_spec
-from tasks.evaluate.compare import comparison_rows
-from tasks.evaluate.templates import ioi_task
-from tasks.tracking.catalog import open_catalog
+from featureatlas.schemas.spec import EvaluateSpec, parse_spec
+from featureatlas.tasks.evaluate.compare import comparison_rows
+from featureatlas.tasks.evaluate.templates import ioi_task
+from featureatlas.tasks.tracking.catalog import open_catalog
 from tests.evaluate.test_supervised import word_tokenizer
 from tests.helpers import TINY_TEXT, build_tiny_llama
 
@@ -24,7 +24,7 @@ def test_supervised_prompts_must_be_enough():
 
 
 def test_flow_reports_supervised_figures_and_atomic_geometry(tmp_path, home, prefect_harness):  # noqa: ARG001
-    from flows.pipeline import pipeline_flow
+    from featureatlas.flows.pipeline import pipeline_flow
 
     # A tiny Llama with a word-level tokenizer, so the IOI names are single tokens (unknown words -> [PAD]).
     model_dir = tmp_path / "tiny-llama"

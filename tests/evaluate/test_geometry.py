@@ -6,7 +6,12 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from tasks.evaluate.geometry import atomic_geometry, decoder_directions, decoder_geometry, whitening
+from featureatlas.tasks.evaluate.geometry import (
+    atomic_geometry,
+    decoder_directions,
+    decoder_geometry,
+    whitening,
+)
 
 
 class Linear(nn.Module):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from tasks.evaluate.metrics import reconstruction_metrics
+from featureatlas.tasks.evaluate.metrics import reconstruction_metrics
 
 
 class ForwardOutput(NamedTuple):

@@ -12,8 +12,13 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerFast
 
-from tasks.evaluate.supervised import attribute_scores, best_matches, fit_mean_codes, supervised_evaluation
-from tasks.evaluate.templates import TemplateTask, ioi_task
+from featureatlas.tasks.evaluate.supervised import (
+    attribute_scores,
+    best_matches,
+    fit_mean_codes,
+    supervised_evaluation,
+)
+from featureatlas.tasks.evaluate.templates import TemplateTask, ioi_task
 from tests.helpers import IdentityDictionary as Identity
 from tests.helpers import build_tiny_llama, build_tiny_tokenizer
 

@@ -9,7 +9,7 @@ import polars as pl
 import yaml
 from typer.testing import CliRunner
 
-from flows.cli import app
+from featureatlas.flows.cli import app
 from tests.flows.test_pipeline import tiny_spec
 
 runner = CliRunner()

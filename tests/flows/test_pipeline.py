@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from schemas.spec import parse_spec
-from tasks.tracking.catalog import open_catalog
+from featureatlas.schemas.spec import parse_spec
+from featureatlas.tasks.tracking.catalog import open_catalog
 from tests.helpers import TINY_TEXT, save_tiny_llama
 from tests.pg import PASSWORD
 
@@ -42,7 +42,7 @@ def tiny_spec(tmp_path: Path, **overrides) -> dict:
 
 @pytest.fixture
 def pipeline(prefect_harness):  # noqa: ARG001
-    from flows.pipeline import pipeline_flow
+    from featureatlas.flows.pipeline import pipeline_flow
 
     return pipeline_flow
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 from mlflow.tracking import MlflowClient
 
-from schemas.spec import parse_spec
-from tasks.tracking.catalog import open_catalog
+from featureatlas.schemas.spec import parse_spec
+from featureatlas.tasks.tracking.catalog import open_catalog
 from tests.flows.test_pipeline import pipeline, tiny_spec  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.slow  # two flow runs (~1 minute on 2 cores)

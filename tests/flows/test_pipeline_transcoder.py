@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from schemas.spec import parse_spec
-from tasks.dictionary import load_dictionary
+from featureatlas.schemas.spec import parse_spec
+from featureatlas.tasks.dictionary import load_dictionary
 from tests.flows.test_pipeline import pipeline, tiny_spec  # noqa: F401  (fixture)
 
 # Slow only by this suite's standards (a flow run of ~40 s); kept out of the fast default run.

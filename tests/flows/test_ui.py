@@ -11,7 +11,7 @@ import sys
 import time
 import urllib.request
 
-from tasks.tracking.stage import tracker_for
+from featureatlas.tasks.tracking.stage import tracker_for
 
 
 def free_port() -> int:

@@ -11,8 +11,8 @@ from pathlib import Path
 import yaml
 from sqlalchemy.engine import make_url
 
-from schemas.settings import Settings
-from tasks.tracking.env import configure_environment
+from featureatlas.schemas.settings import Settings
+from featureatlas.tasks.tracking.env import configure_environment
 
 INFRA = Path(__file__).resolve().parents[2] / "infra"
 

@@ -8,9 +8,9 @@ import polars as pl
 import pytest
 import torch
 
-from schemas.spec import ModelSpec, parse_spec
-from tasks.common.hooks import capture_activations
-from tasks.common.models import load_model, resolve_source
+from featureatlas.schemas.spec import ModelSpec, parse_spec
+from featureatlas.tasks.common.hooks import capture_activations
+from featureatlas.tasks.common.models import load_model, resolve_source
 
 pytestmark = pytest.mark.slow
 
@@ -30,7 +30,7 @@ def test_smollm2_capture_matches_hidden_states():
 
 
 def test_smollm2_pipeline_end_to_end(home, prefect_harness):  # noqa: ARG001
-    from flows.pipeline import pipeline_flow
+    from featureatlas.flows.pipeline import pipeline_flow
 
     spec = parse_spec(
         {

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from schemas.spec import CacheSpec, CorpusSpec, ModelSpec
-from tasks.activations.cache import write_cache
-from tasks.common.corpus import build_contexts, load_documents
-from tasks.common.models import load_model, resolve_source
-from tasks.common.store import ActivationCache
+from featureatlas.schemas.spec import CacheSpec, CorpusSpec, ModelSpec
+from featureatlas.tasks.activations.cache import write_cache
+from featureatlas.tasks.common.corpus import build_contexts, load_documents
+from featureatlas.tasks.common.models import load_model, resolve_source
+from featureatlas.tasks.common.store import ActivationCache
 
 pytestmark = pytest.mark.slow
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from schemas.spec import ModelSpec
-from tasks.common.models import load_model, resolve_source
-from tasks.evaluate.supervised import supervised_evaluation
-from tasks.evaluate.templates import ioi_task
+from featureatlas.schemas.spec import ModelSpec
+from featureatlas.tasks.common.models import load_model, resolve_source
+from featureatlas.tasks.evaluate.supervised import supervised_evaluation
+from featureatlas.tasks.evaluate.templates import ioi_task
 from tests.helpers import IdentityDictionary as Identity
 
 pytestmark = pytest.mark.slow

@@ -11,11 +11,11 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from flows.cli import app
-from schemas.spec import SpecError, parse_spec
-from tasks.common.store import sha256_file
-from tasks.interactions.probe import token_class
-from tasks.tracking.catalog import open_catalog
+from featureatlas.flows.cli import app
+from featureatlas.schemas.spec import SpecError, parse_spec
+from featureatlas.tasks.common.store import sha256_file
+from featureatlas.tasks.interactions.probe import token_class
+from featureatlas.tasks.tracking.catalog import open_catalog
 from tests.flows.test_pipeline import tiny_spec
 from tests.interactions.test_stage import planted_csv
 
@@ -32,7 +32,7 @@ def test_token_classes():
 
 
 def test_probe_on_the_pipelines_dictionary_then_an_interactions_only_spec(tmp_path, home, prefect_harness):  # noqa: ARG001
-    from flows.pipeline import pipeline_flow
+    from featureatlas.flows.pipeline import pipeline_flow
 
     inter = {"enabled": True, "source": "dictionary", "label": "capitalized", "n_latents": 4, "max_pairs": 4}
     spec = parse_spec(

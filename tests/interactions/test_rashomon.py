@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.interactions.fis import model_losses, pair_fis, pair_fis_naive, permute_columns
-from tasks.interactions.plots import halo_points
-from tasks.interactions.rashomon import explore, multiplicity, pair_cloud, pair_models
+from featureatlas.tasks.interactions.fis import model_losses, pair_fis, pair_fis_naive, permute_columns
+from featureatlas.tasks.interactions.plots import halo_points
+from featureatlas.tasks.interactions.rashomon import explore, multiplicity, pair_cloud, pair_models
 
 
 def planted(n: int = 800) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,7 +113,7 @@ def test_multiplicity_of_a_classifier():
 
 
 def test_empty_set_says_what_to_change():
-    from tasks.interactions.score import score_pairs
+    from featureatlas.tasks.interactions.score import score_pairs
 
     X = torch.randn(100, 3, dtype=torch.float64)
     y = X @ torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64) + torch.randn(100, dtype=torch.float64)

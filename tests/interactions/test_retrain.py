@@ -7,10 +7,10 @@ import polars as pl
 import pytest
 import torch
 
-from tasks.interactions.data import fit_reference, load_table, split_frame
-from tasks.interactions.fis import Layered, model_losses, pair_fis, single_feature_losses
-from tasks.interactions.retrain import retrain_set
-from tasks.interactions.score import rank_pairs, score_pairs
+from featureatlas.tasks.interactions.data import fit_reference, load_table, split_frame
+from featureatlas.tasks.interactions.fis import Layered, model_losses, pair_fis, single_feature_losses
+from featureatlas.tasks.interactions.retrain import retrain_set
+from featureatlas.tasks.interactions.score import rank_pairs, score_pairs
 
 
 def planted_table(n: int = 1000, p: int = 3, seed: int = 0):

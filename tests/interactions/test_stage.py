@@ -9,9 +9,9 @@ import polars as pl
 import pytest
 from mlflow.tracking import MlflowClient
 
-from schemas.spec import InteractionsSpec, parse_spec
-from tasks.interactions.data import load_table
-from tasks.tracking.catalog import open_catalog
+from featureatlas.schemas.spec import InteractionsSpec, parse_spec
+from featureatlas.tasks.interactions.data import load_table
+from featureatlas.tasks.tracking.catalog import open_catalog
 
 
 def planted_csv(path: Path, n: int = 300) -> Path:
@@ -25,8 +25,8 @@ def planted_csv(path: Path, n: int = 300) -> Path:
 def test_stage_registers_scores_plots_and_metrics(tmp_path, home, prefect_harness):  # noqa: ARG001
     from prefect import flow
 
-    from tasks.interactions.task import score_interactions
-    from tasks.tracking.stage import StageContext
+    from featureatlas.tasks.interactions.task import score_interactions
+    from featureatlas.tasks.tracking.stage import StageContext
 
     spec = InteractionsSpec(
         enabled=True,
@@ -77,7 +77,7 @@ def test_spec_section_is_off_by_default_and_asks_for_a_table():
 
 
 def test_relative_table_is_read_from_the_spec_folder(tmp_path):
-    from schemas.spec import load_spec
+    from featureatlas.schemas.spec import load_spec
 
     (tmp_path / "spec.yaml").write_text(
         "model: {path: m}\nhookpoints: [h]\ndictionaries: [{method: topk, d_sae: 64, k: 4}]\n"

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from tasks.labeling.atlas import write_atlas
-from tasks.labeling.features import Unembedding, build_feature_table
-from tasks.labeling.stat_labeler import count_ngrams
+from featureatlas.tasks.labeling.atlas import write_atlas
+from featureatlas.tasks.labeling.features import Unembedding, build_feature_table
+from featureatlas.tasks.labeling.stat_labeler import count_ngrams
 from tests.labeling.test_features import planted
 from tests.labeling.test_top_contexts import VOCAB, token_strings
 
@@ -96,7 +96,7 @@ def test_atlas_in_headless_chromium(atlas, tmp_path):
 
 
 def test_every_window_token_is_shaded_by_its_activation():
-    from tasks.labeling.atlas import _highlight_window
+    from featureatlas.tasks.labeling.atlas import _highlight_window
 
     c = {"tokens": ["<a>", " b", " c", " d"], "token_activations": [None, 2.0, 1.0, 0.0], "centre": 1}
     got = _highlight_window(c, max_act=2.0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tasks.labeling.code_stream import CodeStream, smallest_per_group
+from featureatlas.tasks.labeling.code_stream import CodeStream, smallest_per_group
 from tests.labeling.test_top_contexts import planted_toy
 
 

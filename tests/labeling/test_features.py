@@ -8,10 +8,10 @@ import polars as pl
 import pytest
 import torch
 
-from tasks.labeling.feature_stats import activation_statistics, decoder_neighbours, logit_effects
-from tasks.labeling.features import FEATURE_COLUMNS, Unembedding, build_feature_table
-from tasks.labeling.scoring import balanced_accuracy
-from tasks.labeling.stat_labeler import count_ngrams, statistical_label
+from featureatlas.tasks.labeling.feature_stats import activation_statistics, decoder_neighbours, logit_effects
+from featureatlas.tasks.labeling.features import FEATURE_COLUMNS, Unembedding, build_feature_table
+from featureatlas.tasks.labeling.scoring import balanced_accuracy
+from featureatlas.tasks.labeling.stat_labeler import count_ngrams, statistical_label
 from tests.labeling.test_top_contexts import CAT, VOCAB, planted_toy, token_strings
 
 

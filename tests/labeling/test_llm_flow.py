@@ -12,9 +12,9 @@ import polars as pl
 import pytest
 from mlflow.tracking import MlflowClient
 
-from schemas.spec import parse_spec
-from tasks.labeling.lookup import search_labels
-from tasks.tracking.catalog import open_catalog
+from featureatlas.schemas.spec import parse_spec
+from featureatlas.tasks.labeling.lookup import search_labels
+from featureatlas.tasks.tracking.catalog import open_catalog
 from tests.flows.test_pipeline import pipeline, tiny_spec  # noqa: F401
 from tests.helpers import build_tiny_llama, build_tiny_tokenizer
 from tests.labeling import llm_server

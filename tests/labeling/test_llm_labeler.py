@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from tasks.labeling.llm_labeler import OpenAIChatBackend, build_prompt, clean_label
+from featureatlas.tasks.labeling.llm_labeler import OpenAIChatBackend, build_prompt, clean_label
 
 SECRET = "sk-test-do-not-log-0123456789"
 
@@ -86,7 +86,7 @@ def test_prompt_and_label_cleaning():
 def test_local_transformers_backend_generates_and_counts():
     import copy
 
-    from tasks.labeling.llm_labeler import TransformersChatBackend
+    from featureatlas.tasks.labeling.llm_labeler import TransformersChatBackend
     from tests.helpers import build_tiny_llama, build_tiny_tokenizer
 
     tok = copy.deepcopy(build_tiny_tokenizer())

@@ -7,10 +7,10 @@ import logging
 
 import pytest
 
-from schemas.spec import LLMLabelSpec
-from tasks.labeling.features import build_feature_table
-from tasks.labeling.llm_labels import build_labeler
-from tasks.labeling.stat_labeler import count_ngrams
+from featureatlas.schemas.spec import LLMLabelSpec
+from featureatlas.tasks.labeling.features import build_feature_table
+from featureatlas.tasks.labeling.llm_labels import build_labeler
+from featureatlas.tasks.labeling.stat_labeler import count_ngrams
 from tests.labeling import llm_server
 from tests.labeling.test_features import planted
 from tests.labeling.test_top_contexts import token_strings

@@ -8,9 +8,9 @@ import os
 import pytest
 import torch
 
-from tasks.common.store import ActivationCache, ShardWriter
-from tasks.labeling.scoring import embedding_scores, load_minilm
-from tasks.labeling.sharded import ShardedActs
+from featureatlas.tasks.common.store import ActivationCache, ShardWriter
+from featureatlas.tasks.labeling.scoring import embedding_scores, load_minilm
+from featureatlas.tasks.labeling.sharded import ShardedActs
 
 
 def test_sharded_view_equals_loaded_rows(tmp_path):

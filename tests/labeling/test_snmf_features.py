@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from schemas.methods import SemiNMFConfig
-from tasks.dictionary.snmf import SemiNMF
-from tasks.labeling.features import build_feature_table
-from tasks.labeling.stat_labeler import count_ngrams
+from featureatlas.schemas.methods import SemiNMFConfig
+from featureatlas.tasks.dictionary.snmf import SemiNMF
+from featureatlas.tasks.labeling.features import build_feature_table
+from featureatlas.tasks.labeling.stat_labeler import count_ngrams
 from tests.labeling.test_top_contexts import CAT, VOCAB, token_strings
 
 

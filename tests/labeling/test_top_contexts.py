@@ -7,7 +7,11 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from tasks.labeling.top_contexts import FEATURE_TABLE_SCHEMA, top_activating_contexts, write_feature_table
+from featureatlas.tasks.labeling.top_contexts import (
+    FEATURE_TABLE_SCHEMA,
+    top_activating_contexts,
+    write_feature_table,
+)
 
 VOCAB = ["The", " cat", " sat", " on", " the", " mat", ".", " dog", " log", " a", " big", " red"]
 CAT = 1

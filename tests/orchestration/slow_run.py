@@ -8,8 +8,8 @@ from __future__ import annotations
 import sys
 import time
 
-import tasks.activations.task as stage
-from flows.cli import main
+import featureatlas.tasks.activations.task as stage
+from featureatlas.flows.cli import main
 
 _load = stage.load_model_ref
 

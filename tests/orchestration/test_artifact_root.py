@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from schemas.settings import Settings, artifact_root_path
-from schemas.spec import parse_spec
-from tasks.tracking.catalog import open_catalog
+from featureatlas.schemas.settings import Settings, artifact_root_path
+from featureatlas.schemas.spec import parse_spec
+from featureatlas.tasks.tracking.catalog import open_catalog
 from tests.flows.test_pipeline import tiny_spec
 
 
@@ -36,7 +36,7 @@ def test_unsupported_artifact_roots_are_refused_with_the_fix(tmp_path, url, mess
 
 
 def test_flow_writes_and_reuses_artifacts_under_a_file_url(tmp_path, monkeypatch, prefect_harness):  # noqa: ARG001
-    from flows.pipeline import pipeline_flow
+    from featureatlas.flows.pipeline import pipeline_flow
 
     root = tmp_path / "artifact store"  # a space: the URL is percent-encoded
     monkeypatch.setenv("FEATUREATLAS_HOME", str(tmp_path / "home"))

@@ -6,10 +6,15 @@ import os
 
 import pytest
 
-from schemas.methods import TopKConfig
-from schemas.spec import CacheSpec, CorpusSpec, ModelSpec
-from tasks.common.corpus import load_documents
-from tasks.tracking.identity import cache_identity, corpus_identity, dictionary_identity, model_identity
+from featureatlas.schemas.methods import TopKConfig
+from featureatlas.schemas.spec import CacheSpec, CorpusSpec, ModelSpec
+from featureatlas.tasks.common.corpus import load_documents
+from featureatlas.tasks.tracking.identity import (
+    cache_identity,
+    corpus_identity,
+    dictionary_identity,
+    model_identity,
+)
 from tests.helpers import TINY_TEXT
 
 

@@ -12,10 +12,10 @@ from mlflow.tracking import MlflowClient
 from prefect import flow, task
 from safetensors.torch import load_file
 
-from schemas.settings import Settings
-from schemas.spec import parse_spec
-from tasks.tracking.catalog import open_catalog
-from tasks.tracking.fanout import dask_worker_config, task_pool, task_runner_for
+from featureatlas.schemas.settings import Settings
+from featureatlas.schemas.spec import parse_spec
+from featureatlas.tasks.tracking.catalog import open_catalog
+from featureatlas.tasks.tracking.fanout import dask_worker_config, task_pool, task_runner_for
 from tests.flows.test_pipeline import tiny_spec
 
 # two hookpoints x two methods: two sweep groups (one pass over the cache each), four dictionaries
@@ -95,7 +95,7 @@ def _same(a, wa, b, wb) -> None:
 def test_sweep_fans_out_over_threads_and_dask_with_sequential_results(tmp_path, monkeypatch, prefect_harness):  # noqa: ARG001
     from distributed import Client, LocalCluster, get_task_stream
 
-    from flows.pipeline import pipeline_flow
+    from featureatlas.flows.pipeline import pipeline_flow
 
     raw = tiny_spec(tmp_path, hookpoints=HOOKPOINTS, dictionaries=SWEEP, label={"enabled": False})
     spec = parse_spec(raw)
@@ -149,7 +149,7 @@ def test_sweep_fanned_out_over_threads_writes_every_row_and_run_to_postgresql(
     Only the threads arm runs here: the Dask arm writes through the same code from processes and costs
     minutes more; the results equal the sequential run's on SQLite (the test above).
     """
-    from flows.pipeline import pipeline_flow
+    from featureatlas.flows.pipeline import pipeline_flow
 
     raw = tiny_spec(tmp_path, hookpoints=HOOKPOINTS, dictionaries=SWEEP, label={"enabled": False})
     result, weights = _run(pipeline_flow, parse_spec(raw), tmp_path / "threads", monkeypatch, max_workers=2)

@@ -15,9 +15,9 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from schemas.settings import Settings
-from schemas.spec import load_spec
-from tasks.tracking.catalog import open_catalog
+from featureatlas.schemas.settings import Settings
+from featureatlas.schemas.spec import load_spec
+from featureatlas.tasks.tracking.catalog import open_catalog
 from tests.flows.test_pipeline import tiny_spec
 from tests.pg import fresh_database_env
 
@@ -38,7 +38,7 @@ def test_killed_pipeline_resumes_caching_and_matches_an_uninterrupted_run(
 ):
     from prefect.settings import PREFECT_API_URL
 
-    from flows.pipeline import pipeline_flow
+    from featureatlas.flows.pipeline import pipeline_flow
 
     raw = tiny_spec(tmp_path, evaluate={"enabled": False}, label={"enabled": False})
     raw["cache"] = {"shard_tokens": 128, "batch_size": 2}

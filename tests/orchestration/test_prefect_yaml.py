@@ -7,8 +7,8 @@ from pathlib import Path
 import yaml
 from prefect.flows import load_flow_from_entrypoint
 
-from flows.pipeline_file import pipeline_file_flow
-from schemas.spec import load_spec
+from featureatlas.flows.pipeline_file import pipeline_file_flow
+from featureatlas.schemas.spec import load_spec
 
 REPO = Path(__file__).parents[2]
 

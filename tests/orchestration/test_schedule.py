@@ -25,8 +25,8 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from schemas.settings import Settings
-from tasks.tracking.catalog import open_catalog
+from featureatlas.schemas.settings import Settings
+from featureatlas.tasks.tracking.catalog import open_catalog
 from tests.flows.test_pipeline import tiny_spec
 from tests.helpers import TINY_TEXT
 

@@ -7,10 +7,10 @@ import yaml
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from typer.testing import CliRunner
 
-from flows.cli import app
-from flows.schedules import ScheduleError, register_schedule, worker_command, worker_environment
-from schemas.settings import Settings
-from schemas.spec import parse_spec
+from featureatlas.flows.cli import app
+from featureatlas.flows.schedules import ScheduleError, register_schedule, worker_command, worker_environment
+from featureatlas.schemas.settings import Settings
+from featureatlas.schemas.spec import parse_spec
 from tests.flows.test_pipeline import tiny_spec
 
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from flows.cli import demo_spec_path
-from schemas.spec import PipelineSpec, SpecError, load_spec, parse_spec
+from featureatlas.flows.cli import demo_spec_path
+from featureatlas.schemas.spec import PipelineSpec, SpecError, load_spec, parse_spec
 
 
 def base(**overrides) -> dict:

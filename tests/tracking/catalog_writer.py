@@ -10,10 +10,10 @@ import sys
 import time
 from pathlib import Path
 
-from schemas.artifacts import CorpusRef
-from schemas.spec import CorpusSpec
-from tasks.tracking.catalog import Catalog
-from tasks.tracking.identity import identity
+from featureatlas.schemas.artifacts import CorpusRef
+from featureatlas.schemas.spec import CorpusSpec
+from featureatlas.tasks.tracking.catalog import Catalog
+from featureatlas.tasks.tracking.identity import identity
 
 
 def corpus_ref(name: str, **spec) -> CorpusRef:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from sqlalchemy import inspect
 
-from schemas.artifacts import CorpusRef
-from schemas.spec import CorpusSpec
-from tasks.tracking.catalog import Catalog
-from tasks.tracking.identity import corpus_identity, identity
+from featureatlas.schemas.artifacts import CorpusRef
+from featureatlas.schemas.spec import CorpusSpec
+from featureatlas.tasks.tracking.catalog import Catalog
+from featureatlas.tasks.tracking.identity import corpus_identity, identity
 
 
 def corpus_ref(tmp_path, name: str) -> CorpusRef:

@@ -16,10 +16,10 @@ import pytest
 from sqlalchemy import inspect, select, text
 from sqlalchemy.exc import IntegrityError
 
-from schemas.artifacts import CorpusRef
-from schemas.catalog import CorpusRow, LineageEdge
-from tasks.tracking.catalog import Catalog, make_engine, migrate
-from tasks.tracking.retry import ServiceUnavailable
+from featureatlas.schemas.artifacts import CorpusRef
+from featureatlas.schemas.catalog import CorpusRow, LineageEdge
+from featureatlas.tasks.tracking.catalog import Catalog, make_engine, migrate
+from featureatlas.tasks.tracking.retry import ServiceUnavailable
 from tests.pg import PASSWORD, free_port
 from tests.tracking.catalog_writer import corpus_ref
 

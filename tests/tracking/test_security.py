@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from schemas.artifacts import CorpusRef
-from schemas.spec import CorpusSpec
-from tasks.common.store import CacheIntegrityError, check_shard_size
-from tasks.tracking.catalog import open_catalog
-from tasks.tracking.identity import Identity, identity
-from tasks.tracking.paths import check_name, inside
-from tasks.tracking.secrets import install_log_masking, mask_secrets, mask_text, mask_url
-from tasks.tracking.stage import StageContext, run_stage, tracker_for
+from featureatlas.schemas.artifacts import CorpusRef
+from featureatlas.schemas.spec import CorpusSpec
+from featureatlas.tasks.common.store import CacheIntegrityError, check_shard_size
+from featureatlas.tasks.tracking.catalog import open_catalog
+from featureatlas.tasks.tracking.identity import Identity, identity
+from featureatlas.tasks.tracking.paths import check_name, inside
+from featureatlas.tasks.tracking.secrets import install_log_masking, mask_secrets, mask_text, mask_url
+from featureatlas.tasks.tracking.stage import StageContext, run_stage, tracker_for
 
 REPO = Path(__file__).resolve().parents[2]
 TOKEN = "hf_QwErTyUiOpAsDfGhJkLzXcVb"

@@ -13,9 +13,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from flows.cli import app
-from tasks.tracking.mlflow_runs import Tracker
-from tasks.tracking.servers import healthy, start, status
+from featureatlas.flows.cli import app
+from featureatlas.tasks.tracking.mlflow_runs import Tracker
+from featureatlas.tasks.tracking.servers import healthy, start, status
 from tests.pg import PASSWORD, free_port
 
 

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from schemas.artifacts import CorpusRef
-from schemas.spec import CorpusSpec
-from tasks.tracking.catalog import open_catalog
-from tasks.tracking.identity import identity
-from tasks.tracking.stage import StageContext, run_stage
+from featureatlas.schemas.artifacts import CorpusRef
+from featureatlas.schemas.spec import CorpusSpec
+from featureatlas.tasks.tracking.catalog import open_catalog
+from featureatlas.tasks.tracking.identity import identity
+from featureatlas.tasks.tracking.stage import StageContext, run_stage
 
 
 def _run(ctx, ident, build, resumable=True):

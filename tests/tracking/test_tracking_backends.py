@@ -7,11 +7,11 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
-from schemas.settings import Settings
-from schemas.spec import parse_spec
-from tasks.tracking.mlflow_runs import Tracker
-from tasks.tracking.pipeline_run import pipeline_run
-from tasks.tracking.retry import ServiceUnavailable
+from featureatlas.schemas.settings import Settings
+from featureatlas.schemas.spec import parse_spec
+from featureatlas.tasks.tracking.mlflow_runs import Tracker
+from featureatlas.tasks.tracking.pipeline_run import pipeline_run
+from featureatlas.tasks.tracking.retry import ServiceUnavailable
 from tests.pg import PASSWORD, free_port
 
 
