@@ -56,6 +56,11 @@ def multiplicative_update(G: Tensor, P: Tensor, Q: Tensor) -> Tensor:
     return G * torch.sqrt(numer / denom.clamp_min(_EPS))
 
 
+def firing(G: Tensor, share: float) -> Tensor:
+    """Bool mask of the codes G [..., r] at least `share` of their token's largest (`SemiNMF.active`)."""
+    return G > share * G.amax(dim=-1, keepdim=True).clamp_min(_EPS)
+
+
 def sparsify_columns(F: Tensor, share: float) -> Tensor:
     """F [d_in, r] with all but the ceil(share * d_in) largest-magnitude entries of each column zeroed."""
     keep = max(1, math.ceil(share * F.shape[0]))
@@ -112,7 +117,7 @@ class SemiNMF(Dictionary):
     firing_share: ClassVar[float] = 0.1
 
     def active(self, codes: Tensor) -> Tensor:
-        return codes > self.firing_share * codes.amax(dim=-1, keepdim=True).clamp_min(_EPS)
+        return firing(codes, self.firing_share)
 
     def decoder_directions(self) -> Tensor:
         return self.W_dec.detach()
@@ -261,7 +266,7 @@ def _alternate(
         for sl, x in _chunks(acts, rows, scale):
             G[sl] = multiplicative_update(G[sl], x @ F, Q)
             err_sq += (x - G[sl] @ F.T).pow(2).sum().item()
-            nonzero += (G[sl] > 1e-6 * G[sl].amax(dim=-1, keepdim=True)).sum().item()
+            nonzero += firing(G[sl], SemiNMF.firing_share).sum().item()
         F_prev = F
         loss = err_sq / total_sq
         metrics = {

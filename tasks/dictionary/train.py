@@ -209,7 +209,8 @@ class _Member:
             self.after_step(step)
 
         self.tokens_since_fired += batch.shape[0]
-        self.tokens_since_fired[(out.codes > 0).any(0)] = 0
+        fired = dictionary.active(out.codes)  # the one definition of firing (evaluation, labeling too)
+        self.tokens_since_fired[fired.any(0)] = 0
         # Metrics are read back only when logged: each .item() waits for the GPU.
         if step == 1:
             self.first_loss = out.loss.item()
@@ -220,7 +221,7 @@ class _Member:
                 "loss": out.loss.item(),
                 "mse": out.mse.item(),
                 "fvu": out.fvu.item(),
-                "l0": (out.codes > 0).sum(-1).float().mean().item(),
+                "l0": fired.sum(-1).float().mean().item(),
                 "dead_fraction": (self.tokens_since_fired >= self.dead_tokens).float().mean().item(),
                 "auxk_loss": out.auxk_loss.item(),
                 "lr": lr,

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from featureatlas.schemas.evaluation import LatentAblation
 from featureatlas.tasks.common.hooks import capture_activations, splice
 from featureatlas.tasks.evaluate.ce_loss import capture, keep_first, next_token_loss_sum
-from featureatlas.tasks.evaluate.metrics import dictionary_placement
+from featureatlas.tasks.evaluate.metrics import dictionary_placement, firing_mask
 
 log = logging.getLogger(__name__)
 
@@ -26,14 +26,17 @@ __all__ = ["LatentAblation", "ablate_latents", "latent_contribution", "most_freq
 
 
 def latent_contribution(dictionary: nn.Module, x: Tensor, latent: int) -> tuple[Tensor, Tensor]:
-    """(contribution of `latent` to decode(encode(x)) [..., d_in], whether it fired [...]), in x's dtype."""
+    """(contribution of `latent` to decode(encode(x)) [..., d_in], whether it fired [...]), in x's dtype.
+
+    "Fired" is the dictionary's `active` (see `metrics.firing_mask`), as in every other frequency.
+    """
     device, dtype = dictionary_placement(dictionary, x.device, x.dtype)
     codes = dictionary.encode(x.to(device=device, dtype=dtype))
     without = codes.clone()
     without[..., latent] = 0
     # decode is affine for every method here (b_dec cancels), but the difference works for any decoder.
     delta = dictionary.decode(codes) - dictionary.decode(without)
-    return delta.to(device=x.device, dtype=x.dtype), (codes[..., latent] != 0).to(x.device)
+    return delta.to(device=x.device, dtype=x.dtype), firing_mask(dictionary, codes)[..., latent].to(x.device)
 
 
 @torch.no_grad()
@@ -44,7 +47,7 @@ def most_frequent_latents(
     acts = capture_activations(model, [hookpoint], input_ids, attention_mask=attention_mask)[hookpoint]
     device, dtype = dictionary_placement(dictionary, acts.device, acts.dtype)
     codes = dictionary.encode(acts[attention_mask.bool()].to(device=device, dtype=dtype))
-    counts = (codes != 0).sum(0)
+    counts = firing_mask(dictionary, codes).sum(0)
     order = sorted(range(counts.numel()), key=lambda j: (-int(counts[j]), j))
     return [j for j in order[:n] if counts[j] > 0]
 

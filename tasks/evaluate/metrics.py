@@ -7,6 +7,11 @@ is still reported, as `fvu_batch_mean`, because earlier papers and dashboards qu
 
 Sparsity is described beyond L0 and dead latents: the share of dense latents (firing on more than
 `dense_threshold` of the tokens) and a histogram of log10 firing frequencies over all latents.
+
+A code "fires" when the dictionary's own `active(codes)` says so (`firing_mask`), the one definition that
+training metrics, evaluation, ablation and labeling share. For the SAE variants it is `codes > 0`; semi-NMF's
+least-squares codes are never exactly 0, and counting `codes != 0` would report every latent firing on every
+token (L0 = d_sae, no dead latents).
 """
 
 from __future__ import annotations
@@ -22,7 +27,13 @@ from featureatlas.schemas.base import Contract
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ReconstructionMetrics", "dictionary_placement", "reconstruction_metrics", "same_device"]
+__all__ = [
+    "ReconstructionMetrics",
+    "dictionary_placement",
+    "firing_mask",
+    "reconstruction_metrics",
+    "same_device",
+]
 
 
 class ReconstructionMetrics(Contract):
@@ -34,8 +45,8 @@ class ReconstructionMetrics(Contract):
     )
     explained_variance: float = Field(description="1 - fvu.")
     mse: float = Field(description="Mean over tokens of ||x - x_hat||^2 / d_in.")
-    l0: float = Field(description="Mean number of nonzero codes per token.")
-    dead_fraction: float = Field(description="Share of latents that were zero on every row.")
+    l0: float = Field(description="Mean number of firing codes per token (`Dictionary.active`).")
+    dead_fraction: float = Field(description="Share of latents that fired on no row.")
     fvu_batch_mean: float = Field(
         description="Older FVU: the mean over batches of each batch's own FVU (per-batch mean). Biased; "
         "kept only to compare with figures quoted that way."
@@ -61,6 +72,17 @@ def dictionary_placement(
     if param is None:
         return torch.device(device), dtype
     return param.device, param.dtype
+
+
+def firing_mask(dictionary: nn.Module, codes: Tensor) -> Tensor:
+    """Bool mask [..., d_sae] of the codes that fire: the dictionary's `active`, else `codes != 0`.
+
+    Modules without `active` (plain encoder/decoder pairs) fall back to "nonzero".
+    """
+    active = getattr(dictionary, "active", None)
+    if active is None:
+        return codes != 0
+    return active(codes)
 
 
 def same_device(a: torch.device, b: torch.device) -> bool:
@@ -145,9 +167,9 @@ def reconstruction_metrics(
         mean += delta * (b / (seen + b))
         seen += b
 
-        nonzero = codes != 0
-        active += nonzero.sum(dtype=torch.float64)
-        fires += nonzero.sum(dim=0, dtype=torch.float64)
+        fired = firing_mask(dictionary, codes)
+        active += fired.sum(dtype=torch.float64)
+        fires += fired.sum(dim=0, dtype=torch.float64)
 
     if sq_dev.item() == 0.0:
         raise ValueError(

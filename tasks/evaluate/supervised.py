@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from featureatlas.schemas.evaluation import AttributeControl, AttributeMatch, SupervisedEval
 from featureatlas.tasks.common.hooks import splice
-from featureatlas.tasks.evaluate.metrics import dictionary_placement
+from featureatlas.tasks.evaluate.metrics import dictionary_placement, firing_mask
 from featureatlas.tasks.evaluate.templates import LabeledPrompt, TemplateTask
 
 log = logging.getLogger(__name__)
@@ -263,7 +263,7 @@ def supervised_evaluation(
         def necessity(hat: Tensor) -> float | None:
             return (ld_clean - ld(acts - hat + hat.mean(0))) / gap if defined else None
 
-        active = (codes != 0).cpu()
+        active = firing_mask(dictionary, codes).cpu()
         scores = {a: attribute_scores(active, labels, a, task.values(a)) for a in task.attributes}
         edit = _Editor(setting, task, prompts, acts, clean, supervised, codes, decode)
         control = [edit.control(a, scores[a]) for a in task.attributes]

@@ -141,3 +141,44 @@ def test_identity_and_zero_ends_of_direction_figures():
     zero = reconstruction_metrics(ReluLinear(torch.zeros(8, 4), torch.zeros(4, 8)), acts)
     assert zero.cosine_similarity == 0.0 and zero.norm_ratio == 0.0
     assert zero.dead_fraction == 1.0 and sum(zero.freq_hist_counts) == 0
+
+
+class SmallResidueCodes(ReluLinear):
+    """codes = relu(x W_enc) + 0.01 (never exactly 0, as semi-NMF's); fires only at >= 0.5 (`active`)."""
+
+    def encode(self, acts: Tensor) -> Tensor:
+        return super().encode(acts) + 0.01
+
+    def active(self, codes: Tensor) -> Tensor:
+        return codes >= 0.5
+
+
+def test_firing_follows_the_dictionary_active_mask():
+    # Same weights as the hand-worked example; codes are those + 0.01 everywhere:
+    # firing (>= 0.5): (2,1,.) (.,.,.) (.,3,.) (4,1,.) -> 5 of 12 -> L0 5/4, latent 2 dead (1/3).
+    # Counting "!= 0" instead would give L0 3 and no dead latent.
+    m = reconstruction_metrics(SmallResidueCodes(W_ENC, W_DEC), ACTS, batch_size=3)
+    assert m.l0 == pytest.approx(5 / 4)
+    assert m.dead_fraction == pytest.approx(1 / 3)
+    assert m.dense_fraction == pytest.approx(2 / 3)  # latents 0 and 1 fire on 2 of 4 and 3 of 4 rows
+
+
+def test_semi_nmf_l0_is_its_active_count_not_d_sae():
+    from featureatlas.schemas.methods import SemiNMFConfig
+    from featureatlas.tasks.dictionary import train_dictionary
+    from featureatlas.tasks.dictionary.synthetic import planted_snmf
+
+    truth = planted_snmf(n=600, d_in=40, r=6, seed=3)
+    cfg = SemiNMFConfig(d_sae=6, sparsity=0.2, max_iters=20, init_passes=10, batch_size=600)
+    result = train_dictionary(cfg, truth.acts)
+    snmf = result.dictionary
+    with torch.no_grad():
+        codes = snmf.encode(truth.acts)
+    # The codes hardly ever reach 0: "!= 0" would say nearly every latent fires on every token.
+    assert (codes != 0).sum(-1).double().mean().item() > 0.9 * snmf.d_sae
+    m = reconstruction_metrics(snmf, truth.acts)
+    expected = snmf.active(codes).sum(-1).double().mean().item()
+    assert m.l0 == pytest.approx(expected)
+    assert m.l0 < 0.8 * snmf.d_sae
+    # Training's L0 counts with the same rule (on its own fit's codes): near the evaluation's, not d_sae.
+    assert abs(result.final_metrics["l0"] - m.l0) < 0.25 * snmf.d_sae
