@@ -29,6 +29,9 @@ identical codes. Rows of differing norms (a SAELens-trained decoder) stay as the
 our scaled-L1 ReLU, whose decoder is free), are folded into the codes for `jumprelu` and `gated` (SAELens'
 `fold_W_dec_norm`: same reconstructions, codes times the row norm), and stay as they are for `topk`, whose
 `decoder_directions` then are not unit-length (top-k selection is not invariant to a per-latent rescale).
+A topk file with `rescale_acts_by_decoder_norm: true` (SAELens ranks pre * ||W_dec_i|| and decodes
+(codes / ||W_dec_i||) W_dec) is folded exactly: W_enc and b_enc times the norms, unit rows, the same codes.
+The flag on any other architecture is refused (SAELens defines it for topk alone).
 """
 
 from __future__ import annotations

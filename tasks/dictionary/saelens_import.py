@@ -34,6 +34,9 @@ class SAELensCfg(NamedTuple):
     k: int | None
     hook_name: str | None
     apply_b_dec_to_input: bool
+    # SAELens TopK: pre-activations times each latent's decoder-row norm before the top-k, codes divided by
+    # it before W_dec (`TopKSAE.encode` / `act_times_W_dec`); False in files that predate the flag.
+    rescale_acts_by_decoder_norm: bool
 
 
 def _is_v6(raw: dict[str, Any]) -> bool:
@@ -72,6 +75,13 @@ def parse_cfg(raw: dict[str, Any], where: Path) -> SAELensCfg:
             raise ValueError(
                 f"{where}: v5 activation_fn_str {activation!r} is not supported; supported: relu, topk"
             )
+    rescale = bool(raw.get("rescale_acts_by_decoder_norm", False))
+    if rescale and arch != "topk":
+        raise ValueError(
+            f"{where}: rescale_acts_by_decoder_norm is set on a {arch!r} SAE; SAELens defines it for topk only, "
+            "so the codes it means are unknown here. Fold the decoder norms in SAELens (fold_W_dec_norm) "
+            "and save again"
+        )
     if arch == "topk" and k is None:
         raise ValueError(
             f"{where}: a topk SAE needs 'k' (v6) or activation_fn_kwargs.k (v5); add it to the file"
@@ -83,6 +93,7 @@ def parse_cfg(raw: dict[str, Any], where: Path) -> SAELensCfg:
         k=None if k is None else int(k),
         hook_name=hook_name,
         apply_b_dec_to_input=bool(raw.get("apply_b_dec_to_input", True)),
+        rescale_acts_by_decoder_norm=rescale,
     )
 
 
@@ -196,6 +207,11 @@ def import_saelens(folder: str | Path) -> Dictionary:
         tensors["W_dec"] = scale[:, None] * tensors["W_dec"]
     if not cfg.apply_b_dec_to_input:
         _center_inputs(cfg, tensors)
+    if cfg.rescale_acts_by_decoder_norm:
+        # SAELens ranks pre * ||W_dec_i|| and decodes (codes / ||W_dec_i||) @ W_dec. Scaling W_enc and b_enc
+        # by the norms and making the rows unit gives exactly those pre-activations, top-k and outputs.
+        # Before the common-scale unfold: it would otherwise move a shared norm out of the ranking.
+        _fold_decoder_norms(tensors, ("b_enc",))
     scale = _unfold_common_scale(tensors)
     model = build(cfg, tensors)
     model.input_scale.fill_(scale)

@@ -257,3 +257,49 @@ def test_refusals_name_the_reason(tmp_path):
         import_saelens(tmp_path / "v5")
     with pytest.raises(ValueError, match="not a SAELens SAE folder"):
         import_saelens(tmp_path / "missing")
+
+
+def saelens_rescaled_topk(folder, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """SAELens' TopKSAE with rescale_acts_by_decoder_norm: top-k of pre * ||W_dec_i||, codes / ||W_dec_i||
+    before W_dec (`TopKSAE.encode`, `act_times_W_dec`)."""
+    cfg = json.loads((folder / "cfg.json").read_text())
+    w = load_file(str(folder / "sae_weights.safetensors"))
+    norms = w["W_dec"].norm(dim=-1)
+    pre = ((x - w["b_dec"]) @ w["W_enc"] + w["b_enc"]) * norms
+    top = pre.topk(cfg["k"], dim=-1)
+    codes = torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu())
+    return codes, (codes / norms) @ w["W_dec"] + w["b_dec"]
+
+
+def test_topk_rescaled_by_decoder_norm_is_folded_exactly(tmp_path):
+    t = foreign("topk", torch.Generator().manual_seed(21))  # decoder rows of norm 0.1-3
+    cfg = {
+        "architecture": "topk",
+        "d_in": D_IN,
+        "d_sae": D_SAE,
+        "k": 4,
+        "rescale_acts_by_decoder_norm": True,
+        "normalize_activations": "none",
+        "metadata": {"sae_lens_version": "6.12.0", "hook_name": "h"},
+    }
+    write(tmp_path, cfg, t)
+    x = acts(64)
+    sl_codes, sl_hat = saelens_rescaled_topk(tmp_path, x)
+    # Ignoring the flag picks other latents and reconstructs differently: the test can tell.
+    plain_codes, plain_hat = saelens_forward(tmp_path, x)
+    assert not torch.equal(plain_codes > 0, sl_codes > 0)
+    back = import_saelens(tmp_path)
+    with torch.no_grad():
+        codes, hat = back.encode(x), back(x).acts_hat
+    torch.testing.assert_close(codes, sl_codes, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(hat, sl_hat, atol=1e-4, rtol=1e-4)
+    # The folded decoder is unit-norm, so the dictionary's directions are SAELens' rows, normalised.
+    torch.testing.assert_close(back.W_dec.norm(dim=-1), torch.ones(D_SAE))
+    torch.testing.assert_close(back.decoder_directions(), torch.nn.functional.normalize(t["W_dec"], dim=-1))
+
+
+def test_rescale_flag_on_other_architectures_is_refused(tmp_path):
+    cfg = {"architecture": "jumprelu", "d_in": D_IN, "d_sae": D_SAE, "rescale_acts_by_decoder_norm": True}
+    write(tmp_path, cfg | {"metadata": {"sae_lens_version": "6.0.0"}}, foreign("jumprelu", torch.Generator()))
+    with pytest.raises(ValueError, match="rescale_acts_by_decoder_norm is set on a 'jumprelu' SAE"):
+        import_saelens(tmp_path)
