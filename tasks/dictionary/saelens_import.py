@@ -78,9 +78,9 @@ def parse_cfg(raw: dict[str, Any], where: Path) -> SAELensCfg:
     rescale = bool(raw.get("rescale_acts_by_decoder_norm", False))
     if rescale and arch != "topk":
         raise ValueError(
-            f"{where}: rescale_acts_by_decoder_norm is set on a {arch!r} SAE; SAELens defines it for topk only, "
-            "so the codes it means are unknown here. Fold the decoder norms in SAELens (fold_W_dec_norm) "
-            "and save again"
+            f"{where}: rescale_acts_by_decoder_norm is set on a {arch!r} SAE; SAELens defines it for "
+            "topk only, so the codes it means are unknown here. Fold the decoder norms in SAELens "
+            "(fold_W_dec_norm) and save again"
         )
     if arch == "topk" and k is None:
         raise ValueError(

@@ -56,9 +56,9 @@ def multiplicative_update(G: Tensor, P: Tensor, Q: Tensor) -> Tensor:
     return G * torch.sqrt(numer / denom.clamp_min(_EPS))
 
 
-def firing(G: Tensor, share: float) -> Tensor:
-    """Bool mask of the codes G [..., r] at least `share` of their token's largest (`SemiNMF.active`)."""
-    return G > share * G.amax(dim=-1, keepdim=True).clamp_min(_EPS)
+def firing(codes: Tensor, share: float) -> Tensor:
+    """Bool mask of the codes [..., r] at least `share` of their token's largest (`SemiNMF.active`)."""
+    return codes > share * codes.amax(dim=-1, keepdim=True).clamp_min(_EPS)
 
 
 def sparsify_columns(F: Tensor, share: float) -> Tensor:
