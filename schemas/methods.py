@@ -300,7 +300,11 @@ class BatchTopKConfig(TopKConfig):
 
     method: Literal["batchtopk"] = "batchtopk"  # type: ignore[assignment]
     threshold_beta: float = Field(
-        0.999, ge=0, lt=1, description="EMA decay of the inference threshold (smallest kept code per batch)."
+        0.999,
+        ge=0,
+        lt=1,
+        description="Largest EMA decay of the inference threshold (smallest kept code per batch); after t "
+        "steps the decay is min(threshold_beta, (1 + t) / (50 + t)), so early batches are forgotten.",
     )
 
 

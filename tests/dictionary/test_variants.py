@@ -108,10 +108,15 @@ def test_batchtopk_shares_the_budget_across_the_batch_and_learns_its_threshold()
     assert sae.threshold.item() == 2.0
     sae.eval()
     torch.testing.assert_close(sae.encode(acts), torch.tensor([[3.0, 0, 0], [0, 0, 0]]))
-    # Second batch keeps 1.5 and 1.0: EMA with beta 0.5 -> 0.5 * 2 + 0.5 * 1 = 1.5.
+    # Second batch keeps 1.5 and 1.0 (smallest 1.0). Before any optimizer step the decay is 1/50, so the
+    # first batch is nearly forgotten: 0.02 * 2 + 0.98 * 1 = 1.02.
     sae.train()
     sae.encode(torch.tensor([[1.5, 0, 0], [0, 1.0, 0]]))
-    assert sae.threshold.item() == 1.5
+    assert sae.threshold.item() == pytest.approx(1.02)
+    # Late in training the configured decay (0.5 here) applies: 0.5 * 1.02 + 0.5 * 1.0 = 1.01.
+    sae.steps_taken = 10_000
+    sae.encode(torch.tensor([[1.5, 0, 0], [0, 1.0, 0]]))
+    assert sae.threshold.item() == pytest.approx(1.01)
 
 
 def test_batchtopk_threshold_is_trained_and_saved(tmp_path):
@@ -123,6 +128,24 @@ def test_batchtopk_threshold_is_trained_and_saved(tmp_path):
     assert loaded.threshold.item() == sae.threshold.item()
     # The inference rule keeps about k codes per token on average.
     assert 1.5 < (loaded.encode(acts) > 0).sum(-1).float().mean().item() < 6
+
+
+@pytest.mark.parametrize("method", ["batchtopk", "matryoshka"])
+def test_inference_threshold_keeps_about_k_codes_on_held_out_tokens_early(method, tmp_path):
+    # The threshold must track the trained model, not the random initialisation's large kept codes: after
+    # 300 steps the held-out L0 through the inference path (threshold) is within 10% of k, and the SAELens
+    # export (a jumprelu file) carries that threshold.
+    from featureatlas.tasks.dictionary.saelens import export_saelens, import_saelens
+    from featureatlas.tasks.evaluate.metrics import reconstruction_metrics
+
+    cfg = variant_cfg(method, d_sae=128, k=4, batch_size=256, steps=300, log_every=300)
+    train, held_out = plant(20_000, k_true=4).acts, plant(4000, k_true=4, data_seed=99).acts
+    sae = train_dictionary(cfg, train).dictionary
+    l0 = reconstruction_metrics(sae, held_out).l0
+    assert abs(l0 - 4) <= 0.4, l0
+    exported = import_saelens(export_saelens(sae, tmp_path / "sl"))
+    with torch.no_grad():
+        assert torch.equal(exported.encode(held_out) > 0, sae.encode(held_out) > 0)
 
 
 def test_matryoshka_prefix_reconstructions_hand_worked():
