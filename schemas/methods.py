@@ -199,18 +199,25 @@ class GBAConfig(_BiasAdaptationFields):
     n_groups: int = Field(
         10, ge=1, description="K: number of latent groups, each with its own target frequency."
     )
-    freq_high: float = Field(
-        0.5, gt=0, le=1, description="Target firing frequency of the first (densest) group."
+    freq_high: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="Target firing frequency of the first (densest) group. None: 1 / sqrt(d_in), above the "
+        "rates of features a linear read-out separates from a superposition (see tasks.dictionary.gba).",
     )
-    freq_low: float = Field(
-        1e-3, gt=0, le=1, description="Target firing frequency of the last (sparsest) group."
+    freq_low: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="Target firing frequency of the last (sparsest) group. None: freq_high / 20.",
     )
 
     @model_validator(mode="after")
     def _groups_fit(self) -> GBAConfig:
         if self.n_groups > self.d_sae:
             raise ValueError(f"n_groups={self.n_groups} exceeds d_sae={self.d_sae}; choose n_groups <= d_sae")
-        if self.freq_low > self.freq_high:
+        if self.freq_low is not None and self.freq_high is not None and self.freq_low > self.freq_high:
             raise ValueError(f"freq_low={self.freq_low} is above freq_high={self.freq_high}; swap them")
         return self
 
@@ -369,7 +376,17 @@ class ThresholdConfig(TrainingConfig):
     """Threshold-activated SAE ("Towards Atoms of LLMs"): z = (W_enc x) * 1[W_enc x >= tau]."""
 
     method: Literal["threshold"] = "threshold"
-    tau: float = Field(0.5, gt=0, description="Global activation threshold (scaled units), fixed.")
+    tau: float | None = Field(
+        None,
+        gt=0,
+        description="Global activation threshold (scaled units), fixed during training. None: fitted at "
+        "initialisation as `tau_sigmas` robust standard deviations of the initial pre-activations.",
+    )
+    tau_sigmas: float = Field(
+        2.0,
+        gt=0,
+        description="With tau None: tau in robust standard deviations of the initial pre-activations.",
+    )
     use_bias: bool = Field(False, description="Learn b_enc and b_dec (False: the paper's bias-free form).")
 
 

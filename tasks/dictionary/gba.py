@@ -11,6 +11,23 @@ one run covers features of unknown frequency; BA is the single group, aimed at t
 
 Inputs are scaled so that E||x||^2 = 1 (the paper's unit scale): the bias bounds -1 and 0 assume it.
 
+The target range. The paper presents GBA as needing no frequency tuning: groups at geometrically spaced
+targets cover whatever rates the features have, and each feature is learned by latents whose rate is near
+its own ("neuron resonance"). What it does not fix for every dataset is the range, and the range matters: a
+group aimed far above every feature's rate fires densely, reconstructs the input with mixtures on its own
+(there is no sparsity penalty), and starves the resonant latents. With the range once used here, 0.5 down to
+1e-3, a planted toy of 256 features in 64 dimensions was recovered at 0.652 (cosine 0.8; L0 45), and the
+bias-adaptation toy at 0.156. The default range now follows the input width: freq_high = 1 / sqrt(d_in)
+and freq_low = freq_high / 20 (`FREQ_SPAN`). The rule is empirical, not derived in the paper: features a
+tied linear read-out separates from a superposition fire rarely (each on L0 / n of the tokens, n >= d_in
+features), and 1 / sqrt(d_in) lies above the rates of every planted family recovered so far while keeping
+the densest group from reconstructing on its own. At 3000 steps of batch 256 it recovers (cosine 0.8) 0.979
+of 48 features at rate 0.06 in 24 dimensions, 1.000 of 160 features at rates 0.005-0.05 in 64 dimensions,
+and 1.000 of 256 features at rate 0.02 in 64 dimensions (`benchmarks/bench_fidelity.py`). Where this
+implementation departs from the paper's text as read here: this default range; the lr (3e-2, see
+`_BiasAdaptationFields`); the reference code of the paper was not available to compare with. Set
+`freq_high` / `freq_low` to override the rule.
+
 The rule is one-sided for a live latent: it lowers the bias of one that fires too often and never raises it
 again, however far below its target it falls. Biases therefore settle from above and end a little under the
 target (on the benchmark toy, firing 7.7% where the target is 9%), and anything that lowers a latent's
@@ -33,6 +50,8 @@ from featureatlas.tasks.dictionary.registry import register
 from featureatlas.tasks.dictionary.scaling import fit_input_scale
 
 _EPS = 1e-12
+# Default ratio of the densest group's target to the sparsest's.
+FREQ_SPAN = 20.0
 
 
 @register
@@ -64,9 +83,19 @@ class GBASAE(Dictionary):
             self.W.copy_(W / W.norm(dim=-1, keepdim=True))
 
     def group_targets(self) -> Tensor:
-        """Target firing frequency of each group [K], geometric from freq_high down to freq_low."""
+        """Target firing frequency of each group [K], geometric from freq_high down to freq_low.
+
+        Unset ends follow the data's width: freq_high = 1 / sqrt(d_in), freq_low = freq_high / 20.
+        """
         cfg = self.cfg
-        return torch.logspace(math.log10(cfg.freq_high), math.log10(cfg.freq_low), cfg.n_groups)
+        high = cfg.freq_high if cfg.freq_high is not None else min(1.0, 1 / math.sqrt(self.d_in))
+        low = cfg.freq_low if cfg.freq_low is not None else high / FREQ_SPAN
+        if low > high:
+            raise ValueError(
+                f"freq_low={low:g} is above freq_high={high:g} (1 / sqrt(d_in) when unset, "
+                f"d_in={self.d_in}); set both ends, or lower freq_low"
+            )
+        return torch.logspace(math.log10(high), math.log10(low), cfg.n_groups)
 
     @torch.no_grad()
     def init_from_data(self, acts: Tensor) -> None:

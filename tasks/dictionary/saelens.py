@@ -97,7 +97,7 @@ def _export_batchtopk(d: Dictionary) -> Exported:
 def _export_threshold(d: Dictionary) -> Exported:
     # Ours fires on pre >= tau, SAELens' jumprelu on pre > threshold: in float32 these agree exactly when the
     # threshold is the next float below tau. tau > 0, so SAELens' extra relu changes nothing.
-    tau = torch.tensor(d.cfg.tau, dtype=torch.float32)
+    tau = d.fitted_tau.detach().to("cpu", torch.float32)
     threshold = torch.nextafter(tau, torch.tensor(-torch.inf)).expand(d.d_sae)
     return Exported("jumprelu", _linear(d, threshold=threshold))
 

@@ -72,6 +72,27 @@ def test_group_targets_are_geometric_and_assigned_in_blocks():
     assert isinstance(build_dictionary(BAConfig(d_sae=8, target_freq=0.1), d_in=4), BASAE)
 
 
+def test_default_targets_follow_the_input_width():
+    # d_in 64: freq_high = 1 / sqrt(64) = 0.125, freq_low = 0.125 / 20 = 0.00625, 3 groups: ratio sqrt(20).
+    sae = build_dictionary(GBAConfig(d_sae=6, n_groups=3), d_in=64)
+    torch.testing.assert_close(sae.group_targets(), torch.tensor([0.125, 0.125 / 20**0.5, 0.00625]))
+    # Only one end set: the other still follows the rule; a contradiction names both ends.
+    wide = build_dictionary(GBAConfig(d_sae=6, n_groups=2, freq_low=0.01), d_in=16)
+    torch.testing.assert_close(wide.group_targets(), torch.tensor([0.25, 0.01]))
+    with pytest.raises(ValueError, match="freq_low=0.5 is above freq_high=0.25"):
+        build_dictionary(GBAConfig(d_sae=6, n_groups=2, freq_low=0.5), d_in=16)
+
+
+def test_gba_recovers_a_planted_dictionary_at_its_defaults():
+    # Only d_sae, steps and batch size given: the target range comes from d_in (16 -> 0.25 down to 0.0125),
+    # the features' rate is 3 / 32 = 0.094.
+    truth = plant(12_000, d_in=16, n_features=32, k_true=3)
+    cfg = GBAConfig(d_sae=64, batch_size=128, steps=3000, device="cpu")
+    assert recovery_at_init(cfg, truth.acts, truth.directions)["frr_08"] < 0.2
+    sae = train_dictionary(cfg, truth.acts).dictionary
+    assert recovery(truth.directions, sae.decoder_directions())["frr_08"] >= 0.9
+
+
 def test_only_w_and_a_are_trained_parameters():
     sae = build_dictionary(GBAConfig(d_sae=8, n_groups=2), d_in=4)
     assert sorted(name for name, _ in sae.named_parameters()) == ["W", "a"]

@@ -274,6 +274,27 @@ def test_threshold_exact_recovery_with_ideal_weights_inside_the_window():
     torch.testing.assert_close(out.acts_hat, truth @ q.T, atol=1e-5, rtol=0)
 
 
+def test_threshold_tau_is_fitted_from_the_initial_pre_activations(tmp_path):
+    acts = torch.tensor([[0.0, 0, 0], [1, 1, 1], [2, 2, -2], [4, -4, 0]])
+    sae = build_dictionary(ThresholdConfig(d_sae=3), d_in=3)
+    assert sae.cfg.tau is None
+    with pytest.raises(ValueError, match="call init_from_data"):
+        sae.encode(acts)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.eye(3))  # identity encoder, bias-free: pre-activations = the scaled entries
+    sae.init_from_data(acts)
+    # Mean squared norm (0 + 3 + 12 + 32) / 4 = 11.75, so the scale is s = sqrt(3 / 11.75). The 12 entries
+    # sorted: -4 -2 0 0 0 0 1 1 1 2 2 4 (times s); median (lower middle) 0; absolute deviations sorted
+    # 0 0 0 0 1 1 1 2 2 2 4 4, median 1 (times s). tau = 2 x 1.4826 x s.
+    assert sae.fitted_tau.item() == pytest.approx(2 * 1.4826 * math.sqrt(3 / 11.75), rel=1e-6)
+    # An explicit tau is kept as given; the fitted one is saved in cfg.json and restored on load.
+    assert build_dictionary(ThresholdConfig(d_sae=3, tau=0.7), d_in=3).fitted_tau.item() == pytest.approx(0.7)
+    loaded = load_dictionary(sae.save(tmp_path / "thr"))
+    assert loaded.fitted_tau.item() == pytest.approx(sae.fitted_tau.item())
+    assert loaded.cfg.tau is None
+    torch.testing.assert_close(loaded.encode(acts), sae.encode(acts))
+
+
 def test_threshold_bias_free_by_default():
     cfg = ThresholdConfig(d_sae=32, tau=0.3, lr=2e-3, batch_size=128, steps=10, device="cpu")
     sae = train_dictionary(cfg, plant(500).acts + 3.0).dictionary
