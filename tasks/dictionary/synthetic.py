@@ -106,6 +106,42 @@ def bias_adaptation_toy(
     return BiasAdaptationToy(features, acts, (k_sparse + k_dense) / 2 / n_features)
 
 
+class SparseToy(NamedTuple):
+    """Planted features [n_features, d_in] (unit rows), each one's firing rate [n_features], and a sampler."""
+
+    features: Tensor
+    freq: Tensor
+    coef_range: tuple[float, float]
+
+    def sample(self, n: int, *, seed: int) -> Tensor:
+        """acts [n, d_in]: feature i on with probability freq[i], coefficient uniform in coef_range.
+
+        `seed` draws only the samples: the same toy gives a training and a held-out set from two seeds.
+        """
+        g = torch.Generator().manual_seed(SEED_OFFSET + 7919 * (seed + 1))
+        on = torch.rand(n, len(self.freq), generator=g) < self.freq
+        lo, hi = self.coef_range
+        coefs = (lo + (hi - lo) * torch.rand(n, len(self.freq), generator=g)) * on
+        return coefs @ self.features
+
+
+def sparse_toy(
+    *,
+    n_features: int,
+    d_in: int,
+    freq_range: tuple[float, float],
+    coef_range: tuple[float, float] = (0.5, 1.5),
+    seed: int = 0,
+) -> SparseToy:
+    """Random unit features, each firing independently at a rate log-uniform in `freq_range` (one rate when
+    the range is a point): the planted families of `benchmarks/bench_fidelity.py`."""
+    features = planted_directions(n_features, d_in, seed=seed)
+    g = torch.Generator().manual_seed(SEED_OFFSET + seed + 1)
+    lo, hi = (torch.log(torch.tensor(float(f))) for f in freq_range)
+    freq = torch.exp(lo + (hi - lo) * torch.rand(n_features, generator=g))
+    return SparseToy(features, freq, coef_range)
+
+
 def planted_directions(n: int, d_in: int, *, seed: int = 0) -> Tensor:
     """`n` random unit-norm directions [n, d_in], drawn apart from every method's initialisation."""
     return _unit(torch.randn(n, d_in, generator=torch.Generator().manual_seed(SEED_OFFSET + seed)))
