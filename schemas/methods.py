@@ -351,8 +351,10 @@ class JumpReLUConfig(TrainingConfig):
         "step", description="L0 penalty: the step function (with STE) or Anthropic's tanh(c |z| ||d||)."
     )
     l0_coef: float = Field(1.0, ge=0, description="Sparsity penalty weight, relative to squared error.")
-    bandwidth: float = Field(0.05, gt=0, description="Width of the STE's rectangle kernel (scaled units).")
-    init_threshold: float = Field(0.1, gt=0, description="Initial threshold of every latent (scaled units).")
+    # Scaled units: input scaling gives the initial pre-activations a standard deviation near 1, so these are
+    # in units of that spread. Chosen on planted families (see tasks.dictionary.jumprelu), against SAELens.
+    bandwidth: float = Field(2.0, gt=0, description="Width of the STE's rectangle kernel (scaled units).")
+    init_threshold: float = Field(1.5, gt=0, description="Initial threshold of every latent (scaled units).")
     tanh_c: float = Field(4.0, gt=0, description="Steepness c of the tanh penalty (sparsity='tanh').")
 
     @model_validator(mode="after")
