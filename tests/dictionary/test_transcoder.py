@@ -104,7 +104,7 @@ def test_batchtopk_transcoder_trains_on_both_paths_alike():
     ("method", "extra"),
     [
         ("relu", {"l1_coef": 1.0}),
-        ("jumprelu", {"l0_coef": 0.1}),
+        ("jumprelu", {"l0_coef": 0.1, "init_threshold": 0.1, "bandwidth": 0.05}),
         ("gated", {"l1_coef": 1.0}),
         ("threshold", {"tau": 0.3, "use_bias": True}),
     ],
