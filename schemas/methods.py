@@ -210,7 +210,7 @@ class GBAConfig(_BiasAdaptationFields):
         None,
         gt=0,
         le=1,
-        description="Target firing frequency of the last (sparsest) group. None: freq_high / 20.",
+        description="Target firing frequency of the last (sparsest) group. None: freq_high / 5.",
     )
 
     @model_validator(mode="after")

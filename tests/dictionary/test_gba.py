@@ -73,9 +73,9 @@ def test_group_targets_are_geometric_and_assigned_in_blocks():
 
 
 def test_default_targets_follow_the_input_width():
-    # d_in 64: freq_high = 1 / sqrt(64) = 0.125, freq_low = 0.125 / 20 = 0.00625, 3 groups: ratio sqrt(20).
+    # d_in 64: freq_high = 1 / sqrt(64) = 0.125, freq_low = 0.125 / 5 = 0.025, 3 groups: ratio sqrt(5).
     sae = build_dictionary(GBAConfig(d_sae=6, n_groups=3), d_in=64)
-    torch.testing.assert_close(sae.group_targets(), torch.tensor([0.125, 0.125 / 20**0.5, 0.00625]))
+    torch.testing.assert_close(sae.group_targets(), torch.tensor([0.125, 0.125 / 5**0.5, 0.025]))
     # Only one end set: the other still follows the rule; a contradiction names both ends.
     wide = build_dictionary(GBAConfig(d_sae=6, n_groups=2, freq_low=0.01), d_in=16)
     torch.testing.assert_close(wide.group_targets(), torch.tensor([0.25, 0.01]))
@@ -84,7 +84,7 @@ def test_default_targets_follow_the_input_width():
 
 
 def test_gba_recovers_a_planted_dictionary_at_its_defaults():
-    # Only d_sae, steps and batch size given: the target range comes from d_in (16 -> 0.25 down to 0.0125),
+    # Only d_sae, steps and batch size given: the target range comes from d_in (16 -> 0.25 down to 0.05),
     # the features' rate is 3 / 32 = 0.094.
     truth = plant(12_000, d_in=16, n_features=32, k_true=3)
     cfg = GBAConfig(d_sae=64, batch_size=128, steps=3000, device="cpu")
