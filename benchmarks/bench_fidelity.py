@@ -76,7 +76,7 @@ def run(method: str, toy: SparseToy, train: torch.Tensor, held_out: torch.Tensor
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--families", default=",".join(FAMILIES))
