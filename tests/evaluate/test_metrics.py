@@ -182,3 +182,12 @@ def test_semi_nmf_l0_is_its_active_count_not_d_sae():
     assert m.l0 < 0.8 * snmf.d_sae
     # Training's L0 counts with the same rule (on its own fit's codes): near the evaluation's, not d_sae.
     assert abs(result.final_metrics["l0"] - m.l0) < 0.25 * snmf.d_sae
+
+
+def test_ablation_counts_firing_by_the_same_rule():
+    from featureatlas.tasks.evaluate.ablation import latent_contribution
+
+    # Latent 1 reads x1: codes 1.01, 0.01, 3.01, 1.01 -> fires (>= 0.5) on rows 0, 2, 3, not on row 1,
+    # although its code there is nonzero.
+    _, fired = latent_contribution(SmallResidueCodes(W_ENC, W_DEC), ACTS, latent=1)
+    assert fired.tolist() == [True, False, True, True]
