@@ -60,6 +60,30 @@ def _load_rows(store: ActivationCache, hookpoint: str, rows: np.ndarray) -> torc
     return torch.cat(parts)
 
 
+def choose_latents(
+    codes: torch.Tensor, y: np.ndarray, train: np.ndarray, n_latents: int, label: str
+) -> list[int]:
+    """The `n_latents` latents of `codes [n, d_sae]` most correlated (|r|) with the bool label `y [n]`,
+    measured on the rows `train` only; latents silent there are never chosen."""
+    if y[train].all() or not y[train].any():
+        raise ValueError(
+            f"label {label!r}: the {len(train)} training tokens hold only one class; raise "
+            "`interactions.max_tokens` or choose a more frequent label"
+        )
+    fit_codes = codes[torch.as_tensor(train)]
+    sd = fit_codes.std(0)
+    yc = torch.as_tensor(y[train], dtype=torch.float64)
+    cov = ((fit_codes - fit_codes.mean(0)) * (yc - yc.mean())[:, None]).mean(0)
+    corr = torch.where(sd > 0, cov.abs() / (sd * yc.std() + 1e-12), torch.full_like(sd, -1.0))
+    alive = int((sd > 0).sum())
+    if alive < 2:
+        raise ValueError(
+            f"only {alive} latent(s) of the dictionary fire on the {len(train)} training tokens; a probe"
+            " needs at least 2: raise `interactions.max_tokens` or use a dictionary with live latents"
+        )
+    return torch.argsort(corr, descending=True)[: min(n_latents, alive)].tolist()
+
+
 def dictionary_frame(
     dictionary_path: str | Path,
     hookpoint: str,
@@ -87,22 +111,6 @@ def dictionary_frame(
     with torch.no_grad():
         codes = torch.cat([sae.encode(acts[i : i + 4096]) for i in range(0, len(acts), 4096)]).double()
     train, _ = split_rows(len(y), heldout, seed)  # the rows `split_frame(..., heldout, seed)` trains on
-    if y[train].all() or not y[train].any():
-        raise ValueError(
-            f"label {label!r}: the {len(train)} training tokens hold only one class; raise "
-            "`interactions.max_tokens` or choose a more frequent label"
-        )
-    fit_codes = codes[torch.as_tensor(train)]
-    sd = fit_codes.std(0)
-    yc = torch.as_tensor(y[train], dtype=torch.float64)
-    cov = ((fit_codes - fit_codes.mean(0)) * (yc - yc.mean())[:, None]).mean(0)
-    corr = torch.where(sd > 0, cov.abs() / (sd * yc.std() + 1e-12), torch.full_like(sd, -1.0))
-    alive = int((sd > 0).sum())
-    if alive < 2:
-        raise ValueError(
-            f"only {alive} latent(s) of the dictionary fire on the {len(train)} training tokens; a probe"
-            " needs at least 2: raise `interactions.max_tokens` or use a dictionary with live latents"
-        )
-    keep = torch.argsort(corr, descending=True)[: min(n_latents, alive)].tolist()
+    keep = choose_latents(codes, y, train, n_latents, label)
     columns = {f"latent_{i}": codes[:, i].numpy() for i in keep}
     return pl.DataFrame(columns | {LABEL_COLUMN: y.astype(np.int64)})

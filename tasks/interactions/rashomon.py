@@ -108,7 +108,8 @@ def explore(
     ref_loss = reference_loss(f, X, y, loss)
     epsilon = rate * ref_loss
     if budgets is None:
-        budgets = LADDER[rate * (1 + _TOL) >= LADDER]
+        # below the ladder's first rung, the bound itself is the only budget (the set along the axes)
+        budgets = LADDER[rate * (1 + _TOL) >= LADDER] if rate >= LADDER[0] else torch.tensor([rate])
     budgets = budgets.to(X.dtype) * ref_loss
     n_b = len(budgets)
     # one search per (feature, direction, budget): flat index s -> (i, d, b)
