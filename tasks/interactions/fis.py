@@ -5,6 +5,8 @@ score of `g_m` is computed on `Z = X * m`. `phi_S(g)` is the mean, over permutat
 when the columns in `S` are permuted *together* (one row permutation applied to all of them, so each row keeps
 its own combination of the values of `S`); `FIS_ij = phi_ij - phi_i - phi_j`. The same permutations serve
 `phi_i`, `phi_j` and `phi_ij` (common random numbers), so sampling noise largely cancels in the difference.
+(The paper's reference code shuffles each column of `S` on its own; moving them together keeps the joint
+distribution of the pair, so `phi_ij` measures only what the pair carries about the target jointly.)
 
 Each permutation `k` gives its own `FIS_ij,k`; the score is their mean and its Monte-Carlo standard error is
 `sd_k(FIS_ij,k) / sqrt(K)`. The reference implementation of the paper averages 30 shuffles; permutations are
