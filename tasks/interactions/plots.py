@@ -11,8 +11,9 @@ meaningful radius (a negative one would put it through the origin into the oppos
 the origin with an open marker and counted in the legend.
 
 Swarm: one panel per pair, each on its own horizontal scale (FIS of different pairs differ by orders of
-magnitude), with the models' FIS coloured by loss increase, the reference (red x) with its Monte-Carlo error
-bar, and the null band (grey) of what an additive truth would show.
+magnitude) spanning its cloud and the reference, with the models' FIS coloured by loss increase, the reference
+(red x) with its Monte-Carlo error bar, the null band (grey) of what an additive truth would show, and the
+range and verdict written out.
 """
 
 from __future__ import annotations
@@ -56,7 +57,9 @@ def halo_plot(rings: list[HaloRing], names: tuple[str, str], path: Path) -> Path
         x, y, below = halo_points(ring)
         order = _ring_order(ring)
         ax.plot(ring.epsilon * np.cos(circle), ring.epsilon * np.sin(circle), "--", color="grey", lw=0.8)
-        ax.plot(np.append(x[order], x[order[0]]), np.append(y[order], y[order[0]]), "-", color=color, lw=1)
+        # the ring is broken at models below L* rather than routed through the origin
+        lx, ly = np.where(below, np.nan, x)[order], np.where(below, np.nan, y)[order]
+        ax.plot(np.append(lx, lx[0]), np.append(ly, ly[0]), "-", color=color, lw=1)
         ax.plot(x[~below], y[~below], "o", color=color, ms=3, label=f"epsilon = {ring.epsilon:.3g}")
         if below.any():
             ax.plot(x[below], y[below], "o", mfc="none", color=color, ms=6, label=f"{below.sum()} below L*")
@@ -83,17 +86,29 @@ def swarm_plot(
 ) -> Path:
     """One panel per pair on its own scale: FIS over the set coloured by loss increase, the reference
     (red x, bar: +- 2 Monte-Carlo standard errors) and the null band `bands[k] = (low, high)` (grey)."""
-    fig, axes = plt.subplots(len(clouds), 1, figsize=(8, 0.9 * len(clouds) + 1.2), squeeze=False)
+    fig, axes = plt.subplots(
+        len(clouds), 1, figsize=(9, 1.0 * len(clouds) + 1.2), squeeze=False, layout="constrained"
+    )
     rng = np.random.default_rng(0)
     increases = [c.loss[c.in_set] - ref_loss for c in clouds if c.in_set.any()]
-    # a refit can beat the reference (increase < 0); the colour scale then starts below 0
+    # a model can beat the reference (increase < 0); the colour scale then starts below 0
     vmin = min([0.0] + [float(d.min()) for d in increases])
     vmax = max([vmin + 1e-12] + [float(d.max()) for d in increases])
     sc = None
     for k, (ax, c) in enumerate(zip(axes[:, 0], clouds)):
         fis = c.fis[c.in_set].numpy()
+        se = 0.0 if math.isnan(c.ref_fis_se) else 2 * c.ref_fis_se
+        # the scale is the pair's own: its cloud and the reference's error bar (the band may run off it)
+        shown = np.concatenate([fis, [c.ref_fis - se, c.ref_fis + se]])
+        lo, hi = float(shown.min()), float(shown.max())
+        pad = 0.1 * (hi - lo) or 0.05 * max(abs(lo), 1e-6)
+        note = f"range {fis.max(initial=c.ref_fis) - fis.min(initial=c.ref_fis):.3g}"
         if bands is not None:
             ax.axvspan(*bands[k], color="grey", alpha=0.25, lw=0)
+            inside = bands[k][0] <= c.ref_fis <= bands[k][1]
+            note += f"; null band [{bands[k][0]:.3g}, {bands[k][1]:.3g}]: " + (
+                "inside" if inside else "outside"
+            )
         sc = ax.scatter(
             fis,
             rng.uniform(-0.3, 0.3, len(fis)),
@@ -103,15 +118,12 @@ def swarm_plot(
             vmax=vmax,
             s=8,
         )
-        se = 0.0 if math.isnan(c.ref_fis_se) else 2 * c.ref_fis_se
         ax.errorbar([c.ref_fis], [0], xerr=[se], fmt="rx", ms=8, mew=2, capsize=3)
-        shown = np.concatenate([fis, [c.ref_fis - se, c.ref_fis + se], list(bands[k]) if bands else []])
-        lo, hi = float(shown.min()), float(shown.max())
-        pad = 0.08 * (hi - lo) or 0.05 * max(abs(lo), 1e-6)
         ax.set_xlim(lo - pad, hi + pad)
         ax.set_ylim(-0.5, 0.5)
         ax.set_yticks([])
         ax.set_ylabel(names[k], rotation=0, ha="right", va="center", fontsize=8)
+        ax.text(0.01, 0.97, note, transform=ax.transAxes, fontsize=7, va="top")
         if lo - pad < 0 < hi + pad:
             ax.axvline(0, color="k", lw=0.5)
         ax.tick_params(axis="x", labelsize=7)
