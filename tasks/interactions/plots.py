@@ -51,6 +51,15 @@ def _ring_order(ring: HaloRing) -> np.ndarray:
 
 def halo_plot(rings: list[HaloRing], names: tuple[str, str], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(5.5, 5.5))
+    draw_halo(ax, rings, names)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def draw_halo(ax: plt.Axes, rings: list[HaloRing], names: tuple[str, str]) -> None:
+    """The halo of `rings` (one per epsilon) on `ax`, axes labelled with what they show."""
     circle = np.linspace(0, 2 * math.pi, 200)
     colors = plt.cm.viridis(np.linspace(0.15, 0.85, len(rings)))
     for ring, color in zip(rings, colors):
@@ -70,10 +79,6 @@ def halo_plot(rings: list[HaloRing], names: tuple[str, str], path: Path) -> Path
     ax.set_ylabel(f"loss increase over L*, toward {names[1]}\n(up: {names[1]} scaled up, down: down)")
     ax.set_title(f"halo: {names[0]} x {names[1]}\ndashed: no interaction (increases add up to epsilon)")
     ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
 
 
 def swarm_plot(

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import torch
 
-from featureatlas.tasks.interactions.plots import halo_plot, halo_points
+from featureatlas.tasks.interactions.plots import draw_halo, halo_plot, halo_points
 from featureatlas.tasks.interactions.rashomon import SIGNS, HaloRing
 
 
@@ -51,3 +51,19 @@ def test_halo_plot_writes_a_png(tmp_path):
     r = ring(a=[1.0, 0.5, 0.0, 0.5], quadrant=[0, 1, 2, 3], loss=[1.4, 1.5, 0.95, 1.6])
     path = halo_plot([r], ("x1", "x2"), tmp_path / "halo.png")
     assert path.stat().st_size > 1000
+
+
+def test_halo_axes_say_what_they_show():
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    below = ring(a=[1.0, 0.0], quadrant=[0, 0], loss=[1.2, 0.9])
+    draw_halo(ax, [below], ("x1", "x2"))
+    assert "loss increase over L*" in ax.get_xlabel() and "x1" in ax.get_xlabel()
+    assert "loss increase over L*" in ax.get_ylabel() and "x2" in ax.get_ylabel()
+    assert "budget" not in ax.get_xlabel() + ax.get_ylabel()
+    # the model below L* sits at the origin, not at radius -0.1 in the opposite quadrant
+    markers = [line for line in ax.get_lines() if line.get_marker() == "o"]
+    drawn = np.concatenate([np.stack(line.get_data(), 1) for line in markers])
+    assert np.allclose(drawn, [[0.2, 0.0], [0.0, 0.0]], atol=1e-12)
+    plt.close(fig)
