@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from featureatlas.schemas.spec import InteractionsSpec
-from featureatlas.tasks.interactions.data import split_frame, split_rows
+from featureatlas.tasks.interactions.data import fit_reference, split_frame, split_rows
 from featureatlas.tasks.interactions.probe import choose_latents
 from featureatlas.tasks.interactions.task import build_scores
 
@@ -66,3 +66,24 @@ def test_probe_latents_are_chosen_on_the_training_rows_only():
     assert choose_latents(codes, y, train, 1, "digit") == [1]
     # measured on every row, the held-out leak would win
     assert choose_latents(codes, y, np.arange(n), 1, "digit") == [0]
+
+
+def test_stage_keeps_the_scaling_class_when_no_refit_fits_the_bound(tmp_path, monkeypatch):
+    from featureatlas.tasks.interactions import task
+
+    def starved(name, t, seed, rows=None):
+        # the real learner, but each bootstrap refit sees only 12 of its rows: all far outside the bound
+        return fit_reference(name, t, seed, None if rows is None else rows[:12])
+
+    monkeypatch.setattr(task, "fit_reference", starved)
+    spec = InteractionsSpec(
+        enabled=True, table="p.csv", target="y", reference="linear", model_class="both", n_retrain=3,
+        n_null=3, n_permutations=8, halo_rates=[0.1],
+    )  # fmt: skip
+    facts = build_scores(spec, tmp_path, table("planted", n=400))
+    assert facts["n_retrained"] == 0 and "none of the 3 retrained models" in facts["retrain_note"]
+    scores = pl.read_parquet(tmp_path / "scores.parquet")
+    # the scaling class's results are all there
+    assert scores.height == 6 and "fis_range" in scores.columns and "retrain_fis_range" not in scores.columns
+    assert (scores["n_models"] > 1).all() and (scores["fis_se"] > 0).all()
+    assert {p.name for p in tmp_path.iterdir()} == {"scores.parquet", "halo.png", "swarm.png"}
