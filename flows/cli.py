@@ -129,19 +129,25 @@ def _print_examples(table_path: Path, n: int = 10) -> None:
 
 
 def _print_interactions(ref, n: int = 5) -> None:
-    """The pairs whose FIS varies most over the Rashomon set."""
+    """The pairs that interact (outside their null band), then those whose FIS varies most over the set."""
     import polars as pl
 
     table = pl.read_parquet(Path(ref.path) / "scores.parquet")
     console.print(
         f"[bold]{ref.id}[/bold] ({ref.source}, {ref.spec.reference}, {ref.spec.model_class}): L* "
-        f"{ref.ref_loss:.4f}, epsilon {ref.epsilon:.4f}, {ref.n_pairs} pairs scored; most variable:"
+        f"{ref.ref_loss:.4f}, epsilon {ref.epsilon:.4f}, {ref.n_pairs} pairs scored, "
+        f"{ref.n_interacting} outside their additive null band; first:"
     )
     ranges = [c for c in ("fis_range", "retrain_fis_range") if c in table.columns]
     for row in table.head(n).iter_rows(named=True):
         spans = "  ".join(f"{c} {row[c]:.4f}" for c in ranges)
-        line = f"    {row['feature_i']} x {row['feature_j']}: fis_ref {row['fis_ref']:.4f}  {spans}"
+        line = (
+            f"    {row['feature_i']} x {row['feature_j']}: fis_ref {row['fis_ref']:.4f} "
+            f"+- {row['fis_se']:.4f}  interacts {row['interacts']}  {spans}"
+        )
         console.print(line, markup=False)
+    if ref.retrain_note:
+        console.print(f"  retraining class empty: {ref.retrain_note}", markup=False)
     console.print(f"  scores and plots: {ref.path}")
 
 

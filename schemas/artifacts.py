@@ -119,7 +119,9 @@ class InteractionScoresRef(ArtifactRef):
     n_pairs: int
     ref_loss: float = Field(description="L*: the reference model's held-out loss.")
     epsilon: float = Field(description="rate * L*.")
-    top_pair: list[str] = Field(description="The pair whose FIS varies most over the set.")
+    top_pair: list[str] = Field(
+        description="The first pair of `scores.parquet`: among those that interact, the most variable."
+    )
     ambiguity: float | None = Field(None, description="Classifiers: share of points some model relabels.")
     discrepancy: float | None = Field(None, description="Classifiers: most points one model relabels.")
     features: list[str] = Field(
@@ -127,6 +129,12 @@ class InteractionScoresRef(ArtifactRef):
     )
     n_retrained: int | None = Field(
         None, description="Retraining class: refit models kept inside the loss bound."
+    )
+    retrain_note: str | None = Field(
+        None, description="Retraining class: why it is empty (no refit within the bound), else None."
+    )
+    n_interacting: int | None = Field(
+        None, description="Scored pairs whose reference FIS lies outside their additive null band."
     )
     dictionary_id: str | None = Field(None, description="source 'dictionary': the dictionary probed.")
     cache_id: str | None = Field(None, description="source 'dictionary': the cache its latents were read on.")

@@ -49,8 +49,9 @@ class InteractionsSpec(Contract):
         "auto", description="'auto': classification when the target has at most 10 distinct values."
     )
     reference: Literal["linear", "gradient_boosting", "mlp"] = Field(
-        "linear",
-        description="Reference learner: logistic/ridge regression, gradient boosting or a small torch MLP.",
+        "mlp",
+        description="Reference learner: a small torch MLP, gradient boosting, or logistic/ridge regression "
+        "(whose logit is additive: every pair then sits inside its null band).",
     )
     model_class: Literal["scaling", "retraining", "both"] = Field(
         "scaling",
@@ -62,7 +63,26 @@ class InteractionsSpec(Contract):
     halo_rates: list[float] = Field(
         default_factory=lambda: [0.05, 0.1, 0.2], description="Rates of the nested rings of the halo plot."
     )
-    n_permutations: int = Field(3, ge=1, le=100, description="Row permutations per importance estimate.")
+    n_permutations: int = Field(
+        30,
+        ge=2,
+        le=1000,
+        description="Row permutations per importance estimate (the paper's code: 30); they are processed in "
+        "memory-bounded chunks, and their spread gives each pair's Monte-Carlo error `fis_se`.",
+    )
+    n_null: int = Field(
+        20,
+        ge=2,
+        le=500,
+        description="Null worlds of the band: the reference's learner refitted on targets drawn from an "
+        "additive model of the same rows; their FIS spread is what no interaction looks like.",
+    )
+    null_z: float = Field(
+        4.0,
+        gt=0,
+        description="Half-width of the null band in standard deviations (null spread and the reference's "
+        "Monte-Carlo error combined); a pair `interacts` when its reference FIS lies outside.",
+    )
     heldout_fraction: float = Field(
         0.3, gt=0, lt=1, description="Share of rows held out; L*, the set and the scores use them."
     )

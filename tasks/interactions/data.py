@@ -72,6 +72,13 @@ def load_table(
     return split_frame(df, target, source, task, heldout, seed)
 
 
+def split_rows(n: int, heldout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The training and held-out row indices of an `n`-row table (the one split every step uses)."""
+    order = np.random.default_rng(seed).permutation(n)
+    n_test = max(1, int(round(heldout * n)))
+    return order[n_test:], order[:n_test]
+
+
 def split_frame(
     df: pl.DataFrame,
     target: str,
@@ -107,10 +114,7 @@ def split_frame(
         )
     if task == "classification":
         y = np.unique(y, return_inverse=True)[1].astype(np.float64)
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(y))
-    n_test = max(1, int(round(heldout * len(y))))
-    test, train = order[:n_test], order[n_test:]
+    train, test = split_rows(len(y), heldout, seed)
     mu, sd = X[train].mean(0), X[train].std(0)
     sd[sd == 0] = 1.0
     X = (X - mu) / sd

@@ -3,7 +3,9 @@
 A probe trained on these columns asks which interpretable features interact to predict a behaviour, and the
 Rashomon set asks how stable that is across equally good probes. Tokens are sampled from the cache (the
 cache's own rules leave out position 0 and special tokens), encoded by the dictionary one shard at a time,
-and only the `n_latents` latents most correlated with the label are kept, so the pairs stay few.
+and only the `n_latents` latents most correlated with the label are kept, so the pairs stay few. The
+correlations are measured on the training rows alone (the split `split_frame` will make): latents chosen with
+the held-out rows' labels would flatter the held-out loss that defines the Rashomon set.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 
 from featureatlas.tasks.common.store import ActivationCache
 from featureatlas.tasks.dictionary import load_dictionary
+from featureatlas.tasks.interactions.data import split_rows
 
 LABEL_COLUMN = "label"
 
@@ -57,6 +60,30 @@ def _load_rows(store: ActivationCache, hookpoint: str, rows: np.ndarray) -> torc
     return torch.cat(parts)
 
 
+def choose_latents(
+    codes: torch.Tensor, y: np.ndarray, train: np.ndarray, n_latents: int, label: str
+) -> list[int]:
+    """The `n_latents` latents of `codes [n, d_sae]` most correlated (|r|) with the bool label `y [n]`,
+    measured on the rows `train` only; latents silent there are never chosen."""
+    if y[train].all() or not y[train].any():
+        raise ValueError(
+            f"label {label!r}: the {len(train)} training tokens hold only one class; raise "
+            "`interactions.max_tokens` or choose a more frequent label"
+        )
+    fit_codes = codes[torch.as_tensor(train)]
+    sd = fit_codes.std(0)
+    yc = torch.as_tensor(y[train], dtype=torch.float64)
+    cov = ((fit_codes - fit_codes.mean(0)) * (yc - yc.mean())[:, None]).mean(0)
+    corr = torch.where(sd > 0, cov.abs() / (sd * yc.std() + 1e-12), torch.full_like(sd, -1.0))
+    alive = int((sd > 0).sum())
+    if alive < 2:
+        raise ValueError(
+            f"only {alive} latent(s) of the dictionary fire on the {len(train)} training tokens; a probe"
+            " needs at least 2: raise `interactions.max_tokens` or use a dictionary with live latents"
+        )
+    return torch.argsort(corr, descending=True)[: min(n_latents, alive)].tolist()
+
+
 def dictionary_frame(
     dictionary_path: str | Path,
     hookpoint: str,
@@ -65,6 +92,7 @@ def dictionary_frame(
     n_latents: int,
     max_tokens: int,
     seed: int,
+    heldout: float,
 ) -> pl.DataFrame:
     """Columns `latent_<i>` (codes of the kept latents, most correlated first) and `label` (0/1) per token."""
     store = ActivationCache(cache_path)
@@ -82,16 +110,7 @@ def dictionary_frame(
     acts = _load_rows(store, hookpoint, rows).float()
     with torch.no_grad():
         codes = torch.cat([sae.encode(acts[i : i + 4096]) for i in range(0, len(acts), 4096)]).double()
-    sd = codes.std(0)
-    yc = torch.as_tensor(y, dtype=torch.float64)
-    cov = ((codes - codes.mean(0)) * (yc - yc.mean())[:, None]).mean(0)
-    corr = torch.where(sd > 0, cov.abs() / (sd * yc.std() + 1e-12), torch.full_like(sd, -1.0))
-    alive = int((sd > 0).sum())
-    if alive < 2:
-        raise ValueError(
-            f"only {alive} latent(s) of the dictionary fire on the {len(y)} sampled tokens; a probe needs at "
-            "least 2: raise `interactions.max_tokens` or use a dictionary with live latents"
-        )
-    keep = torch.argsort(corr, descending=True)[: min(n_latents, alive)].tolist()
+    train, _ = split_rows(len(y), heldout, seed)  # the rows `split_frame(..., heldout, seed)` trains on
+    keep = choose_latents(codes, y, train, n_latents, label)
     columns = {f"latent_{i}": codes[:, i].numpy() for i in keep}
     return pl.DataFrame(columns | {LABEL_COLUMN: y.astype(np.int64)})

@@ -27,6 +27,11 @@ class RetrainedSet(NamedTuple):
     kept: torch.Tensor  # [R] bool
     ref_loss: float
     epsilon: float
+    reason: str | None  # why no refit was kept (None when some were)
+
+    @property
+    def empty(self) -> bool:
+        return not self.models
 
 
 def retrain_set(
@@ -40,7 +45,10 @@ def retrain_set(
     epsilon: float,
     seed: int,
 ) -> RetrainedSet:
-    """Fit `n_models` models on bootstrap samples (seeds `seed + 1 ...`), keep those within the bound."""
+    """Fit `n_models` models on bootstrap samples (seeds `seed + 1 ...`), keep those within the bound.
+
+    Keeping none is a result, not an error: the set then says why (`reason`), and the caller keeps whatever
+    else it scored (the scaling class)."""
     rng = np.random.default_rng(seed)
     ones = torch.ones(1, X.shape[1], dtype=X.dtype)
     models, losses = [], []
@@ -52,13 +60,15 @@ def retrain_set(
     L = torch.tensor(losses, dtype=torch.float64)
     bound = ref_loss + epsilon * (1 + 1e-9)
     kept = L <= bound  # noqa: SIM300
+    reason = None
     if not bool(kept.any()):
-        raise ValueError(
+        reason = (
             f"none of the {n_models} retrained models is within the loss bound L* + epsilon = "
             f"{ref_loss:.4g} + {epsilon:.3g} (their held-out losses: {L.min():.4g} to {L.max():.4g}); raise "
             "`interactions.rate`, raise `interactions.n_retrain`, or use `model_class: scaling`"
         )
-    return RetrainedSet([g for g, k in zip(models, kept.tolist()) if k], L, kept, ref_loss, epsilon)
+    models = [g for g, k in zip(models, kept.tolist()) if k]
+    return RetrainedSet(models, L, kept, ref_loss, epsilon, reason)
 
 
 def retrain_cloud(
@@ -69,20 +79,22 @@ def retrain_cloud(
     perms: torch.Tensor,
     loss: LossName,
     ref_fis: float,
+    ref_fis_se: float,
 ) -> PairCloud:
     """FIS of the pair for every kept model, as a `PairCloud` (M: ones, since no model here is a scaling)."""
     ones = torch.ones(1, X.shape[1], dtype=X.dtype)
     with torch.no_grad():
         fis = torch.cat([pair_fis(g, X, y, ones, pair, perms, loss)["fis"] for g in rs.models])
     B = len(rs.models)
-    zeros = torch.zeros(B)
+    zeros = torch.zeros(B, dtype=X.dtype)
     return PairCloud(
         pair,
         ones.expand(B, -1),
         zeros,
-        zeros.long(),
-        rs.losses[rs.kept],
+        zeros,
+        rs.losses[rs.kept].to(X.dtype),
         fis,
         torch.ones(B, dtype=torch.bool),
         ref_fis,
+        ref_fis_se,
     )

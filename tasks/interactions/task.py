@@ -16,9 +16,10 @@ from featureatlas.schemas.artifacts import ActivationCacheRef, DictionaryRef, In
 from featureatlas.schemas.methods import DictionaryConfig
 from featureatlas.schemas.spec import InteractionsSpec
 from featureatlas.tasks.interactions.data import Table, fit_reference, load_table, split_frame
+from featureatlas.tasks.interactions.null import null_worlds
 from featureatlas.tasks.interactions.plots import halo_plot, swarm_plot
 from featureatlas.tasks.interactions.probe import LABEL_COLUMN, dictionary_frame
-from featureatlas.tasks.interactions.rashomon import explore, pair_cloud
+from featureatlas.tasks.interactions.rashomon import halo_ring
 from featureatlas.tasks.interactions.score import score_pairs
 from featureatlas.tasks.tracking.catalog import open_catalog
 from featureatlas.tasks.tracking.identity import (
@@ -46,6 +47,7 @@ def load_input(
         spec.n_latents,
         spec.max_tokens,
         spec.seed,
+        spec.heldout_fraction,
     )
     source = f"{dictionary.id} latents, label {spec.label}"
     return split_frame(frame, LABEL_COLUMN, source, "classification", spec.heldout_fraction, spec.seed)
@@ -61,6 +63,7 @@ def build_scores(spec: InteractionsSpec, folder: Path, table: Table) -> dict:
         return fit_reference(spec.reference, table, seed, rows)
 
     retrain = (refit, len(table.y_train), spec.n_retrain) if spec.model_class != "scaling" else None
+    worlds = null_worlds(table, lambda t, s: fit_reference(spec.reference, t, s), spec.n_null, spec.seed)
     scores = score_pairs(
         f,
         X,
@@ -76,37 +79,41 @@ def build_scores(spec: InteractionsSpec, folder: Path, table: Table) -> dict:
         retrain=retrain,
         max_pairs=spec.max_pairs,
         ranking=spec.pair_ranking,
+        null_worlds=worlds,
+        null_z=spec.null_z,
     )
     scores.table.write_parquet(folder / "scores.parquet")
     top = list(scores.table.select("feature_i", "feature_j").head(spec.plot_pairs).iter_rows())
     names = [f"{a} x {b}" for a, b in top]
-    index = {
-        (table.features[i], table.features[j]): k
-        for k, (i, j) in enumerate(c.pair for c in (scores.clouds or scores.retrain_clouds))
-    }
+    index = {(table.features[i], table.features[j]): k for k, (i, j) in enumerate(scores.pairs)}
+    bands = [(float(scores.null.low[index[t]]), float(scores.null.high[index[t]])) for t in top]
     if scaling:
-        swarm_plot([scores.clouds[index[t]] for t in top], scores.ref_loss, names, folder / "swarm.png")
-        pair = scores.clouds[index[top[0]]].pair
-        rings = []
-        for rate in sorted(spec.halo_rates):
-            ex = explore(f, X, y, table.loss, rate, max_scale=spec.max_scale)
-            identity_perm = torch.stack([torch.arange(X.shape[0])])
-            rings.append((ex, pair_cloud(f, X, y, ex, pair, identity_perm, table.loss)))
+        clouds = [scores.clouds[index[t]] for t in top]
+        swarm_plot(clouds, scores.ref_loss, names, folder / "swarm.png", bands=bands)
+        pair = scores.pairs[index[top[0]]]
+        rings = [
+            halo_ring(f, X, y, table.loss, rate, pair, spec.max_scale) for rate in sorted(spec.halo_rates)
+        ]
         halo_plot(rings, top[0], folder / "halo.png")
-    if scores.retrained is not None:
+    if scores.retrain_clouds:
         clouds = [scores.retrain_clouds[index[t]] for t in top]
-        swarm_plot(clouds, scores.ref_loss, names, folder / "swarm_retrain.png", title="retrained models")
+        swarm_plot(
+            clouds, scores.ref_loss, names, folder / "swarm_retrain.png", "retrained models", bands=bands
+        )
     m = scores.multiplicity
+    rs = scores.retrained
     facts = {
         "n_features": len(table.features),
         "n_pairs": scores.table.height,
+        "n_interacting": int(scores.table["interacts"].sum()),
         "ref_loss": scores.ref_loss,
         "epsilon": scores.epsilon,
         "top_pair": list(top[0]),
         "features": table.features,
         "ambiguity": m.ambiguity if m else None,
         "discrepancy": m.discrepancy if m else None,
-        "n_retrained": int(scores.retrained.kept.sum()) if scores.retrained is not None else None,
+        "n_retrained": int(rs.kept.sum()) if rs is not None else None,
+        "retrain_note": rs.reason if rs is not None else None,
     }
     range_column = "fis_range" if scaling else "retrain_fis_range"
     return facts | {"max_fis_range": float(scores.table[range_column].max())}
@@ -185,9 +192,11 @@ def score_interactions(
         metrics = {k: v for k, v in facts.items() if isinstance(v, float)}
         if facts["n_retrained"] is not None:
             metrics["n_retrained"] = float(facts["n_retrained"])
+        metrics["n_interacting"] = float(facts["n_interacting"])
         run.log_metrics(metrics)
         for name in ("scores.parquet",) + sum((PLOTS[c] for c in _classes(spec)), ()):
-            run.log_artifact(folder / name)
+            if (folder / name).exists():  # no swarm_retrain.png when no refit fits the bound
+                run.log_artifact(folder / name)
         fields = {k: v for k, v in facts.items() if k != "max_fis_range"}
         columns = {"source": source, "reference": spec.reference, "n_features": facts["n_features"]}
         extra = {"dictionary_id": dictionary.id, "cache_id": cache.id} if dictionary else {}

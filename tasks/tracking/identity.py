@@ -33,7 +33,8 @@ STAGE_VERSIONS = {
     "dictionary": 1,
     "evaluation": 3,  # 2: details (mean ablation, KL, ablation, steering, geometry); 3: atomic geometry
     "labeling": 2,  # 2: feature statistics, statistical labels, scores, atlas
-    "interactions": 2,  # 2: pair cap, retraining class, probes on dictionary latents
+    "interactions": 3,  # 2: pair cap, retraining class, probes on dictionary latents; 3: interior sample,
+    # fis_se and the null band in scores.parquet, latents chosen on training rows
 }
 
 

@@ -35,6 +35,7 @@ def test_probe_on_the_pipelines_dictionary_then_an_interactions_only_spec(tmp_pa
     from featureatlas.flows.pipeline import pipeline_flow
 
     inter = {"enabled": True, "source": "dictionary", "label": "capitalized", "n_latents": 4, "max_pairs": 4}
+    inter |= {"reference": "linear", "n_null": 3, "n_permutations": 8}  # the wiring is under test here
     spec = parse_spec(
         tiny_spec(tmp_path, evaluate={"enabled": False}, label={"enabled": False}, interactions=inter)
     )
@@ -79,11 +80,12 @@ def test_interactions_only_table_spec_runs_and_records_the_table(tmp_path, home,
     csv = planted_csv(tmp_path / "planted.csv")
     path = tmp_path / "spec.yaml"
     path.write_text(
-        "interactions: {enabled: true, table: planted.csv, target: y, reference: mlp, max_pairs: 3}\n"
+        "interactions: {enabled: true, table: planted.csv, target: y, max_pairs: 3, n_null: 4,"
+        " n_permutations: 10}\n"
     )
     out = runner.invoke(app, ["run", str(path)])
     assert out.exit_code == 0, out.output
-    assert "x1 x x2" in out.output  # the planted pair, printed among the most variable
+    assert "x1 x x2" in out.output  # the planted pair, printed first
     kind, row = open_catalog(home.catalog).list()[0]
     assert kind == "interactions" and open_catalog(home.catalog).parents(row.id) == []
     # the table is not an artifact: its path and content hash are in the row's config instead

@@ -9,8 +9,8 @@ import torch
 
 from featureatlas.tasks.interactions.data import fit_reference, load_table, split_frame
 from featureatlas.tasks.interactions.fis import Layered, model_losses, pair_fis, single_feature_losses
-from featureatlas.tasks.interactions.retrain import retrain_set
-from featureatlas.tasks.interactions.score import rank_pairs, score_pairs
+from featureatlas.tasks.interactions.retrain import RetrainedSet, retrain_set
+from featureatlas.tasks.interactions.score import _multiplicity, rank_pairs, score_pairs
 
 
 def planted_table(n: int = 1000, p: int = 3, seed: int = 0):
@@ -43,14 +43,51 @@ def test_every_kept_retrained_model_satisfies_the_bound_and_every_dropped_one_br
     assert (rs.losses[~rs.kept] > ref_loss + eps).all()
 
 
-def test_no_retrained_model_in_the_bound_says_what_to_change():
+def test_no_retrained_model_in_the_bound_says_why():
     t = planted_table(300)
     X, y = held_out(t)
-    with pytest.raises(ValueError, match="raise `interactions.rate`, raise `interactions.n_retrain`"):
-        # a bound below the reference's own loss: no refit can be inside it
-        retrain_set(
-            lambda s, r: fit_reference("linear", t, s, r), len(t.y_train), 2, X, y, "mse", 0.0, 0.0, 0
+    # a bound below the reference's own loss: no refit can be inside it
+    rs = retrain_set(
+        lambda s, r: fit_reference("linear", t, s, r), len(t.y_train), 2, X, y, "mse", 0.0, 0.0, 0
+    )
+    assert rs.empty and rs.models == [] and not rs.kept.any()
+    assert "raise `interactions.rate`, raise `interactions.n_retrain`" in rs.reason
+
+
+def test_empty_retraining_class_keeps_the_scaling_results():
+    t = planted_table(500)
+    X, y = held_out(t)
+    f = fit_reference("mlp", t, 0)
+    # a learner whose every refit predicts a constant: far outside the bound of a good MLP
+    constant = Layered(
+        torch.zeros(1, 3, dtype=torch.float64), torch.zeros(1, dtype=torch.float64), lambda H: H[..., 0]
+    )
+    fit = lambda s, r: constant  # noqa: E731, ARG005
+    scores = score_pairs(f, X, y, t.features, "mse", 0.1, 4, 0, False, retrain=(fit, len(t.y_train), 3))
+    assert scores.retrained.empty and "none of the 3 retrained models" in scores.retrained.reason
+    assert len(scores.clouds) == 3 and scores.retrain_clouds == []
+    assert "fis_range" in scores.table.columns and "retrain_fis_range" not in scores.table.columns
+    top = scores.table.row(0, named=True)
+    assert (top["feature_i"], top["feature_j"]) == ("x1", "x2")  # the finished scaling scores are all there
+    # with no other class to keep, the empty set is the stage's error, with the reason
+    with pytest.raises(ValueError, match="none of the 3 retrained models"):
+        score_pairs(
+            f, X, y, t.features, "mse", 0.1, 4, 0, False, scaling=False, retrain=(fit, len(t.y_train), 3)
         )
+
+
+def test_multiplicity_counts_the_retrained_models():
+    X = torch.tensor([[0.3], [1.0], [-2.0], [0.1]], dtype=torch.float64)
+    f = Layered(
+        torch.ones(1, 1, dtype=torch.float64),
+        torch.zeros(1, dtype=torch.float64),
+        lambda H: torch.sigmoid(H[..., 0]),
+    )
+    flipped = lambda Z: torch.sigmoid(-Z[:, 0])  # noqa: E731  (a refit that relabels every row)
+    rs = RetrainedSet([flipped], torch.zeros(1), torch.ones(1, dtype=torch.bool), 0.5, 0.05, None)
+    m = _multiplicity(f, X, [], rs)
+    assert m.ambiguity == 1.0 and m.discrepancy == 1.0  # every label flips under the refit
+    assert _multiplicity(f, X, [], None).ambiguity == 0.0
 
 
 def test_planted_interaction_is_found_across_the_retrained_set():

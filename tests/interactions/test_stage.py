@@ -34,6 +34,8 @@ def test_stage_registers_scores_plots_and_metrics(tmp_path, home, prefect_harnes
         target="y",
         reference="mlp",
         halo_rates=[0.1],
+        n_permutations=10,
+        n_null=4,
     )
 
     @flow
@@ -46,6 +48,8 @@ def test_stage_registers_scores_plots_and_metrics(tmp_path, home, prefect_harnes
     scores = pl.read_parquet(Path(ref.path) / "scores.parquet")
     assert scores.height == ref.n_pairs == 6
     assert (scores["fis_min"] <= scores["fis_ref"]).all() and (scores["fis_ref"] <= scores["fis_max"]).all()
+    assert scores["interacts"].dtype == pl.Boolean and (scores["fis_se"] > 0).all()
+    assert ref.n_interacting == int(scores["interacts"].sum()) and ref.retrain_note is None
     # the planted x1 * x2 pair interacts most, in the MLP the stage fitted
     assert set(ref.top_pair) == {"x1", "x2"}
     assert [(k, r.id) for k, r in open_catalog(home.catalog).list()] == [("interactions", ref.id)]
