@@ -17,7 +17,7 @@ from typing import TypeVar
 import tenacity
 from sqlalchemy.exc import DisconnectionError, OperationalError
 
-from featureatlas.tasks.tracking.secrets import mask_text, mask_url
+from featureatlas.tasks.tracking.secrets import mask_text, mask_url, register_url
 
 T = TypeVar("T")
 log = logging.getLogger("featureatlas.retry")
@@ -68,6 +68,8 @@ def retrying(service: str, url: str, fn: Callable[[], T], hint: str) -> T:
     Raises `ServiceUnavailable` naming `service` and `url` (masked) when every attempt failed transiently;
     any other error propagates unchanged on the first attempt.
     """
+
+    register_url(url)  # its password is masked in every message from here on, in whatever form it turns up
 
     def before_sleep(state: tenacity.RetryCallState) -> None:
         exc = state.outcome.exception()
