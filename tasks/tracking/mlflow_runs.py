@@ -29,6 +29,7 @@ from featureatlas.schemas.artifacts import ArtifactRef
 from featureatlas.tasks.tracking.paths import check_name
 from featureatlas.tasks.tracking.retry import retrying
 from featureatlas.tasks.tracking.secrets import mask_secrets
+from featureatlas.tasks.tracking.timeouts import connect_args, with_timeouts
 
 _MAX_PARAM = 6000
 _HINT = (
@@ -113,7 +114,7 @@ def probe(uri: str) -> None:
     elif uri.split(":", 1)[0].split("+")[0] in {"postgresql", "mysql", "mssql"}:
         from sqlalchemy import create_engine, text
 
-        engine = create_engine(uri)
+        engine = create_engine(uri, connect_args=connect_args(uri))
         try:
             with engine.connect() as conn:
                 conn.execute(text("SELECT 1"))
@@ -126,7 +127,7 @@ class Tracker:
         self.uri = uri
         # before MLflow's own client: its database store retries a dead server for minutes, silently
         retrying("MLflow tracking store", uri, lambda: probe(uri), _HINT)
-        self.client = MlflowClient(uri)
+        self.client = MlflowClient(with_timeouts(uri))
         exp = _write(self.client, self.client.get_experiment_by_name, experiment)
         if exp is None:
             # a tracking server keeps artifacts in its own store; a local store puts them in `artifact_root`
