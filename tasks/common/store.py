@@ -27,6 +27,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from featureatlas.tasks.common.models import DTYPES
+from featureatlas.tasks.tracking.errors import Refusal
 from featureatlas.tasks.tracking.paths import inside
 
 FORMAT_VERSION = 2  # 2: token column is_special, per-hookpoint layout, rms and mean_squared_norm
@@ -285,7 +286,7 @@ class StreamBatch(NamedTuple):
     rows: torch.Tensor  # [batch] int64: the rows of the token table they belong to
 
 
-class CacheIntegrityError(RuntimeError):
+class CacheIntegrityError(Refusal):
     """A shard is missing, truncated or does not match its checksum."""
 
 

@@ -26,6 +26,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from featureatlas.schemas.artifacts import ArtifactRef
+from featureatlas.tasks.tracking.mlflow_store import open_store
 from featureatlas.tasks.tracking.paths import check_name
 from featureatlas.tasks.tracking.retry import retrying
 from featureatlas.tasks.tracking.secrets import mask_secrets
@@ -127,19 +128,16 @@ class Tracker:
         self.uri = uri
         # before MLflow's own client: its database store retries a dead server for minutes, silently
         retrying("MLflow tracking store", uri, lambda: probe(uri), _HINT)
-        self.client = MlflowClient(with_timeouts(uri))
-        exp = _write(self.client, self.client.get_experiment_by_name, experiment)
-        if exp is None:
-            # a tracking server keeps artifacts in its own store; a local store puts them in `artifact_root`
-            location = None
-            if not uri.startswith(("http://", "https://")):
-                artifact_root.mkdir(parents=True, exist_ok=True)
-                location = artifact_root.as_uri()
-            self.experiment_id = _write(
-                self.client, self.client.create_experiment, experiment, artifact_location=location
-            )
-        else:
-            self.experiment_id = exp.experiment_id
+        # a tracking server keeps artifacts in its own store; a local store puts them in `artifact_root`
+        location = None
+        if not uri.startswith(("http://", "https://")):
+            artifact_root.mkdir(parents=True, exist_ok=True)
+            location = artifact_root.as_uri()
+        # store creation, migration and the experiment under a cross-process lock (see `mlflow_store`)
+        client_uri = with_timeouts(uri)
+        self.client, self.experiment_id = retrying(
+            "MLflow tracking store", uri, lambda: open_store(client_uri, uri, experiment, location), _HINT
+        )
 
     def start(self, name: str, parent_run_id: str | None = None, tags: dict | None = None) -> StageRun:
         tags = mask_secrets({MLFLOW_RUN_NAME: name, **(tags or {})})

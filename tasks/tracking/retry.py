@@ -17,13 +17,14 @@ from typing import TypeVar
 import tenacity
 from sqlalchemy.exc import DisconnectionError, OperationalError
 
+from featureatlas.tasks.tracking.errors import Refusal
 from featureatlas.tasks.tracking.secrets import mask_text, mask_url, register_url
 
 T = TypeVar("T")
 log = logging.getLogger("featureatlas.retry")
 
 
-class ServiceUnavailable(RuntimeError):
+class ServiceUnavailable(Refusal):
     """The catalog database or the MLflow tracking server could not be reached, even after retries."""
 
 
