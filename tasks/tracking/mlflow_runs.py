@@ -27,6 +27,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from featureatlas.schemas.artifacts import ArtifactRef
 from featureatlas.tasks.tracking.mlflow_store import open_store
+from featureatlas.tasks.tracking.orphans import OWNER_TAG, owner, reap_orphans
 from featureatlas.tasks.tracking.paths import check_name
 from featureatlas.tasks.tracking.retry import retrying
 from featureatlas.tasks.tracking.secrets import mask_secrets
@@ -140,7 +141,7 @@ class Tracker:
         )
 
     def start(self, name: str, parent_run_id: str | None = None, tags: dict | None = None) -> StageRun:
-        tags = mask_secrets({MLFLOW_RUN_NAME: name, **(tags or {})})
+        tags = mask_secrets({MLFLOW_RUN_NAME: name, **(tags or {})}) | {OWNER_TAG: owner()}
         if parent_run_id:
             tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
         run = _write(self.client, self.client.create_run, self.experiment_id, tags=tags, run_name=name)
@@ -155,7 +156,13 @@ class Tracker:
         if info.lifecycle_stage != "active" or info.experiment_id != self.experiment_id:
             return None
         self.client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+        self.client.set_tag(run_id, OWNER_TAG, owner())  # this process runs it now
         return StageRun(self.client, run_id)
+
+    def reap_orphans(self) -> list[str]:
+        """Mark KILLED the RUNNING runs whose processes died (see `orphans`); their ids."""
+        return retrying("MLflow tracking store", self.uri,
+                        lambda: reap_orphans(self.client, self.experiment_id), _HINT)  # fmt: skip
 
     def end(self, run: StageRun, ok: bool) -> None:
         status = RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED)

@@ -40,6 +40,7 @@ def pipeline_run(settings: Settings, spec: PipelineSpec, progress: bool = False)
     register_config_secrets(spec.model_dump(mode="json"))
     open_catalog(settings.catalog)
     tracker = tracker_for(settings)
+    tracker.reap_orphans()  # runs a killed run left RUNNING can never end: they are marked KILLED
     tags = {"featureatlas.pipeline": spec.name, "featureatlas.code_version": _git_commit()}
     from prefect.runtime import flow_run
 
