@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from featureatlas.schemas.settings import Settings
+from featureatlas.tasks.tracking.errors import Refusal
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ def run_server(settings: Settings) -> Iterator[str]:
         while not _healthy(url):
             if proc.poll() is not None or time.monotonic() > deadline:
                 tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-20:])
-                raise RuntimeError(f"the temporary Prefect server did not start; end of {log_path}:\n{tail}")
+                raise Refusal(f"the temporary Prefect server did not start; the end of {log_path}:\n{tail}")
             time.sleep(0.2)
         with temporary_settings({PREFECT_API_URL: url}):
             yield url
