@@ -196,6 +196,8 @@ def _build(
     if resumable:
         tmp = final.with_name(f"{final.name}.partial")
     else:
+        for stale in final.parent.glob(f"{final.name}.partial-*"):
+            shutil.rmtree(stale)  # a killed builder's; under the build lock nobody else writes there
         tmp = final.with_name(f"{final.name}.partial-{uuid.uuid4().hex[:8]}")
     log.info("%s: building %s", name, ident.id)
     run_file = final.with_name(f"{final.name}.partial.run") if resumable and same_run else None
