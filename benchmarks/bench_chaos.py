@@ -8,7 +8,7 @@ group: whatever it started must die with it) at random moments and starts that r
 has succeeded. Then the same specs run one after another on a fresh home, and the two homes are compared:
 catalog rows (kind, id, fingerprint), lineage edges, the bytes of every registered artifact's files, and
 each run's artifact ids. `orphans` counts processes still running for the chaos home and MLflow runs still
-RUNNING there.
+RUNNING there; `failures` counts attempts that failed without being killed (each is tried again).
 
 Run: `nice python benchmarks/bench_chaos.py [--runs 4] [--kills 4] [--seed 0] [--backend sqlite|postgresql]`
 (both by default when the PostgreSQL server binaries are installed: `ls /usr/lib/postgresql/*/bin/initdb`).
@@ -234,6 +234,7 @@ def main() -> None:
             per[backend] = one_backend(backend, Path(tmp) / backend, args, rng)
             log.info("%s: %s", backend, per[backend])
     total = {k: sum(p[k] for p in per.values()) for k in ("kills", "mismatches", "orphans", "wall_s")}
+    total["failures"] = sum(p["failures"] for p in per.values())  # runs that failed without being killed
     print(json.dumps({"runs": args.runs, **total, "backends": per,
                       "load_avg": [round(x, 1) for x in os.getloadavg()]}))  # fmt: skip
 
