@@ -55,8 +55,10 @@ def _run(spec_path: Path, plan: bool, as_json: bool) -> None:
         _print_plan(spec, settings, as_json)
         return
     from featureatlas.flows.pipeline import pipeline_flow
+    from featureatlas.tasks.tracking.run_server import run_server
 
-    result = pipeline_flow(spec, progress=sys.stderr.isatty() and not as_json)
+    with run_server(settings):  # a temporary Prefect server that dies with this process, however it dies
+        result = pipeline_flow(spec, progress=sys.stderr.isatty() and not as_json)
     if as_json:
         print(json.dumps(result.model_dump(mode="json"), indent=1))
         return

@@ -76,11 +76,22 @@ def runs(
         bool, typer.Option("--upcoming", help="Also the future runs that schedules have created.")
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    repair: Annotated[
+        bool,
+        typer.Option("--repair", help="Mark KILLED the MLflow runs left RUNNING by processes that died."),
+    ] = False,
 ) -> None:
     """Pipeline flow runs that are due (finished, running, waiting) with their states, newest first."""
     from featureatlas.flows.schedules import list_runs
 
-    current_settings()
+    settings = current_settings()
+    if repair:
+        from featureatlas.tasks.tracking.stage import tracker_for
+
+        killed = tracker_for(settings).reap_orphans()
+        console.print(f"{len(killed)} MLflow runs of dead processes marked KILLED" + "".join(
+            f"\n  {run_id}" for run_id in killed))  # fmt: skip
+        return
     rows = list_runs(limit, upcoming)
     if as_json:
         print(json.dumps([r._asdict() for r in rows], indent=1))

@@ -50,6 +50,20 @@ class Settings(BaseSettings):
         None, description="Scheduler of a running Dask cluster, e.g. tcp://10.0.0.5:8786 (task_runner: dask)."
     )
 
+    db_connect_timeout_s: float = Field(
+        8.0,
+        gt=0,
+        description="Seconds one connection attempt to a catalog or MLflow database server may take; with "
+        "the retries (FEATUREATLAS_RETRY_ATTEMPTS, default 5) a server that never answers fails within a "
+        "minute.",
+    )
+    db_statement_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="Seconds the database server lets one catalog or MLflow statement run before "
+        "cancelling it.",
+    )
+
     @field_validator("artifact_root")
     @classmethod
     def _check_artifact_root(cls, value: str | None) -> str | None:

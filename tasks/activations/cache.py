@@ -17,7 +17,8 @@ or machines:
 `write_cache` calls the three in one process: parts=1 is the same code path as any other split.
 
 Resuming: if `out_dir` already holds a `resume.json` with the same content, every part keeps the full shards
-it finds in its own range (from its first shard on, without a gap, on every hookpoint) and restarts at the
+it finds in its own range (from its first shard on, without a gap, on every hookpoint) that still hash to
+the sha256 recorded beside each when it was written (`<shard>.sha256`), and restarts at the
 batch holding its first missing row, so a killed run recomputes only what is missing and ends with the bytes
 of an uninterrupted one.
 """
@@ -204,7 +205,8 @@ def _shard_width(out_dir: Path, hookpoint: str, n_rows: int, shard_tokens: int) 
     """d_in of `hookpoint`'s shards, once every shard is known to be there with its row count."""
     shard_dir = out_dir / "acts" / hookpoint_dir(hookpoint)
     n_shards = -(-n_rows // shard_tokens)
-    full = finished_shards(out_dir, hookpoint, shard_tokens, 0, n_rows // shard_tokens)
+    # sizes only: `ShardWriter.adopt` checks every shard against its recorded sha256 right after
+    full = finished_shards(out_dir, hookpoint, shard_tokens, 0, n_rows // shard_tokens, verify=False)
     tail = shard_dir / f"{n_shards - 1:05d}.safetensors"
     if full < n_rows // shard_tokens or not tail.is_file():
         missing = f"{full:05d}" if full < n_rows // shard_tokens else f"{n_shards - 1:05d}"

@@ -27,6 +27,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from featureatlas.tasks.common.models import DTYPES
+from featureatlas.tasks.tracking.errors import Refusal
 from featureatlas.tasks.tracking.paths import inside
 
 FORMAT_VERSION = 2  # 2: token column is_special, per-hookpoint layout, rms and mean_squared_norm
@@ -138,10 +139,22 @@ class ShardWriter:
         self.rows = 0
 
     def adopt(self, n_shards: int) -> None:
-        """Take over the first `n_shards` finished shards of an interrupted run; delete any later ones."""
+        """Take over the first `n_shards` finished shards of an interrupted run; delete any later ones.
+
+        Each shard must still hash to the sha256 recorded when it was written (`record_shard_sha256`); one
+        that does not is deleted, so that running the caching again recomputes it, and refused.
+        """
         for i in range(n_shards):
             path = self.folder / f"{i:05d}.safetensors"
-            self._record(load_file(str(path))["acts"], path, sha256_file(path))
+            sha256 = sha256_file(path)
+            if recorded_sha256(path) != sha256:
+                path.unlink()
+                raise CacheIntegrityError(
+                    f"shard {path} of hookpoint {self.hookpoint!r} does not match the checksum recorded when "
+                    "it was written (changed on disk, or never finished); it was deleted: run the caching "
+                    "again to recompute it"
+                )
+            self._record(load_file(str(path))["acts"], path, sha256)
         self.n_shards = n_shards
         for path in self.folder.iterdir():
             if not path.name.endswith(".safetensors") or int(path.name.split(".")[0]) >= n_shards:
@@ -171,6 +184,8 @@ class ShardWriter:
         sha256 = write_acts_shard(shard, path)
         if self.stats:
             self._record(shard, path, sha256)
+        else:  # a part of a resumable cache: the resume state keeps the checksum until assembly
+            record_shard_sha256(path, sha256)
 
     def _record(self, shard: torch.Tensor, path: Path, sha256: str) -> None:
         a64 = shard.double()
@@ -211,14 +226,44 @@ class ShardWriter:
         }
 
 
+def _sha256_record(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def record_shard_sha256(path: Path, sha256: str) -> None:
+    """Record the sha256 of the shard just written at `path` in the resume state: a file beside it.
+
+    Written after the shard is renamed into place, so a shard with a record is complete as written; a kill
+    in between leaves a shard without one, which a resumed run recomputes. The assembly step deletes the
+    records once the manifest lists every checksum.
+    """
+    atomic_write_text(sha256, _sha256_record(path))
+
+
+def recorded_sha256(path: Path) -> str | None:
+    """The sha256 recorded when the shard at `path` was written, or None if there is no record."""
+    try:
+        return _sha256_record(path).read_text().strip()
+    except FileNotFoundError:
+        return None
+
+
 def finished_shards(
-    folder: Path, hookpoint: str, shard_tokens: int, start: int = 0, stop: int | None = None
+    folder: Path,
+    hookpoint: str,
+    shard_tokens: int,
+    start: int = 0,
+    stop: int | None = None,
+    *,
+    verify: bool = True,
 ) -> int:
     """How many full shards (`start`, `start` + 1, ... without a gap, before `stop`) an interrupted run left
     for `hookpoint`.
 
     Shards are renamed into place only once fsynced, so a shard under its final name is complete; its size is
-    still checked against its own header, which costs nothing and catches a copy cut short.
+    still checked against its own header, which costs nothing and catches a copy cut short. With `verify`,
+    each shard must also hash to the sha256 recorded when it was written: a shard damaged since (a bad
+    disk, a stray write) or without a record is not adopted, but recomputed from there on.
     """
     shard_dir = folder / "acts" / hookpoint_dir(hookpoint)
     n = start
@@ -230,6 +275,8 @@ def finished_shards(
             break
         if rows != shard_tokens:
             break
+        if verify and (recorded_sha256(path) is None or sha256_file(path) != recorded_sha256(path)):
+            break
         n += 1
     return n - start
 
@@ -239,7 +286,7 @@ class StreamBatch(NamedTuple):
     rows: torch.Tensor  # [batch] int64: the rows of the token table they belong to
 
 
-class CacheIntegrityError(RuntimeError):
+class CacheIntegrityError(Refusal):
     """A shard is missing, truncated or does not match its checksum."""
 
 

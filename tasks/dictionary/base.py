@@ -20,7 +20,7 @@ from typing import Any, ClassVar, NamedTuple
 
 import torch
 from pydantic import BaseModel, ValidationError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
 from featureatlas.schemas.base import format_validation_error
@@ -104,7 +104,8 @@ class Dictionary(nn.Module, ABC):
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {name: t.detach().to("cpu").contiguous() for name, t in self.state_dict().items()}
         tmp = folder / f".{WEIGHTS_NAME}.tmp"
-        save_file(tensors, str(tmp), metadata={"method": self.method, "format_version": str(FORMAT_VERSION)})
+        metadata = {"method": self.method, "format_version": str(FORMAT_VERSION)}
+        write_safetensors_sorted(tensors, metadata, tmp)
         _fsync_replace(tmp, folder / WEIGHTS_NAME)
 
         cfg_json: dict[str, Any] = self.cfg.model_dump(mode="json")
@@ -177,6 +178,27 @@ def read_cfg_json(folder: Path) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise ValueError(f"{path} must hold a JSON object, got {type(raw).__name__}")
     return raw
+
+
+def write_safetensors_sorted(tensors: dict[str, Tensor], metadata: dict[str, str], path: Path) -> None:
+    """Write `tensors` as safetensors with the header's metadata keys in sorted order.
+
+    The safetensors library serialises `__metadata__` from a hash map, whose iteration order is seeded per
+    process: two processes saving the same weights wrote different bytes, so a resumed training could not
+    be checked byte for byte against an uninterrupted one. The header is rewritten here with the keys sorted
+    (the tensors' own order and offsets are already deterministic); readers see the same tensors and metadata.
+    """
+    raw = memoryview(save(tensors, metadata=metadata))
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(bytes(raw[8 : 8 + n]))
+    if "__metadata__" in header:
+        header = {"__metadata__": dict(sorted(header.pop("__metadata__").items())), **header}
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)  # the data must start at an 8-byte boundary, as the library pads it
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little"))
+        f.write(text)
+        f.write(raw[8 + n :])
 
 
 def _fsync_replace(tmp: Path, final: Path) -> None:

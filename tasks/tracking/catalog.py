@@ -26,6 +26,7 @@ from featureatlas.schemas.artifacts import ArtifactRef
 from featureatlas.schemas.catalog import ROWS, ArtifactRow, LineageEdge
 from featureatlas.tasks.tracking.retry import retrying
 from featureatlas.tasks.tracking.secrets import mask_secrets
+from featureatlas.tasks.tracking.timeouts import connect_args
 
 MIGRATIONS = Path(schemas_pkg.__file__).resolve().parent / "migrations"
 _MIGRATION_LOCK = 0x66656174  # PostgreSQL advisory lock key held while migrating ("feat")
@@ -44,14 +45,15 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
 
 
 def make_engine(url: str) -> Engine:
-    """An engine for `url`: SQLite with WAL, foreign keys and a busy timeout; others with pre-ping."""
+    """An engine for `url`: SQLite with WAL, foreign keys and a busy timeout; others with pre-ping and the
+    connect and statement timeouts of `timeouts`."""
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     if url.startswith("sqlite"):
         engine = create_engine(url)
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    return create_engine(url, pool_pre_ping=True, connect_args=connect_args(url))
 
 
 def _write_lock(conn: Connection) -> None:

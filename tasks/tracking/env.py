@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 
 from featureatlas.schemas.settings import Settings
-from featureatlas.tasks.tracking.secrets import install_log_masking
+from featureatlas.tasks.tracking.secrets import install_log_masking, register_url
 
 
 def configure_environment(settings: Settings | None = None) -> Settings:
@@ -39,5 +39,8 @@ def configure_environment(settings: Settings | None = None) -> Settings:
         defaults["PREFECT_API_URL"] = settings.prefect_api_url
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
+    for url in (settings.catalog_url, settings.mlflow_tracking_uri, settings.mlflow_backend_uri,
+                settings.prefect_database_url):  # fmt: skip
+        register_url(url)
     install_log_masking()
     return settings

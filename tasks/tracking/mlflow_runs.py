@@ -26,9 +26,12 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from featureatlas.schemas.artifacts import ArtifactRef
+from featureatlas.tasks.tracking.mlflow_store import open_store
+from featureatlas.tasks.tracking.orphans import OWNER_TAG, owner, reap_orphans
 from featureatlas.tasks.tracking.paths import check_name
 from featureatlas.tasks.tracking.retry import retrying
 from featureatlas.tasks.tracking.secrets import mask_secrets
+from featureatlas.tasks.tracking.timeouts import connect_args, with_timeouts
 
 _MAX_PARAM = 6000
 _HINT = (
@@ -113,7 +116,7 @@ def probe(uri: str) -> None:
     elif uri.split(":", 1)[0].split("+")[0] in {"postgresql", "mysql", "mssql"}:
         from sqlalchemy import create_engine, text
 
-        engine = create_engine(uri)
+        engine = create_engine(uri, connect_args=connect_args(uri))
         try:
             with engine.connect() as conn:
                 conn.execute(text("SELECT 1"))
@@ -126,22 +129,19 @@ class Tracker:
         self.uri = uri
         # before MLflow's own client: its database store retries a dead server for minutes, silently
         retrying("MLflow tracking store", uri, lambda: probe(uri), _HINT)
-        self.client = MlflowClient(uri)
-        exp = _write(self.client, self.client.get_experiment_by_name, experiment)
-        if exp is None:
-            # a tracking server keeps artifacts in its own store; a local store puts them in `artifact_root`
-            location = None
-            if not uri.startswith(("http://", "https://")):
-                artifact_root.mkdir(parents=True, exist_ok=True)
-                location = artifact_root.as_uri()
-            self.experiment_id = _write(
-                self.client, self.client.create_experiment, experiment, artifact_location=location
-            )
-        else:
-            self.experiment_id = exp.experiment_id
+        # a tracking server keeps artifacts in its own store; a local store puts them in `artifact_root`
+        location = None
+        if not uri.startswith(("http://", "https://")):
+            artifact_root.mkdir(parents=True, exist_ok=True)
+            location = artifact_root.as_uri()
+        # store creation, migration and the experiment under a cross-process lock (see `mlflow_store`)
+        client_uri = with_timeouts(uri)
+        self.client, self.experiment_id = retrying(
+            "MLflow tracking store", uri, lambda: open_store(client_uri, uri, experiment, location), _HINT
+        )
 
     def start(self, name: str, parent_run_id: str | None = None, tags: dict | None = None) -> StageRun:
-        tags = mask_secrets({MLFLOW_RUN_NAME: name, **(tags or {})})
+        tags = mask_secrets({MLFLOW_RUN_NAME: name, **(tags or {})}) | {OWNER_TAG: owner()}
         if parent_run_id:
             tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
         run = _write(self.client, self.client.create_run, self.experiment_id, tags=tags, run_name=name)
@@ -156,7 +156,13 @@ class Tracker:
         if info.lifecycle_stage != "active" or info.experiment_id != self.experiment_id:
             return None
         self.client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+        self.client.set_tag(run_id, OWNER_TAG, owner())  # this process runs it now
         return StageRun(self.client, run_id)
+
+    def reap_orphans(self) -> list[str]:
+        """Mark KILLED the RUNNING runs whose processes died (see `orphans`); their ids."""
+        return retrying("MLflow tracking store", self.uri,
+                        lambda: reap_orphans(self.client, self.experiment_id), _HINT)  # fmt: skip
 
     def end(self, run: StageRun, ok: bool) -> None:
         status = RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED)

@@ -15,6 +15,7 @@ from featureatlas.schemas.settings import Settings
 from featureatlas.schemas.spec import PipelineSpec
 from featureatlas.tasks.tracking.catalog import open_catalog
 from featureatlas.tasks.tracking.mlflow_runs import StageRun
+from featureatlas.tasks.tracking.secrets import register_config_secrets
 from featureatlas.tasks.tracking.stage import StageContext, stage_logger, tracker_for
 
 
@@ -35,8 +36,11 @@ def pipeline_run(settings: Settings, spec: PipelineSpec, progress: bool = False)
     The catalog and the tracking store are both opened first, so that an unreachable one fails the run
     before anything is tracked or built.
     """
+    # the variables the spec names as holding keys (label.llm.api_key_env) are masked whatever their names
+    register_config_secrets(spec.model_dump(mode="json"))
     open_catalog(settings.catalog)
     tracker = tracker_for(settings)
+    tracker.reap_orphans()  # runs a killed run left RUNNING can never end: they are marked KILLED
     tags = {"featureatlas.pipeline": spec.name, "featureatlas.code_version": _git_commit()}
     from prefect.runtime import flow_run
 

@@ -17,13 +17,14 @@ from typing import TypeVar
 import tenacity
 from sqlalchemy.exc import DisconnectionError, OperationalError
 
-from featureatlas.tasks.tracking.secrets import mask_text, mask_url
+from featureatlas.tasks.tracking.errors import Refusal
+from featureatlas.tasks.tracking.secrets import mask_text, mask_url, register_url
 
 T = TypeVar("T")
 log = logging.getLogger("featureatlas.retry")
 
 
-class ServiceUnavailable(RuntimeError):
+class ServiceUnavailable(Refusal):
     """The catalog database or the MLflow tracking server could not be reached, even after retries."""
 
 
@@ -68,6 +69,8 @@ def retrying(service: str, url: str, fn: Callable[[], T], hint: str) -> T:
     Raises `ServiceUnavailable` naming `service` and `url` (masked) when every attempt failed transiently;
     any other error propagates unchanged on the first attempt.
     """
+
+    register_url(url)  # its password is masked in every message from here on, in whatever form it turns up
 
     def before_sleep(state: tenacity.RetryCallState) -> None:
         exc = state.outcome.exception()

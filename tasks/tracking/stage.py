@@ -5,8 +5,11 @@ it is handed on (and the reuse is logged and recorded as a nested MLflow run poi
 otherwise the stage builds into a temporary folder inside a nested MLflow run, the folder is renamed into
 place, and only then is the artifact registered with its lineage. A failed stage leaves no folder and no row,
 except a resumable stage (activation caching): it builds in `<id>.partial`, one folder per fingerprint that a
-failed or killed run leaves behind, and the next run with the same fingerprint resumes there. A lock file
-beside it keeps two processes from building into the same folder at once.
+failed or killed run leaves behind, and the next run with the same fingerprint resumes there.
+
+Two processes asked for the same artifact at once (two identical pipelines) build it once: the builder holds
+an exclusive lock on `<id>.lock` beside the folder; a second one waits for it, then looks in the catalog
+again and reuses what the first registered. Nothing is ever removed that a finished build registered.
 """
 
 from __future__ import annotations
@@ -57,21 +60,40 @@ def tracker_for(settings: Settings) -> Tracker:
 
 
 @contextlib.contextmanager
-def _exclusive(lock_path: Path) -> Iterator[None]:
-    """Hold an exclusive lock on `lock_path` (created if needed); refuse at once if another process has it."""
+def build_lock(lock_path: Path, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+    """Hold an exclusive lock on `lock_path` (created if needed), waiting while another process holds it.
+
+    The holder removes the file when done, so no lock files pile up; a process that was waiting on the
+    removed file then holds a lock nobody else can see, so after every acquisition the path is checked to
+    still name the locked file, and the lock is taken again on the new file if not. `on_wait` is called
+    once if the lock was busy.
+    """
     lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with lock_path.open("a") as f:
+    while True:
+        f = lock_path.open("a")
         try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RuntimeError(
-                f"another process is building {lock_path.name.removesuffix('.lock')}; wait for it to finish "
-                "(its result will then be reused)"
-            ) from None
-        try:
-            yield
-        finally:
-            lock_path.unlink(missing_ok=True)  # while still held: a waiting process then fails, not races
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if on_wait is not None:
+                    on_wait()
+                    on_wait = None
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            try:
+                current = os.stat(lock_path).st_ino == os.fstat(f.fileno()).st_ino
+            except FileNotFoundError:
+                current = False
+        except BaseException:
+            f.close()
+            raise
+        if current:
+            break
+        f.close()
+    try:
+        yield
+    finally:
+        lock_path.unlink(missing_ok=True)  # while still held, so the next holder finds a file of its own
+        f.close()
 
 
 def artifact_exists(settings: Settings, ident: Identity) -> bool:
@@ -116,8 +138,7 @@ def run_stage(
         "featureatlas.fingerprint": ident.fingerprint,
     }
 
-    found = catalog.find(ident.kind, ident.fingerprint)
-    if found is not None and Path(found["path"]).exists():
+    def reuse(found: dict) -> R:
         ref = ref_cls.model_validate(found | {"reused": True})
         log.info(
             "%s: reusing %s (fingerprint %s, made by MLflow run %s)",
@@ -133,17 +154,54 @@ def run_stage(
                 run.log_input(p, context=p.kind)
         return ref
 
+    def finished() -> dict | None:
+        found = catalog.find(ident.kind, ident.fingerprint)
+        return found if found is not None and Path(found["path"]).exists() else None
+
+    if (found := finished()) is not None:
+        return reuse(found)
+
     final = inside(settings.artifacts_dir, ident.kind, ident.id)
+    lock_path = final.with_name(f"{final.name}.lock")
+
+    def waiting() -> None:
+        log.info("%s: another process is building %s; waiting for it, to reuse its result", name, ident.id)
+
+    with build_lock(lock_path, on_wait=waiting):
+        # whoever held the lock may have built and registered it meanwhile: then it is reused, not rebuilt
+        if (found := finished()) is not None:
+            return reuse(found)
+        return _build(ctx, ident, ref_cls, tracker, catalog, final, name=name, config=config, parents=parents,
+                      tags=tags, build=build, resumable=resumable, same_run=same_run)  # fmt: skip
+
+
+def _build(
+    ctx: StageContext,
+    ident: Identity,
+    ref_cls: type[R],
+    tracker: Tracker,
+    catalog,
+    final: Path,
+    *,
+    name: str,
+    config: dict,
+    parents: list[ArtifactRef],
+    tags: dict,
+    build: Callable[[Path, StageRun], tuple[dict, dict]],
+    resumable: bool,
+    same_run: bool,
+) -> R:
+    """Build into a temporary folder, rename it to `final`, register it; the caller holds the build lock."""
+    log = stage_logger()
     if resumable:
         tmp = final.with_name(f"{final.name}.partial")
-        lock = _exclusive(final.with_name(f"{final.name}.partial.lock"))
     else:
+        for stale in final.parent.glob(f"{final.name}.partial-*"):
+            shutil.rmtree(stale)  # a killed builder's; under the build lock nobody else writes there
         tmp = final.with_name(f"{final.name}.partial-{uuid.uuid4().hex[:8]}")
-        lock = contextlib.nullcontext()
     log.info("%s: building %s", name, ident.id)
     run_file = final.with_name(f"{final.name}.partial.run") if resumable and same_run else None
-    # the walrus runs after the lock is taken: no other process can be writing the run file then
-    with lock, tracker.run(name, ctx.parent_run_id, tags, reopened := _reopen(tracker, run_file, tmp)) as run:
+    with tracker.run(name, ctx.parent_run_id, tags, reopened := _reopen(tracker, run_file, tmp)) as run:
         if reopened is not None:
             log.info("%s: continuing MLflow run %s of the interrupted build", name, run.run_id)
             run.set_tags({"featureatlas.resumed_under": str(ctx.parent_run_id)})
@@ -160,7 +218,9 @@ def run_stage(
             tmp.mkdir(parents=True, exist_ok=resumable)
             fields, columns = build(tmp, run)
             if final.exists():
-                shutil.rmtree(final)  # left by a run that died after the rename, before registering
+                # left by a run that died after the rename, before registering: under the build lock, with
+                # the catalog checked after taking it, this folder is registered nowhere and read by no one
+                shutil.rmtree(final)
             os.replace(tmp, final)
             ok = True
         finally:
