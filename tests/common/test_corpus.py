@@ -73,7 +73,9 @@ def test_heldout_share_of_the_budget_is_kept_when_train_documents_come_first(doc
     spec, documents = docs
     # the worst order for a budget filled in document order: every training document before any held-out one
     documents = documents.sort(pl.col("split") == "heldout")
-    spec = spec.model_copy(update={"max_tokens": 200, "heldout_fraction": 0.1, "pack": pack, "min_context_tokens": 4})
+    spec = spec.model_copy(
+        update={"max_tokens": 200, "heldout_fraction": 0.1, "pack": pack, "min_context_tokens": 4}
+    )
     c = build_contexts(documents, build_tiny_tokenizer(), spec)
     lengths = c.attention_mask.sum(1)
     held, train = int(lengths[c.heldout].sum()), int(lengths[~c.heldout].sum())
