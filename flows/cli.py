@@ -65,6 +65,7 @@ def _run(spec_path: Path, plan: bool, as_json: bool) -> None:
 
 def _print_plan(spec, settings: Settings, as_json: bool) -> None:
     from featureatlas.flows.plan import plan_pipeline
+    from featureatlas.tasks.common.memory import human
 
     try:
         stages = plan_pipeline(spec, settings)
@@ -82,6 +83,8 @@ def _print_plan(spec, settings: Settings, as_json: bool) -> None:
                         "parents": s.parents,
                         "reuse": s.reuse,
                         "path": s.path,
+                        "memory_bytes": s.memory,
+                        "device": s.device,
                     }
                     for s in stages
                 ],
@@ -90,14 +93,15 @@ def _print_plan(spec, settings: Settings, as_json: bool) -> None:
         )
         return
     table = Table(title=f"plan for {spec.name!r}")
-    for col in ("stage", "artifact", "fingerprint", "inputs", "action"):
+    for col in ("stage", "artifact", "fingerprint", "inputs", "memory", "action"):
         table.add_column(col)
     for s in stages:
         table.add_row(
-            s.stage,
+            escape(s.stage),
             s.ident.id,
             s.ident.fingerprint[:16],
             ", ".join(s.parents),
+            "" if s.memory is None else f"{human(s.memory)} ({s.device})",
             "[green]reuse[/green]" if s.reuse else "[yellow]run[/yellow]",
         )
     console.print(table)
