@@ -18,7 +18,6 @@ from featureatlas.tasks.activations.task import model_ident
 from featureatlas.tasks.common.memory import StageMemory, check_fits, estimate
 from featureatlas.tasks.common.preflight import check_paths, model_facts
 from featureatlas.tasks.dictionary.task import sweep_groups
-from featureatlas.tasks.tracking.members import member_label
 from featureatlas.tasks.tracking.catalog import open_catalog
 from featureatlas.tasks.tracking.identity import (
     Identity,
@@ -29,6 +28,7 @@ from featureatlas.tasks.tracking.identity import (
     interactions_identity,
     labeling_identity,
 )
+from featureatlas.tasks.tracking.members import member_label
 
 
 class PlannedStage(NamedTuple):
