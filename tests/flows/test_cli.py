@@ -33,7 +33,8 @@ def test_missing_model_folder_is_reported_by_plan(tmp_path, home):  # noqa: ARG0
     path = write_spec(tmp_path, model={"path": str(tmp_path / "no-such-model")})
     result = runner.invoke(app, ["run", str(path), "--plan"])
     assert result.exit_code == 2
-    assert "is not a local folder and hub downloads are off" in result.output
+    assert f"model path '{tmp_path / 'no-such-model'}' does not exist" in result.output
+    assert "hub" not in result.output
 
 
 def test_unknown_catalog_kind_and_id(home):  # noqa: ARG001
