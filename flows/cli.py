@@ -6,7 +6,6 @@ Each command builds a spec or a query and calls a flow or the catalog; nothing e
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 import traceback
@@ -367,8 +366,12 @@ def run_cli(argv: list[str] | None = None) -> int:
     argv = [a for a in argv if a != "--debug"]
     settings = configure_environment(Settings())
     command = next((a for a in argv if not a.startswith("-")), "")
-    if command in PREFECT_COMMANDS:
-        import prefect  # noqa: F401  (configures logging; the command log's filters go on top)
+    if not debug:  # MLflow's store migrations log at INFO through a handler of its own
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    if command in PREFECT_COMMANDS:  # Prefect's console handler first; the command log's filters go on it
+        from prefect.logging.configuration import ensure_logging_setup
+
+        ensure_logging_setup()
     log = CommandLog(settings, command, debug).start()
     try:
         app(args=argv, prog_name="featureatlas")
@@ -378,7 +381,7 @@ def run_cli(argv: list[str] | None = None) -> int:
         typer.secho("interrupted", err=True, fg="red")
         return 130
     except Exception as e:
-        logging.getLogger("featureatlas.cli").error("featureatlas %s failed", " ".join(argv), exc_info=e)
+        log.failure(f"featureatlas {' '.join(argv)} failed", e)
         if debug:
             traceback.print_exception(e)
         elif isinstance(e, ServiceUnavailable):  # the database or tracking server is down: it says which

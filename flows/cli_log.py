@@ -16,8 +16,8 @@ from pathlib import Path
 
 from featureatlas.schemas.settings import Settings
 
-# Prefect configures logging when it is imported (its dictConfig replaces the root logger's handlers), so
-# the commands that use it import it before the handlers here are installed
+# Prefect configures the root logger only while it has no handler of someone else's, so the commands that
+# use it set Prefect's logging up before the handlers here are installed
 PREFECT_COMMANDS = {"run", "demo", "schedule", "worker", "runs"}
 _NOISE = (
     "Starting temporary server",
@@ -60,7 +60,6 @@ class CommandLog:
         self._file = logging.FileHandler(self.path, encoding="utf-8", delay=True)
         self._file.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
         self._file.setLevel(logging.DEBUG if debug else logging.INFO)
-        self._filtered: list[logging.Handler] = []
         self._stderr: logging.Handler | None = None
 
     def start(self) -> CommandLog:
@@ -69,26 +68,38 @@ class CommandLog:
             quiet = QuietConsole()
             for handler in root.handlers:
                 handler.addFilter(quiet)
-                self._filtered.append(handler)
             for name in ("mlflow", "alembic"):  # they log to stderr through handlers of their own
                 for handler in logging.getLogger(name).handlers:
                     handler.addFilter(quiet)
-                    self._filtered.append(handler)
         if not root.handlers:  # Prefect not loaded: warnings still reach the terminal
             self._stderr = logging.StreamHandler()
             self._stderr.setLevel(logging.WARNING)
+            if not self.debug:
+                self._stderr.addFilter(QuietConsole())
             root.addHandler(self._stderr)
         root.addHandler(self._file)
         # featureatlas' own progress lines (stage code outside a Prefect run logs through `logging`)
         logging.getLogger("featureatlas").setLevel(logging.INFO)
         return self
 
+    def failure(self, message: str, error: BaseException) -> None:
+        """Write `message` and the traceback of `error` to the log file only (the terminal gets one line)."""
+        record = logging.LogRecord(
+            "featureatlas.cli",
+            logging.ERROR,
+            __file__,
+            0,
+            message,
+            None,
+            (type(error), error, error.__traceback__),
+        )
+        self._file.handle(record)
+
     def stop(self) -> None:
+        """Close the log file. The terminal's filters stay: the temporary Prefect server announces its
+        shutdown after the command returned, at the process's exit."""
         root = logging.getLogger()
         root.removeHandler(self._file)
         self._file.close()
         if self._stderr is not None:
             root.removeHandler(self._stderr)
-        for handler in self._filtered:
-            for f in [f for f in handler.filters if isinstance(f, QuietConsole)]:
-                handler.removeFilter(f)
