@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -41,7 +42,7 @@ def test_a_stage_error_is_one_line_with_the_log_path(tmp_path, home):
     error, log = lines[-2:]
     assert error == f"error: {corpus}:1: no field 'text'; set `corpus.text_field`"
     assert log.startswith("full log: ")
-    logged = open(log.removeprefix("full log: ")).read()
+    logged = Path(log.removeprefix("full log: ")).read_text()
     assert "Traceback" in logged and "no field 'text'" in logged
     assert len(lines) <= 12, done.stderr  # Prefect's few progress lines at most, then the error
 
