@@ -18,7 +18,7 @@ from featureatlas.schemas.settings import Settings
 
 # Prefect configures the root logger only while it has no handler of someone else's, so the commands that
 # use it set Prefect's logging up before the handlers here are installed
-PREFECT_COMMANDS = {"run", "demo", "schedule", "worker", "runs"}
+PREFECT_COMMANDS = {"run", "demo", "schedule", "worker"}
 _NOISE = (
     "Starting temporary server",
     "Stopping temporary server",

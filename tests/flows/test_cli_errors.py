@@ -48,3 +48,10 @@ def test_a_stage_error_is_one_line_with_the_log_path(tmp_path, home):
 
     debug = featureatlas("--debug", "run", str(path), home=home)
     assert debug.returncode == 1 and "Traceback" in debug.stderr
+
+    # `runs` reads the temporary server's database without starting one; runs are named by spec and time
+    runs = featureatlas("runs", "--json", home=home)
+    assert runs.returncode == 0, runs.stderr
+    listed = json.loads(runs.stdout)
+    assert [r["state"] for r in listed] == ["Failed", "Failed"]
+    assert all(r["name"].startswith("tiny 20") and r["end"].endswith("+00:00") for r in listed)
