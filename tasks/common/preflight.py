@@ -9,6 +9,7 @@ no weight is read.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 from typing import NamedTuple
 
@@ -69,7 +70,16 @@ def _width(site, cfg) -> int:
 
 
 def model_facts(spec: ModelSpec, source: str, hookpoints: list[str]) -> ModelFacts:
-    """Read the config from `source`, build the model on the meta device and resolve every hookpoint."""
+    """Read the config from `source`, build the model on the meta device and resolve every hookpoint.
+
+    Remembered per process: `featureatlas run` checks before starting Prefect and the flow checks again, and
+    reading a GGUF file's header alone takes seconds.
+    """
+    return _model_facts(spec, source, tuple(hookpoints))
+
+
+@lru_cache(maxsize=8)
+def _model_facts(spec: ModelSpec, source: str, hookpoints: tuple[str, ...]) -> ModelFacts:
     import torch
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
