@@ -6,10 +6,9 @@ Each command builds a spec or a query and calls a flow or the catalog; nothing e
 from __future__ import annotations
 
 import json
-import logging
 import os
-import subprocess
 import sys
+import traceback
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Optional
@@ -19,10 +18,10 @@ from rich.markup import escape
 from rich.table import Table
 
 from featureatlas.flows.cli_catalog import catalog_app
-from featureatlas.flows.cli_common import console, fail
+from featureatlas.flows.cli_common import console, conventional_help, fail
 from featureatlas.flows.cli_common import open_catalog_from_settings as _catalog
 from featureatlas.flows.cli_common import settings as current_settings
-from featureatlas.flows.cli_schedule import runs, schedule, worker
+from featureatlas.flows.cli_schedule import runs, schedule_app, worker
 from featureatlas.flows.cli_server import server_app
 from featureatlas.schemas.settings import Settings
 from featureatlas.schemas.spec import SpecError, load_spec
@@ -32,13 +31,11 @@ app = typer.Typer(
     help="featureatlas: declarative, tracked pipelines for finding features in neural networks.",
     no_args_is_help=True,
     add_completion=False,
+    # errors end in one line and the log's path (`run_cli`); `--debug` shows the traceback
+    pretty_exceptions_enable=False,
 )
-app.add_typer(catalog_app, name="catalog")
-app.add_typer(server_app, name="server")
 features_app = typer.Typer(help="Search labeled features across dictionaries.", no_args_is_help=True)
-app.add_typer(features_app, name="features")
-for command in (schedule, worker, runs):
-    app.command()(command)
+conventional_help()
 
 
 def demo_spec_path() -> Path:
@@ -55,18 +52,30 @@ def _run(spec_path: Path, plan: bool, as_json: bool) -> None:
         _print_plan(spec, settings, as_json)
         return
     from featureatlas.flows.pipeline import pipeline_flow
+    from featureatlas.flows.plan import preflight
     from featureatlas.tasks.tracking.run_server import run_server
 
+    try:  # before Prefect starts: what cannot run is refused in a second
+        preflight(spec, settings)
+    except (ValueError, FileNotFoundError) as e:
+        raise fail(str(e), 2) from None
     with run_server(settings):  # a temporary Prefect server that dies with this process, however it dies
         result = pipeline_flow(spec, progress=sys.stderr.isatty() and not as_json)
     if as_json:
         print(json.dumps(result.model_dump(mode="json"), indent=1))
-        return
-    _print_result(result, settings)
+    else:
+        _print_result(result, settings)
+    if result.failures:
+        from featureatlas.tasks.tracking.members import summary
+
+        for line in summary(result):
+            typer.secho(line, err=True, fg="red" if line.startswith("FAILED") else None)
+        raise fail(f"{len(result.failures)} stage(s) of the sweep failed; the others finished (see above)")
 
 
 def _print_plan(spec, settings: Settings, as_json: bool) -> None:
     from featureatlas.flows.plan import plan_pipeline
+    from featureatlas.tasks.common.memory import human
 
     try:
         stages = plan_pipeline(spec, settings)
@@ -84,6 +93,8 @@ def _print_plan(spec, settings: Settings, as_json: bool) -> None:
                         "parents": s.parents,
                         "reuse": s.reuse,
                         "path": s.path,
+                        "memory_bytes": s.memory,
+                        "device": s.device,
                     }
                     for s in stages
                 ],
@@ -92,14 +103,15 @@ def _print_plan(spec, settings: Settings, as_json: bool) -> None:
         )
         return
     table = Table(title=f"plan for {spec.name!r}")
-    for col in ("stage", "artifact", "fingerprint", "inputs", "action"):
+    for col in ("stage", "artifact", "fingerprint", "inputs", "memory", "action"):
         table.add_column(col)
     for s in stages:
         table.add_row(
-            s.stage,
+            escape(s.stage),
             s.ident.id,
             s.ident.fingerprint[:16],
             ", ".join(s.parents),
+            "" if s.memory is None else f"{human(s.memory)} ({s.device})",
             "[green]reuse[/green]" if s.reuse else "[yellow]run[/yellow]",
         )
     console.print(table)
@@ -198,7 +210,6 @@ def _print_result(result, settings: Settings) -> None:
     )
 
 
-@app.command()
 def run(
     spec: Annotated[Path, typer.Argument(help="Pipeline spec (YAML).")],
     plan: Annotated[
@@ -210,7 +221,6 @@ def run(
     _run(spec, plan, as_json)
 
 
-@app.command()
 def demo(
     plan: Annotated[bool, typer.Option("--plan", help="Print the demo's DAG; run nothing.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
@@ -219,32 +229,29 @@ def demo(
     _run(demo_spec_path(), plan, as_json)
 
 
-@app.command()
 def ui(
-    port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000,
-    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(metavar="PORT", help="Port to listen on.")] = 5000,
+    host: Annotated[str, typer.Option(metavar="HOST", help="Interface to listen on.")] = "127.0.0.1",
 ) -> None:
     """Open the MLflow UI on the featureatlas store (runs nested per pipeline, inputs show lineage)."""
+    from featureatlas.flows.cli_process import port_in_use, run_child
+    from featureatlas.tasks.tracking.secrets import mask_url
+
     settings = current_settings()
-    console.print(f"MLflow UI on http://{host}:{port} (store {settings.mlflow_uri}); Ctrl-C stops it")
-    cmd = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "server",
-        "--backend-store-uri",
-        settings.mlflow_uri,
-        "--host",
-        host,
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-    ]
-    raise typer.Exit(subprocess.call(cmd, env=os.environ.copy()))
+    if port_in_use(host, port):
+        raise fail(
+            f"port {port} on {host} is already in use; pass --port with a free one (or stop what uses it)"
+        )
+    console.print(
+        f"MLflow UI on http://{host}:{port} (store {mask_url(settings.mlflow_uri)}); Ctrl-C stops it",
+        markup=False,
+    )
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", host, "--port", str(port), "--workers", "1"]
+    # the store URL may hold a password: through the environment, never on a command line `ps` shows
+    env = os.environ.copy() | {"MLFLOW_BACKEND_STORE_URI": settings.mlflow_uri}
+    raise typer.Exit(run_child(cmd, env))
 
 
-@app.command()
 def dashboard(
     artifact_id: Annotated[str, typer.Argument(help="Dictionary or labeling id, e.g. dict-0123abcd4567.")],
     open_browser: Annotated[bool, typer.Option("--open", help="Also open it in the web browser.")] = False,
@@ -263,7 +270,6 @@ def dashboard(
         webbrowser.open(index.as_uri())
 
 
-@features_app.command("search")
 def features_search(
     text: Annotated[str, typer.Argument(help="Text to find in feature labels (case-insensitive).")],
     limit: Annotated[int, typer.Option(help="Most results shown.")] = 50,
@@ -287,7 +293,6 @@ def features_search(
     console.print(table)
 
 
-@app.command()
 def compare(
     out: Annotated[
         Optional[Path],  # noqa: UP045
@@ -329,27 +334,78 @@ def compare(
     console.print(f"plots: {files[1]}\ntable: {files[0]}\nMLflow run: {run_id}")
 
 
-def _show_stage_logs() -> None:
-    """Progress lines of the stage code (`tasks.*` loggers) on stderr, in Prefect's console format."""
-    handler = logging.StreamHandler()
-    fmt = "%(asctime)s.%(msecs)03d | %(levelname)-7s | %(name)s - %(message)s"
-    handler.setFormatter(logging.Formatter(fmt, datefmt="%H:%M:%S"))
-    stage_log = logging.getLogger("tasks")
-    stage_log.addHandler(handler)
-    stage_log.setLevel(logging.INFO)
-    stage_log.propagate = False
+@app.callback()
+def options(
+    debug: Annotated[
+        bool,
+        typer.Option("--debug", help="Show tracebacks and the services' start-up logs."),
+    ] = False,
+) -> None:
+    """featureatlas: declarative, tracked pipelines for finding features in neural networks."""
+
+
+# commands in the order a user meets them: run, look at the results, then operate the services
+_RUN, _LOOK, _OPERATE = "Run pipelines", "Look at results", "Operate"
+app.command(rich_help_panel=_RUN)(run)
+app.command(rich_help_panel=_RUN)(demo)
+app.add_typer(catalog_app, name="catalog", rich_help_panel=_LOOK)
+app.command(rich_help_panel=_LOOK)(compare)
+app.add_typer(features_app, name="features", rich_help_panel=_LOOK)
+features_app.command("search")(features_search)
+app.command(rich_help_panel=_LOOK)(dashboard)
+app.command(rich_help_panel=_LOOK)(ui)
+app.command(rich_help_panel=_OPERATE)(runs)
+app.add_typer(schedule_app, name="schedule", rich_help_panel=_OPERATE)
+app.command(rich_help_panel=_OPERATE)(worker)
+app.add_typer(server_app, name="server", rich_help_panel=_OPERATE)
+
+
+def run_cli(argv: list[str] | None = None) -> int:
+    """Run one command; an error ends in one line and the path of the command's full log.
+
+    `--debug` (anywhere on the line) shows the traceback and the orchestration stack's own logs instead.
+    """
+    from featureatlas.flows.cli_log import PREFECT_COMMANDS, CommandLog
+    from featureatlas.tasks.tracking.members import one_line
+    from featureatlas.tasks.tracking.retry import ServiceUnavailable
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    settings = configure_environment(Settings())
+    command = next((a for a in argv if not a.startswith("-")), "")
+    if not debug:  # MLflow's store migrations log at INFO through a handler of its own
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    if command in PREFECT_COMMANDS:  # Prefect's console handler first; the command log's filters go on it
+        from prefect.logging.configuration import ensure_logging_setup
+
+        ensure_logging_setup()
+    log = CommandLog(settings, command, debug).start()
+    try:
+        app(args=argv, prog_name="featureatlas")
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except KeyboardInterrupt:
+        typer.secho("interrupted", err=True, fg="red")
+        return 130
+    except Exception as e:
+        log.failure(f"featureatlas {' '.join(argv)} failed", e)
+        if debug:
+            traceback.print_exception(e)
+        elif isinstance(e, ServiceUnavailable):  # the database or tracking server is down: it says which
+            typer.secho(str(e), err=True, fg="red")
+        else:
+            typer.secho(f"error: {one_line(e)}", err=True, fg="red")
+        typer.secho(f"full log: {log.path}", err=True)
+        return 1
+    finally:
+        log.stop()
+    return 0
 
 
 def main() -> None:
-    from featureatlas.tasks.tracking.retry import ServiceUnavailable
-
-    configure_environment(Settings())
-    _show_stage_logs()
-    try:
-        app()
-    except ServiceUnavailable as e:  # the database or tracking server is down: the message says which
-        raise SystemExit(fail(str(e)).exit_code) from None
+    raise SystemExit(run_cli())
 
 
-if __name__ == "__main__":  # python -m flows.cli, the same as the featureatlas command
+if __name__ == "__main__":  # python -m featureatlas.flows.cli, the same as the featureatlas command
     main()

@@ -1,6 +1,10 @@
-"""`featureatlas run --plan`: the DAG a spec builds, each stage's fingerprint, and whether it would be reused.
+"""`featureatlas run --plan`: the DAG a spec builds, each stage's fingerprint, whether it would be reused, and
+the memory it needs.
 
-Uses the same identity formulas as the stages, so the plan and the run agree.
+Uses the same identity formulas as the stages, so the plan and the run agree. Before any fingerprint, the
+plan checks what would otherwise fail late (`tasks/common/preflight.py`: local paths, the held-out budget,
+the model's config and hookpoints) and each stage's memory against its device (`tasks/common/memory.py`);
+`pipeline_flow` runs the same checks before its first stage.
 """
 
 from __future__ import annotations
@@ -11,6 +15,9 @@ from typing import NamedTuple
 from featureatlas.schemas.settings import Settings
 from featureatlas.schemas.spec import PipelineSpec
 from featureatlas.tasks.activations.task import model_ident
+from featureatlas.tasks.common.memory import StageMemory, check_fits, estimate
+from featureatlas.tasks.common.preflight import check_paths, model_facts
+from featureatlas.tasks.dictionary.task import sweep_groups
 from featureatlas.tasks.tracking.catalog import open_catalog
 from featureatlas.tasks.tracking.identity import (
     Identity,
@@ -21,6 +28,7 @@ from featureatlas.tasks.tracking.identity import (
     interactions_identity,
     labeling_identity,
 )
+from featureatlas.tasks.tracking.members import member_label
 
 
 class PlannedStage(NamedTuple):
@@ -29,15 +37,58 @@ class PlannedStage(NamedTuple):
     parents: list[str]
     reuse: bool
     path: str | None
+    memory: int | None = None  # estimated peak bytes on the stage's device
+    device: str | None = None
+
+
+def _memory_by_key(estimates: list[StageMemory]) -> dict[tuple, StageMemory]:
+    """Estimates by (stage, hookpoint, cfg); a training estimate covers every config of its group."""
+    out = {}
+    for e in estimates:
+        if e.key[0] == "train":
+            out |= {("train", e.key[1], c): e for c in e.key[2]}
+        else:
+            out[e.key] = e
+    return out
+
+
+def preflight(spec: PipelineSpec, settings: Settings) -> list[StageMemory]:
+    """Refuse (PreflightError, a ValueError) what cannot run here: missing paths, no held-out tokens, an
+    unreadable model config, unknown hookpoints, a stage that does not fit its device's free memory."""
+    check_paths(spec)  # before the model is fingerprinted: a missing folder says so, not "hub is off"
+    if spec.model is None:
+        return []
+    source, model = model_ident(spec.model, settings.online)
+    if not Path(source).exists():  # a hub id (online only): its config would have to be downloaded
+        return []
+    model_spec = spec.model
+    # a registered GGUF model has a plain copy with config.json: reading that is instant, a GGUF header is not
+    found = open_catalog(settings.catalog).find("model", model.fingerprint)
+    if found is not None and found.get("converted") and Path(found["path"]).is_dir():
+        source, model_spec = found["path"], model_spec.model_copy(update={"gguf_file": None})
+    facts = model_facts(model_spec, source, spec.hookpoints)
+    estimates = estimate(spec, facts, sweep_groups(spec.dictionary_jobs()))
+    check_fits(estimates)
+    return estimates
 
 
 def plan_pipeline(spec: PipelineSpec, settings: Settings) -> list[PlannedStage]:
+    memory = _memory_by_key(preflight(spec, settings))
     catalog = open_catalog(settings.catalog)
 
-    def planned(stage: str, ident: Identity, parents: list[Identity]) -> PlannedStage:
+    def planned(stage: str, ident: Identity, parents: list[Identity], key: tuple = ()) -> PlannedStage:
         found = catalog.find(ident.kind, ident.fingerprint)
         reuse = found is not None and Path(found["path"]).exists()
-        return PlannedStage(stage, ident, [p.id for p in parents], reuse, found["path"] if reuse else None)
+        mem = memory.get(key)
+        return PlannedStage(
+            stage,
+            ident,
+            [p.id for p in parents],
+            reuse,
+            found["path"] if reuse else None,
+            mem.bytes if mem else None,
+            mem.device if mem else None,
+        )
 
     stages, dictionaries, cache = [], [], None
     if spec.model is not None:
@@ -45,20 +96,22 @@ def plan_pipeline(spec: PipelineSpec, settings: Settings) -> list[PlannedStage]:
         corpus = corpus_identity(spec.corpus)
         cache = cache_identity(model, corpus, spec.hookpoints, spec.cache)
         stages = [
-            planned("register_model", model, []),
+            planned("register_model", model, [], ("register_model",)),
             planned("prepare_corpus", corpus, []),
-            planned("cache_activations", cache, [model, corpus]),
+            planned("cache_activations", cache, [model, corpus], ("cache_activations",)),
         ]
     for hookpoint, cfg in spec.dictionary_jobs():
         d = dictionary_identity(cache, hookpoint, cfg)
         dictionaries.append(d)
-        stages.append(planned(f"train_dictionary[{cfg.method}, {hookpoint}]", d, [cache]))
+        what = member_label(hookpoint, [cfg])
+        stages.append(planned(f"train_dictionary[{what}]", d, [cache], ("train", hookpoint, cfg)))
         if spec.evaluate.enabled:
-            stages.append(
-                planned("evaluate_dictionary", evaluation_identity(d, cache, spec.evaluate), [d, cache])
-            )
+            ident = evaluation_identity(d, cache, spec.evaluate)
+            key = ("evaluate", hookpoint, cfg)
+            stages.append(planned(f"evaluate_dictionary[{what}]", ident, [d, cache], key))
         if spec.label.enabled:
-            stages.append(planned("label_features", labeling_identity(d, cache, spec.label), [d, cache]))
+            ident = labeling_identity(d, cache, spec.label)
+            stages.append(planned(f"label_features[{what}]", ident, [d, cache], ("label", hookpoint, cfg)))
     if spec.interactions.enabled:
         inputs = interaction_inputs(spec, catalog, cache, dictionaries)
         stages.append(planned("score_interactions", interactions_identity(spec.interactions, inputs), inputs))

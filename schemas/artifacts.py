@@ -140,6 +140,14 @@ class InteractionScoresRef(ArtifactRef):
     cache_id: str | None = Field(None, description="source 'dictionary': the cache its latents were read on.")
 
 
+class StageFailure(Contract):
+    """One stage of one sweep member that failed; the rest of the sweep went on without it."""
+
+    stage: str = Field(description="The stage, e.g. 'evaluate_dictionary'.")
+    member: str = Field(description="Which member: method, d_sae, k and hookpoint, or the dictionary's id.")
+    error: str = Field(description="The error's one-line message.")
+
+
 class DictionaryResult(Contract):
     dictionary: DictionaryRef
     evaluation: EvalReport | None = None
@@ -155,3 +163,7 @@ class PipelineResult(Contract):
     cache: ActivationCacheRef | None = None
     dictionaries: list[DictionaryResult] = Field(default_factory=list)
     interactions: InteractionScoresRef | None = None
+    failures: list[StageFailure] = Field(
+        default_factory=list,
+        description="Sweep members' stages that failed while the others went on (empty: everything ran).",
+    )

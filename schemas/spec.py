@@ -1,7 +1,8 @@
 """The pipeline spec: what a user writes in `pipeline.yaml`, validated before anything runs.
 
-Validators here check shapes and cross-field consistency only; whether files exist and hookpoints resolve is
-checked by the stages (validators never touch the disk, the network or the GPU).
+Validators here check shapes and cross-field consistency only; whether files exist, hookpoints resolve and
+each stage fits in memory is checked by the plan before any stage runs (`flows/plan.py::preflight`;
+validators never touch the disk, the network or the GPU).
 """
 
 from __future__ import annotations
@@ -65,10 +66,17 @@ class CorpusSpec(Contract):
     text_field: str = Field("text", description="Field holding the text in .jsonl and .parquet files.")
     context_length: int = Field(128, ge=8, le=8192, description="Tokens per context window.")
     max_tokens: int = Field(
-        250_000, ge=256, description="Token budget: stop once this many tokens are cached."
+        250_000,
+        ge=256,
+        description="Token budget: stop once this many tokens are cached (training and held-out documents "
+        "each take their share, see `heldout_fraction`).",
     )
     heldout_fraction: float = Field(
-        0.1, ge=0.0, lt=1.0, description="Share of documents held out for evaluation (split by document)."
+        0.1,
+        ge=0.0,
+        lt=1.0,
+        description="Share of documents held out for evaluation (split by document), and the share of "
+        "`max_tokens` reserved for them, so a budget smaller than the corpus still holds held-out tokens.",
     )
     min_context_tokens: int = Field(
         16, ge=2, description="Drop the tail of a document shorter than this (unpacked contexts only)."

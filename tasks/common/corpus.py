@@ -163,34 +163,45 @@ def _pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
 
 
+def split_budgets(spec: CorpusSpec) -> dict[bool, int]:
+    """Tokens each split may take, keyed by `heldout`: the held-out share of `max_tokens` is reserved for
+    held-out documents, so a budget smaller than the corpus never leaves evaluation without tokens (filling
+    contexts in document order alone would hand the whole budget to whichever split comes first)."""
+    heldout = round(spec.max_tokens * spec.heldout_fraction)
+    return {True: heldout, False: spec.max_tokens - heldout}
+
+
 def pack_contexts(documents: pl.DataFrame, tokenizer, spec: CorpusSpec) -> Contexts:
     """Documents end to end (each followed by EOS) in full contexts, train and held-out kept apart.
 
-    Exactly min(`max_tokens`, corpus tokens) real tokens are taken: every context is full except the last
-    one of each split.
+    Each split takes its share of `max_tokens` (`split_budgets`), or all of its documents when they are
+    fewer: every context is full except the last one of each split.
     """
     L, eos = spec.context_length, tokenizer.eos_token_id
+    budget = split_budgets(spec)
     open_ctx: dict[bool, tuple[list[int], list[int]]] = {False: ([], []), True: ([], [])}
     done: list[tuple[list[int], list[int], bool]] = []
-    total = 0
+    taken = {False: 0, True: 0}
     for i, (text, split) in enumerate(zip(documents["text"], documents["split"])):
+        heldout = split == "heldout"
+        if taken[heldout] >= budget[heldout]:
+            if all(taken[h] >= budget[h] for h in taken):
+                break
+            continue
         tokens = tokenizer(text, add_special_tokens=True)["input_ids"]
         if eos is not None and (not tokens or tokens[-1] != eos):
             tokens.append(eos)  # marks the document boundary for the model
-        heldout = split == "heldout"
         ids, docs = open_ctx[heldout]
         pos = 0
-        while pos < len(tokens) and total < spec.max_tokens:
-            take = min(L - len(ids), len(tokens) - pos, spec.max_tokens - total)
+        while pos < len(tokens) and taken[heldout] < budget[heldout]:
+            take = min(L - len(ids), len(tokens) - pos, budget[heldout] - taken[heldout])
             ids.extend(tokens[pos : pos + take])
             docs.extend([i] * take)
-            pos, total = pos + take, total + take
+            pos, taken[heldout] = pos + take, taken[heldout] + take
             if len(ids) == L:
                 done.append((ids.copy(), docs.copy(), heldout))
                 ids.clear()
                 docs.clear()
-        if total >= spec.max_tokens:
-            break
     done.extend((ids, docs, heldout) for heldout, (ids, docs) in open_ctx.items() if ids)
     if not done:
         raise ValueError("the corpus yields no context; add text")
@@ -207,28 +218,38 @@ def pack_contexts(documents: pl.DataFrame, tokenizer, spec: CorpusSpec) -> Conte
 def build_contexts(documents: pl.DataFrame, tokenizer, spec: CorpusSpec) -> Contexts:
     """Cut each document into windows of `context_length` tokens until `max_tokens` real tokens are taken.
 
-    Windows never cross documents; a document's tail shorter than `min_context_tokens` is dropped. With
-    `spec.pack`, documents are packed end to end instead (`pack_contexts`).
+    Each split takes its share of the budget (`split_budgets`), so evaluation always has held-out tokens
+    when the corpus has held-out documents. Windows never cross documents; a document's tail shorter than
+    `min_context_tokens` is dropped. With `spec.pack`, documents are packed end to end instead
+    (`pack_contexts`).
     """
     if spec.pack:
         return pack_contexts(documents, tokenizer, spec)
     L = spec.context_length
     pad = _pad_id(tokenizer)
+    budget = split_budgets(spec)
     ids, masks, doc_index, heldout = [], [], [], []
-    total = 0
+    taken = {False: 0, True: 0}
+
+    def full(h: bool) -> bool:  # what is left of the split's budget is too short for another window
+        return budget[h] - taken[h] < max(spec.min_context_tokens, 1)
+
     for i, (text, split) in enumerate(zip(documents["text"], documents["split"])):
+        held = split == "heldout"
+        if full(held):
+            if full(not held):
+                break
+            continue
         tokens = tokenizer(text, add_special_tokens=True)["input_ids"]
         for start in range(0, len(tokens), L):
-            window = tokens[start : start + L][: spec.max_tokens - total]
+            window = tokens[start : start + L][: budget[held] - taken[held]]
             if len(window) < spec.min_context_tokens:
                 break
             ids.append(window + [pad] * (L - len(window)))
             masks.append([1] * len(window) + [0] * (L - len(window)))
             doc_index.append(i)
-            heldout.append(split == "heldout")
-            total += len(window)
-        if total >= spec.max_tokens:
-            break
+            heldout.append(held)
+            taken[held] += len(window)
     if not ids:
         raise ValueError("the corpus yields no context; lower `corpus.min_context_tokens` or add text")
     return Contexts(

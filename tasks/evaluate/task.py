@@ -16,6 +16,7 @@ from featureatlas.schemas.artifacts import ActivationCacheRef, DictionaryRef, Ev
 from featureatlas.schemas.evaluation import EvalDetails
 from featureatlas.schemas.spec import EvaluateSpec
 from featureatlas.tasks.common.models import load_model_ref
+from featureatlas.tasks.common.progress import StageProgress
 from featureatlas.tasks.common.store import ActivationCache
 from featureatlas.tasks.dictionary import load_dictionary
 from featureatlas.tasks.evaluate.ablation import ablate_latents, most_frequent_latents
@@ -29,7 +30,10 @@ from featureatlas.tasks.evaluate.templates import ioi_task
 from featureatlas.tasks.tracking.catalog import open_catalog
 from featureatlas.tasks.tracking.identity import evaluation_identity, ref_identity
 from featureatlas.tasks.tracking.mlflow_runs import StageRun
-from featureatlas.tasks.tracking.stage import StageContext, run_stage
+from featureatlas.tasks.tracking.stage import StageContext, run_stage, stage_logger
+
+# rough shares of an evaluation's time, for the progress bar's ETA
+PHASES = {"reconstruction": 1, "CE-loss score": 3, "ablation and steering": 3, "geometry and supervised": 1}
 
 
 def heldout_contexts(store: ActivationCache, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,6 +134,11 @@ def evaluate_dictionary(
     ident = evaluation_identity(ref_identity(dictionary), ref_identity(cache), spec)
 
     def build(folder: Path, run: StageRun) -> tuple[dict, dict]:
+        with StageProgress(f"evaluate {dictionary.id}", PHASES, ctx.progress, stage_logger()) as progress:
+            return measure(folder, run, progress)
+
+    def measure(folder: Path, run: StageRun, progress: StageProgress) -> tuple[dict, dict]:
+        progress.step("reconstruction")
         store = ActivationCache(cache.path)
         rows = store.select_rows("heldout")[: spec.max_tokens]
         if rows.numel() == 0:
@@ -145,6 +154,7 @@ def evaluate_dictionary(
             hist_bins_per_decade=spec.hist_bins_per_decade,
             targets=None if target is None else store.load(target, rows),
         )
+        progress.step("CE-loss score")
         ids, mask = heldout_contexts(store, spec.ce_contexts)
         exclude_first = store.manifest["exclude_first_token"]
         site = target or hookpoint
@@ -161,7 +171,9 @@ def evaluate_dictionary(
             mean=mean,
             source_hookpoint=None if target is None else hookpoint,
         )
+        progress.step("ablation and steering")
         causes = causal_figures(loaded, sae, hookpoint, ids, mask, spec, exclude_first, target)
+        progress.step("geometry and supervised")
         details = EvalDetails(
             **recon.model_dump(include=set(EvalDetails.model_fields)),
             **ce.model_dump(include=set(EvalDetails.model_fields)),

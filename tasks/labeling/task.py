@@ -12,6 +12,7 @@ from prefect.cache_policies import NO_CACHE
 from featureatlas.schemas.artifacts import ActivationCacheRef, DictionaryRef, LabelingRef
 from featureatlas.schemas.spec import LabelSpec
 from featureatlas.tasks.common.models import load_model_ref
+from featureatlas.tasks.common.progress import StageProgress
 from featureatlas.tasks.common.store import ActivationCache
 from featureatlas.tasks.dictionary import load_dictionary
 from featureatlas.tasks.labeling.atlas import write_atlas
@@ -23,7 +24,10 @@ from featureatlas.tasks.labeling.stat_labeler import count_ngrams
 from featureatlas.tasks.labeling.top_contexts import write_feature_table
 from featureatlas.tasks.tracking.identity import labeling_identity, ref_identity
 from featureatlas.tasks.tracking.mlflow_runs import StageRun
-from featureatlas.tasks.tracking.stage import StageContext, run_stage
+from featureatlas.tasks.tracking.stage import StageContext, run_stage, stage_logger
+
+# rough shares of a labeling's time, for the progress bar's ETA
+PHASES = {"loading": 1, "feature statistics and labels": 8, "writing the table and atlas": 1}
 
 
 @task(name="label_features", cache_policy=NO_CACHE)
@@ -33,6 +37,11 @@ def label_features(
     ident = labeling_identity(ref_identity(dictionary), ref_identity(cache), spec)
 
     def build(folder: Path, run: StageRun) -> tuple[dict, dict]:
+        with StageProgress(f"label {dictionary.id}", PHASES, ctx.progress, stage_logger()) as progress:
+            return label(folder, run, progress)
+
+    def label(folder: Path, run: StageRun, progress: StageProgress) -> tuple[dict, dict]:
+        progress.step("loading")
         store = ActivationCache(cache.path)
         rows = store.select_rows(None)
         if spec.max_tokens is not None:
@@ -51,6 +60,7 @@ def label_features(
             del loaded
         sae = load_dictionary(dictionary.path)
         llm = build_labeler(spec.llm, online=ctx.settings.online) if spec.llm is not None else None
+        progress.step("feature statistics and labels")
         table = build_feature_table(
             sae,
             ShardedActs(store, dictionary.hookpoint, rows),
@@ -66,6 +76,7 @@ def label_features(
             window=spec.window,
         )
         table = table.with_columns(pl.lit(dictionary.id).alias("dictionary_id"))
+        progress.step("writing the table and atlas")
         write_feature_table(table, folder / "features.parquet")
         if spec.atlas:
             write_atlas(table, folder / "atlas", dictionary.id)

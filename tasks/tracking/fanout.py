@@ -78,6 +78,16 @@ class TaskPool:
         futures = [self.runner.submit(task, params) for params in calls]
         return [future.result() for future in futures]
 
+    def run_each(self, task: Task, calls: list[dict[str, Any]], shares_model: bool = False) -> list[Any]:
+        """As `run_all`, but every call runs to its end: a failed call leaves its exception in its place
+        instead of failing the batch, so independent jobs (a sweep's members) fail independently."""
+        in_threads = isinstance(self.runner, ThreadPoolTaskRunner)
+        if self.runner is None or (shares_model and in_threads):
+            states = [task(**params, return_state=True) for params in calls]
+            return [state.result(raise_on_failure=False) for state in states]
+        futures = [self.runner.submit(task, params) for params in calls]
+        return [future.result(raise_on_failure=False) for future in futures]
+
 
 @contextlib.contextmanager
 def task_pool(settings: Settings) -> Iterator[TaskPool]:

@@ -29,7 +29,8 @@ from featureatlas.tasks.common.store import sha256_file
 STAGE_VERSIONS = {
     "model": 1,
     "corpus": 2,  # 2: document order no longer puts every held-out document first
-    "activation_cache": 2,  # 2: is_special column, special tokens excluded, layout and rms in the manifest
+    "activation_cache": 3,  # 2: is_special column, special tokens excluded, layout and rms in the manifest;
+    # 3: each split takes its share of the token budget
     "dictionary": 1,
     "evaluation": 3,  # 2: details (mean ablation, KL, ablation, steering, geometry); 3: atomic geometry
     "labeling": 2,  # 2: feature statistics, statistical labels, scores, atlas

@@ -66,3 +66,20 @@ def test_saved_dataset_folder_is_a_corpus(tmp_path):
     assert set(docs["text"].to_list()) == set(TINY_TEXT[:5])
     with pytest.raises(ValueError, match=r"no column 'text'.*body"):
         load_documents(CorpusSpec(sources=[str(folder)]))
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_heldout_share_of_the_budget_is_kept_when_train_documents_come_first(docs, pack):
+    spec, documents = docs
+    # the worst order for a budget filled in document order: every training document before any held-out one
+    documents = documents.sort(pl.col("split") == "heldout")
+    spec = spec.model_copy(
+        update={"max_tokens": 200, "heldout_fraction": 0.1, "pack": pack, "min_context_tokens": 4}
+    )
+    c = build_contexts(documents, build_tiny_tokenizer(), spec)
+    lengths = c.attention_mask.sum(1)
+    held, train = int(lengths[c.heldout].sum()), int(lengths[~c.heldout].sum())
+    if pack:
+        assert (held, train) == (20, 180)  # exactly round(0.1 * 200) held-out tokens, the rest for training
+    else:
+        assert 0 < held <= 20 and 0 < train <= 180  # windows end at documents: at most each share

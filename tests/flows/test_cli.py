@@ -33,7 +33,8 @@ def test_missing_model_folder_is_reported_by_plan(tmp_path, home):  # noqa: ARG0
     path = write_spec(tmp_path, model={"path": str(tmp_path / "no-such-model")})
     result = runner.invoke(app, ["run", str(path), "--plan"])
     assert result.exit_code == 2
-    assert "is not a local folder and hub downloads are off" in result.output
+    assert f"model path '{tmp_path / 'no-such-model'}' does not exist" in result.output
+    assert "hub" not in result.output
 
 
 def test_unknown_catalog_kind_and_id(home):  # noqa: ARG001
@@ -65,6 +66,25 @@ def test_run_then_browse_catalog_and_plan_reuse(tmp_path, home, prefect_harness)
     listed = json.loads(runner.invoke(app, ["catalog", "list", "--kind", "dictionary", "--json"]).stdout)
     assert [r["id"] for r in listed] == [dict_id]
     assert listed[0]["path"] == out["dictionaries"][0]["dictionary"]["path"]
+    # the columns that tell dictionaries apart, with the evaluation's headline figures
+    ev = out["dictionaries"][0]["evaluation"]
+    assert {k: listed[0][k] for k in ("method", "hookpoint", "d_sae", "k", "status")} == {
+        "method": "topk", "hookpoint": "model.layers.1", "d_sae": 64, "k": 4, "status": "labeled"
+    }  # fmt: skip
+    assert (listed[0]["fvu"], listed[0]["l0"]) == (ev["fvu"], ev["l0"])
+    table = runner.invoke(app, ["catalog", "list", "--kind", "dictionary"]).output
+    assert "topk" in table and "labeled" in table and f"{ev['fvu']:.3f}" in table
+    below = json.loads(
+        runner.invoke(app, ["catalog", "list", "--where", f"fvu <= {ev['fvu']}", "--json"]).stdout
+    )
+    assert sorted(r["kind"] for r in below) == ["dictionary", "evaluation", "labeling"]
+    assert json.loads(runner.invoke(app, ["catalog", "list", "--method", "relu", "--json"]).stdout) == []
+    by_fvu = json.loads(runner.invoke(app, ["catalog", "list", "--sort", "fvu", "--json"]).stdout)
+    assert by_fvu[0]["fvu"] == ev["fvu"] and by_fvu[-1]["fvu"] is None
+    bad = runner.invoke(app, ["catalog", "list", "--where", "fvu <"])
+    assert bad.exit_code == 2 and "is not a condition over the columns" in bad.output
+    readable = runner.invoke(app, ["catalog", "show", dict_id]).output
+    assert not readable.lstrip().startswith("{") and readable.count("config") == 1 and "d_sae" in readable
 
     shown = json.loads(runner.invoke(app, ["catalog", "show", dict_id, "--json"]).stdout)
     assert shown["parents"] == [out["cache"]["id"]]
@@ -96,3 +116,19 @@ def test_run_then_browse_catalog_and_plan_reuse(tmp_path, home, prefect_harness)
 
     replan = json.loads(runner.invoke(app, ["run", str(path), "--plan", "--json"]).stdout)
     assert all(s["reuse"] for s in replan)
+
+    # flow runs are named by their spec and start time
+    flow_runs = json.loads(runner.invoke(app, ["runs", "--json"]).stdout)
+    assert flow_runs and flow_runs[0]["name"].startswith("tiny 20")
+
+    # removing the dictionary removes its evaluation and labeling (rows, edges, folders); a dry run first
+    derived = [dict_id, out["dictionaries"][0]["evaluation"]["id"], out["dictionaries"][0]["labeling"]["id"]]
+    dry = runner.invoke(app, ["catalog", "remove", dict_id, "--dry-run"])
+    assert dry.exit_code == 0 and "would remove 3 artifact(s) and 5 lineage edge(s)" in dry.output
+    assert all(i in dry.output for i in derived) and labeling.is_dir()
+    gone = runner.invoke(app, ["catalog", "remove", dict_id, "--yes"])
+    assert gone.exit_code == 0, gone.output
+    remaining = {r["id"] for r in json.loads(runner.invoke(app, ["catalog", "list", "--json"]).stdout)}
+    assert not remaining & set(derived) and out["cache"]["id"] in remaining and not labeling.exists()
+    again = json.loads(runner.invoke(app, ["run", str(path), "--plan", "--json"]).stdout)
+    assert [s["reuse"] for s in again] == [True, True, True, False, False, False]

@@ -26,7 +26,7 @@ def test_ui_serves_the_run_tree(home):
         child.log_metrics({"fvu": 0.25}, step=1)
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-c", "from flows.cli import main; main()", "ui", "--port", str(port)],
+        [sys.executable, "-c", "from featureatlas.flows.cli import main; main()", "ui", "--port", str(port)],
         env=os.environ.copy(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -59,3 +59,38 @@ def test_worker_runs_flow_runs_with_an_absolute_home(tmp_path, monkeypatch):
         "--limit",
         "2",
     ]
+
+
+def test_schedules_are_listed_paused_resumed_and_deleted(tmp_path, home, prefect_harness):  # noqa: ARG001
+    import json
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(tiny_spec(tmp_path, name="nightly")))
+    cli = CliRunner()
+    added = cli.invoke(app, ["schedule", "add", str(spec), "--cron", "0 3 * * *", "--pool", "test-pool"])
+    assert added.exit_code == 0, added.output
+
+    def listed() -> list[dict]:
+        result = cli.invoke(app, ["schedule", "list", "--json"])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)
+
+    [row] = listed()
+    assert (row["name"], row["schedule"], row["paused"]) == (
+        "featureatlas-pipeline/nightly",
+        "cron '0 3 * * *'",
+        False,
+    )
+    assert cli.invoke(app, ["schedule", "pause", "nightly"]).exit_code == 0
+    assert listed()[0]["paused"] is True
+    assert "paused" in cli.invoke(app, ["schedule", "list"]).output
+    assert cli.invoke(app, ["schedule", "resume", "nightly"]).exit_code == 0
+    assert listed()[0]["paused"] is False
+    unknown = cli.invoke(app, ["schedule", "pause", "weekly"])
+    assert (
+        unknown.exit_code == 2
+        and "no schedule named 'weekly'; known: featureatlas-pipeline/nightly" in unknown.output
+    )
+    deleted = cli.invoke(app, ["schedule", "delete", "nightly"])
+    assert deleted.exit_code == 0 and "deleted" in deleted.output
+    assert listed() == []
