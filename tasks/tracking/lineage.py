@@ -9,6 +9,9 @@
   as an input and the training and pipeline runs as an output.
 - The experiment is marked as model training (`mlflow.experimentKind`): MLflow 3 otherwise may open it in its
   GenAI view (traces, judges), which has no place for runs' metrics as columns.
+- The runs table shows no metric columns until they are picked, so the experiment carries a shared view
+  (the experiment tag MLflow's own "share view" writes) whose columns are each dictionary's FVU, L0 and
+  CE-loss score on the pipeline run; `runs_table_route` is the UI route that opens it in model-training mode.
 
 Models are linked after the pipeline's stages ran, from one place, so stages fanned out to threads or Dask
 workers never race to create the same model; a model found again (a reused dictionary) is not duplicated.
@@ -16,6 +19,7 @@ workers never race to create the same model; a model found again (a reused dicti
 
 from __future__ import annotations
 
+import json
 import time
 
 from mlflow.entities import LoggedModelInput, LoggedModelOutput, Metric
@@ -23,11 +27,43 @@ from mlflow.entities import LoggedModelInput, LoggedModelOutput, Metric
 from featureatlas.schemas.artifacts import ActivationCacheRef, DictionaryRef, EvalReport, PipelineResult
 from featureatlas.tasks.tracking.mlflow_runs import Tracker, _write, flatten
 
-__all__ = ["EXPERIMENT_KIND", "dictionary_title", "logged_model", "mark_model_training", "record_lineage"]
+__all__ = [
+    "EXPERIMENT_KIND",
+    "VIEW_KEY",
+    "dictionary_title",
+    "logged_model",
+    "mark_model_training",
+    "record_lineage",
+    "runs_table_route",
+]
 
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 # the evaluation figures a dictionary is compared by; they become the logged model's metrics
 HEADLINE = ("fvu", "l0", "ce_loss_score", "dead_fraction", "explained_variance", "mse")
+# the parent run's per-dictionary figures shown as columns of the shared runs-table view
+COLUMNS = ("fvu", "l0", "ce_loss_score")
+VIEW_KEY = "dictionaries"
+_VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
+
+
+def runs_table_route(experiment_id: str) -> str:
+    """The UI route (after the server's address) of the runs table with the dictionaries' columns."""
+    return f"#/experiments/{experiment_id}/runs?workflowType=machine_learning&viewStateShareKey={VIEW_KEY}"
+
+
+def share_columns_view(tracker: Tracker, n_dictionaries: int) -> None:
+    """Add `dict<i>.fvu`, `.l0`, `.ce_loss_score` and the `dict<i>` tag (i < n) to the shared view."""
+    client = tracker.client
+    tags = _write(client, client.get_experiment, tracker.experiment_id).tags
+    state = json.loads(tags.get(_VIEW_TAG, "{}"))
+    columns = list(state.get("selectedColumns", []))
+    for i in range(n_dictionaries):
+        for key in [f"metrics.`dict{i}.{m}`" for m in COLUMNS] + [f"tags.`dict{i}`"]:
+            if key not in columns:
+                columns.append(key)
+    if columns != state.get("selectedColumns"):
+        state["selectedColumns"] = columns
+        _write(client, client.set_experiment_tag, tracker.experiment_id, _VIEW_TAG, json.dumps(state))
 
 
 def dictionary_title(ref: DictionaryRef) -> str:
@@ -118,6 +154,7 @@ def link_evaluation(tracker: Tracker, model_id: str, report: EvalReport, cache: 
 def record_lineage(tracker: Tracker, result: PipelineResult) -> list[str]:
     """Give every dictionary of `result` its logged model and links; returns the models' ids in order."""
     mark_model_training(tracker)
+    share_columns_view(tracker, len(result.dictionaries))
     ids = []
     for d in result.dictionaries:
         model_id = logged_model(tracker, d.dictionary)

@@ -6,12 +6,20 @@ figures of each dictionary on the parent run. A second run that reuses everythin
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from featureatlas.tasks.tracking.lineage import EXPERIMENT_KIND, record_lineage
+from featureatlas.tasks.tracking.lineage import EXPERIMENT_KIND, record_lineage, runs_table_route
 from featureatlas.tasks.tracking.stage import tracker_for
+from tests.flows.test_ui import free_port
+from tests.tracking.browser import chromium, keep_screenshot, needs_chromium
 from tests.tracking.lineage_run import run_tiny_pipeline
 
 pytestmark = pytest.mark.slow
@@ -87,3 +95,67 @@ def test_recording_again_links_nothing_twice(tiny_run):
     assert sorted(m.key for m in model.metrics) == sorted(
         ["fvu", "l0", "ce_loss_score", "dead_fraction", "explained_variance", "mse"]
     )
+
+
+@pytest.fixture
+def mlflow_ui(tiny_run):
+    """The MLflow UI on the run's store, on loopback; its whole process group is stopped afterwards."""
+    settings, _ = tiny_run
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", settings.mlflow_uri]
+        + ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=5):
+                    break
+            except OSError:
+                assert proc.poll() is None, "the MLflow server exited"
+                assert time.monotonic() < deadline, "the MLflow UI did not answer within 180 s"
+                time.sleep(1)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+@needs_chromium
+def test_mlflow_ui_shows_columns_and_the_dictionary_page_links_its_lineage(tiny_run, mlflow_ui, tmp_path):
+    settings, result = tiny_run
+    d = result.dictionaries[0]
+    client = MlflowClient(settings.mlflow_uri)
+    experiment_id = client.get_run(result.mlflow_run_id).info.experiment_id
+    (model,) = client.search_logged_models([experiment_id])
+
+    # the runs table, in model-training mode, with the shared view's columns: dict0's FVU, L0, CE-loss score
+    # (the grid renders only the columns in view: the window is wide enough for all of them)
+    runs_url = f"{mlflow_ui}/{runs_table_route(experiment_id)}"
+    dom = chromium(["--window-size=1800,1000", "--dump-dom", runs_url], tmp_path / "profile", budget_ms=20000)
+    for key in ("fvu", "l0", "ce_loss_score"):
+        assert f'col-id="metrics.`dict0.{key}`"' in dom, key
+    assert repr(d.evaluation.fvu)[:8] in dom  # the value itself, in the parent run's row
+    assert "Model training" in dom and "share key" not in dom
+    shot = tmp_path / "mlflow_runs.png"
+    chromium([f"--screenshot={shot}", "--window-size=1800,900", runs_url], tmp_path / "profile", 20000)
+    assert shot.stat().st_size > 20_000
+    keep_screenshot(shot)
+
+    # the dictionary's logged-model page: its training run, its evaluation run, the cache it was measured on
+    route = f"#/experiments/{experiment_id}/models/{model.model_id}?workflowType=machine_learning"
+    model_url = f"{mlflow_ui}/{route}"
+    dom = chromium(["--window-size=1800,1000", "--dump-dom", model_url], tmp_path / "profile", budget_ms=20000)
+    assert d.dictionary.id in dom
+    assert f'href="#/experiments/{experiment_id}/runs/{d.dictionary.mlflow_run_id}"' in dom
+    assert f'href="#/runs/{d.evaluation.mlflow_run_id}"' in dom
+    assert f"{result.cache.id} (#{result.cache.fingerprint[:32]})" in dom
+    shot = tmp_path / "mlflow_dictionary.png"
+    chromium([f"--screenshot={shot}", "--window-size=1800,900", model_url], tmp_path / "profile", 20000)
+    assert shot.stat().st_size > 20_000
+    keep_screenshot(shot)
