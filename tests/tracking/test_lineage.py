@@ -23,6 +23,7 @@ from tests.tracking.browser import chromium, keep_screenshot, needs_chromium
 from tests.tracking.lineage_run import run_tiny_pipeline
 
 pytestmark = pytest.mark.slow
+WIDE = "--window-size=1800,1000"  # the runs grid renders only the columns in view
 
 
 @pytest.fixture(scope="module")
@@ -135,27 +136,26 @@ def test_mlflow_ui_shows_columns_and_the_dictionary_page_links_its_lineage(tiny_
     (model,) = client.search_logged_models([experiment_id])
 
     # the runs table, in model-training mode, with the shared view's columns: dict0's FVU, L0, CE-loss score
-    # (the grid renders only the columns in view: the window is wide enough for all of them)
     runs_url = f"{mlflow_ui}/{runs_table_route(experiment_id)}"
-    dom = chromium(["--window-size=1800,1000", "--dump-dom", runs_url], tmp_path / "profile", budget_ms=20000)
+    dom = chromium([WIDE, "--dump-dom", runs_url], tmp_path / "profile", budget_ms=20000)
     for key in ("fvu", "l0", "ce_loss_score"):
         assert f'col-id="metrics.`dict0.{key}`"' in dom, key
     assert repr(d.evaluation.fvu)[:8] in dom  # the value itself, in the parent run's row
     assert "Model training" in dom and "share key" not in dom
     shot = tmp_path / "mlflow_runs.png"
-    chromium([f"--screenshot={shot}", "--window-size=1800,900", runs_url], tmp_path / "profile", 20000)
+    chromium([f"--screenshot={shot}", WIDE, runs_url], tmp_path / "profile", 20000)
     assert shot.stat().st_size > 20_000
     keep_screenshot(shot)
 
     # the dictionary's logged-model page: its training run, its evaluation run, the cache it was measured on
     route = f"#/experiments/{experiment_id}/models/{model.model_id}?workflowType=machine_learning"
     model_url = f"{mlflow_ui}/{route}"
-    dom = chromium(["--window-size=1800,1000", "--dump-dom", model_url], tmp_path / "profile", budget_ms=20000)
+    dom = chromium([WIDE, "--dump-dom", model_url], tmp_path / "profile", budget_ms=20000)
     assert d.dictionary.id in dom
     assert f'href="#/experiments/{experiment_id}/runs/{d.dictionary.mlflow_run_id}"' in dom
     assert f'href="#/runs/{d.evaluation.mlflow_run_id}"' in dom
     assert f"{result.cache.id} (#{result.cache.fingerprint[:32]})" in dom
     shot = tmp_path / "mlflow_dictionary.png"
-    chromium([f"--screenshot={shot}", "--window-size=1800,900", model_url], tmp_path / "profile", 20000)
+    chromium([f"--screenshot={shot}", WIDE, model_url], tmp_path / "profile", 20000)
     assert shot.stat().st_size > 20_000
     keep_screenshot(shot)
