@@ -22,6 +22,7 @@ from featureatlas.flows.cli_catalog import catalog_app
 from featureatlas.flows.cli_common import console, fail
 from featureatlas.flows.cli_common import open_catalog_from_settings as _catalog
 from featureatlas.flows.cli_common import settings as current_settings
+from featureatlas.flows.cli_dashboard import dashboard
 from featureatlas.flows.cli_schedule import runs, schedule, worker
 from featureatlas.flows.cli_server import server_app
 from featureatlas.schemas.settings import Settings
@@ -236,23 +237,7 @@ def ui(
     raise typer.Exit(subprocess.call(cmd, env=os.environ.copy()))
 
 
-@app.command()
-def dashboard(
-    artifact_id: Annotated[str, typer.Argument(help="Dictionary or labeling id, e.g. dict-0123abcd4567.")],
-    open_browser: Annotated[bool, typer.Option("--open", help="Also open it in the web browser.")] = False,
-) -> None:
-    """Print (and with --open, open) the path of a dictionary's static HTML feature atlas."""
-    from featureatlas.tasks.labeling.lookup import find_atlas
-
-    try:
-        index = find_atlas(_catalog(), artifact_id)
-    except ValueError as e:
-        raise fail(str(e)) from None
-    print(index.as_uri())
-    if open_browser:
-        import webbrowser
-
-        webbrowser.open(index.as_uri())
+app.command()(dashboard)
 
 
 @features_app.command("search")

@@ -7,7 +7,8 @@ log-scale histograms of its activations and of the dictionary's feature density 
 contexts (every token shaded by the latent's activation, the peak token marked) and quantile examples (the
 sampled token marked), whitespace made visible; decoder neighbours and co-occurring latents, each linked
 with its label. A "try it" box stays hidden in the static atlas; served by `featureatlas dashboard --serve`
-(`serve.py`), it shows the latent's activation on every token of a text the user types. Everything is
+(`serve.py`), it shows the latent's activation on every token of a text the user types (`#try=text` in the
+address fills it in, so an example can be shared). Everything is
 escaped; files are written to a temporary folder and renamed into place.
 """
 
@@ -42,8 +43,10 @@ if(location.protocol.startsWith('http'))fetch('/api/info').then(r=>r.ok?r.json()
         return '<span class="none" title="not scored">'+ws(t)+'</span>';
         const al=a>0?0.15+0.85*Math.min(a/m,1):0;return '<span class="tok" style="--a:'+al.toFixed(2)
         +'" title="'+a.toFixed(3)+'">'+ws(t)+'</span>'}).join('')
-      +'<p class="meta">max activation here '+Math.max(0,...d.activations.filter(a=>a!==null)).toFixed(3)
-      +'</p>'})})})"""
+      +'<br><span class="meta">max activation here '+Math.max(0,...d.activations.filter(a=>a!==null))
+      .toFixed(3)+'</span>'})});
+  const pre=new URLSearchParams(location.hash.slice(1)).get('try');  // #try=text: a shareable example
+  if(pre){box.querySelector('textarea').value=pre;box.querySelector('form').requestSubmit()}})"""
 
 
 def _alpha(activation: float, max_act: float) -> float:
