@@ -26,6 +26,7 @@ from mlflow.entities import LoggedModelInput, LoggedModelOutput, Metric
 
 from featureatlas.schemas.artifacts import ActivationCacheRef, DictionaryRef, EvalReport, PipelineResult
 from featureatlas.tasks.tracking.mlflow_runs import Tracker, _write, flatten
+from featureatlas.tasks.tracking.secrets import mask_secrets
 
 __all__ = [
     "EXPERIMENT_KIND",
@@ -53,6 +54,8 @@ def runs_table_route(experiment_id: str) -> str:
 
 def share_columns_view(tracker: Tracker, n_dictionaries: int) -> None:
     """Add `dict<i>.fvu`, `.l0`, `.ce_loss_score` and the `dict<i>` tag (i < n) to the shared view."""
+    if n_dictionaries == 0:
+        return
     client = tracker.client
     tags = _write(client, client.get_experiment, tracker.experiment_id).tags
     state = json.loads(tags.get(_VIEW_TAG, "{}"))
@@ -104,7 +107,7 @@ def logged_model(tracker: Tracker, ref: DictionaryRef) -> str:
         tracker.experiment_id,
         name=ref.id,
         source_run_id=ref.mlflow_run_id,
-        params=params,
+        params=mask_secrets(params),
         tags={"featureatlas.artifact_id": ref.id, "featureatlas.artifact_path": ref.path},
         model_type=f"dictionary/{ref.config.method}",
     )
