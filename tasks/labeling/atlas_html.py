@@ -1,9 +1,10 @@
 """HTML pieces of the atlas: the page shell, tokens with visible whitespace, compact log-scale histograms.
 
-Tokens are shown as the model sees them, so whitespace is made visible: a newline is `↵`, a tab `⇥`, and a
-space `·` wherever it carries the meaning (a whitespace-only token in a context; every token in a token
-table, where " cat" and "cat" are different tokens). Histograms are inline SVG, a few lines high, with the
-count axis on a log scale (bins differ by orders of magnitude), each bar titled with its range and count.
+Tokens are shown as the model sees them, so whitespace is made visible: a newline is `↵`, a tab `⇥`, other
+control characters their control pictures (`␜`), and a space `·` wherever it carries the meaning (a
+whitespace-only token in a context; every token in a token table, where " cat" and "cat" are different
+tokens). Histograms are inline SVG, a few lines high, with the count axis on a log scale (bins differ by
+orders of magnitude), each bar titled with its range and count.
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ def _visible(token: str, visible_spaces: bool) -> str:
             out.append(f'<span class="ws">{_SYMBOLS[ch]}</span>')
         elif ch == " " and visible_spaces:
             out.append('<span class="ws">·</span>')
+        elif ord(ch) < 0x20:  # other control characters: their Unicode "control picture" (U+2400 + code)
+            out.append(f'<span class="ws">{chr(0x2400 + ord(ch))}</span>')
         else:
             out.append(html.escape(ch))
     return "".join(out) if out else '<span class="ws">∅</span>'

@@ -26,7 +26,8 @@ const q=byId('q'),f=byId('minfreq'),s=byId('minscore');let sortKey='latent',desc
 function fmt(x,d){return x===null||x===undefined?'':x.toFixed(d)}
 function esc(t){return String(t).replace(/[&<>"]/g,c=>({'&':'&amp;','<':'&lt;','>':'&gt;','"':'&quot;'}[c]))}
 function ws(t){return esc(t).replace(/\\n/g,'<span class="ws">↵</span>')
-  .replace(/\\t/g,'<span class="ws">⇥</span>').replace(/ /g,'<span class="ws">·</span>')}
+  .replace(/\\t/g,'<span class="ws">⇥</span>').replace(/ /g,'<span class="ws">·</span>')
+  .replace(/[\\x00-\\x1f]/g,c=>'<span class="ws">'+String.fromCharCode(0x2400+c.charCodeAt(0))+'</span>')}
 function cmp(a,b){const x=a[sortKey],y=b[sortKey];if(x===y)return 0;if(x===null||x===undefined)return 1;
   if(y===null||y===undefined)return -1;return (x<y?-1:1)*(desc?-1:1)}
 function render(){const needle=q.value.toLowerCase(),mf=parseFloat(f.value)||0,ms=parseFloat(s.value)||0;

@@ -74,6 +74,7 @@ def test_whitespace_is_visible():
     assert show_token(" ", spaces=False) == '<span class="ws">·</span>'  # a whitespace-only token
     assert show_token(" cat", spaces=False) == " cat"  # running text keeps its spaces plain
     assert show_token(" cat") == '<span class="ws">·</span>cat'  # a token table shows the leading space
+    assert show_token("\x1c") == '<span class="ws">␜</span>'  # a control character, pictured
     assert _highlight(" «cat» ", 1.0, 1.0).startswith('<span class="ctx"> <mark')  # text around: plain
     got = _highlight("a\n«\n»b", 1.0, 1.0)
     assert "«" not in got and got.count("↵") == 2 and 'title="1.000"><span class="ws">↵</span></mark>' in got
