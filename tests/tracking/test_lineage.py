@@ -18,8 +18,7 @@ from mlflow.tracking import MlflowClient
 
 from featureatlas.tasks.tracking.lineage import EXPERIMENT_KIND, record_lineage, runs_table_route
 from featureatlas.tasks.tracking.stage import tracker_for
-from tests.flows.test_ui import free_port
-from tests.tracking.browser import chromium, keep_screenshot, needs_chromium
+from tests.tracking.browser import chromium, free_port, keep_screenshot, needs_chromium
 from tests.tracking.lineage_run import run_tiny_pipeline
 
 pytestmark = pytest.mark.slow
