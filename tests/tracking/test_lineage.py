@@ -1,7 +1,8 @@
 """A real pipeline run leaves lineage MLflow can show: the experiment in model-training mode, the dictionary
 as a logged model (training run as source, config as params, evaluation metrics tied to the evaluation run and
 the cache's dataset), datasets with a schema and a source naming the run that made them, and the headline
-figures of each dictionary on the parent run. A second run that reuses everything adds no second model."""
+figures of each dictionary on the parent run. A second run that reuses the dictionary adds no second model;
+in headless Chromium, the MLflow UI shows the columns and the dictionary's page with its links."""
 
 from __future__ import annotations
 
@@ -26,8 +27,13 @@ WIDE = "--window-size=1800,1000"  # the runs grid renders only the columns in vi
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, prefect_harness):  # noqa: ARG001
-    return run_tiny_pipeline(tmp_path_factory.mktemp("home"), tmp_path_factory.mktemp("work"))
+def work(tmp_path_factory):
+    return tmp_path_factory.mktemp("work")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, work, prefect_harness):  # noqa: ARG001
+    return run_tiny_pipeline(tmp_path_factory.mktemp("home"), work)
 
 
 def test_dictionary_is_a_logged_model_with_its_lineage(tiny_run):
@@ -95,6 +101,19 @@ def test_recording_again_links_nothing_twice(tiny_run):
     assert sorted(m.key for m in model.metrics) == sorted(
         ["fvu", "l0", "ce_loss_score", "dead_fraction", "explained_variance", "mse"]
     )
+
+
+def test_a_run_reusing_the_dictionary_adds_no_second_model(tiny_run, work):
+    settings, first = tiny_run
+    _, second = run_tiny_pipeline(settings.home_dir, work)
+    d = second.dictionaries[0]
+    assert d.dictionary.reused and d.dictionary.id == first.dictionaries[0].dictionary.id
+    client = MlflowClient(settings.mlflow_uri)
+    (model,) = client.search_logged_models([client.get_run(first.mlflow_run_id).info.experiment_id])
+    assert len(model.metrics) == 6  # the reused evaluation is not linked again
+    parent = client.get_run(second.mlflow_run_id)
+    assert [o.model_id for o in parent.outputs.model_outputs] == [model.model_id]
+    assert parent.data.metrics["dict0.fvu"] == pytest.approx(d.evaluation.fvu)
 
 
 @pytest.fixture
