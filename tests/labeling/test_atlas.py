@@ -4,6 +4,7 @@ feature page shows its contexts and histograms. Skips without chromium only outs
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -123,3 +124,18 @@ def test_every_window_token_is_shaded_by_its_activation():
         '<mark class="peak" style="--a:1.00" title="2.000"> b</mark>'
         '<span class="tok" style="--a:0.57" title="1.000"> c</span> d</span>'
     )
+
+
+@needs_chromium
+def test_index_across_dictionaries_shows_and_searches_the_dictionary(atlas, tmp_path):
+    from featureatlas.tasks.labeling.atlas_index import index_page
+
+    rows = json.loads(re.search(r'id="data">(.*?)</script>', atlas.read_text()).group(1))
+    other = [r | {"dictionary": "dict-b", "href": "../b/" + r["href"]} for r in rows[:3]]
+    index = tmp_path / "index.html"
+    index.write_text(index_page("run", [("dict-a: topk", rows), ("dict-b: topk", other)], run=True))
+    dom = chromium(["--dump-dom", index.as_uri()], tmp_path / "profile")
+    assert "15 of 15 features" in dom and dom.count("<svg") == 2  # one density histogram each
+    assert dom.count("<td>dict-b</td>") == 3 and 'href="../b/features/0.html"' in dom
+    dom = chromium(["--dump-dom", index.as_uri() + "#q=dict-b"], tmp_path / "profile")
+    assert "3 of 15 features" in dom and "<td>dict-&lt;test&gt;</td>" not in dom
