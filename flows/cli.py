@@ -21,6 +21,7 @@ from featureatlas.flows.cli_catalog import catalog_app
 from featureatlas.flows.cli_common import console, conventional_help, fail
 from featureatlas.flows.cli_common import open_catalog_from_settings as _catalog
 from featureatlas.flows.cli_common import settings as current_settings
+from featureatlas.flows.cli_dashboard import dashboard
 from featureatlas.flows.cli_schedule import runs, schedule_app, worker
 from featureatlas.flows.cli_server import server_app
 from featureatlas.schemas.settings import Settings
@@ -250,24 +251,6 @@ def ui(
     # the store URL may hold a password: through the environment, never on a command line `ps` shows
     env = os.environ.copy() | {"MLFLOW_BACKEND_STORE_URI": settings.mlflow_uri}
     raise typer.Exit(run_child(cmd, env))
-
-
-def dashboard(
-    artifact_id: Annotated[str, typer.Argument(help="Dictionary or labeling id, e.g. dict-0123abcd4567.")],
-    open_browser: Annotated[bool, typer.Option("--open", help="Also open it in the web browser.")] = False,
-) -> None:
-    """Print (and with --open, open) the path of a dictionary's static HTML feature atlas."""
-    from featureatlas.tasks.labeling.lookup import find_atlas
-
-    try:
-        index = find_atlas(_catalog(), artifact_id)
-    except ValueError as e:
-        raise fail(str(e)) from None
-    print(index.as_uri())
-    if open_browser:
-        import webbrowser
-
-        webbrowser.open(index.as_uri())
 
 
 def features_search(

@@ -4,8 +4,10 @@ For each latent, the unigram at each top context's max position and the bigram e
 compared with their base rate in the corpus. An n-gram is kept when it covers at least `min_share` of the top
 contexts and is at least `min_lift` times more common there than in the corpus; the label names up to
 `max_items` of them (a bigram replaces its own last token when it covers nearly as many contexts, being
-more specific) and, when logit effects are given, the token the latent's decoder direction promotes most.
-The evidence (share, base rate, lift of every kept n-gram) is kept next to the label as JSON.
+more specific). The label says only what the latent reads: the token its decoder direction promotes most
+(what it writes, through the logit lens) is a different kind of fact, so it goes into the evidence and the
+atlas shows it apart, never into the label text (nor into the label's detection and embedding scores).
+The evidence (share, base rate, lift of every kept n-gram; the top promoted token) is kept as JSON.
 """
 
 from __future__ import annotations
@@ -103,8 +105,6 @@ def statistical_label(
     text = dict(zip(ids, token_strings(ids))) if ids else {}
     names = [json.dumps("".join(text[t] for t in s[1]), ensure_ascii=False) for s in kept]
     label = " | ".join(names) if names else None
-    if label is not None and promoted:
-        label += f" → {json.dumps(text[promoted[0]], ensure_ascii=False)}"
     evidence = {
         "ngrams": [
             {

@@ -13,19 +13,17 @@ from __future__ import annotations
 import time
 import urllib.error
 import urllib.request
-import warnings
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
-from mlflow.data.dataset_source_registry import resolve_dataset_source
-from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from featureatlas.schemas.artifacts import ArtifactRef
+from featureatlas.tasks.tracking.datasets import dataset_entity
 from featureatlas.tasks.tracking.mlflow_store import open_store
 from featureatlas.tasks.tracking.orphans import OWNER_TAG, owner, reap_orphans
 from featureatlas.tasks.tracking.paths import check_name
@@ -82,14 +80,9 @@ class StageRun:
         _write(self.client, self.client.log_artifact, self.run_id, str(path), artifact_path)
 
     def log_input(self, ref: ArtifactRef, context: str) -> None:
-        """Record that this run consumed `ref`: the lineage MLflow shows in its UI."""
-        with warnings.catch_warnings():
-            # MLflow registers the local-file source twice and warns that the path is ambiguous
-            warnings.simplefilter("ignore", UserWarning)
-            source = resolve_dataset_source(ref.path)
-        dataset = MetaDataset(source=source, name=ref.id, digest=ref.fingerprint[:32])
+        """Record that this run consumed `ref`: the lineage MLflow shows in its UI (`datasets.py`)."""
         tags = [InputTag("mlflow.data.context", context), InputTag("featureatlas.kind", ref.kind)]
-        entity = DatasetInput(dataset._to_mlflow_entity(), tags)
+        entity = DatasetInput(dataset_entity(ref), tags)
         for attempt in range(3):
             try:
                 _write(self.client, self.client.log_inputs, self.run_id, datasets=[entity])

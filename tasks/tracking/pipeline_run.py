@@ -14,6 +14,7 @@ from featureatlas.schemas.artifacts import PipelineResult
 from featureatlas.schemas.settings import Settings
 from featureatlas.schemas.spec import PipelineSpec
 from featureatlas.tasks.tracking.catalog import open_catalog
+from featureatlas.tasks.tracking.lineage import dictionary_title, record_lineage
 from featureatlas.tasks.tracking.mlflow_runs import StageRun
 from featureatlas.tasks.tracking.secrets import register_config_secrets
 from featureatlas.tasks.tracking.stage import StageContext, stage_logger, tracker_for
@@ -57,10 +58,15 @@ def pipeline_run(settings: Settings, spec: PipelineSpec, progress: bool = False)
 
 
 def log_summary(ctx: StageContext, result: PipelineResult) -> None:
-    """Put every dictionary's headline figures and the whole result on the parent run."""
-    run = StageRun(tracker_for(ctx.settings).client, result.mlflow_run_id)
+    """Put every dictionary's headline figures (`dict<i>.fvu`, `.l0`, `.ce_loss_score`: columns of the runs
+    table), a `dict<i>` tag naming it, and the whole result on the parent run; give every dictionary its
+    MLflow logged model (`lineage.py`)."""
+    tracker = tracker_for(ctx.settings)
+    run = StageRun(tracker.client, result.mlflow_run_id)
     metrics = {}
+    record_lineage(tracker, result)
     for i, d in enumerate(result.dictionaries):
+        run.set_tags({f"dict{i}": dictionary_title(d.dictionary)})
         if d.evaluation is not None:
             for key in ("fvu", "l0", "dead_fraction", "ce_loss_score"):
                 metrics[f"dict{i}.{key}"] = getattr(d.evaluation, key)

@@ -53,8 +53,9 @@ def test_planted_cat_feature_table():
         assert df.schema[col] == dtype
     cat = df.row(0, named=True)
     assert cat["label"] == '" cat"'
-    assert cat["stat_label"] == '" cat" → " cat"'
+    assert cat["stat_label"] == '" cat"'  # the promoted token is evidence, not part of the label
     evidence = json.loads(cat["stat_label_evidence"])
+    assert evidence["promoted"] == [" cat"]
     assert evidence["ngrams"][0]["ids"] == [CAT] and evidence["ngrams"][0]["share"] == 1.0
     assert evidence["ngrams"][0]["lift"] > 5
     assert cat["detection_score"] == pytest.approx(1.0)
