@@ -1,4 +1,5 @@
-"""Halo and swarm plots of a Rashomon set (PNG, matplotlib's Agg backend: no display needed).
+"""Halo and swarm plots of a Rashomon set (PNG; `Figure` objects render without pyplot, so no display is
+needed and the caller's matplotlib backend, e.g. a notebook's inline one, is left alone).
 
 Halo: for one pair, each split `a + b = 1` and sign combination `q` is a point at angle
 `atan2(a, b) + q * pi / 2` whose radius is the actual loss increase of applying both scalings together.
@@ -13,12 +14,10 @@ import math
 from pathlib import Path
 
 import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from featureatlas.tasks.interactions.rashomon import Exploration, PairCloud  # noqa: E402
+from featureatlas.tasks.interactions.rashomon import Exploration, PairCloud
 
 
 def halo_points(cloud: PairCloud, ex: Exploration) -> tuple[np.ndarray, np.ndarray]:
@@ -29,9 +28,10 @@ def halo_points(cloud: PairCloud, ex: Exploration) -> tuple[np.ndarray, np.ndarr
 
 
 def halo_plot(rings: list[tuple[Exploration, PairCloud]], names: tuple[str, str], path: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(5, 5))
+    fig = Figure(figsize=(5, 5))
+    ax = fig.subplots()
     circle = np.linspace(0, 2 * math.pi, 200)
-    colors = plt.cm.viridis(np.linspace(0.15, 0.85, len(rings)))
+    colors = matplotlib.colormaps["viridis"](np.linspace(0.15, 0.85, len(rings)))
     for (ex, cloud), color in zip(rings, colors):
         angle, radius = halo_points(cloud, ex)
         order = np.lexsort((angle,))
@@ -54,7 +54,6 @@ def halo_plot(rings: list[tuple[Exploration, PairCloud]], names: tuple[str, str]
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
     return path
 
 
@@ -62,7 +61,8 @@ def swarm_plot(
     clouds: list[PairCloud], ref_loss: float, names: list[str], path: Path, title: str = "the Rashomon set"
 ) -> Path:
     """FIS over the set per pair (rows), coloured by the model's loss increase; red cross: the reference."""
-    fig, ax = plt.subplots(figsize=(9, 0.45 * len(clouds) + 1.5))
+    fig = Figure(figsize=(9, 0.45 * len(clouds) + 1.5))
+    ax = fig.subplots()
     rng = np.random.default_rng(0)
     increases = [c.loss[c.in_set] - ref_loss for c in clouds if c.in_set.any()]
     # a refit can beat the reference (increase < 0); the colour scale then starts below 0
@@ -91,5 +91,4 @@ def swarm_plot(
         fig.colorbar(sc, ax=ax, label="loss increase over L*")
     fig.tight_layout()
     fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
     return path
