@@ -37,7 +37,7 @@ from featureatlas.artifacts import (
     search_features,
 )
 from featureatlas.catalog_view import CatalogView, Lineage, catalog
-from featureatlas.pipelines import load_spec, plan, run, train
+from featureatlas.pipelines import demo_spec, load_spec, plan, run, train
 
 try:
     __version__ = version("featureatlas")
@@ -50,6 +50,7 @@ __all__ = [
     "atlas",
     "catalog",
     "compare",
+    "demo_spec",
     "evaluation",
     "features",
     "load_cache",

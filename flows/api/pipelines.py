@@ -19,7 +19,14 @@ if TYPE_CHECKING:
     from featureatlas.schemas.spec import PipelineSpec
     from featureatlas.tasks.dictionary.train import TrainResult
 
-__all__ = ["load_spec", "plan", "run", "train"]
+__all__ = ["demo_spec", "load_spec", "plan", "run", "train"]
+
+
+def demo_spec() -> Path:
+    """The embedded demo spec (`featureatlas demo`): SmolLM2-135M, Python's own docs, a TopK SAE."""
+    from importlib import resources
+
+    return Path(str(resources.files("featureatlas.flows") / "pipelines" / "demo.yaml"))
 
 
 def load_spec(path: str | Path) -> PipelineSpec:
@@ -49,10 +56,12 @@ def plan(spec_or_path: PipelineSpec | dict[str, Any] | str | Path) -> list[Plann
 
 
 def _plan(spec: PipelineSpec) -> list[PlannedStage]:
-    from featureatlas.flows.plan import plan_pipeline
     from featureatlas.tasks.tracking.env import configure_environment
 
-    return plan_pipeline(spec, configure_environment())
+    settings = configure_environment()  # before the stages import Prefect and MLflow
+    from featureatlas.flows.plan import plan_pipeline
+
+    return plan_pipeline(spec, settings)
 
 
 def run(
