@@ -100,11 +100,12 @@ def test_wheel_in_fresh_venv_runs_a_pipeline_next_to_a_users_tasks_py(wheel, tmp
     probe = (
         "import importlib.util as u, json, featureatlas, featureatlas.tasks.dictionary as d;"
         "print(json.dumps({'file': featureatlas.__file__, 'flows': u.find_spec('flows') is not None,"
-        "'methods': sorted(d.METHODS)}))"
+        "'methods': sorted(d.METHODS), 'api': featureatlas.__all__}))"
     )
     found = json.loads(subprocess.check_output([py, "-c", probe], cwd=tmp_path, env=env))
     assert Path(found["file"]).is_relative_to(own_site), found["file"]
     assert not found["flows"] and "topk" in found["methods"]
+    assert {"run", "catalog", "load_dictionary", "features"} <= set(found["api"])
     for name in ("tasks", "schemas", "flows"):
         done = subprocess.run([py, "-c", f"import {name}"], cwd=tmp_path, env=env, capture_output=True)
         assert done.returncode != 0 and b"ModuleNotFoundError" in done.stderr, name
