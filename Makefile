@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint ui clean
+.PHONY: install demo test test-fast lint docs ui clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ test-fast: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check schemas tasks flows tests benchmarks
+
+# The docs site into build/docs-site (strict: broken links fail); `-m mkdocs serve -f docs/mkdocs.yml` previews.
+docs: $(STAMP)
+	$(PY) -m mkdocs build -f docs/mkdocs.yml
 
 ui: $(STAMP)
 	$(VENV)/bin/featureatlas ui

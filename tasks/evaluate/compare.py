@@ -89,10 +89,8 @@ def frontier_plot(rows: list[ComparisonRow], path: Path) -> Path:
         raise ValueError(
             "no evaluated dictionaries in the catalog; run a pipeline with `evaluate` enabled first"
         )
-    import matplotlib  # imported here: the Agg backend must be chosen before pyplot, and only when plotting
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # a bare Figure renders to PNG without pyplot: the caller's backend (a notebook's) is left alone
+    from matplotlib.figure import Figure
 
     series: dict[tuple[str, str], list[ComparisonRow]] = {}
     for r in rows:
@@ -102,7 +100,8 @@ def frontier_plot(rows: list[ComparisonRow], path: Path) -> Path:
         ("ce_loss_score", "CE-loss score vs zero ablation (higher is better)"),
         ("dead_fraction", "dead fraction"),
     ]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5), constrained_layout=True)
+    fig = Figure(figsize=(15, 4.5), constrained_layout=True)
+    axes = fig.subplots(1, 3)
     for ax, (field, title) in zip(axes, panels, strict=True):
         for (method, hookpoint), points in sorted(series.items()):
             points = sorted(points, key=lambda r: r.l0)
@@ -119,7 +118,6 @@ def frontier_plot(rows: list[ComparisonRow], path: Path) -> Path:
     axes[0].legend(fontsize=8)
     fig.suptitle(f"{len(rows)} evaluated dictionaries")
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 

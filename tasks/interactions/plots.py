@@ -1,4 +1,5 @@
-"""Halo and swarm plots of a Rashomon set (PNG, matplotlib's Agg backend: no display needed).
+"""Halo and swarm plots of a Rashomon set (PNG; `Figure` objects render without pyplot, so no display is
+needed and the caller's matplotlib backend, e.g. a notebook's inline one, is left alone).
 
 Halo (one pair `i, j`, one ring per epsilon): a boundary model spends the share `a` of epsilon on scaling
 feature i and `1 - a` on feature j, in one of four sign combinations (`m_i` up or down, `m_j` up or down).
@@ -23,11 +24,11 @@ from pathlib import Path
 
 import matplotlib
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
 
-from featureatlas.tasks.interactions.rashomon import SIGNS, HaloRing, PairCloud  # noqa: E402
+from featureatlas.tasks.interactions.rashomon import SIGNS, HaloRing, PairCloud
 
 
 def halo_points(ring: HaloRing) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -50,18 +51,18 @@ def _ring_order(ring: HaloRing) -> np.ndarray:
 
 
 def halo_plot(rings: list[HaloRing], names: tuple[str, str], path: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(5.5, 5.5))
+    fig = Figure(figsize=(5.5, 5.5))
+    ax = fig.subplots()
     draw_halo(ax, rings, names)
     fig.tight_layout()
     fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
     return path
 
 
-def draw_halo(ax: plt.Axes, rings: list[HaloRing], names: tuple[str, str]) -> None:
+def draw_halo(ax: Axes, rings: list[HaloRing], names: tuple[str, str]) -> None:
     """The halo of `rings` (one per epsilon) on `ax`, axes labelled with what they show."""
     circle = np.linspace(0, 2 * math.pi, 200)
-    colors = plt.cm.viridis(np.linspace(0.15, 0.85, len(rings)))
+    colors = matplotlib.colormaps["viridis"](np.linspace(0.15, 0.85, len(rings)))
     for ring, color in zip(rings, colors):
         x, y, below = halo_points(ring)
         order = _ring_order(ring)
@@ -91,9 +92,8 @@ def swarm_plot(
 ) -> Path:
     """One panel per pair on its own scale: FIS over the set coloured by loss increase, the reference
     (red x, bar: +- 2 Monte-Carlo standard errors) and the null band `bands[k] = (low, high)` (grey)."""
-    fig, axes = plt.subplots(
-        len(clouds), 1, figsize=(9, 1.0 * len(clouds) + 1.2), squeeze=False, layout="constrained"
-    )
+    fig = Figure(figsize=(9, 1.0 * len(clouds) + 1.2), layout="constrained")
+    axes = fig.subplots(len(clouds), 1, squeeze=False)
     rng = np.random.default_rng(0)
     increases = [c.loss[c.in_set] - ref_loss for c in clouds if c.in_set.any()]
     # a model can beat the reference (increase < 0); the colour scale then starts below 0
@@ -137,5 +137,4 @@ def swarm_plot(
     if sc is not None:
         fig.colorbar(sc, ax=axes[:, 0].tolist(), label="loss increase over L*")
     fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
     return path
