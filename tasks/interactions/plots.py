@@ -23,7 +23,6 @@ import math
 from pathlib import Path
 
 import matplotlib
-
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
