@@ -40,7 +40,7 @@ from featureatlas.schemas.spec import CacheSpec, CorpusSpec
 from featureatlas.tasks.common.corpus import Contexts, build_contexts
 from featureatlas.tasks.common.hookpoints import Site
 from featureatlas.tasks.common.hooks import capture_activations, resolve_site
-from featureatlas.tasks.common.models import LoadedModel
+from featureatlas.tasks.common.models import DTYPES, LoadedModel
 from featureatlas.tasks.common.store import (
     FORMAT_VERSION,
     ShardWriter,
@@ -68,6 +68,7 @@ class CachePlan(NamedTuple):
     key: dict  # what resume.json records: a folder holding another key holds another run's shards
     n_rows: int
     parts: list[tuple[int, int]]  # shard range [first, end) of each part; the last ends past the tail
+    dtype: str  # dtype of the stored rows: `cache.dtype`, or the model's for 'auto'
 
 
 def _token_strings(tokenizer, ids: list[int]) -> dict[int, str]:
@@ -86,6 +87,15 @@ def _split(n_rows: int, shard_tokens: int, parts: int) -> list[tuple[int, int]]:
     bounds = [p * n_full // n for p in range(n + 1)]
     bounds[-1] += bool(tail)
     return list(zip(bounds[:-1], bounds[1:]))
+
+
+def stored_dtype(cache: CacheSpec, model: torch.nn.Module) -> str:
+    """The dtype rows are stored in: `cache.dtype`, or with 'auto' the dtype the model runs in."""
+    if cache.dtype != "auto":
+        return cache.dtype
+    dtype = next(model.parameters()).dtype
+    names = {v: k for k, v in DTYPES.items()}
+    return names.get(dtype, "float32")
 
 
 def plan_cache(
@@ -119,7 +129,7 @@ def plan_cache(
             len(parts),
             cache.parts,
         )
-    return CachePlan(contexts, sites, key, n_rows, parts)
+    return CachePlan(contexts, sites, key, n_rows, parts, stored_dtype(cache, loaded.model))
 
 
 def prepare_cache(plan: CachePlan, out_dir: Path) -> None:
@@ -192,7 +202,7 @@ def write_part(
             if hp not in writers:
                 d_in, layout = acts[hp].shape[-1], plan.sites[hp].layout()
                 writers[hp] = ShardWriter(
-                    out_dir, hp, d_in, cache.dtype, T, layout, first_shard=first + kept, stats=False
+                    out_dir, hp, d_in, plan.dtype, T, layout, first_shard=first + kept, stats=False
                 )
             writers[hp].add(acts[hp][keep][lo:hi])
     for w in writers.values():
@@ -247,15 +257,31 @@ def assemble(
     tokenizer, documents: pl.DataFrame, plan: CachePlan, cache: CacheSpec, out_dir: Path, *, header: dict
 ) -> CacheSummary:
     """Adopt every part's shards, write the token table, contexts and (last) the manifest."""
-    contexts, T = plan.contexts, cache.shard_tokens
-    n_ctx, L = contexts.input_ids.shape
+    T = cache.shard_tokens
     n_shards = -(-plan.n_rows // T)
     hp_info = {}
     for hp in plan.key["hookpoints"]:
         d_in = _shard_width(out_dir, hp, plan.n_rows, T)
-        writer = ShardWriter(out_dir, hp, d_in, cache.dtype, T, plan.sites[hp].layout())
+        writer = ShardWriter(out_dir, hp, d_in, plan.dtype, T, plan.sites[hp].layout())
         writer.adopt(n_shards)  # every shard re-read in order: float64 sums as one run makes them
         hp_info[hp] = writer.finish()
+    return finish_cache(tokenizer, documents, plan, cache, out_dir, header=header, hookpoints=hp_info)
+
+
+def finish_cache(
+    tokenizer,
+    documents: pl.DataFrame,
+    plan: CachePlan,
+    cache: CacheSpec,
+    out_dir: Path,
+    *,
+    header: dict,
+    hookpoints: dict[str, dict],
+    extra: dict | None = None,
+) -> CacheSummary:
+    """Write the token table, the contexts and (last) the manifest listing `hookpoints`."""
+    contexts, T, hp_info = plan.contexts, cache.shard_tokens, hookpoints
+    n_ctx, L = contexts.input_ids.shape
     tokens = _token_table(tokenizer, documents, contexts, T)
     tokens.write_parquet(out_dir / "tokens.parquet")
     atomic_save_safetensors(
@@ -269,7 +295,7 @@ def assemble(
     manifest = {
         "format_version": FORMAT_VERSION,
         **header,
-        "dtype": cache.dtype,
+        "dtype": plan.dtype,
         "exclude_first_token": cache.exclude_first_token,
         "exclude_special_tokens": cache.exclude_special_tokens,
         "context_length": L,
@@ -280,8 +306,9 @@ def assemble(
         "n_special_tokens": int(tokens["is_special"].sum()),
         "shard_tokens": T,
         "hookpoints": hp_info,
+        **(extra or {}),
     }
-    (out_dir / "resume.json").unlink()
+    (out_dir / "resume.json").unlink(missing_ok=True)
     # the manifest is written last: a folder without one is never taken for a finished cache
     atomic_write_text(json.dumps(manifest, indent=1), out_dir / "manifest.json")
     return CacheSummary(plan.n_rows, n_ctx, {hp: i["d_in"] for hp, i in hp_info.items()}, manifest)

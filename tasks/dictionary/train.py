@@ -314,7 +314,7 @@ def train_dictionaries(
         total,
         device,
     )
-    feed = batches(source, batch_size, cfgs[0].seed, start)
+    feed = batches(source, batch_size, cfgs[0].seed, start, stop=total)
     bar = tqdm(range(start + 1, total + 1), desc=f"train {members[0].name}", disable=not progress)
     for step in bar:
         batch = next(feed).to(device, non_blocking=True)
