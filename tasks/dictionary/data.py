@@ -195,6 +195,22 @@ class CacheSource:
         return acts
 
 
+def seen_record(source: ActivationSource, steps: int, batch_size: int) -> dict | None:
+    """What a dictionary trained on forward passes saw (None for stored activations): tokens trained on,
+    tokens run through the model, and the float64 statistics of the hookpoint's recomputed rows."""
+    cache = getattr(source, "cache", None)
+    if not isinstance(source, CacheSource) or cache is None or cache.stored:
+        return None
+    recompute = cache.recompute
+    return {
+        "streamed": True,
+        "tokens_trained": steps * batch_size,
+        "forward_tokens": recompute.forward_tokens,
+        "hookpoint": source.hookpoint,
+        "statistics": recompute.seen(source.hookpoint),
+    }
+
+
 def batches(
     source: ActivationSource, batch_size: int, seed: int, start: int = 0, stop: int | None = None
 ) -> Iterator[Tensor]:
