@@ -29,15 +29,14 @@ import json
 import logging
 import shutil
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
-import polars as pl
 import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
 from featureatlas.schemas.spec import CacheSpec, CorpusSpec
-from featureatlas.tasks.common.corpus import Contexts, build_contexts
+from featureatlas.tasks.activations.token_table import write_token_table
 from featureatlas.tasks.common.hookpoints import Site
 from featureatlas.tasks.common.hooks import capture_activations, resolve_site
 from featureatlas.tasks.common.models import DTYPES, LoadedModel
@@ -49,6 +48,11 @@ from featureatlas.tasks.common.store import (
     finished_shards,
     hookpoint_dir,
 )
+
+if TYPE_CHECKING:  # polars and the corpus code load only where a stage needs them (not for the shards)
+    import polars as pl
+
+    from featureatlas.tasks.common.corpus import Contexts
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +73,6 @@ class CachePlan(NamedTuple):
     n_rows: int
     parts: list[tuple[int, int]]  # shard range [first, end) of each part; the last ends past the tail
     dtype: str  # dtype of the stored rows: `cache.dtype`, or the model's for 'auto'
-
-
-def _token_strings(tokenizer, ids: list[int]) -> dict[int, str]:
-    """Display string of every distinct id, decoded one id at a time (so ' the' keeps its space)."""
-    return {i: tokenizer.decode([i]) for i in sorted(set(ids))}
 
 
 def _split(n_rows: int, shard_tokens: int, parts: int) -> list[tuple[int, int]]:
@@ -109,6 +108,8 @@ def plan_cache(
 ) -> CachePlan:
     """Contexts, sites and the parts' shard ranges; no disk and no forward pass."""
     # fail before any work, with close matches (or why an alias does not resolve) in the message
+    from featureatlas.tasks.common.corpus import build_contexts
+
     sites = {hp: resolve_site(loaded.model, hp) for hp in hookpoints}
     contexts = build_contexts(documents, loaded.tokenizer, corpus)
     key = {
@@ -226,35 +227,15 @@ def _shard_width(out_dir: Path, hookpoint: str, n_rows: int, shard_tokens: int) 
         return f.get_slice("acts").get_shape()[1]
 
 
-def _token_table(tokenizer, documents: pl.DataFrame, contexts: Contexts, shard_tokens: int) -> pl.DataFrame:
-    """One row per stored activation row, in the same order."""
-    n_ctx = contexts.input_ids.shape[0]
-    lengths = contexts.attention_mask.sum(1)
-    context_of_row = torch.repeat_interleave(torch.arange(n_ctx), lengths)
-    position = torch.cat([torch.arange(int(n)) for n in lengths])
-    token_ids = contexts.input_ids[contexts.attention_mask.bool()]
-    strings = _token_strings(tokenizer, token_ids.tolist())
-    special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.int64)
-    doc_ids = documents["doc_id"].gather(contexts.doc_of_tokens().numpy())
-    row = torch.arange(int(lengths.sum()))
-    return pl.DataFrame(
-        {
-            "row": row.numpy(),
-            "context": context_of_row.numpy(),
-            "position": position.numpy(),
-            "token_id": token_ids.numpy(),
-            "token": [strings[i] for i in token_ids.tolist()],
-            "is_special": torch.isin(token_ids, special).numpy(),
-            "doc_id": doc_ids,
-            "split": ["heldout" if h else "train" for h in contexts.heldout[context_of_row].tolist()],
-            "shard": (row // shard_tokens).numpy(),
-            "shard_row": (row % shard_tokens).numpy(),
-        }
-    )
-
-
 def assemble(
-    tokenizer, documents: pl.DataFrame, plan: CachePlan, cache: CacheSpec, out_dir: Path, *, header: dict
+    tokenizer,
+    documents: pl.DataFrame | None,
+    plan: CachePlan,
+    cache: CacheSpec,
+    out_dir: Path,
+    *,
+    header: dict,
+    token_table: bool = True,
 ) -> CacheSummary:
     """Adopt every part's shards, write the token table, contexts and (last) the manifest."""
     T = cache.shard_tokens
@@ -265,7 +246,9 @@ def assemble(
         writer = ShardWriter(out_dir, hp, d_in, plan.dtype, T, plan.sites[hp].layout())
         writer.adopt(n_shards)  # every shard re-read in order: float64 sums as one run makes them
         hp_info[hp] = writer.finish()
-    return finish_cache(tokenizer, documents, plan, cache, out_dir, header=header, hookpoints=hp_info)
+    return finish_cache(
+        tokenizer, documents, plan, cache, out_dir, header=header, hookpoints=hp_info, token_table=token_table
+    )
 
 
 def finish_cache(
@@ -278,12 +261,24 @@ def finish_cache(
     header: dict,
     hookpoints: dict[str, dict],
     extra: dict | None = None,
+    token_table: bool = True,
 ) -> CacheSummary:
-    """Write the token table, the contexts and (last) the manifest listing `hookpoints`."""
+    """Write the token table, the contexts and (last) the manifest listing `hookpoints`.
+
+    `token_table=False` leaves tokens.parquet out (and polars unloaded): a cache then serves only readers
+    that pass their rows explicitly, as throughput measurements on synthetic token ids do.
+    """
     contexts, T, hp_info = plan.contexts, cache.shard_tokens, hookpoints
     n_ctx, L = contexts.input_ids.shape
-    tokens = _token_table(tokenizer, documents, contexts, T)
-    tokens.write_parquet(out_dir / "tokens.parquet")
+    if token_table:
+        counts = write_token_table(tokenizer, documents, contexts, T, out_dir / "tokens.parquet")
+    else:
+        lengths = contexts.attention_mask.sum(1)
+        n_held = int(lengths[contexts.heldout.bool()].sum())
+        special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.int64)
+        n_special = int(torch.isin(contexts.input_ids[contexts.attention_mask.bool()], special).sum())
+        counts = {"n_train_tokens": int(lengths.sum()) - n_held, "n_heldout_tokens": n_held}
+        counts["n_special_tokens"] = n_special
     atomic_save_safetensors(
         {
             "input_ids": contexts.input_ids,
@@ -301,9 +296,7 @@ def finish_cache(
         "context_length": L,
         "n_contexts": n_ctx,
         "n_tokens": plan.n_rows,
-        "n_train_tokens": int((tokens["split"] == "train").sum()),
-        "n_heldout_tokens": int((tokens["split"] == "heldout").sum()),
-        "n_special_tokens": int(tokens["is_special"].sum()),
+        **counts,
         "shard_tokens": T,
         "hookpoints": hp_info,
         **(extra or {}),

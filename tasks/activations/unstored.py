@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import polars as pl
 import torch
 
 from featureatlas.schemas.spec import CacheSpec
@@ -20,18 +20,22 @@ from featureatlas.tasks.activations.cache import CachePlan, CacheSummary, finish
 from featureatlas.tasks.common.hooks import capture_activations
 from featureatlas.tasks.common.models import LoadedModel
 
+if TYPE_CHECKING:
+    import polars as pl
+
 log = logging.getLogger(__name__)
 
 
 def write_unstored(
     loaded: LoadedModel,
-    documents: pl.DataFrame,
+    documents: pl.DataFrame | None,
     plan: CachePlan,
     cache: CacheSpec,
     out_dir: Path,
     *,
     header: dict,
     model_load: dict | None = None,
+    token_table: bool = True,
 ) -> CacheSummary:
     """Write an unstored cache of `plan` into `out_dir`.
 
@@ -54,5 +58,13 @@ def write_unstored(
     log.info("unstored cache: %d rows, %d shards of %s", plan.n_rows, n_shards, hookpoints)
     extra = {"stored": False, "batch_size": cache.batch_size, "model_load": model_load}
     return finish_cache(
-        loaded.tokenizer, documents, plan, cache, out_dir, header=header, hookpoints=hp_info, extra=extra
+        loaded.tokenizer,
+        documents,
+        plan,
+        cache,
+        out_dir,
+        header=header,
+        hookpoints=hp_info,
+        extra=extra,
+        token_table=token_table,
     )

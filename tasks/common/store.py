@@ -19,15 +19,17 @@ import struct
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
-import polars as pl
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from featureatlas.tasks.common.models import DTYPES
 from featureatlas.tasks.tracking.paths import inside
+
+if TYPE_CHECKING:  # polars loads with the token table only: reading shards does not need it
+    import polars as pl
 
 FORMAT_VERSION = 2  # 2: token column is_special, per-hookpoint layout, rms and mean_squared_norm
 
@@ -354,7 +356,11 @@ class ActivationCache:
 
     @property
     def shard_tokens(self) -> int:
-        return int(self.manifest["shard_tokens"])
+        """Rows of every shard but the last (a hand-written manifest may leave it out: the first shard's)."""
+        if "shard_tokens" in self.manifest:
+            return int(self.manifest["shard_tokens"])
+        shards = next(iter(self.manifest["hookpoints"].values()), {}).get("shards") or [{"rows": 1}]
+        return int(shards[0]["rows"])
 
     def n_shards(self, hookpoint: str) -> int:
         return len(self._info(hookpoint)["shards"])
@@ -376,6 +382,8 @@ class ActivationCache:
     @property
     def tokens(self) -> pl.DataFrame:
         if self._tokens is None:
+            import polars as pl
+
             self._tokens = pl.read_parquet(self.folder / "tokens.parquet")
         return self._tokens
 
@@ -397,14 +405,17 @@ class ActivationCache:
             exclude_first_token = self.manifest["exclude_first_token"]
         if exclude_special_tokens is None:
             exclude_special_tokens = self.manifest.get("exclude_special_tokens", False)  # format 1 had none
-        df = self.tokens
+        import polars as pl
+
+        # scanned, not loaded: only the filter columns are read and only the row numbers kept
+        df = pl.scan_parquet(self.folder / "tokens.parquet")
         if split is not None:
             df = df.filter(pl.col("split") == split)
         if exclude_first_token:
             df = df.filter(pl.col("position") > 0)
-        if exclude_special_tokens and "is_special" in df.columns:
+        if exclude_special_tokens and "is_special" in df.collect_schema().names():
             df = df.filter(~pl.col("is_special"))
-        return torch.from_numpy(df["row"].to_numpy().astype("int64"))
+        return torch.from_numpy(df.select("row").collect()["row"].to_numpy().astype("int64"))
 
     def load(self, hookpoint: str, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Activations of `hookpoint` for the given rows (all rows when None), as one CPU tensor.
