@@ -43,6 +43,30 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+
+def _source_tree_package() -> None:
+    """Import `featureatlas.schemas`/`.tasks` from this source tree when the package is not installed (a
+    bare GPU machine given a copy of the repository): the same mapping pyproject.toml installs."""
+    try:
+        import featureatlas.tasks  # noqa: F401
+
+        return
+    except ImportError:
+        pass
+    import types
+
+    package = types.ModuleType("featureatlas")
+    package.__path__ = [str(ROOT / "flows" / "api")]
+    sys.modules["featureatlas"] = package
+    for name in ("schemas", "tasks"):
+        spec = importlib.util.spec_from_file_location(
+            f"featureatlas.{name}", ROOT / name / "__init__.py", submodule_search_locations=[str(ROOT / name)]
+        )
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+        setattr(package, name, module)
+
 log = logging.getLogger("bench_scale")
 HOOKPOINT = "resid_post.{layer}"
 
@@ -277,6 +301,7 @@ def main() -> None:
     ap.add_argument("--tmp", default=None, help="folder for the caches (default: the system's)")
     ap.add_argument("--child", nargs=2, metavar=("MODE", "TOKENS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    _source_tree_package()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.child:
         args.mode, args.tokens = args.child[0], int(args.child[1])
