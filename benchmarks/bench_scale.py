@@ -168,10 +168,16 @@ def child(args) -> dict:
         ROOT / "benchmarks" / "configs" / ("llama_1b.json" if device.type == "cuda" else "llama_small.json")
     )
     loaded, cfg = build_model(config, device, dtype)
+    base_rss = _rss_gb()  # torch, the model and the libraries: what every size pays alike
     hookpoint = HOOKPOINT.format(layer=cfg.num_hidden_layers // 2)
     contexts = SyntheticContexts.make(args.tokens, args.context_length, cfg.vocab_size)
     n = int(contexts.attention_mask.sum())
-    has_polars = importlib.util.find_spec("polars") is not None
+    try:  # the token table and labeling need polars; the rest does not
+        import polars  # noqa: F401
+
+        has_polars = True
+    except ImportError:
+        has_polars = False
     spec = CacheSpec(shard_tokens=args.shard_tokens, batch_size=args.batch_size, store=args.mode == "stored")
     stages: dict[str, tuple[float, int]] = {}
     _, t_forward = timed(lambda: bare_forward(loaded, contexts, hookpoint, args.batch_size), device)
@@ -206,8 +212,8 @@ def child(args) -> dict:
         if not store.stored:
             store.attach_model(loaded)
         source = CacheSource(store, hookpoint, rows)
-        # the training step alone: the same number of steps on at most 2^16 rows held in memory
-        memory = store.load(hookpoint, rows[: 1 << 16]).to(device)
+        # the training step alone: the same number of steps on at most `memory_rows` rows held in memory
+        memory = store.load(hookpoint, rows[: args.memory_rows]).to(device)
         result, t_mem = timed(lambda: train_dictionary(topk, memory), device)
         stages["train_memory"] = (t_mem, steps * args.train_batch)
         memory = None  # the in-memory rows go before the streamed stages are measured
@@ -218,7 +224,9 @@ def child(args) -> dict:
         label_rows = rows[: args.label_tokens] if args.label_tokens else rows
         _, t_enc = timed(lambda: _encode_pass(sae, store, hookpoint, label_rows, device), device)
         stages["encode"] = (t_enc, label_rows.numel())
-        if has_polars:
+        if args.no_label:
+            pass
+        elif has_polars:
             t_label = _label(sae, store, hookpoint, label_rows, contexts, device)
             stages["label"] = (t_label, label_rows.numel())
         else:
@@ -226,11 +234,27 @@ def child(args) -> dict:
     out = {
         "stages": {k: {"seconds": round(s, 3), "tokens": t} for k, (s, t) in stages.items()},
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "base_rss_gb": base_rss,
+        "acts_gb": n * d_in * torch.finfo(store_dtype(plan)).bits / 8 / 2**30,
         "tokens": n,
     }
     if device.type == "cuda":
         out["peak_gpu_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
     return out
+
+
+def _rss_gb() -> float:
+    """Resident set size now (Linux), GB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 2**20
+    return 0.0
+
+
+def store_dtype(plan) -> torch.dtype:
+    from featureatlas.tasks.common.models import DTYPES
+
+    return DTYPES[plan.dtype]
 
 
 def _documents(contexts, has_polars: bool):
@@ -298,6 +322,8 @@ def main() -> None:
     ap.add_argument("--expansion", type=int, default=4)
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--label-tokens", type=int, default=0, help="rows labeled (0: all training rows)")
+    ap.add_argument("--memory-rows", type=int, default=1 << 16, help="rows of the in-memory baseline")
+    ap.add_argument("--no-label", action="store_true", help="leave the labeling stage out")
     ap.add_argument("--tmp", default=None, help="folder for the caches (default: the system's)")
     ap.add_argument("--child", nargs=2, metavar=("MODE", "TOKENS"), help=argparse.SUPPRESS)
     args = ap.parse_args()

@@ -290,11 +290,14 @@ class PipelineSpec(Contract):
     @classmethod
     def _cache_dtype(cls, data: object) -> object:
         """`cache.dtype: auto` becomes the model's dtype, so the cache's fingerprint names the real one."""
-        if isinstance(data, dict) and isinstance(data.get("model"), dict):
-            cache = data.get("cache") or {}
-            if isinstance(cache, dict) and cache.get("dtype", "auto") == "auto":
-                dtype = data["model"].get("dtype", "float32")
-                data = {**data, "cache": {**cache, "dtype": dtype}}
+        if not isinstance(data, dict) or data.get("model") is None:
+            return data
+        model, cache = data["model"], data.get("cache") or {}
+        dtype = model.get("dtype", "float32") if isinstance(model, dict) else getattr(model, "dtype", None)
+        if isinstance(cache, dict) and cache.get("dtype", "auto") == "auto" and dtype:
+            data = {**data, "cache": {**cache, "dtype": dtype}}
+        elif isinstance(cache, CacheSpec) and cache.dtype == "auto" and dtype:
+            data = {**data, "cache": cache.model_copy(update={"dtype": dtype})}
         return data
 
     @model_validator(mode="after")

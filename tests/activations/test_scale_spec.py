@@ -52,3 +52,14 @@ def test_the_scale_spec_plans_without_loading_the_model(tmp_path, home, monkeypa
         "evaluation",
         "labeling",
     ]
+
+
+def test_cache_dtype_auto_follows_the_model_unless_set():
+    from featureatlas.schemas.spec import CacheSpec, ModelSpec, PipelineSpec
+
+    base = {"hookpoints": ["h"], "dictionaries": [{"method": "topk", "d_sae": 8, "k": 2}]}
+    bf16 = ModelSpec(path="m", dtype="bfloat16")
+    assert PipelineSpec(model=bf16, cache=CacheSpec(), **base).cache.dtype == "bfloat16"
+    assert PipelineSpec.model_validate({"model": {"path": "m"}, **base}).cache.dtype == "float32"
+    kept = {"model": {"path": "m", "dtype": "bfloat16"}, "cache": {"dtype": "float32"}, **base}
+    assert PipelineSpec.model_validate(kept).cache.dtype == "float32"
