@@ -116,12 +116,17 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+RSS_AFTER: list[float] = []  # resident set after each timed stage, GB: where memory grew
+
+
 def timed(fn, device: torch.device):
     _sync(device)
     t0 = time.perf_counter()
     out = fn()
     _sync(device)
-    return out, time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
+    RSS_AFTER.append(round(_rss_gb(), 3))
+    return out, seconds
 
 
 def bare_forward(loaded, contexts, hookpoint: str, batch_size: int) -> None:
@@ -235,6 +240,7 @@ def child(args) -> dict:
         "stages": {k: {"seconds": round(s, 3), "tokens": t} for k, (s, t) in stages.items()},
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "base_rss_gb": base_rss,
+        "rss_after_stages_gb": RSS_AFTER,
         "acts_gb": n * d_in * torch.finfo(store_dtype(plan)).bits / 8 / 2**30,
         "tokens": n,
     }
