@@ -105,7 +105,19 @@ class CorpusSpec(Contract):
 class CacheSpec(Contract):
     """How activations are stored."""
 
-    dtype: DType = Field("float32", description="Dtype of the stored activations.")
+    dtype: DType | Literal["auto"] = Field(
+        "auto",
+        description="Dtype of the stored activations; 'auto' follows the model's dtype (a bfloat16 model "
+        "stores bfloat16 shards, half the disk of float32). Set 'float32' to keep full precision of a "
+        "low-precision model's activations anyway.",
+    )
+    store: bool = Field(
+        True,
+        description="Write activation shards. False stores only the token table and contexts: training "
+        "streams forward passes straight into the dictionaries (a sweep shares each pass), and evaluation "
+        "and labeling recompute the activations they need from the model. For corpora whose activations do "
+        "not fit on disk (10^8 tokens x 2304 dims is 460 GB in bfloat16).",
+    )
     shard_tokens: int = Field(65_536, ge=64, description="Token rows per shard file.")
     batch_size: int = Field(8, ge=1, description="Contexts per forward pass.")
     exclude_first_token: bool = Field(
@@ -281,6 +293,20 @@ class PipelineSpec(Contract):
     interactions: InteractionsSpec = Field(
         default_factory=InteractionsSpec, description="Rashomon-set interaction scoring (off by default)."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _cache_dtype(cls, data: object) -> object:
+        """`cache.dtype: auto` becomes the model's dtype, so the cache's fingerprint names the real one."""
+        if not isinstance(data, dict) or data.get("model") is None:
+            return data
+        model, cache = data["model"], data.get("cache") or {}
+        dtype = model.get("dtype", "float32") if isinstance(model, dict) else getattr(model, "dtype", None)
+        if isinstance(cache, dict) and cache.get("dtype", "auto") == "auto" and dtype:
+            data = {**data, "cache": {**cache, "dtype": dtype}}
+        elif isinstance(cache, CacheSpec) and cache.dtype == "auto" and dtype:
+            data = {**data, "cache": cache.model_copy(update={"dtype": dtype})}
+        return data
 
     @model_validator(mode="after")
     def _parts(self) -> PipelineSpec:

@@ -30,18 +30,17 @@ import json
 import logging
 import shutil
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
-import polars as pl
 import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
 from featureatlas.schemas.spec import CacheSpec, CorpusSpec
-from featureatlas.tasks.common.corpus import Contexts, build_contexts
+from featureatlas.tasks.activations.token_table import write_token_table
 from featureatlas.tasks.common.hookpoints import Site
 from featureatlas.tasks.common.hooks import capture_activations, resolve_site
-from featureatlas.tasks.common.models import LoadedModel
+from featureatlas.tasks.common.models import DTYPES, LoadedModel
 from featureatlas.tasks.common.store import (
     FORMAT_VERSION,
     ShardWriter,
@@ -50,6 +49,11 @@ from featureatlas.tasks.common.store import (
     finished_shards,
     hookpoint_dir,
 )
+
+if TYPE_CHECKING:  # polars and the corpus code load only where a stage needs them (not for the shards)
+    import polars as pl
+
+    from featureatlas.tasks.common.corpus import Contexts
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +73,7 @@ class CachePlan(NamedTuple):
     key: dict  # what resume.json records: a folder holding another key holds another run's shards
     n_rows: int
     parts: list[tuple[int, int]]  # shard range [first, end) of each part; the last ends past the tail
-
-
-def _token_strings(tokenizer, ids: list[int]) -> dict[int, str]:
-    """Display string of every distinct id, decoded one id at a time (so ' the' keeps its space)."""
-    return {i: tokenizer.decode([i]) for i in sorted(set(ids))}
+    dtype: str  # dtype of the stored rows: `cache.dtype`, or the model's for 'auto'
 
 
 def _split(n_rows: int, shard_tokens: int, parts: int) -> list[tuple[int, int]]:
@@ -89,6 +89,15 @@ def _split(n_rows: int, shard_tokens: int, parts: int) -> list[tuple[int, int]]:
     return list(zip(bounds[:-1], bounds[1:]))
 
 
+def stored_dtype(cache: CacheSpec, model: torch.nn.Module) -> str:
+    """The dtype rows are stored in: `cache.dtype`, or with 'auto' the dtype the model runs in."""
+    if cache.dtype != "auto":
+        return cache.dtype
+    dtype = next(model.parameters()).dtype
+    names = {v: k for k, v in DTYPES.items()}
+    return names.get(dtype, "float32")
+
+
 def plan_cache(
     loaded: LoadedModel,
     documents: pl.DataFrame,
@@ -100,6 +109,8 @@ def plan_cache(
 ) -> CachePlan:
     """Contexts, sites and the parts' shard ranges; no disk and no forward pass."""
     # fail before any work, with close matches (or why an alias does not resolve) in the message
+    from featureatlas.tasks.common.corpus import build_contexts
+
     sites = {hp: resolve_site(loaded.model, hp) for hp in hookpoints}
     contexts = build_contexts(documents, loaded.tokenizer, corpus)
     key = {
@@ -120,7 +131,7 @@ def plan_cache(
             len(parts),
             cache.parts,
         )
-    return CachePlan(contexts, sites, key, n_rows, parts)
+    return CachePlan(contexts, sites, key, n_rows, parts, stored_dtype(cache, loaded.model))
 
 
 def prepare_cache(plan: CachePlan, out_dir: Path) -> None:
@@ -193,7 +204,7 @@ def write_part(
             if hp not in writers:
                 d_in, layout = acts[hp].shape[-1], plan.sites[hp].layout()
                 writers[hp] = ShardWriter(
-                    out_dir, hp, d_in, cache.dtype, T, layout, first_shard=first + kept, stats=False
+                    out_dir, hp, d_in, plan.dtype, T, layout, first_shard=first + kept, stats=False
                 )
             writers[hp].add(acts[hp][keep][lo:hi])
     for w in writers.values():
@@ -218,48 +229,58 @@ def _shard_width(out_dir: Path, hookpoint: str, n_rows: int, shard_tokens: int) 
         return f.get_slice("acts").get_shape()[1]
 
 
-def _token_table(tokenizer, documents: pl.DataFrame, contexts: Contexts, shard_tokens: int) -> pl.DataFrame:
-    """One row per stored activation row, in the same order."""
-    n_ctx = contexts.input_ids.shape[0]
-    lengths = contexts.attention_mask.sum(1)
-    context_of_row = torch.repeat_interleave(torch.arange(n_ctx), lengths)
-    position = torch.cat([torch.arange(int(n)) for n in lengths])
-    token_ids = contexts.input_ids[contexts.attention_mask.bool()]
-    strings = _token_strings(tokenizer, token_ids.tolist())
-    special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.int64)
-    doc_ids = documents["doc_id"].gather(contexts.doc_of_tokens().numpy())
-    row = torch.arange(int(lengths.sum()))
-    return pl.DataFrame(
-        {
-            "row": row.numpy(),
-            "context": context_of_row.numpy(),
-            "position": position.numpy(),
-            "token_id": token_ids.numpy(),
-            "token": [strings[i] for i in token_ids.tolist()],
-            "is_special": torch.isin(token_ids, special).numpy(),
-            "doc_id": doc_ids,
-            "split": ["heldout" if h else "train" for h in contexts.heldout[context_of_row].tolist()],
-            "shard": (row // shard_tokens).numpy(),
-            "shard_row": (row % shard_tokens).numpy(),
-        }
-    )
-
-
 def assemble(
-    tokenizer, documents: pl.DataFrame, plan: CachePlan, cache: CacheSpec, out_dir: Path, *, header: dict
+    tokenizer,
+    documents: pl.DataFrame | None,
+    plan: CachePlan,
+    cache: CacheSpec,
+    out_dir: Path,
+    *,
+    header: dict,
+    token_table: bool = True,
 ) -> CacheSummary:
     """Adopt every part's shards, write the token table, contexts and (last) the manifest."""
-    contexts, T = plan.contexts, cache.shard_tokens
-    n_ctx, L = contexts.input_ids.shape
+    T = cache.shard_tokens
     n_shards = -(-plan.n_rows // T)
     hp_info = {}
     for hp in plan.key["hookpoints"]:
         d_in = _shard_width(out_dir, hp, plan.n_rows, T)
-        writer = ShardWriter(out_dir, hp, d_in, cache.dtype, T, plan.sites[hp].layout())
+        writer = ShardWriter(out_dir, hp, d_in, plan.dtype, T, plan.sites[hp].layout())
         writer.adopt(n_shards)  # every shard re-read in order: float64 sums as one run makes them
         hp_info[hp] = writer.finish()
-    tokens = _token_table(tokenizer, documents, contexts, T)
-    tokens.write_parquet(out_dir / "tokens.parquet")
+    return finish_cache(
+        tokenizer, documents, plan, cache, out_dir, header=header, hookpoints=hp_info, token_table=token_table
+    )
+
+
+def finish_cache(
+    tokenizer,
+    documents: pl.DataFrame,
+    plan: CachePlan,
+    cache: CacheSpec,
+    out_dir: Path,
+    *,
+    header: dict,
+    hookpoints: dict[str, dict],
+    extra: dict | None = None,
+    token_table: bool = True,
+) -> CacheSummary:
+    """Write the token table, the contexts and (last) the manifest listing `hookpoints`.
+
+    `token_table=False` leaves tokens.parquet out (and polars unloaded): a cache then serves only readers
+    that pass their rows explicitly, as throughput measurements on synthetic token ids do.
+    """
+    contexts, T, hp_info = plan.contexts, cache.shard_tokens, hookpoints
+    n_ctx, L = contexts.input_ids.shape
+    if token_table:
+        counts = write_token_table(tokenizer, documents, contexts, T, out_dir / "tokens.parquet")
+    else:
+        lengths = contexts.attention_mask.sum(1)
+        n_held = int(lengths[contexts.heldout.bool()].sum())
+        special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.int64)
+        n_special = int(torch.isin(contexts.input_ids[contexts.attention_mask.bool()], special).sum())
+        counts = {"n_train_tokens": int(lengths.sum()) - n_held, "n_heldout_tokens": n_held}
+        counts["n_special_tokens"] = n_special
     atomic_save_safetensors(
         {
             "input_ids": contexts.input_ids,
@@ -271,19 +292,18 @@ def assemble(
     manifest = {
         "format_version": FORMAT_VERSION,
         **header,
-        "dtype": cache.dtype,
+        "dtype": plan.dtype,
         "exclude_first_token": cache.exclude_first_token,
         "exclude_special_tokens": cache.exclude_special_tokens,
         "context_length": L,
         "n_contexts": n_ctx,
         "n_tokens": plan.n_rows,
-        "n_train_tokens": int((tokens["split"] == "train").sum()),
-        "n_heldout_tokens": int((tokens["split"] == "heldout").sum()),
-        "n_special_tokens": int(tokens["is_special"].sum()),
+        **counts,
         "shard_tokens": T,
         "hookpoints": hp_info,
+        **(extra or {}),
     }
-    (out_dir / "resume.json").unlink()
+    (out_dir / "resume.json").unlink(missing_ok=True)
     # the manifest is written last: a folder without one is never taken for a finished cache
     atomic_write_text(json.dumps(manifest, indent=1), out_dir / "manifest.json")
     return CacheSummary(plan.n_rows, n_ctx, {hp: i["d_in"] for hp, i in hp_info.items()}, manifest)

@@ -22,7 +22,14 @@ from prefect.cache_policies import NO_CACHE
 
 from featureatlas.schemas.artifacts import ActivationCacheRef, CorpusRef, ModelRef
 from featureatlas.schemas.spec import CacheSpec, CorpusSpec, ModelSpec
-from featureatlas.tasks.activations.cache import assemble, plan_cache, prepare_cache, write_part
+from featureatlas.tasks.activations.cache import (
+    CacheSummary,
+    assemble,
+    plan_cache,
+    prepare_cache,
+    write_part,
+)
+from featureatlas.tasks.activations.unstored import write_unstored
 from featureatlas.tasks.common.corpus import load_documents
 from featureatlas.tasks.common.models import (
     describe,
@@ -137,8 +144,46 @@ def cache_part(
 def cache_activations(
     ctx: StageContext, model: ModelRef, corpus: CorpusRef, hookpoints: list[str], spec: CacheSpec
 ) -> ActivationCacheRef:
-    """Run the model over the corpus and store activations at every hookpoint from one forward pass each."""
+    """Run the model over the corpus and store activations at every hookpoint from one forward pass each.
+
+    With `spec.store` false only the token table and contexts are written; later stages recompute the
+    activations from the model (`tasks.common.recompute`)."""
     ident = cache_identity(ref_identity(model), ref_identity(corpus), hookpoints, spec)
+
+    def _registered(
+        run: StageRun, folder: Path, summary: CacheSummary, seconds: float, batches: list[int], parts: int
+    ) -> tuple[dict, dict]:
+        m = summary.manifest
+        run.log_metrics(
+            {
+                "n_tokens": summary.n_tokens,
+                "n_contexts": summary.n_contexts,
+                "n_train_tokens": m["n_train_tokens"],
+                "n_heldout_tokens": m["n_heldout_tokens"],
+                "seconds": seconds,
+                "parts": parts,
+                "batches": sum(batches),  # fewer than a full run's when it resumed
+                "tokens_per_second": summary.n_tokens / max(seconds, 1e-9),
+            }
+        )
+        run.log_artifact(folder / "manifest.json")
+        fields = {
+            "model": model,
+            "corpus": corpus,
+            "spec": spec,
+            "hookpoints": hookpoints,
+            "d_in": summary.d_in,
+            "n_tokens": summary.n_tokens,
+            "n_contexts": summary.n_contexts,
+            "context_length": corpus.spec.context_length,
+        }
+        columns = {
+            "model_id": model.id,
+            "corpus_id": corpus.id,
+            "hookpoints": hookpoints,
+            "n_tokens": summary.n_tokens,
+        }
+        return fields, columns
 
     def build(folder: Path, run: StageRun) -> tuple[dict, dict]:
         loaded = load_model_ref(model.source, model.spec, model.path, model.converted)
@@ -146,6 +191,11 @@ def cache_activations(
         t0 = time.perf_counter()
         header = _cache_header(model, corpus)
         plan = plan_cache(loaded, docs, corpus.spec, spec, hookpoints, header=header)
+        if not spec.store:
+            how = {"source": model.source, "spec": model.spec.model_dump(mode="json")}
+            how |= {"path": model.path, "converted": model.converted}
+            summary = write_unstored(loaded, docs, plan, spec, folder, header=header, model_load=how)
+            return _registered(run, folder, summary, time.perf_counter() - t0, [0], len(plan.parts))
         prepare_cache(plan, folder)
         if len(plan.parts) == 1 or ctx.settings.task_runner != "dask":
             # in this process, with the plan made above: one job starts no cluster, and on threads the parts
@@ -169,38 +219,7 @@ def cache_activations(
             with task_pool(ctx.settings) as pool:
                 batches = pool.run_all(cache_part, calls)
         summary = assemble(loaded.tokenizer, docs, plan, spec, folder, header=header)
-        seconds = time.perf_counter() - t0
-        m = summary.manifest
-        run.log_metrics(
-            {
-                "n_tokens": summary.n_tokens,
-                "n_contexts": summary.n_contexts,
-                "n_train_tokens": m["n_train_tokens"],
-                "n_heldout_tokens": m["n_heldout_tokens"],
-                "seconds": seconds,
-                "parts": len(plan.parts),
-                "batches": sum(batches),  # fewer than a full run's when it resumed
-                "tokens_per_second": summary.n_tokens / max(seconds, 1e-9),
-            }
-        )
-        run.log_artifact(folder / "manifest.json")
-        fields = {
-            "model": model,
-            "corpus": corpus,
-            "spec": spec,
-            "hookpoints": hookpoints,
-            "d_in": summary.d_in,
-            "n_tokens": summary.n_tokens,
-            "n_contexts": summary.n_contexts,
-            "context_length": corpus.spec.context_length,
-        }
-        columns = {
-            "model_id": model.id,
-            "corpus_id": corpus.id,
-            "hookpoints": hookpoints,
-            "n_tokens": summary.n_tokens,
-        }
-        return fields, columns
+        return _registered(run, folder, summary, time.perf_counter() - t0, batches, len(plan.parts))
 
     return run_stage(
         ctx,

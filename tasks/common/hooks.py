@@ -13,6 +13,8 @@ blocks), or a `ModelOutput`; `unwrap_output` / `rewrap_output` hide the differen
 from __future__ import annotations
 
 import copy
+import threading
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -31,6 +33,20 @@ __all__ = [
     "splice",
     "unwrap_output",
 ]
+
+
+_MODEL_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def model_lock(model: nn.Module) -> threading.RLock:
+    """The lock that serialises hooked forward passes of `model`: hooks live on the shared module, so two
+    threads capturing at once (a background shard reader and the main thread) would see each other's."""
+    with _LOCKS_GUARD:
+        lock = _MODEL_LOCKS.get(model)
+        if lock is None:
+            lock = _MODEL_LOCKS[model] = threading.RLock()
+        return lock
 
 
 class _StopForward(Exception):
@@ -134,14 +150,15 @@ def capture_activations(
 
         return hook
 
-    handles = [_register(site, make_hook(name)) for name, site in sites.items()]
-    try:
-        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    except _StopForward:
-        pass
-    finally:
-        for handle in handles:
-            handle.remove()
+    with model_lock(model):
+        handles = [_register(site, make_hook(name)) for name, site in sites.items()]
+        try:
+            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
 
     missing = [name for name in hookpoints if name not in captured]
     if missing:

@@ -19,9 +19,8 @@ import struct
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
-import polars as pl
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
@@ -29,6 +28,9 @@ from safetensors.torch import load_file, save_file
 from featureatlas.tasks.common.models import DTYPES
 from featureatlas.tasks.tracking.errors import Refusal
 from featureatlas.tasks.tracking.paths import inside
+
+if TYPE_CHECKING:  # polars loads with the token table only: reading shards does not need it
+    import polars as pl
 
 FORMAT_VERSION = 2  # 2: token column is_special, per-hookpoint layout, rms and mean_squared_norm
 
@@ -90,11 +92,38 @@ def hookpoint_dir(hookpoint: str) -> str:
     return hookpoint.replace("/", "_")
 
 
+STATS_CHUNK_ROWS = 8192  # float64 statistics in chunks: a whole shard in float64 is 4x its float32 size
+
+
+def shard_statistics(shard: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Per-dimension sum and sum of squares (float64) and the summed row norms of one shard.
+
+    Chunked, so memory stays at a few MB over the shard whatever its size; the same function serves a run
+    and an adoption of its shards, so both sum in the same order and agree to the bit.
+    """
+    d_in = shard.shape[-1]
+    total = torch.zeros(d_in, dtype=torch.float64, device=shard.device)
+    total_sq = torch.zeros(d_in, dtype=torch.float64, device=shard.device)
+    norm_sum = torch.zeros((), dtype=torch.float64, device=shard.device)
+    for start in range(0, shard.shape[0], STATS_CHUNK_ROWS):
+        a64 = shard[start : start + STATS_CHUNK_ROWS].double()
+        sq = a64 * a64
+        total += a64.sum(0)
+        total_sq += sq.sum(0)
+        norm_sum += sq.sum(1).sqrt().sum()
+    return total.cpu(), total_sq.cpu(), float(norm_sum)
+
+
 class ShardWriter:
     """Buffers rows of one hookpoint and writes fixed-size shards, keeping statistics per shard.
 
     Statistics are summed shard by shard (in float64, from the rows as stored), so a cache resumed after a
     kill, which re-reads its finished shards, ends with exactly the figures of one made in a single run.
+
+    The caller's thread only converts rows to the stored dtype (on the model's device, so a bfloat16 copy
+    crosses the bus) and appends them; per hookpoint one thread joins, serialises, hashes, fsyncs and renames
+    each shard, and a second one sums its float64 statistics. Hashing, file writes and torch kernels release
+    the GIL, so neither thread holds up the forward passes; at most two shards are in flight.
 
     A part of a cache split into jobs (`first_shard`, `stats=False`) only writes its shards, numbered from
     `first_shard`; the assembly step adopts every shard afterwards and sums the statistics then, in order.
@@ -112,6 +141,8 @@ class ShardWriter:
         first_shard: int = 0,
         stats: bool = True,
     ):
+        if dtype not in DTYPES:
+            raise ValueError(f"shard dtype {dtype!r} not understood; use one of {sorted(DTYPES)}")
         self.root = folder
         self.folder = folder / "acts" / hookpoint_dir(hookpoint)
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -127,11 +158,10 @@ class ShardWriter:
         self.shards: list[dict] = []
         self.n_shards = first_shard  # next shard number (self.shards lists those recorded)
         self.stats = stats
-        # one thread per hookpoint writes, fsyncs, hashes and sums shards in order while the model runs on
-        self._pool = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix=f"shards-{hookpoint_dir(hookpoint)}"
-        )
-        self._pending: list[Future] = []
+        name = hookpoint_dir(hookpoint)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"shards-{name}")
+        self._stats_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"stats-{name}")
+        self._pending: list[tuple[Future, Future | None]] = []
         # float64 sums: float32 loses the small per-dimension variances over 10^6 rows
         self.sum = torch.zeros(d_in, dtype=torch.float64)
         self.sumsq = torch.zeros(d_in, dtype=torch.float64)
@@ -154,7 +184,9 @@ class ShardWriter:
                     "it was written (changed on disk, or never finished); it was deleted: run the caching "
                     "again to recompute it"
                 )
-            self._record(load_file(str(path))["acts"], path, sha256)
+            shard = load_file(str(path))["acts"]
+            self._add_stats(shard)
+            self._record(shard.shape[0], path, sha256)
         self.n_shards = n_shards
         for path in self.folder.iterdir():
             if not path.name.endswith(".safetensors") or int(path.name.split(".")[0]) >= n_shards:
@@ -163,41 +195,61 @@ class ShardWriter:
     def add(self, acts: torch.Tensor) -> None:
         if acts.shape[-1] != self.d_in:
             raise ValueError(f"{self.hookpoint}: got width {acts.shape[-1]}, expected {self.d_in}")
-        acts = acts.detach().to("cpu", self.dtype)
+        acts = acts.detach().to(self.dtype).to("cpu")  # cast first: half the bytes over the bus
         self.buffer.append(acts)
         self.buffered += acts.shape[0]
         while self.buffered >= self.shard_tokens:
             self._flush(self.shard_tokens)
 
     def _flush(self, n: int) -> None:
-        data = torch.cat(self.buffer)
-        shard, rest = data[:n], data[n:]
-        self.buffer, self.buffered = ([rest] if rest.shape[0] else []), rest.shape[0]
+        pieces, taken = [], 0
+        while taken < n:
+            piece = self.buffer.pop(0)
+            if taken + piece.shape[0] > n:
+                piece, rest = piece[: n - taken], piece[n - taken :]
+                self.buffer.insert(0, rest)
+            pieces.append(piece)
+            taken += piece.shape[0]
+        self.buffered -= n
         path = self.folder / f"{self.n_shards:05d}.safetensors"
         self.n_shards += 1
         # at most two shards in flight: writing may lag behind the model, memory stays bounded
         while len(self._pending) >= 2:
-            self._pending.pop(0).result()  # re-raises a failed write here, in the caller's thread
-        self._pending.append(self._pool.submit(self._write, shard, path))
+            self._wait(self._pending.pop(0))
+        shard = self._pool.submit(torch.cat, pieces) if len(pieces) > 1 else None
+        written = self._pool.submit(self._write, shard or pieces[0], path)
+        summed = self._stats_pool.submit(self._add_stats, shard or pieces[0]) if self.stats else None
+        self._pending.append((written, summed))
 
-    def _write(self, shard: torch.Tensor, path: Path) -> None:
+    @staticmethod
+    def _wait(pending: tuple[Future, Future | None]) -> None:
+        for future in pending:
+            if future is not None:
+                future.result()  # re-raises a failed write here, in the caller's thread
+
+    def _write(self, shard: torch.Tensor | Future, path: Path) -> None:
+        if isinstance(shard, Future):
+            shard = shard.result()
         sha256 = write_acts_shard(shard, path)
         if self.stats:
-            self._record(shard, path, sha256)
+            self._record(shard.shape[0], path, sha256)
         else:  # a part of a resumable cache: the resume state keeps the checksum until assembly
             record_shard_sha256(path, sha256)
 
-    def _record(self, shard: torch.Tensor, path: Path, sha256: str) -> None:
-        a64 = shard.double()
-        sq = a64 * a64
-        self.sum += a64.sum(0)
-        self.sumsq += sq.sum(0)
-        self.norm_sum += float(sq.sum(1).sqrt().sum())
+    def _add_stats(self, shard: torch.Tensor | Future) -> None:
+        if isinstance(shard, Future):
+            shard = shard.result()
+        total, total_sq, norm_sum = shard_statistics(shard)
+        self.sum += total
+        self.sumsq += total_sq
+        self.norm_sum += norm_sum
         self.rows += shard.shape[0]
+
+    def _record(self, rows: int, path: Path, sha256: str) -> None:
         self.shards.append(
             {
                 "file": str(path.relative_to(self.root)),
-                "rows": int(shard.shape[0]),
+                "rows": int(rows),
                 "bytes": path.stat().st_size,
                 "sha256": sha256,
             }
@@ -206,24 +258,30 @@ class ShardWriter:
     def finish(self) -> dict:
         if self.buffered:
             self._flush(self.buffered)
-        for future in self._pending:
-            future.result()
+        for pending in self._pending:
+            self._wait(pending)
         self._pending = []
         self._pool.shutdown()
-        n = max(self.rows, 1)
-        mean = self.sum / n
-        var = self.sumsq / n - mean**2
-        return {
-            "d_in": self.d_in,
-            "rows": self.rows,
-            **self.layout,
-            "shards": self.shards,
-            "mean": mean.tolist(),
-            "rms": (self.sumsq / n).sqrt().tolist(),
-            "total_variance": float(var.clamp_min(0).sum()),
-            "mean_norm": self.norm_sum / n,
-            "mean_squared_norm": float(self.sumsq.sum()) / n,
-        }
+        self._stats_pool.shutdown()
+        return {"d_in": self.d_in, "rows": self.rows, **self.layout, "shards": self.shards, **self.summary()}
+
+    def summary(self) -> dict:
+        """mean, rms, total_variance, mean_norm and mean_squared_norm of the rows summed so far."""
+        return summarize(self.sum, self.sumsq, self.norm_sum, self.rows)
+
+
+def summarize(total: torch.Tensor, total_sq: torch.Tensor, norm_sum: float, rows: int) -> dict:
+    """The manifest's statistics of a hookpoint from its float64 sums over `rows` rows."""
+    n = max(rows, 1)
+    mean = total / n
+    var = total_sq / n - mean**2
+    return {
+        "mean": mean.tolist(),
+        "rms": (total_sq / n).sqrt().tolist(),
+        "total_variance": float(var.clamp_min(0).sum()),
+        "mean_norm": norm_sum / n,
+        "mean_squared_norm": float(total_sq.sum()) / n,
+    }
 
 
 def _sha256_record(path: Path) -> Path:
@@ -318,9 +376,41 @@ class ActivationCache:
                 f"{self.folder} has no manifest.json: it is not a finished activation cache"
             )
         self.manifest = json.loads(manifest_path.read_text())
-        if verify:
+        # an unstored cache (`cache.store: false`) holds tokens and contexts; its activations come from the
+        # model, recomputed shard by shard on demand (`tasks.common.recompute`)
+        self.stored = bool(self.manifest.get("stored", True))
+        if verify and self.stored:
             self.verify()
         self._tokens: pl.DataFrame | None = None
+        self._recompute = None
+
+    @property
+    def recompute(self):
+        """The model-backed shard reader of an unstored cache (the model loads on first use)."""
+        if self.stored:
+            raise ValueError(f"{self.folder} stores its activations; read them with read_shard")
+        if self._recompute is None:
+            from featureatlas.tasks.common.recompute import Recompute
+
+            self._recompute = Recompute.from_cache(self)
+        return self._recompute
+
+    def attach_model(self, loaded) -> None:
+        """Recompute an unstored cache's activations with `loaded` (a `LoadedModel`) instead of loading it."""
+        from featureatlas.tasks.common.recompute import Recompute
+
+        self._recompute = Recompute.from_cache(self, loaded)
+
+    @property
+    def shard_tokens(self) -> int:
+        """Rows of every shard but the last (a hand-written manifest may leave it out: the first shard's)."""
+        if "shard_tokens" in self.manifest:
+            return int(self.manifest["shard_tokens"])
+        shards = next(iter(self.manifest["hookpoints"].values()), {}).get("shards") or [{"rows": 1}]
+        return int(shards[0]["rows"])
+
+    def n_shards(self, hookpoint: str) -> int:
+        return len(self._info(hookpoint)["shards"])
 
     @property
     def hookpoints(self) -> list[str]:
@@ -339,6 +429,8 @@ class ActivationCache:
     @property
     def tokens(self) -> pl.DataFrame:
         if self._tokens is None:
+            import polars as pl
+
             self._tokens = pl.read_parquet(self.folder / "tokens.parquet")
         return self._tokens
 
@@ -360,20 +452,41 @@ class ActivationCache:
             exclude_first_token = self.manifest["exclude_first_token"]
         if exclude_special_tokens is None:
             exclude_special_tokens = self.manifest.get("exclude_special_tokens", False)  # format 1 had none
-        df = self.tokens
+        import polars as pl
+
+        # scanned, not loaded: only the filter columns are read and only the row numbers kept
+        df = pl.scan_parquet(self.folder / "tokens.parquet")
         if split is not None:
             df = df.filter(pl.col("split") == split)
         if exclude_first_token:
             df = df.filter(pl.col("position") > 0)
-        if exclude_special_tokens and "is_special" in df.columns:
+        if exclude_special_tokens and "is_special" in df.collect_schema().names():
             df = df.filter(~pl.col("is_special"))
-        return torch.from_numpy(df["row"].to_numpy().astype("int64"))
+        return torch.from_numpy(df.select("row").collect()["row"].to_numpy().astype("int64"))
 
     def load(self, hookpoint: str, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """Activations of `hookpoint` for the given rows (all rows when None), as one CPU tensor."""
-        info = self._info(hookpoint)
-        data = torch.cat([load_file(str(self.folder / s["file"]))["acts"] for s in info["shards"]])
-        return data if rows is None else data[rows]
+        """Activations of `hookpoint` for the given rows (all rows when None), as one CPU tensor.
+
+        Only the shards holding the rows are read (or, unstored, recomputed), one at a time.
+        """
+        n_shards = self.n_shards(hookpoint)
+        if rows is None:
+            return torch.cat([self.read_shard(hookpoint, s) for s in range(n_shards)])
+        rows = rows.to(torch.int64)
+        shard_of = rows // self.shard_tokens
+        out: torch.Tensor | None = None
+        order = torch.argsort(shard_of, stable=True)
+        shards, counts = torch.unique_consecutive(shard_of[order], return_counts=True)
+        ends = counts.cumsum(0).tolist()
+        for s, end, count in zip(shards.tolist(), ends, counts.tolist()):
+            where = order[end - count : end]
+            acts = self.read_shard(hookpoint, s)[rows[where] - s * self.shard_tokens]
+            if out is None:
+                out = torch.empty(rows.numel(), acts.shape[1], dtype=acts.dtype)
+            out[where] = acts
+        if out is None:
+            return torch.empty(0, int(self._info(hookpoint)["d_in"]), dtype=DTYPES[self.manifest["dtype"]])
+        return out
 
     def stream(
         self,
@@ -384,8 +497,13 @@ class ActivationCache:
         seed: int = 0,
         epoch: int = 0,
         buffer_shards: int = 4,
+        skip: int = 0,
+        limit: int | None = None,
+        prefetch: bool = True,
+        pin_memory: bool = False,
     ) -> Iterator[StreamBatch]:
-        """Shuffled batches of `rows` (default: the train split), at most `buffer_shards` shards in memory.
+        """Shuffled batches of `rows` (default: the train split), at most `buffer_shards` shards in memory
+        (twice that while the next group is read ahead in a background thread).
 
         See `tasks.common.stream.stream_batches`.
         """
@@ -394,12 +512,25 @@ class ActivationCache:
         if rows is None:
             rows = self.select_rows("train")
         return stream_batches(
-            self, hookpoint, rows, batch_size=batch_size, seed=seed, epoch=epoch, buffer_shards=buffer_shards
+            lambda s: self.read_shard(hookpoint, s),
+            self.n_shards(hookpoint),
+            self.shard_tokens,
+            rows,
+            batch_size=batch_size,
+            seed=seed,
+            epoch=epoch,
+            buffer_shards=buffer_shards,
+            skip=skip,
+            limit=limit,
+            prefetch=prefetch,
+            pin_memory=pin_memory,
         )
 
     def read_shard(self, hookpoint: str, index: int) -> torch.Tensor:
         """One shard of `hookpoint` [rows, d_in]; a missing or truncated file is refused by name."""
         info = self._info(hookpoint)
+        if not self.stored:
+            return self.recompute.shard(hookpoint, index)
         shard = info["shards"][index]
         return load_file(str(check_shard_size(self.folder, hookpoint, shard)))["acts"]
 

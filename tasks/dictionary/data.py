@@ -125,9 +125,12 @@ class CacheSource:
         rows: Tensor | None = None,
         *,
         buffer_shards: int = 4,
+        pin_memory: bool | None = None,
     ) -> None:
         info = cache._info(hookpoint)  # refuses an unknown hookpoint, listing the cached ones
         self.cache, self.hookpoint, self.buffer_shards = cache, hookpoint, buffer_shards
+        # pinned host memory lets the trainer's non_blocking copy to the GPU overlap the step
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.rows = cache.select_rows("train") if rows is None else rows.to(torch.int64)
         self.n_rows = int(self.rows.numel())
         self.d_in = int(info["d_in"])
@@ -149,7 +152,12 @@ class CacheSource:
             _check_chunk(acts[bad], self.d_in, self._where(rows[bad]))
         return acts
 
-    def epoch(self, epoch: int, batch_size: int, seed: int) -> Iterator[Tensor]:
+    # `epoch(..., skip=a, limit=b)` reads only the shards holding the epoch's rows [a, b)
+    skips = True
+
+    def epoch(
+        self, epoch: int, batch_size: int, seed: int, skip: int = 0, limit: int | None = None
+    ) -> Iterator[Tensor]:
         for b in self.cache.stream(
             self.hookpoint,
             self.rows,
@@ -157,6 +165,9 @@ class CacheSource:
             seed=seed,
             epoch=epoch,
             buffer_shards=self.buffer_shards,
+            skip=skip,
+            limit=limit,
+            pin_memory=self.pin_memory,
         ):
             yield self._checked(b.acts, b.rows)
 
@@ -184,18 +195,44 @@ class CacheSource:
         return acts
 
 
-def batches(source: ActivationSource, batch_size: int, seed: int, start: int = 0) -> Iterator[Tensor]:
+def seen_record(source: ActivationSource, steps: int, batch_size: int) -> dict | None:
+    """What a dictionary trained on forward passes saw (None for stored activations): tokens trained on,
+    tokens run through the model, and the float64 statistics of the hookpoint's recomputed rows."""
+    cache = getattr(source, "cache", None)
+    if not isinstance(source, CacheSource) or cache is None or cache.stored:
+        return None
+    recompute = cache.recompute
+    return {
+        "streamed": True,
+        "tokens_trained": steps * batch_size,
+        "forward_tokens": recompute.forward_tokens,
+        "hookpoint": source.hookpoint,
+        "statistics": recompute.seen(source.hookpoint),
+    }
+
+
+def batches(
+    source: ActivationSource, batch_size: int, seed: int, start: int = 0, stop: int | None = None
+) -> Iterator[Tensor]:
     """Full batches [batch_size, d_in] from back-to-back epochs, from batch index `start` (0-based) on.
 
-    Skipping to `start` reads only the epoch it falls in: batch b begins at row b * batch_size of the
-    concatenated epochs.
+    Skipping to `start` reads only the epoch it falls in (a source with `skips`, only the shards holding rows
+    from there on): batch b begins at row b * batch_size of the concatenated epochs. With `stop` (the batch
+    index the caller ends before), a source with `skips` reads nothing past it.
     """
     n = source.n_rows
     epoch, offset = divmod(start * batch_size, n)
     pending: list[Tensor] = []
     held = 0
     while True:
-        for chunk in source.epoch(epoch, batch_size, seed):
+        if getattr(source, "skips", False):
+            # the source leaves the rows before `offset` and after `stop` out itself, reading none of their
+            # shards (for a cache recomputed from the model: running none of their forward passes)
+            limit = None if stop is None else stop * batch_size - epoch * n
+            chunks, offset = source.epoch(epoch, batch_size, seed, skip=offset, limit=limit), 0
+        else:
+            chunks = source.epoch(epoch, batch_size, seed)
+        for chunk in chunks:
             if offset:  # rows of this epoch that batches before `start` consumed
                 drop = min(offset, chunk.shape[0])
                 chunk, offset = chunk[drop:], offset - drop

@@ -10,6 +10,7 @@ in a torchrun launch (`tasks.dictionary.launch`), without checkpoints, and is re
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ from prefect.cache_policies import NO_CACHE
 from featureatlas.schemas.artifacts import ActivationCacheRef, DictionaryRef
 from featureatlas.schemas.methods import DictionaryConfig
 from featureatlas.tasks.common.store import ActivationCache
-from featureatlas.tasks.dictionary.data import BadActivations, CacheSource
+from featureatlas.tasks.dictionary.data import BadActivations, CacheSource, seen_record
 from featureatlas.tasks.dictionary.launch import train_with_torchrun
 from featureatlas.tasks.dictionary.paired import PairedSource
 from featureatlas.tasks.dictionary.train import MetricsCallback, TrainResult, sweep_key, train_dictionaries
@@ -150,6 +151,10 @@ class _Sweep:
         seconds = time.perf_counter() - t0
         for i, result in zip(order, results):
             self.fields[i] = self._save(i, result, seconds, source.n_rows)
+            seen = seen_record(source, result.steps, self.cfgs[i].batch_size)
+            if seen is not None:  # trained on forward passes: record what the dictionary saw
+                (self.slots[i][0] / "seen.json").write_text(json.dumps(seen))
+                self.slots[i][1].log_metrics({"forward_tokens": seen["forward_tokens"]})
 
     def _save(self, i: int, result: TrainResult, seconds: float, tokens: int) -> tuple[dict, dict]:
         folder, run = self.slots[i]

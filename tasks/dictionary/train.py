@@ -315,15 +315,16 @@ def train_dictionaries(
         total,
         device,
     )
-    feed = batches(source, batch_size, cfgs[0].seed, start)
     bar = tqdm(range(start + 1, total + 1), desc=f"train {members[0].name}", disable=not progress)
-    for step in bar:
-        batch = next(feed).to(device, non_blocking=True)
-        for m in members:
-            if m.active(step):
-                m.train_step(batch, step)
-        if progress and members[0].metrics:
-            bar.set_postfix(fvu=f"{members[0].metrics['fvu']:.4f}", l0=f"{members[0].metrics['l0']:.1f}")
+    # closed on the way out, also on an error: a source's background reader stops with it
+    with contextlib.closing(batches(source, batch_size, cfgs[0].seed, start, stop=total)) as feed:
+        for step in bar:
+            batch = next(feed).to(device, non_blocking=True)
+            for m in members:
+                if m.active(step):
+                    m.train_step(batch, step)
+            if progress and members[0].metrics:
+                bar.set_postfix(fvu=f"{members[0].metrics['fvu']:.4f}", l0=f"{members[0].metrics['l0']:.1f}")
     for m in members:
         logger.info("trained %s in %d steps: %s", m.name, m.steps, m.metrics)
     return [m.result() for m in members]

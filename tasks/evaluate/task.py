@@ -44,6 +44,18 @@ def heldout_contexts(store: ActivationCache, n: int) -> tuple[torch.Tensor, torc
     return ctx["input_ids"][idx], ctx["attention_mask"][idx]
 
 
+def _site_mean(
+    store: ActivationCache, site: str, rows: torch.Tensor, acts: torch.Tensor | None
+) -> torch.Tensor:
+    """The per-dimension mean that mean ablation splices in: the cache's own (float64, every row), or for an
+    unstored cache, which never saw every row, the mean of the held-out rows evaluated."""
+    info = store.manifest["hookpoints"][site]
+    if "mean" in info:
+        return torch.tensor(info["mean"])
+    acts = store.load(site, rows) if acts is None else acts
+    return acts.double().mean(0).float()
+
+
 def trained_model_id(ctx: StageContext, dictionary: DictionaryRef) -> str | None:
     """The model id of the cache the dictionary was trained on, from the catalog (None if not catalogued)."""
     found = open_catalog(ctx.settings.catalog).get(dictionary.cache_id)
@@ -145,6 +157,8 @@ def evaluate_dictionary(
             raise ValueError("the cache has no held-out tokens; raise `corpus.heldout_fraction` above 0")
         loaded = load_model_ref(cache.model.source, cache.model.spec, cache.model.path, cache.model.converted)
         sae = load_dictionary(dictionary.path, device=str(loaded.device))
+        if not store.stored:  # the held-out rows are recomputed from this model, shard by shard
+            store.attach_model(loaded)
         acts = store.load(hookpoint, rows)
         recon = reconstruction_metrics(
             sae,
@@ -158,7 +172,9 @@ def evaluate_dictionary(
         ids, mask = heldout_contexts(store, spec.ce_contexts)
         exclude_first = store.manifest["exclude_first_token"]
         site = target or hookpoint
-        mean = torch.tensor(store.manifest["hookpoints"][site]["mean"]) if spec.mean_ablation else None
+        mean = (
+            _site_mean(store, site, rows, acts if site == hookpoint else None) if spec.mean_ablation else None
+        )
         ce = ce_loss_score(
             loaded.model,
             sae,

@@ -135,8 +135,15 @@ class CodeStream:
 def smallest_per_group(group: Tensor, score: Tensor, k: int) -> Tensor:
     """Indices of the entries with the k smallest `score`s within each `group`, ties to the earlier entry;
     ordered by group, then score."""
-    order = torch.argsort(score, stable=True)
-    order = order[torch.argsort(group[order], stable=True)]
+    if score.dtype == torch.float32 and (len(group) == 0 or int(group.max()) < 1 << 31):
+        # one stable sort of (group, score) packed in an int64: the float's bits made order-preserving
+        # (negative floats: every bit flipped; others: the sign bit set), the group above them
+        bits = score.contiguous().view(torch.int32).to(torch.int64)
+        sortable = torch.where(bits < 0, ~bits & 0xFFFFFFFF, bits | 0x80000000)
+        order = torch.argsort(group * (1 << 32) + sortable, stable=True)
+    else:
+        order = torch.argsort(score, stable=True)
+        order = order[torch.argsort(group[order], stable=True)]
     g = group[order]
     rank = torch.arange(len(g)) - torch.searchsorted(
         g, g

@@ -11,7 +11,6 @@ import bisect
 from collections.abc import Iterator
 
 import torch
-from safetensors.torch import load_file
 
 from featureatlas.tasks.common.store import ActivationCache
 
@@ -23,7 +22,8 @@ class ShardedActs:
         info = store.manifest["hookpoints"].get(hookpoint)
         if info is None:
             raise ValueError(f"hookpoint {hookpoint!r} is not in this cache; cached: {store.hookpoints}")
-        self.files = [store.folder / s["file"] for s in info["shards"]]
+        self.store, self.hookpoint = store, hookpoint
+        self.files = list(range(len(info["shards"])))  # read through the store: stored or recomputed
         self.starts = [0]
         for s in info["shards"]:
             self.starts.append(self.starts[-1] + int(s["rows"]))
@@ -36,7 +36,7 @@ class ShardedActs:
 
     def _shard(self, i: int) -> torch.Tensor:
         if self._cached is None or self._cached[0] != i:
-            self._cached = (i, load_file(str(self.files[i]))["acts"])
+            self._cached = (i, self.store.read_shard(self.hookpoint, i))
         return self._cached[1]
 
     def __len__(self) -> int:

@@ -11,7 +11,7 @@ from prefect.cache_policies import NO_CACHE
 
 from featureatlas.schemas.artifacts import ActivationCacheRef, DictionaryRef, LabelingRef
 from featureatlas.schemas.spec import LabelSpec
-from featureatlas.tasks.common.models import load_model_ref
+from featureatlas.tasks.common.models import load_model_ref, resolve_device
 from featureatlas.tasks.common.progress import StageProgress
 from featureatlas.tasks.common.store import ActivationCache
 from featureatlas.tasks.dictionary import load_dictionary
@@ -58,7 +58,8 @@ def label_features(
             # tokens the cache never saw (promoted/suppressed ones) are decoded by the model's tokenizer
             decode = lambda i, tok=loaded.tokenizer: tok.decode([i])  # noqa: E731
             del loaded
-        sae = load_dictionary(dictionary.path)
+        # on the model's device: the one encode pass is a [batch, d_in] x [d_in, d_sae] matmul per batch
+        sae = load_dictionary(dictionary.path, device=str(resolve_device(cache.model.spec.device)))
         llm = build_labeler(spec.llm, online=ctx.settings.online) if spec.llm is not None else None
         progress.step("feature statistics and labels")
         table = build_feature_table(

@@ -111,10 +111,17 @@ def corpus_identity(spec: CorpusSpec) -> Identity:
 _CACHE_NEUTRAL = {"parts"}
 
 
+def _cache_config(spec: CacheSpec) -> dict:
+    config = spec.model_dump(mode="json", exclude=_CACHE_NEUTRAL)
+    if config.get("store", True):
+        del config["store"]  # added later: stored caches keep the fingerprints they had
+    return config
+
+
 def cache_identity(model: Identity, corpus: Identity, hookpoints: list[str], spec: CacheSpec) -> Identity:
     return identity(
         "activation_cache",
-        {"hookpoints": hookpoints, "cache": spec.model_dump(mode="json", exclude=_CACHE_NEUTRAL)},
+        {"hookpoints": hookpoints, "cache": _cache_config(spec)},
         [model.fingerprint, corpus.fingerprint],
     )
 

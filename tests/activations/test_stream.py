@@ -94,3 +94,44 @@ def test_shard_writer_makes_safetensors_bytes(tmp_path, dtype):
     sha = write_acts_shard(acts, tmp_path / "s.safetensors")
     data = (tmp_path / "s.safetensors").read_bytes()
     assert data == save({"acts": acts}) and sha == hashlib.sha256(data).hexdigest()
+
+
+def test_a_resumed_epoch_reads_only_the_shards_it_still_needs(cache_dir, monkeypatch):
+    """`skip` yields exactly the tail of the uninterrupted epoch, `limit` stops reading past the end."""
+    store = ActivationCache(cache_dir)
+    rows = store.select_rows("train")
+    full = list(store.stream("model.layers.0", rows, batch_size=20, seed=5, buffer_shards=2))
+    order = torch.cat([b.rows for b in full])
+    acts = torch.cat([b.acts for b in full])
+    reads: list[int] = []
+    read_shard = ActivationCache.read_shard
+    monkeypatch.setattr(
+        ActivationCache, "read_shard", lambda self, hp, s: reads.append(s) or read_shard(self, hp, s)
+    )
+    n_shards = store.n_shards("model.layers.0")
+    for skip in (0, 1, 45, order.numel() - 3, order.numel()):
+        reads.clear()
+        got = list(store.stream("model.layers.0", rows, batch_size=20, seed=5, buffer_shards=2, skip=skip))
+        got_rows = torch.cat([b.rows for b in got]) if got else torch.empty(0, dtype=torch.int64)
+        assert torch.equal(got_rows, order[skip:])
+        if got:
+            assert torch.equal(torch.cat([b.acts for b in got]), acts[skip:])
+        if skip == order.numel():
+            assert reads == []
+    reads.clear()
+    head = list(store.stream("model.layers.0", rows, batch_size=20, seed=5, buffer_shards=2, limit=20))
+    assert torch.equal(head[0].rows, order[:20]) and len(reads) <= 2 < n_shards  # one group of two
+
+
+def test_a_bfloat16_model_stores_bfloat16_shards_by_default(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_text("\n".join(json.dumps({"text": " ".join(TINY_TEXT[i : i + 5])}) for i in range(4)))
+    corpus = CorpusSpec(sources=[str(path)], context_length=16, max_tokens=256, min_context_tokens=4)
+    model = build_tiny_llama().to(torch.bfloat16)
+    loaded = LoadedModel(model, build_tiny_tokenizer(bos=True), torch.device("cpu"))
+    for spec, expected in ((CacheSpec(shard_tokens=64), torch.bfloat16), (CacheSpec(dtype="float32"), None)):
+        out = tmp_path / f"cache-{spec.dtype}"
+        write_cache(loaded, load_documents(corpus), corpus, spec, ["model.layers.0"], out, header={})
+        store = ActivationCache(out)
+        assert store.read_shard("model.layers.0", 0).dtype == (expected or torch.float32)
+        assert store.manifest["dtype"] == ("bfloat16" if expected else "float32")

@@ -1,0 +1,374 @@
+"""The whole pipeline at two token counts an order of magnitude apart, stored and streaming.
+
+A randomly initialised Llama-shaped model (`benchmarks/configs/llama_small.json` on CPU, `llama_1b.json`, a
+1B-parameter shape, with `--device cuda`) runs over synthetic token ids. Each (mode, size) runs in its own
+child process, so its peak RSS is its own. Per stage: tokens/s and the ratio of its time per token to a
+baseline measured in the same process:
+
+  forward        the bare forward pass to the hookpoint (the baseline of caching and streaming)
+  cache          forward passes + shards written, hashed, float64 statistics (stored)      / forward
+  train_memory   the training step alone, on rows in memory                                 (baseline)
+  train_cache    training from the stored cache, streamed shard by shard                    / train_memory
+  train_stream   training straight from forward passes, nothing stored            / (forward + train_memory)
+  encode         one encode pass of the trained dictionary over the labeled rows            (baseline)
+  label          the streamed labeling passes (`build_feature_table`)                       / encode
+
+The last stdout line is JSON: per mode and size `stage_ratio` (per stage), `tokens_per_s`, `peak_rss_gb`
+(and `peak_gpu_gb` on CUDA); `rss_growth` per mode (peak RSS at the larger size / the smaller).
+
+The stage functions are called directly: no Prefect, MLflow or catalog, and polars (with it labeling and
+the token table) only when installed, so it runs on a bare CUDA machine with torch, transformers,
+safetensors and pydantic.
+
+    nice python benchmarks/bench_scale.py                         # CPU: 2^15 and 2^15 * 10 tokens
+    python benchmarks/bench_scale.py --device cuda --quick        # 1B shape, bf16, 2^14 and 2^14 * 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _source_tree_package() -> None:
+    """Import `featureatlas.schemas`/`.tasks` from this source tree when the package is not installed (a
+    bare GPU machine given a copy of the repository): the same mapping pyproject.toml installs."""
+    try:
+        import featureatlas.tasks  # noqa: F401
+
+        return
+    except ImportError:
+        pass
+    import types
+
+    package = types.ModuleType("featureatlas")
+    package.__path__ = [str(ROOT / "flows" / "api")]
+    sys.modules["featureatlas"] = package
+    for name in ("schemas", "tasks"):
+        spec = importlib.util.spec_from_file_location(
+            f"featureatlas.{name}", ROOT / name / "__init__.py", submodule_search_locations=[str(ROOT / name)]
+        )
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+        setattr(package, name, module)
+
+log = logging.getLogger("bench_scale")
+HOOKPOINT = "resid_post.{layer}"
+
+
+class SyntheticTokenizer:
+    """What the cache needs of a tokenizer for synthetic ids: a pad id, special ids and a display string."""
+
+    def __init__(self, pad: int, eos: int) -> None:
+        self.pad_token_id, self.eos_token_id, self.all_special_ids = pad, eos, [pad, eos]
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(f"<{i}>" for i in ids)
+
+
+class SyntheticContexts(NamedTuple):
+    """Full contexts of random token ids, every tenth one held out; the fields of a corpus' Contexts."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    doc_index: torch.Tensor
+    heldout: torch.Tensor
+    token_doc: torch.Tensor | None = None
+
+    @classmethod
+    def make(cls, n_tokens: int, length: int, vocab: int, seed: int = 0) -> SyntheticContexts:
+        n_ctx = max(2, n_tokens // length)
+        gen = torch.Generator().manual_seed(seed)
+        ids = torch.randint(3, vocab, (n_ctx, length), generator=gen)
+        return cls(ids, torch.ones_like(ids), torch.arange(n_ctx), torch.arange(n_ctx) % 10 == 9)
+
+
+def build_model(config: Path, device: torch.device, dtype: torch.dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from featureatlas.tasks.common.models import LoadedModel
+
+    cfg = LlamaConfig(**json.loads(config.read_text()))
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg).to(dtype)
+    model.eval().requires_grad_(False)
+    return LoadedModel(model, SyntheticTokenizer(cfg.pad_token_id, cfg.eos_token_id), device), cfg
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+RSS_AFTER: list[float] = []  # resident set after each timed stage, GB: where memory grew
+
+
+def timed(fn, device: torch.device):
+    _sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    _sync(device)
+    seconds = time.perf_counter() - t0
+    RSS_AFTER.append(round(_rss_gb(), 3))
+    return out, seconds
+
+
+def bare_forward(loaded, contexts, hookpoint: str, batch_size: int) -> None:
+    from featureatlas.tasks.common.hooks import capture_activations
+
+    model, _, device = loaded
+    for start in range(0, contexts.input_ids.shape[0], batch_size):
+        ids = contexts.input_ids[start : start + batch_size].to(device)
+        with torch.inference_mode():
+            capture_activations(model, [hookpoint], ids, torch.ones_like(ids))
+
+
+def make_plan(loaded, contexts, spec, hookpoint: str):
+    from featureatlas.tasks.activations.cache import CachePlan, _split, stored_dtype
+    from featureatlas.tasks.common.hooks import resolve_site
+
+    n_rows = int(contexts.attention_mask.sum())
+    key = {"hookpoints": [hookpoint], "cache": spec.model_dump(mode="json"), "header": {}, "n": n_rows}
+    sites = {hookpoint: resolve_site(loaded.model, hookpoint)}
+    parts = _split(n_rows, spec.shard_tokens, 1)
+    return CachePlan(contexts, sites, key, n_rows, parts, stored_dtype(spec, loaded.model))
+
+
+def train_rows(contexts) -> torch.Tensor:
+    """The training rows a cache selects by default: train contexts, position 0 left out."""
+    n_ctx, length = contexts.input_ids.shape
+    rows = torch.arange(n_ctx * length).view(n_ctx, length)
+    return rows[~contexts.heldout][:, 1:].reshape(-1)
+
+
+def child(args) -> dict:
+    """One (mode, size) in this process: every stage's seconds and tokens, peak memory."""
+    from featureatlas.schemas.methods import TopKConfig
+    from featureatlas.schemas.spec import CacheSpec
+    from featureatlas.tasks.activations.cache import assemble, prepare_cache, write_part
+    from featureatlas.tasks.activations.unstored import write_unstored
+    from featureatlas.tasks.common.store import ActivationCache
+    from featureatlas.tasks.dictionary.data import CacheSource
+    from featureatlas.tasks.dictionary.train import train_dictionary
+
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    config = (
+        ROOT / "benchmarks" / "configs" / ("llama_1b.json" if device.type == "cuda" else "llama_small.json")
+    )
+    loaded, cfg = build_model(config, device, dtype)
+    base_rss = _rss_gb()  # torch, the model and the libraries: what every size pays alike
+    hookpoint = HOOKPOINT.format(layer=cfg.num_hidden_layers // 2)
+    contexts = SyntheticContexts.make(args.tokens, args.context_length, cfg.vocab_size)
+    n = int(contexts.attention_mask.sum())
+    try:  # the token table and labeling need polars; the rest does not
+        import polars  # noqa: F401
+
+        has_polars = True
+    except ImportError:
+        has_polars = False
+    spec = CacheSpec(shard_tokens=args.shard_tokens, batch_size=args.batch_size, store=args.mode == "stored")
+    stages: dict[str, tuple[float, int]] = {}
+    warm = contexts._replace(input_ids=contexts.input_ids[: args.batch_size])
+    bare_forward(loaded, warm, hookpoint, args.batch_size)  # untimed: one-time set-up of the first pass
+    RSS_AFTER.clear()
+    _, t_forward = timed(lambda: bare_forward(loaded, contexts, hookpoint, args.batch_size), device)
+    stages["forward"] = (t_forward, n)
+    rows = train_rows(contexts)
+    d_in = cfg.hidden_size
+    steps = rows.numel() // args.train_batch
+    topk = TopKConfig(
+        d_sae=args.expansion * d_in,
+        k=args.k,
+        batch_size=args.train_batch,
+        steps=steps,
+        device=str(device),
+        log_every=max(steps, 1),
+    )
+    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+        folder = Path(tmp) / "cache"
+        plan = make_plan(loaded, contexts, spec, hookpoint)
+        if args.mode == "stored":
+
+            def cache() -> None:
+                prepare_cache(plan, folder)
+                write_part(loaded, plan, spec, folder, 0)
+                docs = _documents(contexts, has_polars)
+                assemble(loaded.tokenizer, docs, plan, spec, folder, header={}, token_table=has_polars)
+
+            stages["cache"] = (timed(cache, device)[1], n)
+        else:
+            docs = _documents(contexts, has_polars)
+            write_unstored(loaded, docs, plan, spec, folder, header={}, token_table=has_polars)
+        store = ActivationCache(folder)
+        if not store.stored:
+            store.attach_model(loaded)
+        source = CacheSource(store, hookpoint, rows)
+        # the training step alone: the same number of steps on at most `memory_rows` rows held in memory
+        memory = store.load(hookpoint, rows[: args.memory_rows]).to(device)
+        # warm-up, untimed: the first training in a process pays one-time kernel and allocator set-up
+        train_dictionary(topk.model_copy(update={"steps": 2, "log_every": 2}), memory)
+        result, t_mem = timed(lambda: train_dictionary(topk, memory), device)
+        stages["train_memory"] = (t_mem, steps * args.train_batch)
+        memory = None  # the in-memory rows go before the streamed stages are measured
+        name = "train_cache" if store.stored else "train_stream"
+        result, t_train = timed(lambda: train_dictionary(topk, source), device)
+        stages[name] = (t_train, steps * args.train_batch)
+        sae = result.dictionary.to(device)
+        label_rows = rows[: args.label_tokens] if args.label_tokens else rows
+        _, t_enc = timed(lambda: _encode_pass(sae, store, hookpoint, label_rows, device), device)
+        stages["encode"] = (t_enc, label_rows.numel())
+        if args.no_label:
+            pass
+        elif has_polars:
+            t_label = _label(sae, store, hookpoint, label_rows, contexts, device)
+            stages["label"] = (t_label, label_rows.numel())
+        else:
+            log.info("polars is not installed: labeling skipped")
+    out = {
+        "stages": {k: {"seconds": round(s, 3), "tokens": t} for k, (s, t) in stages.items()},
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "base_rss_gb": base_rss,
+        "rss_after_stages_gb": RSS_AFTER,
+        "acts_gb": n * d_in * torch.finfo(store_dtype(plan)).bits / 8 / 2**30,
+        "tokens": n,
+    }
+    if device.type == "cuda":
+        out["peak_gpu_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return out
+
+
+def _rss_gb() -> float:
+    """Resident set size now (Linux), GB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 2**20
+    return 0.0
+
+
+def store_dtype(plan) -> torch.dtype:
+    from featureatlas.tasks.common.models import DTYPES
+
+    return DTYPES[plan.dtype]
+
+
+def _documents(contexts, has_polars: bool):
+    if not has_polars:
+        return None
+    import polars as pl
+
+    return pl.DataFrame({"doc_id": [f"d{i}" for i in range(contexts.input_ids.shape[0])]})
+
+
+def _encode_pass(sae, store, hookpoint: str, rows: torch.Tensor, device: torch.device) -> None:
+    from featureatlas.tasks.labeling.sharded import ShardedActs
+
+    view = ShardedActs(store, hookpoint, rows)
+    with torch.inference_mode():
+        for batch in view.batches(4096):
+            sae.encode(batch.to(device, torch.float32))
+
+
+def _label(sae, store, hookpoint: str, rows, contexts, device: torch.device) -> float:
+    from featureatlas.tasks.labeling.features import build_feature_table
+    from featureatlas.tasks.labeling.sharded import ShardedActs
+    from featureatlas.tasks.labeling.stat_labeler import count_ngrams
+
+    length = contexts.input_ids.shape[1]
+    tokens = contexts.input_ids
+    counts = count_ngrams(tokens)
+    view = ShardedActs(store, hookpoint, rows)
+    _, seconds = timed(
+        lambda: build_feature_table(
+            sae,
+            view,
+            rows // length,
+            rows % length,
+            tokens,
+            lambda ids: [f"<{i}>" for i in ids],
+            counts,
+            top_k=10,
+            window=4,
+        ),
+        device,
+    )
+    return seconds
+
+
+def ratios(stages: dict) -> dict:
+    """Time per token of each stage over its baseline's (1.0: as fast as the baseline)."""
+    per = {k: v["seconds"] / max(v["tokens"], 1) for k, v in stages.items()}
+    base = {"cache": per["forward"], "train_cache": per["train_memory"], "label": per.get("encode")}
+    if "train_stream" in per:
+        base["train_stream"] = per["forward"] + per["train_memory"]
+    return {k: round(per[k] / b, 3) for k, b in base.items() if k in per and b}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda (1B shape in bfloat16)")
+    ap.add_argument("--quick", action="store_true", help="a small first size (2^12 on CPU, 2^14 on CUDA)")
+    ap.add_argument("--tokens", type=int, default=None, help="the smaller size; the larger is 10x")
+    ap.add_argument("--modes", nargs="+", default=["stored", "streaming"])
+    ap.add_argument("--context-length", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=16, help="contexts per forward pass")
+    ap.add_argument("--shard-tokens", type=int, default=16384)
+    ap.add_argument("--train-batch", type=int, default=1024)
+    ap.add_argument("--expansion", type=int, default=4)
+    ap.add_argument("--k", type=int, default=32)
+    ap.add_argument("--label-tokens", type=int, default=0, help="rows labeled (0: all training rows)")
+    ap.add_argument("--memory-rows", type=int, default=1 << 16, help="rows of the in-memory baseline")
+    ap.add_argument("--no-label", action="store_true", help="leave the labeling stage out")
+    ap.add_argument("--tmp", default=None, help="folder for the caches (default: the system's)")
+    ap.add_argument("--child", nargs=2, metavar=("MODE", "TOKENS"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    _source_tree_package()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.child:
+        args.mode, args.tokens = args.child[0], int(args.child[1])
+        print(json.dumps(child(args)))  # noqa: T201
+        return
+    cuda = args.device.startswith("cuda")
+    small = args.tokens or ((1 << 14 if cuda else 1 << 12) if args.quick else 1 << 15)
+    forwarded = [a for a in sys.argv[1:] if a not in ("--quick",)]
+    result: dict = {"device": args.device, "sizes": [small, small * 10]}
+    for mode in args.modes:
+        runs = {}
+        for size in (small, small * 10):
+            cmd = [sys.executable, __file__, *forwarded, "--child", mode, str(size)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if proc.returncode:
+                sys.stderr.write(proc.stderr[-4000:])
+                raise SystemExit(f"{mode} at {size} tokens failed (exit {proc.returncode})")
+            run = json.loads(proc.stdout.strip().splitlines()[-1])
+            run["stage_ratio"] = ratios(run["stages"])
+            run["tokens_per_s"] = {
+                k: round(v["tokens"] / max(v["seconds"], 1e-9)) for k, v in run["stages"].items()
+            }
+            del run["stages"]
+            log.info("%s %d tokens: %s", mode, size, run)
+            runs[str(size)] = run
+        growth = runs[str(small * 10)]["peak_rss_gb"] / runs[str(small)]["peak_rss_gb"]
+        result[mode] = runs | {"rss_growth": round(growth, 3)}
+    result["rss_growth"] = max(result[m]["rss_growth"] for m in args.modes)
+    print(json.dumps(result))  # noqa: T201
+
+
+if __name__ == "__main__":
+    main()
