@@ -52,9 +52,12 @@ def _memory_by_key(estimates: list[StageMemory]) -> dict[tuple, StageMemory]:
     return out
 
 
-def preflight(spec: PipelineSpec, settings: Settings) -> list[StageMemory]:
+def preflight(spec: PipelineSpec, settings: Settings, *, planning: bool = False) -> list[StageMemory]:
     """Refuse (PreflightError, a ValueError) what cannot run here: missing paths, no held-out tokens, an
-    unreadable model config, unknown hookpoints, a stage that does not fit its device's free memory."""
+    unreadable model config, unknown hookpoints, a stage that does not fit its device's free memory.
+
+    `planning`: a stage on a device this machine lacks is shown with its estimate, not refused, so a GPU
+    spec can be planned anywhere; running it here is refused."""
     check_paths(spec)  # before the model is fingerprinted: a missing folder says so, not "hub is off"
     if spec.model is None:
         return []
@@ -68,12 +71,12 @@ def preflight(spec: PipelineSpec, settings: Settings) -> list[StageMemory]:
         source, model_spec = found["path"], model_spec.model_copy(update={"gguf_file": None})
     facts = model_facts(model_spec, source, spec.hookpoints)
     estimates = estimate(spec, facts, sweep_groups(spec.dictionary_jobs()))
-    check_fits(estimates)
+    check_fits(estimates, skip_absent=planning)
     return estimates
 
 
 def plan_pipeline(spec: PipelineSpec, settings: Settings) -> list[PlannedStage]:
-    memory = _memory_by_key(preflight(spec, settings))
+    memory = _memory_by_key(preflight(spec, settings, planning=True))
     catalog = open_catalog(settings.catalog)
 
     def planned(stage: str, ident: Identity, parents: list[Identity], key: tuple = ()) -> PlannedStage:

@@ -153,10 +153,27 @@ def estimate(
     return out
 
 
-def check_fits(estimates: list[StageMemory], available=available_bytes) -> None:
-    """Refuse the first stage whose estimate exceeds the free memory of its device, saying what to lower."""
+def device_present(device: str) -> bool:
+    """Whether `device` exists on this machine (a CUDA device needs CUDA; the CPU always exists)."""
+    if not device.startswith("cuda"):
+        return True
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def check_fits(
+    estimates: list[StageMemory], available=available_bytes, *, skip_absent: bool = False
+) -> None:
+    """Refuse the first stage whose estimate exceeds the free memory of its device, saying what to lower.
+
+    `skip_absent` (planning): a stage on a device this machine lacks (a GPU spec planned on a laptop) is
+    left unchecked instead of refused; running it here is still refused, by `available`.
+    """
     free: dict[str, int] = {}
     for e in estimates:
+        if skip_absent and not device_present(e.device):
+            continue
         if e.device not in free:
             free[e.device] = available(e.device)
         if e.bytes > free[e.device]:

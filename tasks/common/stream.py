@@ -158,7 +158,10 @@ def _prefetched(items: Iterator) -> Iterator:
             wanted.release()
             yield item
     finally:
+        # wait for an item still being made (a forward pass, a read): a daemon thread left inside torch when
+        # the interpreter exits aborts the process
         stop.set()
+        thread.join()
 
 
 _END = object()
