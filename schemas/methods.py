@@ -69,7 +69,7 @@ class TrainingConfig(Contract):
     )
     tf32: bool = Field(
         True,
-        # Left out of dumps at its default (so of fingerprints and cfg.json): it changes speed, not the method.
+        # Left out of dumps at its default (so of fingerprints and cfg.json): it changes speed, not method.
         exclude_if=lambda v: v is True,
         description="On CUDA, run float32 matmuls in TF32 (~8x faster on Ampere and later, ~1e-3 relative "
         "error); false keeps full float32. No effect on CPU or under autocast: bf16.",

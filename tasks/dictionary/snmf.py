@@ -197,7 +197,7 @@ class _Sums(NamedTuple):
     GtG: Tensor
 
     def loss_sq(self, F: Tensor, total_sq: float) -> Tensor:
-        """||A - G F^T||^2 from the sums alone: ||A||^2 - 2 <F, A G> + <F^T F, G^T G> (0-dim, on F's device)."""
+        """||A - G F^T||^2 from the sums alone: ||A||^2 - 2 <F, A G> + <F^T F, G^T G> (0-dim, on device)."""
         F = F.double()
         return total_sq - 2 * (F * self.AG).sum() + ((F.T @ F) * self.GtG).sum()
 

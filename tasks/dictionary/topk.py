@@ -74,7 +74,8 @@ class TopKSAE(TranscoderSites, Dictionary):
 
     @torch.no_grad()
     def init_from_data(self, acts: Tensor, targets: Tensor | None = None) -> None:
-        """Fit `input_scale` so E||acts * scale||^2 = d_in; set b_dec per `b_dec_init` (default: the geometric median).
+        """Fit `input_scale` so E||acts * scale||^2 = d_in; set b_dec per `b_dec_init`
+        (default: the geometric median).
 
         A transcoder also takes its `targets` [n, d_in] (rows aligned with acts): `target_scale` and b_dec
         come from them.

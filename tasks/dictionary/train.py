@@ -80,14 +80,14 @@ def resolve_device(spec: str) -> torch.device:
     return device
 
 
-# An automatic warm-up (`warmup_steps: null`) lasts this share of the run, at most AUTO_WARMUP_MAX steps: Gao et
-# al. and dictionary_learning warm up over 1000 steps, which a short run must not spend whole.
+# An automatic warm-up (`warmup_steps: null`) lasts this share of the run, at most AUTO_WARMUP_MAX steps:
+# Gao et al. and dictionary_learning warm up over 1000 steps, which a short run must not spend whole.
 AUTO_WARMUP_FRACTION = 0.05
 AUTO_WARMUP_MAX = 1000
 
 
 def warmup_for(warmup_steps: int | None, steps: int) -> int:
-    """The warm-up steps of a run of `steps`: as given, or min(AUTO_WARMUP_MAX, AUTO_WARMUP_FRACTION x steps)."""
+    """Warm-up steps of a run of `steps`: as given, or min(AUTO_WARMUP_MAX, AUTO_WARMUP_FRACTION x steps)."""
     if warmup_steps is not None:
         return warmup_steps
     return min(AUTO_WARMUP_MAX, int(AUTO_WARMUP_FRACTION * steps))
