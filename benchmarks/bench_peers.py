@@ -14,9 +14,9 @@ Trainers, each at its own defaults, on identical batches (one seeded shuffle per
 that the machine's load falls on all of them alike:
   featureatlas         - `TopKConfig` defaults through the trainer's own step (`_Member.train_step`); more
                          variants with `--featureatlas FIELD=VALUE,...` (repeatable);
-  dictionary_learning  - `TopKTrainer` (lr 2e-4 / sqrt(d_sae / 2^14), geometric-median b_dec from the first
-                         batch, gradient clipping; its 1000-step warm-up must be shorter than the run, so it is
-                         min(1000, steps // 10), and its lr decays over the last 20% as in its demo);
+  dictionary_learning  - `TopKTrainer` (lr 2e-4 / sqrt(d_sae / 2^14), geometric-median b_dec from the
+                         first batch, gradient clipping; its 1000-step warm-up must be shorter than the run,
+                         so it is min(1000, steps // 10), and its lr decays over the last 20% as in its demo);
   saelens              - SAELens' `TopKTrainingSAE` stepped with Adam at its default lr and b_dec = data mean.
 Peers come from the optional extra `peers` (pip install -e '.[peers]'); a peer that does not import is
 skipped with its error printed.
@@ -48,7 +48,7 @@ HOOKPOINT = "resid_post.6"
 
 
 def build_activations(tokens: int, context_length: int, path: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train [n, d_in], heldout [m, d_in]) float32 from SmolLM2-135M over the built-in corpus, BOS dropped."""
+    """(train [n, d_in], heldout [m, d_in]) float32: SmolLM2-135M over the built-in corpus, BOS dropped."""
     if path.exists():
         saved = torch.load(path, weights_only=True)
         return saved["train"], saved["heldout"]
@@ -78,11 +78,11 @@ def build_activations(tokens: int, context_length: int, path: Path) -> tuple[tor
     return train, heldout
 
 
-# ---- trainers: each exposes step(batch), encode(x) -> codes, reconstruct(x) ---------------------------------
+# ---- trainers: each exposes step(batch, step) and codes_and_recons(x) -------------------------------------
 
 
 class FeatureAtlasTopK:
-    """featureatlas' TopK through its trainer's own step (lr schedule, AuxK bookkeeping, decoder constraint)."""
+    """featureatlas' TopK through its trainer's step (lr schedule, AuxK bookkeeping, decoder constraint)."""
 
     def __init__(self, args, train: torch.Tensor, overrides: dict) -> None:
         from pydantic import TypeAdapter
