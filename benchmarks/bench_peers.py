@@ -116,15 +116,20 @@ def import_dictionary_learning_topk():
     try:
         return importlib.import_module("dictionary_learning.trainers.top_k")
     except ModuleNotFoundError as err:
-        spec = importlib.util.find_spec("dictionary_learning")
-        if spec is None or err.name == "dictionary_learning":
+        if err.name != "nnsight":
             raise
+        spec = importlib.util.find_spec("dictionary_learning")
+    for name in [m for m in sys.modules if m.startswith("dictionary_learning")]:
+        del sys.modules[name]
+    pkg = types.ModuleType("dictionary_learning")
+    pkg.__path__ = list(spec.submodule_search_locations)
+    sys.modules["dictionary_learning"] = pkg
+    try:
+        return importlib.import_module("dictionary_learning.trainers.top_k")
+    except ImportError:
         for name in [m for m in sys.modules if m.startswith("dictionary_learning")]:
             del sys.modules[name]
-        pkg = types.ModuleType("dictionary_learning")
-        pkg.__path__ = list(spec.submodule_search_locations)
-        sys.modules["dictionary_learning"] = pkg
-        return importlib.import_module("dictionary_learning.trainers.top_k")
+        raise
 
 
 class DictionaryLearningTopK:
