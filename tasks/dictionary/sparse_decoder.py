@@ -144,7 +144,8 @@ def select_codes(
 def per_row_entries(indices: Tensor) -> tuple[Tensor, Tensor]:
     """(rows, cols) of a per-token selection `indices [n_rows, k]`, row-major."""
     n_rows, k = indices.shape
-    rows = torch.arange(n_rows, device=indices.device).repeat_interleave(k)
+    # expand, not repeat_interleave: on CUDA the latter sums its repeats on the host to size its output
+    rows = torch.arange(n_rows, device=indices.device)[:, None].expand(n_rows, k).reshape(-1)
     return rows, indices.reshape(-1)
 
 

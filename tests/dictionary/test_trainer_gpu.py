@@ -55,7 +55,8 @@ def test_a_cuda_sweep_equals_each_alone_and_resumes(tmp_path):
 @pytest.mark.parametrize("dead_tokens", [10**9, 1])  # AuxK skipped by the host-side bound / always on
 def test_training_step_never_reads_the_device(method, dead_tokens):
     """A whole trainer step (loss, backward, constraint, AdamW, dead counters) between logged steps makes no
-    synchronising call: torch's sync debug mode turns any such call into an error."""
+    synchronising call: torch's sync debug mode turns any such call into an error. TopK on its dense path,
+    the one `compile: true` runs (the sparse path's embedding_bag backward counts segments on the host)."""
     from pydantic import TypeAdapter
 
     from featureatlas.schemas.methods import DictionaryConfig
@@ -68,6 +69,8 @@ def test_training_step_never_reads_the_device(method, dead_tokens):
     cfg = TypeAdapter(DictionaryConfig).validate_python(fields | {"device": "cuda"})
     member = _Member(cfg, acts.shape[1], acts.shape[0], torch.device("cuda"), None, None)
     member.prepare(acts)
+    if method == "topk":
+        member.dictionary.sparse_decoder = False
     batch = acts[:256].cuda()
     member.train_step(batch, 1)  # step 1 reads the first loss back, by design
     member.train_step(batch, 2)
