@@ -88,8 +88,10 @@ if [[ $checks == *" tests "* ]]; then
   mapfile -t gpu_tests < <(find tests -name 'test_*_gpu.py' | sort)
   step "cuda tests" 240 tests.log "$py" -m pytest -q -p no:cacheprovider -rs "${gpu_tests[@]}"
 fi
-if [[ $checks == *" gpu "* ]]; then
+if [[ $checks == *" gpu "* ]] && [ "$cuda" = 1 ]; then
   step "bench_gpu" 180 bench_gpu.log "$py" benchmarks/bench_gpu.py
+elif [[ $checks == *" gpu "* ]]; then  # a CPU smoke run: one small size, two timed rounds
+  step "bench_gpu" 300 bench_gpu.log "$py" benchmarks/bench_gpu.py --device cpu --d-sae 512 --steps 2
 fi
 if [ "$cuda" != 1 ]; then
   note "no CUDA: bench_train --device cuda and bench_scale --device cuda left out"
