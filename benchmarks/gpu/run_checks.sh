@@ -53,10 +53,10 @@ for spec in "pydantic:pydantic-*.whl" "pydantic_core:pydantic_core-*-$tag-*.whl"
     status=1
   fi
 done
-if [ ${#wheels[@]} -gt 0 ]; then
-  "$py" -m pip install -q --no-index --no-deps --no-compile --target "$site" "${wheels[@]}" \
-    || { note "setup: installing the carried wheels failed"; status=1; }
-fi
+for wheel in "${wheels[@]}"; do  # one by one: a wheel for another CPython fails alone, visibly
+  "$py" -m pip install -q --no-index --no-deps --no-compile --target "$site" "$wheel" \
+    || { note "setup: could not install $wheel (wrong CPython? see fetch_wheels.sh)"; status=1; }
+done
 export PYTHONPATH="$site:$root${PYTHONPATH:+:$PYTHONPATH}"
 if ! "$py" -c "import featureatlas.tasks.dictionary" 2>/dev/null; then
   "$py" -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target "$site" . \
