@@ -108,14 +108,14 @@ def test_row_offsets_by_binary_search_equal_counting():
     torch.testing.assert_close(row_offsets(rows, 8), torch.cumsum(counts, 0) - counts)
 
 
-def test_topk_defaults_follow_the_documented_rule():
-    cfg = TopKConfig(d_sae=4608)
+def test_topk_lr_and_warmup_rules():
+    cfg = TopKConfig(d_sae=4608, lr=None)
     assert cfg.lr == pytest.approx(2e-4 * math.sqrt(16384 / 4608))
-    assert TopKConfig(d_sae=16384).lr == pytest.approx(2e-4) and topk_lr(65536) == pytest.approx(1e-4)
-    assert TopKConfig(d_sae=4608, lr=1e-3).lr == 1e-3  # an explicit lr wins
+    assert TopKConfig(d_sae=16384, lr=None).lr == pytest.approx(2e-4)
+    assert topk_lr(65536) == pytest.approx(1e-4)
+    assert TopKConfig(d_sae=4608).lr == 4e-4  # the default stays a constant
     assert TopKConfig.model_validate(cfg.model_dump()) == cfg  # dumps carry the number: round trip
-    assert cfg.b_dec_init == "geometric_median" and cfg.decay_fraction == 0.2
-    # warm-up: 5% of the run, at most 1000 steps; an explicit count as given
+    # warm-up: null is 5% of the run, at most 1000 steps; an explicit count as given
     assert warmup_for(None, 245) == 12 and warmup_for(None, 100_000) == 1000 and warmup_for(7, 245) == 7
     factors = [lr_factor(s, 100, None, 0.2) for s in range(1, 101)]
     assert factors[0] == pytest.approx(1 / 5) and factors[4] == 1.0 and factors[79] == 1.0
