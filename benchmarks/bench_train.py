@@ -20,7 +20,8 @@ runtime excluded).
     python benchmarks/bench_train.py --d-sae 1152    # smaller, e.g. on a slow CPU
     python benchmarks/bench_train.py --device cuda   # on a GPU
 
-The last line printed is one JSON object keyed by method.
+The last line printed is one JSON object keyed by method; a method whose child process failed is printed
+with the end of its error output and appears as {"error": ...}.
 """
 
 from __future__ import annotations
@@ -200,8 +201,14 @@ def main() -> None:
             text=True,
             cwd=root,
             env={"PYTHONPATH": str(root), **_env()},
-            check=True,
         )
+        if proc.returncode != 0:
+            # a method that fails is reported with its error, and the others still run
+            tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
+            print(f"{method:<17} FAILED (exit {proc.returncode}):\n{tail}", flush=True)
+            errors = [line for line in tail.splitlines() if "Error" in line or "Exception" in line]
+            results[method] = {"error": (errors or [f"exit {proc.returncode}"])[-1].strip()}
+            continue
         row = json.loads(proc.stdout.strip().splitlines()[-1])
         results[method] = row
         print(
@@ -209,11 +216,8 @@ def main() -> None:
             f"{row['matmul_ratio']:>6.2f} {row['peak_mb']:>8.0f}",
             flush=True,
         )
-    print(
-        json.dumps(
-            {m: {k: r[k] for k in ("tokens_per_s", "matmul_ratio", "peak_mb")} for m, r in results.items()}
-        )
-    )
+    keys = ("tokens_per_s", "matmul_ratio", "peak_mb")
+    print(json.dumps({m: r if "error" in r else {k: r[k] for k in keys} for m, r in results.items()}))
 
 
 def _env() -> dict[str, str]:

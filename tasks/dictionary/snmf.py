@@ -18,7 +18,9 @@ the first pass matched every column on 2), and both are handled here:
     then the same truncation), which cannot raise the loss: the loss is monotone.
 Sums over tokens run chunk by chunk
 (`batch_size` rows), so only G (n x d_sae) and one chunk of activations are in memory at once; the cache
-may be a memory-mapped tensor. Training stops after `patience` passes without progress, keeping the best
+may be a memory-mapped tensor. The passes run on `cfg.device` (G and the sums live there, chunks of the
+activations are copied in), and read back from it once or twice per pass (the loss that picks F, and the
+pass's metrics), never per chunk. Training stops after `patience` passes without progress, keeping the best
 iterate.
 
 Not gradient-trained, so it brings its own `fit`, which `train_dictionary` hands the work to. `encode` is a
@@ -41,7 +43,7 @@ from featureatlas.schemas.methods import SemiNMFConfig
 from featureatlas.tasks.dictionary.base import Dictionary
 from featureatlas.tasks.dictionary.registry import register
 from featureatlas.tasks.dictionary.scaling import fit_input_scale
-from featureatlas.tasks.dictionary.train import MetricsCallback, TrainResult
+from featureatlas.tasks.dictionary.train import MetricsCallback, TrainResult, resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -123,10 +125,13 @@ class SemiNMF(Dictionary):
         return self.W_dec.detach()
 
 
-def _chunks(acts: Tensor, rows: int, scale: float) -> Iterator[tuple[slice, Tensor]]:
+def _chunks(
+    acts: Tensor, rows: int, scale: float, device: torch.device | None = None
+) -> Iterator[tuple[slice, Tensor]]:
+    """(rows slice, scaled float32 chunk on `device`, default acts' own) over acts [n, d_in]."""
     for start in range(0, acts.shape[0], rows):
         sl = slice(start, start + rows)
-        yield sl, acts[sl].to(torch.float32) * scale
+        yield sl, acts[sl].to(device or acts.device, torch.float32, non_blocking=True) * scale
 
 
 def _init_G(cfg: SemiNMFConfig, acts: Tensor, rows: int, scale: float) -> Tensor:
@@ -196,27 +201,25 @@ class _Sums(NamedTuple):
     AG: Tensor
     GtG: Tensor
 
-    def loss_sq(self, F: Tensor, total_sq: float) -> float:
-        """||A - G F^T||^2 from the sums alone: ||A||^2 - 2 <F, A G> + <F^T F, G^T G>."""
+    def loss_sq(self, F: Tensor, total_sq: float) -> Tensor:
+        """||A - G F^T||^2 from the sums alone: ||A||^2 - 2 <F, A G> + <F^T F, G^T G> (0-dim, on device)."""
         F = F.double()
-        return total_sq - 2 * float((F * self.AG).sum()) + float(((F.T @ F) * self.GtG).sum())
+        return total_sq - 2 * (F * self.AG).sum() + ((F.T @ F) * self.GtG).sum()
 
 
 def least_squares_F(acts: Tensor, G: Tensor, rows: int, scale: float) -> tuple[Tensor, _Sums]:
     """(F = A G (G^T G + ridge)^-1 [d_in, d_sae], the sums) from one pass over the tokens."""
-    d_sae = G.shape[1]
-    AG = torch.zeros(acts.shape[1], d_sae, dtype=torch.float64)
-    GtG = torch.zeros(d_sae, d_sae, dtype=torch.float64)
-    for sl, x in _chunks(acts, rows, scale):
+    d_sae, device = G.shape[1], G.device
+    AG = torch.zeros(acts.shape[1], d_sae, dtype=torch.float64, device=device)
+    GtG = torch.zeros(d_sae, d_sae, dtype=torch.float64, device=device)
+    for sl, x in _chunks(acts, rows, scale, device):
         AG += (x.T @ G[sl]).double()
         GtG += (G[sl].T @ G[sl]).double()
-    eye = torch.eye(d_sae, dtype=torch.float64)
+    eye = torch.eye(d_sae, dtype=torch.float64, device=device)
     return torch.linalg.solve(GtG + _RIDGE * eye, AG.T).T.float(), _Sums(AG, GtG)
 
 
-def sparse_F(
-    cfg: SemiNMFConfig, F_ls: Tensor, F_prev: Tensor | None, sums: _Sums, total_sq: float
-) -> Tensor:
+def sparse_F(cfg: SemiNMFConfig, F_ls: Tensor, F_prev: Tensor | None, sums: _Sums, total_sq: float) -> Tensor:
     """The sparsified least-squares F, unless it fits the current G worse than the previous F does.
 
     Truncating the least-squares solution is not a descent step: when a column's support changes the loss
@@ -224,7 +227,8 @@ def sparse_F(
     instead; with step 1 / lambda_max(G^T G) it never raises the loss, so the loss is monotone.
     """
     F = sparsify_columns(F_ls, cfg.sparsity)
-    if F_prev is None or sums.loss_sq(F, total_sq) <= sums.loss_sq(F_prev, total_sq):
+    # One read-back per pass: which F fits better decides whether the eigenvalue solve is needed at all.
+    if F_prev is None or bool(sums.loss_sq(F, total_sq) <= sums.loss_sq(F_prev, total_sq)):
         return F
     lipschitz = torch.linalg.eigvalsh(sums.GtG)[-1].clamp_min(_EPS)
     grad = F_prev.double() @ sums.GtG - sums.AG
@@ -243,6 +247,7 @@ def _alternate(
 ) -> _Run:
     """`init_passes` unsparsified passes, then the sparse alternation until patience runs out."""
     n, d_in = acts.shape
+    device = G.device
     total_sq, centred_sq = sums
     for _ in range(cfg.init_passes):
         F, sums = least_squares_F(acts, G, rows, scale)
@@ -250,7 +255,7 @@ def _alternate(
         G /= norms
         F *= norms
         Q = F.T @ F
-        for sl, x in _chunks(acts, rows, scale):
+        for sl, x in _chunks(acts, rows, scale, device):
             G[sl] = multiplicative_update(G[sl], x @ F, Q)
 
     best_loss, best_F, best_metrics, since_progress, it = math.inf, None, {}, 0, 0
@@ -262,19 +267,23 @@ def _alternate(
         G /= norms
         F *= norms
         Q = F.T @ F
-        err_sq, nonzero = 0.0, 0.0
-        for sl, x in _chunks(acts, rows, scale):
+        # Device-side sums, read back once after the pass (a read per chunk would stall the device).
+        err_sq = torch.zeros((), dtype=torch.float64, device=device)
+        nonzero = torch.zeros((), dtype=torch.float64, device=device)
+        for sl, x in _chunks(acts, rows, scale, device):
             G[sl] = multiplicative_update(G[sl], x @ F, Q)
-            err_sq += (x - G[sl] @ F.T).pow(2).sum().item()
-            nonzero += firing(G[sl], SemiNMF.firing_share).sum().item()
+            err_sq += (x - G[sl] @ F.T).pow(2).sum()
+            nonzero += firing(G[sl], SemiNMF.firing_share).sum()
         F_prev = F
+        dead = (F.abs().sum(0) == 0).double().mean()
+        err_sq, nonzero, dead = torch.stack([err_sq, nonzero, dead]).tolist()
         loss = err_sq / total_sq
         metrics = {
             "loss": loss,
             "mse": err_sq / (n * d_in) / scale**2,
             "fvu": err_sq / max(centred_sq, _EPS),
             "l0": nonzero / n,
-            "dead_fraction": (F.abs().sum(0) == 0).float().mean().item(),
+            "dead_fraction": dead,
             "auxk_loss": 0.0,
         }
         if loss < best_loss:
@@ -298,8 +307,10 @@ def fit_snmf(
     on_metrics: MetricsCallback | None = None,
     progress: bool = False,
 ) -> TrainResult:
-    """Alternating semi-NMF on acts [n, d_in]; metrics after every pass; the best pass's F is kept."""
+    """Alternating semi-NMF on acts [n, d_in] (on CPU, or memory-mapped) on `cfg.device`; metrics after every
+    pass; the best pass's F is kept."""
     n, d_in = acts.shape
+    device = resolve_device(cfg.device)
     model = SemiNMF(cfg, d_in)
     scale, mean = fit_input_scale(acts, target_sq_norm=float(d_in))
     mean = mean.float()
@@ -309,10 +320,10 @@ def fit_snmf(
     for _, x in _chunks(acts, rows, scale):
         total_sq += x.pow(2).sum().item()
         centred_sq += (x - mean).pow(2).sum().item()
-    G = _init_G(cfg, acts, rows, scale)
+    G = _init_G(cfg, acts, rows, scale).to(device)
     run = _alternate(cfg, acts, G, rows, scale, (total_sq, centred_sq), on_metrics, progress)
     logger.info("snmf: best loss %.5f after %d passes", run.best_loss, run.passes)
     with torch.no_grad():
-        model.W_dec.copy_((run.best_F / run.best_F.norm(dim=0).clamp_min(_EPS)).T)
+        model.W_dec.copy_((run.best_F / run.best_F.norm(dim=0).clamp_min(_EPS)).T.cpu())
     # The metrics of the kept (best) pass, which may precede the last one.
     return TrainResult(dictionary=model.eval(), final_metrics=run.best_metrics, steps=run.passes)

@@ -53,9 +53,12 @@ class SparseCodes(NamedTuple):
 
 
 def row_offsets(rows: Tensor, n_rows: int) -> Tensor:
-    """Start of each token's run in `rows` (sorted), as `embedding_bag` wants; empty runs allowed."""
-    counts = torch.bincount(rows, minlength=n_rows)
-    return torch.cumsum(counts, 0) - counts
+    """Start of each token's run in `rows` (sorted), as `embedding_bag` wants; empty runs allowed.
+
+    A binary search rather than counts: `bincount` on CUDA reads its input's maximum back to the host, a sync
+    in every step.
+    """
+    return torch.searchsorted(rows, torch.arange(n_rows, device=rows.device, dtype=rows.dtype))
 
 
 def bag_sum(index: Tensor, table: Tensor, weights: Tensor, offsets: Tensor) -> Tensor:
@@ -141,7 +144,8 @@ def select_codes(
 def per_row_entries(indices: Tensor) -> tuple[Tensor, Tensor]:
     """(rows, cols) of a per-token selection `indices [n_rows, k]`, row-major."""
     n_rows, k = indices.shape
-    rows = torch.arange(n_rows, device=indices.device).repeat_interleave(k)
+    # expand, not repeat_interleave: on CUDA the latter sums its repeats on the host to size its output
+    rows = torch.arange(n_rows, device=indices.device)[:, None].expand(n_rows, k).reshape(-1)
     return rows, indices.reshape(-1)
 
 

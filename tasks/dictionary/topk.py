@@ -74,7 +74,8 @@ class TopKSAE(TranscoderSites, Dictionary):
 
     @torch.no_grad()
     def init_from_data(self, acts: Tensor, targets: Tensor | None = None) -> None:
-        """Fit `input_scale` so E||acts * scale||^2 = d_in; set b_dec per `b_dec_init` (default: the mean).
+        """Fit `input_scale` so E||acts * scale||^2 = d_in; set b_dec per `b_dec_init`
+        (default: the geometric median).
 
         A transcoder also takes its `targets` [n, d_in] (rows aligned with acts): `target_scale` and b_dec
         come from them.
@@ -109,9 +110,13 @@ class TopKSAE(TranscoderSites, Dictionary):
 
     # ---- training hooks (see tasks.dictionary.train.Trainable) --------------------------------------------
 
-    def training_loss(self, acts: Tensor, dead_mask: Tensor, target: Tensor | None = None) -> TrainStepOutput:
+    def training_loss(
+        self, acts: Tensor, dead_mask: Tensor | None, target: Tensor | None = None
+    ) -> TrainStepOutput:
         """FVU of the batch plus `auxk_coef` x AuxK, all in the scaled space; acts [batch, d_in] raw.
 
+        `dead_mask` [d_sae] bool marks the latents AuxK revives; None says that none can be dead (the trainer
+        knows it without reading the device), which skips the AuxK selection.
         A transcoder reconstructs `target` [batch, d_in] (raw, rows aligned with acts) instead of acts.
         Runs the sparse path (tasks.dictionary.sparse_decoder) unless `sparse_decoder` is False; both give the
         same losses and gradients up to float rounding.
@@ -130,7 +135,7 @@ class TopKSAE(TranscoderSites, Dictionary):
             codes = enc.codes
 
             def auxk(err: Tensor) -> Tensor:
-                return self.sparse_auxk_loss(x, aux_entries, err)
+                return self.sparse_auxk_loss(x, aux_entries, err, dead_mask)
         else:
             pre = self.pre_acts(x)
             codes = self._topk_codes(pre)
@@ -169,48 +174,62 @@ class TopKSAE(TranscoderSites, Dictionary):
         """(rows, cols) of the codes `_topk_codes(pre)` may make nonzero, sorted by row; pre detached."""
         return per_row_entries(pre.topk(self.k, dim=-1, sorted=False).indices)
 
-    def _aux_k(self, dead_mask: Tensor) -> int:
-        """k_aux = min(d_in // 2, n_dead); 0 when AuxK has nothing to do."""
-        n_dead = int(dead_mask.sum())
-        if n_dead == 0 or self.cfg.auxk_coef == 0:
-            return 0
-        return min(max(self.d_in // 2, 1), n_dead)
+    def _aux_k(self, dead_mask: Tensor | None) -> int:
+        """k_aux = min(d_in // 2, d_sae); 0 when no latent can be dead (`dead_mask` None) or AuxK is off.
 
-    def auxk_loss(self, pre: Tensor, err: Tensor, dead_mask: Tensor) -> Tensor:
+        Gao et al. take min(d_in // 2, n_dead); counting n_dead would read the GPU every step (and break a
+        compiled graph), so the selection takes the fixed k_aux and `_aux_values` zeroes the live latents it
+        picks when fewer are dead: the same codes, hence the same loss and gradients.
+        """
+        if dead_mask is None or self.cfg.auxk_coef == 0:
+            return 0
+        return min(max(self.d_in // 2, 1), self.d_sae)
+
+    @staticmethod
+    def _aux_values(values: Tensor) -> Tensor:
+        """The -inf of live latents picked by the AuxK selection as 0 (a code of 0 contributes nothing)."""
+        return values.masked_fill(values == -math.inf, 0.0)
+
+    def auxk_loss(self, pre: Tensor, err: Tensor, dead_mask: Tensor | None) -> Tensor:
         """How badly the dead latents' top-k_aux pre-activations reconstruct the residual `err` [batch, d_in].
 
-        k_aux = min(d_in // 2, n_dead). Normalised by sum(err^2), so 1 means the dead latents explain none of
-        the residual; the reconstruction has no bias, so it must explain err's mean too, and the uncentred sum
-        keeps that floor at exactly 1. Exactly 0 (not NaN) when nothing is dead or the loss is switched off.
+        Normalised by sum(err^2), so 1 means the dead latents explain none of the residual; the reconstruction
+        has no bias, so it must explain err's mean too, and the uncentred sum keeps that floor at exactly 1.
+        Exactly 0 (not NaN) when nothing is dead or the loss is switched off.
         """
         k_aux = self._aux_k(dead_mask)
         if k_aux == 0:
             return pre.new_zeros(())
-        # Live latents get -inf so the top-k_aux picks only dead ones (k_aux <= n_dead keeps them finite).
-        dead_pre = pre.masked_fill(~dead_mask, -math.inf)
-        top = dead_pre.topk(k_aux, dim=-1, sorted=False)
-        aux_codes = torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu())
+        # Live latents get -inf so the top-k_aux picks dead ones first.
+        top = pre.masked_fill(~dead_mask, -math.inf).topk(k_aux, dim=-1, sorted=False)
+        aux_codes = torch.zeros_like(pre).scatter(-1, top.indices, self._aux_values(top.values).relu())
         err_hat = aux_codes @ self.W_dec
-        return (err - err_hat).pow(2).sum() / err.pow(2).sum().clamp_min(_EPS)
+        return self._normalised_aux(err, err_hat, dead_mask)
 
-    def _aux_entries(self, pre: Tensor, dead_mask: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
+    @staticmethod
+    def _normalised_aux(err: Tensor, err_hat: Tensor, dead_mask: Tensor) -> Tensor:
+        # Times any(dead): 0 rather than 1 when the mask is all False, without reading it on the host.
+        loss = (err - err_hat).pow(2).sum() / err.pow(2).sum().clamp_min(_EPS)
+        return loss * dead_mask.any()
+
+    def _aux_entries(self, pre: Tensor, dead_mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor] | None:
         """(rows, cols, pre values) of the AuxK selection from detached `pre`; None when AuxK is off."""
         k_aux = self._aux_k(dead_mask)
         if k_aux == 0:
             return None
         top = pre.masked_fill(~dead_mask, -math.inf).topk(k_aux, dim=-1, sorted=False)
         rows, cols = per_row_entries(top.indices)
-        return rows, cols, top.values.reshape(-1)
+        return rows, cols, self._aux_values(top.values).reshape(-1)
 
     def sparse_auxk_loss(
-        self, x: Tensor, entries: tuple[Tensor, Tensor, Tensor] | None, err: Tensor
+        self, x: Tensor, entries: tuple[Tensor, Tensor, Tensor] | None, err: Tensor, dead_mask: Tensor | None
     ) -> Tensor:
         """`auxk_loss` on the sparse path, from the entries `_aux_entries` chose; x [batch, d_in] scaled."""
         if entries is None:
             return err.new_zeros(())
         aux = select_codes(x, self.input_center, self.W_enc, self.b_enc, *entries, x.shape[0])
         err_hat = sparse_decode(aux, self.W_dec)
-        return (err - err_hat).pow(2).sum() / err.pow(2).sum().clamp_min(_EPS)
+        return self._normalised_aux(err, err_hat, dead_mask)
 
     @torch.no_grad()
     def before_optimizer_step(self) -> None:

@@ -80,8 +80,22 @@ def resolve_device(spec: str) -> torch.device:
     return device
 
 
-def lr_factor(step: int, steps: int, warmup_steps: int, decay_fraction: float) -> float:
+# An automatic warm-up (`warmup_steps: null`) lasts this share of the run, at most AUTO_WARMUP_MAX steps:
+# Gao et al. and dictionary_learning warm up over 1000 steps, which a short run must not spend whole.
+AUTO_WARMUP_FRACTION = 0.05
+AUTO_WARMUP_MAX = 1000
+
+
+def warmup_for(warmup_steps: int | None, steps: int) -> int:
+    """Warm-up steps of a run of `steps`: as given, or min(AUTO_WARMUP_MAX, AUTO_WARMUP_FRACTION x steps)."""
+    if warmup_steps is not None:
+        return warmup_steps
+    return min(AUTO_WARMUP_MAX, int(AUTO_WARMUP_FRACTION * steps))
+
+
+def lr_factor(step: int, steps: int, warmup_steps: int | None, decay_fraction: float) -> float:
     """Multiplier of the peak lr at optimizer step `step` (1-based): warm-up, flat, decay to 0."""
+    warmup_steps = warmup_for(warmup_steps, steps)
     factor = 1.0
     if warmup_steps > 0:
         factor = min(factor, step / warmup_steps)
@@ -89,6 +103,25 @@ def lr_factor(step: int, steps: int, warmup_steps: int, decay_fraction: float) -
     if decay_steps > 0:
         factor = min(factor, (steps - step + 1) / decay_steps)
     return factor
+
+
+@contextlib.contextmanager
+def matmul_precision(device: torch.device, tf32: bool):
+    """float32 matmuls on CUDA in TF32 (`tf32`, the default) for the steps inside; restored afterwards.
+
+    TF32 keeps float32's range with a 10-bit mantissa: on Hopper about 8x the plain float32 matmul rate, and
+    the loss and gradients stay within ~1e-3 relative. Set `tf32: false` for bit-faithful float32. CPU
+    matmuls are left as they are.
+    """
+    if device.type != "cuda":
+        yield
+        return
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 # A loss this many times above the first step's means the run has diverged; no sane schedule climbs so far.
@@ -157,6 +190,10 @@ class _Member:
         self.found = ckpt.latest(checkpoint_dir)
         self.start, self.first_loss, self.metrics = 0, None, {}
         self.tokens_since_fired = torch.zeros(self.dictionary.d_sae, dtype=torch.long, device=device)
+        # A host-side upper bound on max(tokens_since_fired), refreshed where metrics are read back anyway:
+        # while it stays below dead_tokens no latent can be dead, and the step skips the AuxK selection
+        # without asking the device.
+        self.since_fired_bound = 0
 
     def prepare(self, sample: Tensor | None) -> None:
         """Initialise from the data sample (or restore the checkpoint), move to the device, build AdamW."""
@@ -175,6 +212,7 @@ class _Member:
         if self.found is not None:
             tensors, state = ckpt.load_checkpoint(self.found, self.dictionary, self.optimizer)
             self.tokens_since_fired.copy_(tensors["tokens_since_fired"])
+            self.since_fired_bound = int(self.tokens_since_fired.max())
             self.start, self.first_loss, self.metrics = self.found.step, state["first_loss"], state["metrics"]
             logger.info("%s: resuming from the checkpoint of step %d", self.name, self.start)
         self.loss_fn = self.dictionary.training_loss
@@ -189,9 +227,16 @@ class _Member:
         return self.start < step <= self.steps
 
     def train_step(self, batch: Tensor, step: int) -> None:
+        with matmul_precision(self.device, self.cfg.tf32):
+            self._train_step(batch, step)
+
+    def _train_step(self, batch: Tensor, step: int) -> None:
         cfg, dictionary = self.cfg, self.dictionary
         with self.autocast:
-            dead = self.tokens_since_fired >= self.dead_tokens
+            # None: no latent can be dead yet (see since_fired_bound), known without a device sync
+            dead = None
+            if self.since_fired_bound >= self.dead_tokens:
+                dead = self.tokens_since_fired >= self.dead_tokens
             if self.split is None:
                 out = self.loss_fn(batch, dead)
             else:
@@ -208,15 +253,18 @@ class _Member:
         if self.after_step is not None:
             self.after_step(step)
 
-        self.tokens_since_fired += batch.shape[0]
-        fired = dictionary.active(out.codes)  # the one definition of firing (evaluation, labeling too)
-        self.tokens_since_fired[fired.any(0)] = 0
+        # masked_fill_, not boolean indexing: indexing by a mask reads its count back from the device.
+        # `active` is the one definition of firing (evaluation and labeling use it too).
+        fired = dictionary.active(out.codes).any(0)
+        self.tokens_since_fired.add_(batch.shape[0]).masked_fill_(fired, 0)
+        self.since_fired_bound += batch.shape[0]
         # Metrics are read back only when logged: each .item() waits for the GPU.
         if step == 1:
             self.first_loss = out.loss.item()
             check_loss(self.first_loss, step, None, self.name)
         if step % cfg.log_every == 0 or step == self.steps:
             check_loss(out.loss.item(), step, self.first_loss, self.name)
+            self.since_fired_bound = int(self.tokens_since_fired.max())
             self.metrics = {
                 "loss": out.loss.item(),
                 "mse": out.mse.item(),

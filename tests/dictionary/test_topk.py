@@ -128,7 +128,7 @@ def test_encode_accepts_bfloat16_acts():
 
 def test_init_from_data_fits_scale_and_sets_b_dec_to_mean():
     acts = plant(4000).acts * 7.0 + 3.0  # norms and offset far from the unit scale
-    sae = build_dictionary(TopKConfig(d_sae=64, k=3), d_in=32)
+    sae = build_dictionary(TopKConfig(d_sae=64, k=3, b_dec_init="mean"), d_in=32)
     sae.init_from_data(acts)
     scale = sae.input_scale.item()
     assert ((acts * scale) ** 2).sum(-1).mean().item() == pytest.approx(32, rel=1e-4)

@@ -49,3 +49,36 @@ def test_a_cuda_sweep_equals_each_alone_and_resumes(tmp_path):
     resumed = train_dictionary(cfg, acts, checkpoint_dir=tmp_path)
     for name, tensor in alone[0].dictionary.state_dict().items():
         torch.testing.assert_close(resumed.dictionary.state_dict()[name], tensor)
+
+
+@pytest.mark.parametrize("method", ["topk", "mp"])
+@pytest.mark.parametrize("dead_tokens", [10**9, 1])  # AuxK skipped by the host-side bound / always on
+def test_training_step_never_reads_the_device(method, dead_tokens):
+    """A whole trainer step (loss, backward, constraint, AdamW, dead counters) between logged steps makes no
+    synchronising call: torch's sync debug mode turns any such call into an error. TopK on its dense path,
+    the one `compile: true` runs (the sparse path's embedding_bag backward counts segments on the host)."""
+    from pydantic import TypeAdapter
+
+    from featureatlas.schemas.methods import DictionaryConfig
+    from featureatlas.tasks.dictionary.train import _Member
+
+    acts = plant(4000).acts
+    fields = {"method": method, "d_sae": 64, "k": 3, "batch_size": 256, "steps": 100, "log_every": 50}
+    if method == "topk":
+        fields["dead_tokens"] = dead_tokens
+    cfg = TypeAdapter(DictionaryConfig).validate_python(fields | {"device": "cuda"})
+    member = _Member(cfg, acts.shape[1], acts.shape[0], torch.device("cuda"), None, None)
+    member.prepare(acts)
+    if method == "topk":
+        member.dictionary.sparse_decoder = False
+    batch = acts[:256].cuda()
+    member.train_step(batch, 1)  # step 1 reads the first loss back, by design
+    member.train_step(batch, 2)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step in range(3, 8):
+            member.train_step(batch, step)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
