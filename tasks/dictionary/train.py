@@ -255,8 +255,8 @@ class _Member:
 
         # masked_fill_, not boolean indexing: indexing by a mask reads its count back from the device.
         # `active` is the one definition of firing (evaluation and labeling use it too).
-        fired = dictionary.active(out.codes).any(0)
-        self.tokens_since_fired.add_(batch.shape[0]).masked_fill_(fired, 0)
+        fired = dictionary.active(out.codes)  # [batch, d_sae]
+        self.tokens_since_fired.add_(batch.shape[0]).masked_fill_(fired.any(0), 0)
         self.since_fired_bound += batch.shape[0]
         # Metrics are read back only when logged: each .item() waits for the GPU.
         if step == 1:
