@@ -70,7 +70,7 @@ def run_server(settings: Settings) -> Iterator[str]:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
         port = _free_port()
         url = f"http://127.0.0.1:{port}/api"
-        log.info("starting a temporary Prefect server on %s for this run (log: %s)", url, log_path)
+        log.debug("starting a temporary Prefect server on %s for this run (log: %s)", url, log_path)
         with log_path.open("ab") as out:
             proc = subprocess.Popen([*tether, *server_command(port)], env=env, stdout=out,
                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)  # fmt: skip
@@ -81,10 +81,21 @@ def run_server(settings: Settings) -> Iterator[str]:
             raise
     try:
         with temporary_settings({PREFECT_API_URL: url}):
-            yield url
+            try:
+                yield url
+            finally:
+                _flush_prefect_logs()
     finally:
         _stop(proc)
         log_path.unlink(missing_ok=True)
+
+
+def _flush_prefect_logs() -> None:
+    """Send the run's buffered Prefect log records while the server still answers; sent after it stopped,
+    Prefect prints `--- Error logging to API ---` with a traceback at exit."""
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=10)
 
 
 def _wait_until_healthy(url: str, proc: subprocess.Popen, log_path: Path) -> None:
