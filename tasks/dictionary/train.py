@@ -233,9 +233,9 @@ class _Member:
     def _train_step(self, batch: Tensor, step: int) -> None:
         cfg, dictionary = self.cfg, self.dictionary
         with self.autocast:
-            # None: no latent can be dead yet (see since_fired_bound), known without a device sync. A compiled
-            # loss always gets the mask (all False early on, which AuxK turns into 0): one graph for every step,
-            # and the graph traced for None lost the loss's autograd history under inductor.
+            # None: no latent can be dead yet (see since_fired_bound), known without a device sync. A
+            # compiled loss always gets the mask (all False early on, which AuxK turns into 0): one graph
+            # for every step, and the graph traced for None lost the loss's autograd history under inductor.
             dead = None
             if self.since_fired_bound >= self.dead_tokens or cfg.compile:
                 dead = self.tokens_since_fired >= self.dead_tokens

@@ -44,7 +44,8 @@ def test_a_stage_error_is_one_line_with_the_log_path(tmp_path, home):
     assert log.startswith("full log: ")
     logged = Path(log.removeprefix("full log: ")).read_text()
     assert "Traceback" in logged and "no field 'text'" in logged
-    assert len(lines) <= 14, done.stderr  # the stages' progress lines (Prefect's, the model loader's bar), then the error
+    # the stages' progress lines (Prefect's, the model loader's bar), then the error
+    assert len(lines) <= 14, done.stderr
 
     debug = featureatlas("--debug", "run", str(path), home=home)
     assert debug.returncode == 1 and "Traceback" in debug.stderr
