@@ -49,7 +49,7 @@ from featureatlas.tasks.dictionary.synthetic import (
 )
 from featureatlas.tasks.evaluate.metrics import reconstruction_metrics
 
-# BA and GBA run at every default: the issue's bias schedule (an update every 50 steps, gamma_minus 0.01) and
+# BA and GBA run at every default: the paper's bias schedule (an update every 50 steps, gamma_minus 0.01) and
 # their own lr 3e-2 decaying over the last 30%. The lr is what decides (seed 0): at the other methods' 4e-4
 # (`ba_lr_4e-4`)
 # or 1e-3 the biases still settle (median -0.23 against -0.24 at 3e-2) but the rows of W have not turned onto

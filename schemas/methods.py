@@ -52,7 +52,7 @@ class TrainingConfig(Contract):
     seed: int = Field(0, description="Seed for initialisation and the data order.")
     device: str = Field("auto", description="'auto' (CUDA when present, else CPU), 'cpu' or 'cuda[:N]'.")
     log_every: int = Field(20, ge=1, description="Log loss, FVU and L0 to MLflow every this many steps.")
-    # issue 4 (trainer loop): checkpoints and CUDA speed-ups
+    # the trainer loop: checkpoints and CUDA speed-ups
     checkpoint_every: int = Field(
         1000,
         ge=1,
@@ -74,7 +74,7 @@ class TrainingConfig(Contract):
         description="On CUDA, run float32 matmuls in TF32 (~8x faster on Ampere and later, ~1e-3 relative "
         "error); false keeps full float32. No effect on CPU or under autocast: bf16.",
     )
-    # issue 8: data-parallel training from the spec
+    # data-parallel training from the spec
     nproc_per_node: int = Field(
         1,
         ge=1,
@@ -198,7 +198,7 @@ class TopKConfig(TrainingConfig):
         return self
 
 
-# ---- issue 4b: bias adaptation, matching pursuit, semi-NMF ----------------------------------------------
+# ---- bias adaptation, matching pursuit, semi-NMF ----------------------------------------------
 
 
 class _BiasAdaptationFields(TrainingConfig):
@@ -327,7 +327,7 @@ class SemiNMFConfig(TrainingConfig):
     )
 
 
-# ---- issue 4 (part a): relu, batchtopk, matryoshka, jumprelu, gated, threshold ----------------------------
+# ---- relu, batchtopk, matryoshka, jumprelu, gated, threshold ----------------------------
 
 
 class ReLUConfig(TrainingConfig):
@@ -439,14 +439,14 @@ class ThresholdConfig(TrainingConfig):
 DictionaryConfig = Annotated[
     Union[  # noqa: UP007
         TopKConfig,
-        # issue 4a
+        # SAE variants
         ReLUConfig,
         BatchTopKConfig,
         MatryoshkaConfig,
         JumpReLUConfig,
         GatedConfig,
         ThresholdConfig,
-        # issue 4b
+        # bias adaptation, matching pursuit, semi-NMF
         GBAConfig,
         BAConfig,
         MPConfig,

@@ -3,7 +3,7 @@
 Importing this package registers every built-in method, so `load_dictionary` can find any saved folder.
 """
 
-# issue 4a: registers "relu", "batchtopk", "matryoshka", "jumprelu", "gated", "threshold"
+# registers "relu", "batchtopk", "matryoshka", "jumprelu", "gated", "threshold"
 from featureatlas.tasks.dictionary import batchtopk as _batchtopk  # noqa: F401
 from featureatlas.tasks.dictionary import gated as _gated  # noqa: F401
 from featureatlas.tasks.dictionary import gba as _gba  # noqa: F401  (registers "gba" and "ba")

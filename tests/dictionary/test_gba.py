@@ -100,7 +100,7 @@ def test_only_w_and_a_are_trained_parameters():
 
 def test_ba_recovers_planted_features_and_biases_adapt(tmp_path):
     truth = plant(12_000, d_in=16, n_features=32, k_true=3)
-    # Every default: the bias schedule (an update every 50 steps, gamma_minus 0.01) and BA's own lr
+    # Every default: the paper's bias schedule (an update every 50 steps, gamma_minus 0.01) and BA's own lr
     # 3e-2 decaying over the last 30% (at 1e-3 the rows of W do not reach the features in time). The biases
     # need ~30 updates to settle near -0.39, hence 3000 steps: seeds 0-3 all reach 1.0 at cosine 0.8
     # (0.91-0.97 at cosine 0.9); at 2000 steps (batch 256) 0.84-0.94.
@@ -153,7 +153,7 @@ def test_spec_accepts_gba_and_ba_and_explains_bad_settings():
 
 @pytest.mark.slow
 def test_ba_recovers_the_bias_adaptation_toy_at_the_true_frequency():
-    # The benchmark's toy at full size: 128 features in 42 dimensions, 3 or 20 active per sample. The issue's
+    # The benchmark's toy at full size: 128 features in 42 dimensions, 3 or 20 active per sample. The reference's
     # bar: BA aimed at the true rate (0.09) recovers >= 0.95 at cosine 0.8 (seed 0: 0.977; seeds 1, 2: 0.961,
     # 0.945, so only seed 0 is asserted). ~20 s.
     toy = bias_adaptation_toy(50_000)

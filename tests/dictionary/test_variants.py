@@ -1,4 +1,4 @@
-"""The SAE variants of issue 4a (relu, batchtopk, matryoshka, jumprelu, gated, threshold): hand-worked
+"""The SAE variants (relu, batchtopk, matryoshka, jumprelu, gated, threshold): hand-worked
 activations on 2-4 dimensional weights, straight-through gradients, the batchtopk inference threshold,
 threshold-SAE exact recovery, save/load round trips, and pipeline-spec validation."""
 
