@@ -153,7 +153,7 @@ def test_spec_accepts_gba_and_ba_and_explains_bad_settings():
 
 @pytest.mark.slow
 def test_ba_recovers_the_bias_adaptation_toy_at_the_true_frequency():
-    # The benchmark's toy at full size: 128 features in 42 dimensions, 3 or 20 active per sample. The reference's
+    # The benchmark's toy at full size: 128 features in 42 dimensions, 3 or 20 active per sample. The paper's
     # bar: BA aimed at the true rate (0.09) recovers >= 0.95 at cosine 0.8 (seed 0: 0.977; seeds 1, 2: 0.961,
     # 0.945, so only seed 0 is asserted). ~20 s.
     toy = bias_adaptation_toy(50_000)
