@@ -7,336 +7,45 @@ Layout of one cache folder:
     contexts.safetensors              input_ids and attention_mask of every context [n_ctx, L]
     acts/<hookpoint>/00000.safetensors  tensor "acts" [rows, d_in]
 
-Stages other than caching read caches only through `ActivationCache`, which verifies every shard's checksum.
+Stages other than caching read caches only through `ActivationCache`, which verifies every shard's checksum;
+the shards are written by `shards.ShardWriter`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import struct
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from featureatlas.tasks.common.models import DTYPES
-from featureatlas.tasks.tracking.errors import Refusal
-from featureatlas.tasks.tracking.paths import inside
+
+# the writing side, re-exported: the caching stage and older callers import it from here
+from featureatlas.tasks.common.shards import (  # noqa: F401
+    STATS_CHUNK_ROWS,
+    CacheIntegrityError,
+    ShardWriter,
+    atomic_save_safetensors,
+    atomic_write_text,
+    check_shard_size,
+    finished_shards,
+    hookpoint_dir,
+    record_shard_sha256,
+    recorded_sha256,
+    sha256_file,
+    shard_statistics,
+    summarize,
+    write_acts_shard,
+)
 
 if TYPE_CHECKING:  # polars loads with the token table only: reading shards does not need it
     import polars as pl
 
+
 FORMAT_VERSION = 2  # 2: token column is_special, per-hookpoint layout, rms and mean_squared_norm
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    tmp.chmod(0o644)  # safetensors creates files readable by the owner alone; caches are shared in a lab
-    with tmp.open("rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
-
-
-def write_acts_shard(acts: torch.Tensor, path: Path) -> str:
-    """Write `acts [rows, d_in]` as a one-tensor safetensors file, atomically; return its sha256.
-
-    The same bytes `safetensors.torch.save({"acts": acts})` makes (a test holds them equal), streamed from the
-    tensor's memory without the serialised copy, and hashed on the way out instead of read back.
-    """
-    acts = acts.contiguous()
-    raw = memoryview((acts.view(torch.int16) if acts.dtype == torch.bfloat16 else acts).numpy()).cast("B")
-    meta = {"dtype": _ST_DTYPES[acts.dtype], "shape": list(acts.shape), "data_offsets": [0, raw.nbytes]}
-    header = json.dumps({"acts": meta}, separators=(",", ":")).encode()
-    header += b" " * (-len(header) % 8)  # safetensors pads the header to 8-byte alignment
-    h = hashlib.sha256()
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as f:
-        for part in (struct.pack("<Q", len(header)), header, raw):
-            h.update(part)
-            f.write(part)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.chmod(0o644)
-    os.replace(tmp, path)
-    return h.hexdigest()
-
-
-def atomic_write_text(text: str, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def hookpoint_dir(hookpoint: str) -> str:
-    return hookpoint.replace("/", "_")
-
-
-STATS_CHUNK_ROWS = 8192  # float64 statistics in chunks: a whole shard in float64 is 4x its float32 size
-
-
-def shard_statistics(shard: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Per-dimension sum and sum of squares (float64) and the summed row norms of one shard.
-
-    Chunked, so memory stays at a few MB over the shard whatever its size; the same function serves a run
-    and an adoption of its shards, so both sum in the same order and agree to the bit.
-    """
-    d_in = shard.shape[-1]
-    total = torch.zeros(d_in, dtype=torch.float64, device=shard.device)
-    total_sq = torch.zeros(d_in, dtype=torch.float64, device=shard.device)
-    norm_sum = torch.zeros((), dtype=torch.float64, device=shard.device)
-    for start in range(0, shard.shape[0], STATS_CHUNK_ROWS):
-        a64 = shard[start : start + STATS_CHUNK_ROWS].double()
-        sq = a64 * a64
-        total += a64.sum(0)
-        total_sq += sq.sum(0)
-        norm_sum += sq.sum(1).sqrt().sum()
-    return total.cpu(), total_sq.cpu(), float(norm_sum)
-
-
-class ShardWriter:
-    """Buffers rows of one hookpoint and writes fixed-size shards, keeping statistics per shard.
-
-    Statistics are summed shard by shard (in float64, from the rows as stored), so a cache resumed after a
-    kill, which re-reads its finished shards, ends with exactly the figures of one made in a single run.
-
-    The caller's thread only converts rows to the stored dtype (on the model's device, so a bfloat16 copy
-    crosses the bus) and appends them; per hookpoint one thread joins, serialises, hashes, fsyncs and renames
-    each shard, and a second one sums its float64 statistics. Hashing, file writes and torch kernels release
-    the GIL, so neither thread holds up the forward passes; at most two shards are in flight.
-
-    A part of a cache split into jobs (`first_shard`, `stats=False`) only writes its shards, numbered from
-    `first_shard`; the assembly step adopts every shard afterwards and sums the statistics then, in order.
-    """
-
-    def __init__(
-        self,
-        folder: Path,
-        hookpoint: str,
-        d_in: int,
-        dtype: str,
-        shard_tokens: int,
-        layout: dict | None = None,
-        *,
-        first_shard: int = 0,
-        stats: bool = True,
-    ):
-        if dtype not in DTYPES:
-            raise ValueError(f"shard dtype {dtype!r} not understood; use one of {sorted(DTYPES)}")
-        self.root = folder
-        self.folder = folder / "acts" / hookpoint_dir(hookpoint)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.hookpoint, self.d_in, self.dtype, self.shard_tokens = (
-            hookpoint,
-            d_in,
-            DTYPES[dtype],
-            shard_tokens,
-        )
-        self.layout = layout or {}
-        self.buffer: list[torch.Tensor] = []
-        self.buffered = 0
-        self.shards: list[dict] = []
-        self.n_shards = first_shard  # next shard number (self.shards lists those recorded)
-        self.stats = stats
-        name = hookpoint_dir(hookpoint)
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"shards-{name}")
-        self._stats_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"stats-{name}")
-        self._pending: list[tuple[Future, Future | None]] = []
-        # float64 sums: float32 loses the small per-dimension variances over 10^6 rows
-        self.sum = torch.zeros(d_in, dtype=torch.float64)
-        self.sumsq = torch.zeros(d_in, dtype=torch.float64)
-        self.norm_sum = 0.0
-        self.rows = 0
-
-    def adopt(self, n_shards: int) -> None:
-        """Take over the first `n_shards` finished shards of an interrupted run; delete any later ones.
-
-        Each shard must still hash to the sha256 recorded when it was written (`record_shard_sha256`); one
-        that does not is deleted, so that running the caching again recomputes it, and refused.
-        """
-        for i in range(n_shards):
-            path = self.folder / f"{i:05d}.safetensors"
-            sha256 = sha256_file(path)
-            if recorded_sha256(path) != sha256:
-                path.unlink()
-                raise CacheIntegrityError(
-                    f"shard {path} of hookpoint {self.hookpoint!r} does not match the checksum recorded when "
-                    "it was written (changed on disk, or never finished); it was deleted: run the caching "
-                    "again to recompute it"
-                )
-            shard = load_file(str(path))["acts"]
-            self._add_stats(shard)
-            self._record(shard.shape[0], path, sha256)
-        self.n_shards = n_shards
-        for path in self.folder.iterdir():
-            if not path.name.endswith(".safetensors") or int(path.name.split(".")[0]) >= n_shards:
-                path.unlink()  # a later shard, or a temporary file a kill left behind
-
-    def add(self, acts: torch.Tensor) -> None:
-        if acts.shape[-1] != self.d_in:
-            raise ValueError(f"{self.hookpoint}: got width {acts.shape[-1]}, expected {self.d_in}")
-        acts = acts.detach().to(self.dtype).to("cpu")  # cast first: half the bytes over the bus
-        self.buffer.append(acts)
-        self.buffered += acts.shape[0]
-        while self.buffered >= self.shard_tokens:
-            self._flush(self.shard_tokens)
-
-    def _flush(self, n: int) -> None:
-        pieces, taken = [], 0
-        while taken < n:
-            piece = self.buffer.pop(0)
-            if taken + piece.shape[0] > n:
-                piece, rest = piece[: n - taken], piece[n - taken :]
-                self.buffer.insert(0, rest)
-            pieces.append(piece)
-            taken += piece.shape[0]
-        self.buffered -= n
-        path = self.folder / f"{self.n_shards:05d}.safetensors"
-        self.n_shards += 1
-        # at most two shards in flight: writing may lag behind the model, memory stays bounded
-        while len(self._pending) >= 2:
-            self._wait(self._pending.pop(0))
-        shard = self._pool.submit(torch.cat, pieces) if len(pieces) > 1 else None
-        written = self._pool.submit(self._write, shard or pieces[0], path)
-        summed = self._stats_pool.submit(self._add_stats, shard or pieces[0]) if self.stats else None
-        self._pending.append((written, summed))
-
-    @staticmethod
-    def _wait(pending: tuple[Future, Future | None]) -> None:
-        for future in pending:
-            if future is not None:
-                future.result()  # re-raises a failed write here, in the caller's thread
-
-    def _write(self, shard: torch.Tensor | Future, path: Path) -> None:
-        if isinstance(shard, Future):
-            shard = shard.result()
-        sha256 = write_acts_shard(shard, path)
-        if self.stats:
-            self._record(shard.shape[0], path, sha256)
-        else:  # a part of a resumable cache: the resume state keeps the checksum until assembly
-            record_shard_sha256(path, sha256)
-
-    def _add_stats(self, shard: torch.Tensor | Future) -> None:
-        if isinstance(shard, Future):
-            shard = shard.result()
-        total, total_sq, norm_sum = shard_statistics(shard)
-        self.sum += total
-        self.sumsq += total_sq
-        self.norm_sum += norm_sum
-        self.rows += shard.shape[0]
-
-    def _record(self, rows: int, path: Path, sha256: str) -> None:
-        self.shards.append(
-            {
-                "file": str(path.relative_to(self.root)),
-                "rows": int(rows),
-                "bytes": path.stat().st_size,
-                "sha256": sha256,
-            }
-        )
-
-    def finish(self) -> dict:
-        if self.buffered:
-            self._flush(self.buffered)
-        for pending in self._pending:
-            self._wait(pending)
-        self._pending = []
-        self._pool.shutdown()
-        self._stats_pool.shutdown()
-        return {"d_in": self.d_in, "rows": self.rows, **self.layout, "shards": self.shards, **self.summary()}
-
-    def summary(self) -> dict:
-        """mean, rms, total_variance, mean_norm and mean_squared_norm of the rows summed so far."""
-        return summarize(self.sum, self.sumsq, self.norm_sum, self.rows)
-
-
-def summarize(total: torch.Tensor, total_sq: torch.Tensor, norm_sum: float, rows: int) -> dict:
-    """The manifest's statistics of a hookpoint from its float64 sums over `rows` rows."""
-    n = max(rows, 1)
-    mean = total / n
-    var = total_sq / n - mean**2
-    return {
-        "mean": mean.tolist(),
-        "rms": (total_sq / n).sqrt().tolist(),
-        "total_variance": float(var.clamp_min(0).sum()),
-        "mean_norm": norm_sum / n,
-        "mean_squared_norm": float(total_sq.sum()) / n,
-    }
-
-
-def _sha256_record(path: Path) -> Path:
-    return path.with_name(path.name + ".sha256")
-
-
-def record_shard_sha256(path: Path, sha256: str) -> None:
-    """Record the sha256 of the shard just written at `path` in the resume state: a file beside it.
-
-    Written after the shard is renamed into place, so a shard with a record is complete as written; a kill
-    in between leaves a shard without one, which a resumed run recomputes. The assembly step deletes the
-    records once the manifest lists every checksum.
-    """
-    atomic_write_text(sha256, _sha256_record(path))
-
-
-def recorded_sha256(path: Path) -> str | None:
-    """The sha256 recorded when the shard at `path` was written, or None if there is no record."""
-    try:
-        return _sha256_record(path).read_text().strip()
-    except FileNotFoundError:
-        return None
-
-
-def finished_shards(
-    folder: Path,
-    hookpoint: str,
-    shard_tokens: int,
-    start: int = 0,
-    stop: int | None = None,
-    *,
-    verify: bool = True,
-) -> int:
-    """How many full shards (`start`, `start` + 1, ... without a gap, before `stop`) an interrupted run left
-    for `hookpoint`.
-
-    Shards are renamed into place only once fsynced, so a shard under its final name is complete; its size is
-    still checked against its own header, which costs nothing and catches a copy cut short. With `verify`,
-    each shard must also hash to the sha256 recorded when it was written: a shard damaged since (a bad
-    disk, a stray write) or without a record is not adopted, but recomputed from there on.
-    """
-    shard_dir = folder / "acts" / hookpoint_dir(hookpoint)
-    n = start
-    while (stop is None or n < stop) and (path := shard_dir / f"{n:05d}.safetensors").is_file():
-        try:
-            with safe_open(str(path), "pt") as f:
-                rows = f.get_slice("acts").get_shape()[0]
-        except (SafetensorError, OSError):  # cut short or unreadable: not a usable shard
-            break
-        if rows != shard_tokens:
-            break
-        if verify and (recorded_sha256(path) is None or sha256_file(path) != recorded_sha256(path)):
-            break
-        n += 1
-    return n - start
 
 
 class StreamBatch(NamedTuple):
@@ -344,25 +53,6 @@ class StreamBatch(NamedTuple):
     rows: torch.Tensor  # [batch] int64: the rows of the token table they belong to
 
 
-class CacheIntegrityError(Refusal):
-    """A shard is missing, truncated or does not match its checksum."""
-
-
-def check_shard_size(folder: Path, hookpoint: str, shard: dict) -> Path:
-    """The shard's path, once it is known to exist with the size the manifest records."""
-    try:
-        path = inside(folder, shard["file"])
-    except ValueError as e:
-        raise CacheIntegrityError(f"manifest of {folder} names shard {shard['file']!r}: {e}") from None
-    if not path.is_file():
-        raise CacheIntegrityError(f"shard {path} of hookpoint {hookpoint!r} is missing; rebuild the cache")
-    size = path.stat().st_size
-    if size != shard["bytes"]:
-        raise CacheIntegrityError(
-            f"shard {path} of hookpoint {hookpoint!r} is truncated or corrupt ({size} bytes, the manifest "
-            f"says {shard['bytes']}; checksum mismatch); delete the cache folder and run the pipeline again"
-        )
-    return path
 
 
 class ActivationCache:
