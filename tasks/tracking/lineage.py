@@ -15,6 +15,8 @@
 
 Models are linked after the pipeline's stages ran, from one place, so stages fanned out to threads or Dask
 workers never race to create the same model; a model found again (a reused dictionary) is not duplicated.
+Two pipelines finishing at once would still race on the experiment's tags (MLflow's SQL store reads, then
+inserts) and on finding-or-creating a model, so `record_lineage` holds the store's cross-process lock.
 """
 
 from __future__ import annotations
@@ -23,9 +25,11 @@ import json
 import time
 
 from mlflow.entities import LoggedModelInput, LoggedModelOutput, Metric
+from mlflow.exceptions import MlflowException
 
 from featureatlas.schemas.artifacts import ActivationCacheRef, DictionaryRef, EvalReport, PipelineResult
 from featureatlas.tasks.tracking.mlflow_runs import Tracker, _write, flatten
+from featureatlas.tasks.tracking.mlflow_store import store_lock
 from featureatlas.tasks.tracking.secrets import mask_secrets
 
 __all__ = [
@@ -66,7 +70,17 @@ def share_columns_view(tracker: Tracker, n_dictionaries: int) -> None:
                 columns.append(key)
     if columns != state.get("selectedColumns"):
         state["selectedColumns"] = columns
-        _write(client, client.set_experiment_tag, tracker.experiment_id, _VIEW_TAG, json.dumps(state))
+        _set_experiment_tag(client, tracker.experiment_id, _VIEW_TAG, json.dumps(state))
+
+
+def _set_experiment_tag(client, experiment_id: str, key: str, value: str) -> None:
+    """Set an experiment tag; a tracking server's store may insert the same new tag for another client at
+    once, and the loser's insert fails: repeated, it finds the row and updates it."""
+    try:
+        _write(client, client.set_experiment_tag, experiment_id, key, value)
+    except MlflowException:
+        time.sleep(0.2)
+        _write(client, client.set_experiment_tag, experiment_id, key, value)
 
 
 def dictionary_title(ref: DictionaryRef) -> str:
@@ -80,7 +94,7 @@ def mark_model_training(tracker: Tracker) -> None:
     """Open the experiment in MLflow's model-training view, unless someone chose a kind for it already."""
     client, key = tracker.client, EXPERIMENT_KIND[0]
     if key not in _write(client, client.get_experiment, tracker.experiment_id).tags:
-        _write(client, client.set_experiment_tag, tracker.experiment_id, *EXPERIMENT_KIND)
+        _set_experiment_tag(client, tracker.experiment_id, *EXPERIMENT_KIND)
 
 
 def logged_model(tracker: Tracker, ref: DictionaryRef) -> str:
@@ -156,6 +170,11 @@ def link_evaluation(tracker: Tracker, model_id: str, report: EvalReport, cache: 
 
 def record_lineage(tracker: Tracker, result: PipelineResult) -> list[str]:
     """Give every dictionary of `result` its logged model and links; returns the models' ids in order."""
+    with store_lock(tracker.uri):
+        return _record(tracker, result)
+
+
+def _record(tracker: Tracker, result: PipelineResult) -> list[str]:
     mark_model_training(tracker)
     share_columns_view(tracker, len(result.dictionaries))
     ids = []

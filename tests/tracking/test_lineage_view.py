@@ -55,3 +55,36 @@ def test_shared_view_columns_cover_every_dictionary_once(home):
     assert route == (
         f"#/experiments/{tracker.experiment_id}/runs?workflowType=machine_learning&viewStateShareKey=dictionaries"
     )
+
+
+
+def _finish_pipelines(home_dir: str, barrier, rounds: int) -> None:
+    import os
+
+    from featureatlas.schemas.artifacts import PipelineResult
+    from featureatlas.schemas.settings import Settings
+    from featureatlas.tasks.tracking.lineage import record_lineage
+
+    os.environ["FEATUREATLAS_HOME"] = home_dir
+    for i in range(rounds):  # a new experiment each round: its tags are new rows, inserted by all at once
+        os.environ["FEATUREATLAS_EXPERIMENT"] = f"e{i}"
+        tracker = tracker_for(Settings())
+        run = tracker.start("pipeline")
+        barrier.wait(timeout=60)
+        record_lineage(tracker, PipelineResult(mlflow_run_id=run.run_id))
+
+
+def test_pipelines_finishing_at_once_all_record_their_lineage(tmp_path):
+    """Processes that end together all write the experiment's new tags (MLflow's store reads, then inserts:
+    unguarded, one of them fails on the unique key)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Barrier(4)
+    args = (str(tmp_path / "home"), barrier, 8)
+    procs = [ctx.Process(target=_finish_pipelines, args=args) for _ in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0] * 4
