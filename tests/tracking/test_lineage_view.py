@@ -57,7 +57,6 @@ def test_shared_view_columns_cover_every_dictionary_once(home):
     )
 
 
-
 def _finish_pipelines(home_dir: str, barrier, rounds: int) -> None:
     import os
 
