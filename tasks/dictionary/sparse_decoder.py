@@ -17,6 +17,9 @@ for the codes the trainer counts. The results equal the
 dense path's up to float rounding (tests/dictionary/test_sparse_decoder.py checks outputs and gradients).
 The gradients handed to the optimizer are ordinary dense tensors, so AdamW, the decoder-row constraint
 (parallel gradient removed, rows renormalised) and checkpoints see no difference.
+
+On CUDA with Triton, `bag_sum` and `select_codes` run the Triton kernels of tasks.dictionary.kernels
+instead (same results; `FEATUREATLAS_SPARSE_KERNELS=off` keeps the torch operations); on CPU nothing changes.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 from torch.nn import functional as F
+
+from featureatlas.tasks.dictionary import kernels
 
 
 class SparseCodes(NamedTuple):
@@ -63,6 +68,8 @@ def row_offsets(rows: Tensor, n_rows: int) -> Tensor:
 
 def bag_sum(index: Tensor, table: Tensor, weights: Tensor, offsets: Tensor) -> Tensor:
     """out[b] = sum over entries i in bag b of weights[i] * table[index[i]]; out [n_bags, table.shape[1]]."""
+    if kernels.use_kernels(table.device):
+        return kernels.bag_sum(index, table, weights.to(table.dtype), offsets)
     return F.embedding_bag(index, table, offsets, mode="sum", per_sample_weights=weights.to(table.dtype))
 
 
@@ -137,7 +144,8 @@ def select_codes(
 ) -> SparseCodes:
     """SparseCodes relu(pre[rows, cols]) with the sparse encoder backward (see `SelectedPre`); `values` are
     pre[rows, cols] computed without grad, (rows, cols) sorted by row."""
-    picked = SelectedPre.apply(x, b_dec, W_enc, b_enc, rows, cols, values)
+    select = kernels.select_pre if kernels.use_kernels(W_enc.device) else SelectedPre.apply
+    picked = select(x, b_dec, W_enc, b_enc, rows, cols, values)
     return SparseCodes(rows, cols, picked.relu(), n_rows, W_enc.shape[1])
 
 
