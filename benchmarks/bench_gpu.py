@@ -10,6 +10,9 @@ dead-latent bookkeeping):
                                     float32 matmuls in full precision (`tf32: false`), in TF32 (the default
                                     on CUDA), and under bf16 autocast (`autocast: bf16`);
   batchtopk_bf16, matryoshka_bf16   the rest of the family under bf16 autocast;
+  topk_bf16_triton, topk_bf16_torch topk_bf16 with the sparse path's Triton kernels forced on (CUDA only)
+                                    and off (tasks.dictionary.kernels); the rows above run the default,
+                                    which is the kernels on CUDA when Triton imports;
   sparsify                          EleutherAI's `SparseCoder` (bf16 autocast inside its forward, its Triton
                                     sparse decoder on CUDA), stepped as its trainer steps it, with Adam;
   dictionary_learning               `TopKTrainer.update` (float32).
@@ -38,8 +41,22 @@ from pathlib import Path
 
 import torch
 
-FEATUREATLAS = ("topk_fp32", "topk_tf32", "topk_bf16", "batchtopk_bf16", "matryoshka_bf16")
+FEATUREATLAS = (
+    "topk_fp32",
+    "topk_tf32",
+    "topk_bf16",
+    "batchtopk_bf16",
+    "matryoshka_bf16",
+    "topk_bf16_triton",
+    "topk_bf16_torch",
+)
 PEERS = ("sparsify", "dictionary_learning")
+# the kernel mode (tasks.dictionary.kernels) a trainer name's third part asks for; none: the default
+KERNEL_MODES = {"triton": "on", "torch": "off"}
+
+
+class Skipped(Exception):
+    """A trainer that cannot run on this machine; the reason is printed and the others go on."""
 
 
 def _sync(device: torch.device) -> None:
@@ -63,16 +80,27 @@ def featureatlas_step(name: str, args, device: torch.device, x: torch.Tensor) ->
     from pydantic import TypeAdapter
 
     from featureatlas.schemas.methods import DictionaryConfig
+    from featureatlas.tasks.dictionary.kernels import sparse_kernels, triton_available
     from featureatlas.tasks.dictionary.train import _Member
 
-    method, precision = name.rsplit("_", 1)
+    method, precision, *path = name.split("_")
+    mode = KERNEL_MODES[path[0]] if path else None
+    if mode == "on" and (device.type != "cuda" or not triton_available()):
+        raise Skipped("the Triton kernels need CUDA and Triton")
     fields = {"method": method, "d_sae": args.d_sae, "k": args.k, "batch_size": args.batch}
     fields |= {"steps": 10**9, "log_every": 10**9, "device": str(device)}
     fields |= {"fp32": {"tf32": False}, "tf32": {"tf32": True}, "bf16": {"autocast": "bf16"}}[precision]
     cfg = TypeAdapter(DictionaryConfig).validate_python(fields)
     member = _Member(cfg, x.shape[1], 10**9, device, None, None)
     member.prepare(x[:1024].cpu())
-    return lambda step: member.train_step(x, step)
+    if mode is None:
+        return lambda step: member.train_step(x, step)
+
+    def step(step: int) -> None:
+        with sparse_kernels(mode):
+            member.train_step(x, step)
+
+    return step
 
 
 def sparsify_step(args, device: torch.device, x: torch.Tensor) -> Callable[[int], None]:
@@ -136,6 +164,10 @@ def run_size(args, device: torch.device, names: list[str]) -> dict[str, dict[str
             steps[name] = build(name, args, device, x)
             for s in range(1, args.warmup + 1):  # allocates optimizer state, compiles kernels
                 steps[name](s)
+        except Skipped as why:
+            print(f"{name}: skipped, {why}", flush=True)
+            steps.pop(name, None)
+            continue
         except ImportError as err:
             print(f"{name}: skipped, it does not import ({err}); pip install -e '.[peers]'", flush=True)
             steps.pop(name, None)

@@ -11,11 +11,12 @@ from featureatlas.tasks.dictionary.sparse_decoder import SelectedPre, per_row_en
 
 def entries(n_rows: int, d_sae: int, k: int, device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(rows, cols) of k distinct latents per token, sorted by token; latent 1 is in every token (a latent
-    shared across tokens) and the last token selects nothing when k > 1 (an empty bag)."""
+    shared across tokens), the last latent in none, and the last token selects nothing when k > 1 (an
+    empty bag)."""
     g = torch.Generator().manual_seed(seed)
-    picks = torch.stack([torch.randperm(d_sae, generator=g)[:k] for _ in range(n_rows)])
-    picks[:, 0] = 1
-    picks[:, 1:][picks[:, 1:] == 1] = 0  # keep the k latents of a token distinct
+    others = torch.stack([torch.randperm(d_sae - 2, generator=g)[: k - 1] for _ in range(n_rows)])
+    others += (others >= 1).long()  # 0, 2, ..., d_sae - 2: a token's k latents stay distinct
+    picks = torch.cat([torch.ones(n_rows, 1, dtype=torch.long), others], dim=1)
     rows, cols = per_row_entries(picks)
     if k > 1:
         keep = rows != n_rows - 1
@@ -40,7 +41,8 @@ def check_bag_sum(n_rows, d_sae, d_in, k, device, dtype=torch.float32, strided=F
 
     table64 = table.detach().double().requires_grad_()
     weights64 = weights.detach().double().requires_grad_()
-    dense = torch.zeros(n_rows, d_sae, dtype=torch.float64, device=device).index_put((rows, cols), weights64)
+    dense = torch.zeros(n_rows, d_sae, dtype=torch.float64, device=device)
+    dense = dense.index_put((rows, cols), weights64, accumulate=True)
     ref = dense @ table64
     expected = torch.autograd.grad(ref, (table64, weights64), grad.double())
     assert out.dtype == dtype and got[0].dtype == dtype and got[1].dtype == dtype

@@ -55,7 +55,7 @@ def test_select_pre_equals_the_torch_backward(n_rows, d_sae, d_in, k):
 def test_entries_share_latents_and_leave_a_bag_empty():
     # guards the cases above: without these properties they would not test what they claim
     rows, cols = entries(6, 40, 3, "cpu")
-    assert (cols == 1).sum() == 5 and (rows == 5).sum() == 0
+    assert (cols == 1).sum() == 5 and (rows == 5).sum() == 0 and (cols == 39).sum() == 0
 
 
 @pytest.mark.parametrize("method", ["topk", "batchtopk", "matryoshka"])
