@@ -96,3 +96,46 @@ def test_cpu_tensors_outside_the_interpreter_get_a_clear_error(monkeypatch):
     ptr = torch.tensor([0, 1])
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         gather_sum(torch.tensor([0]), torch.ones(2, 3), torch.ones(1), ptr)
+
+
+def test_kernels_compile_for_a_hopper_gpu():
+    # The interpreter runs the kernels' Python; this runs Triton's compiler on them as a launch on an H100 or
+    # H200 would (sm_90, with the strides of 1 and the constants a launch specialises), down to a cubin: it
+    # catches what only compilation rejects (types of loop-carried values, layouts). No GPU needed.
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from featureatlas.tasks.dictionary.kernels import triton_sparse as ts
+
+    def compile_(kernel, types: dict[str, str], constants: dict, num_warps: int) -> None:
+        fn = triton.JITFunction(getattr(kernel, "fn", kernel))  # a plain jit function, even when interpreting
+        signature = {
+            name: types.get(name, "constexpr" if name in constants else "i32") for name in fn.arg_names
+        }
+        compiled = triton.compile(
+            ASTSource(fn, signature, constants),
+            target=GPUTarget("cuda", 90, 32),
+            options={"num_warps": num_warps},
+        )
+        assert compiled.asm["cubin"]
+
+    for t in ("fp32", "bf16"):
+        ptrs = {
+            "index_ptr": "*i64",
+            "ptr_ptr": "*i64",
+            "out_ptr": f"*{t}",
+            "table_ptr": f"*{t}",
+            "weight_ptr": f"*{t}",
+        }
+        compile_(ts._gather_sum_kernel, ptrs, {"s_t1": 1, "BLOCK": ts.BLOCK_D}, 2)
+        ptrs = {"grad_table_ptr": f"*{t}", "part_ptr": "*fp32", "grad_ptr": f"*{t}", "table_ptr": f"*{t}"}
+        ptrs |= {"bag_ptr": "*i64", "weight_ptr": f"*{t}", "pos_ptr": "*i64", "latent_ptr": "*i64"}
+        for want_table, want_weights in ((True, True), (True, False), (False, True)):
+            constants = {"s_g1": 1, "s_t1": 1, "LATENTS": ts.ROW_LATENTS, "BLOCK": ts.BLOCK_D}
+            constants |= {"WANT_TABLE": want_table, "WANT_WEIGHTS": want_weights}
+            compile_(ts._scatter_rows_kernel, ptrs, constants, 2)
+    ptrs = {"grad_ptr": "*fp32", "sums_ptr": "*fp32", "src_ptr": "*fp32", "row_ptr": "*i64"}
+    ptrs |= {"weight_ptr": "*fp32", "latent_ptr": "*i64"}
+    constants = {"s_s1": 1, "LATENTS": ts.COL_LATENTS, "BLOCK": ts.COL_BLOCK_D}
+    compile_(ts._scatter_cols_kernel, ptrs, constants, 4)
