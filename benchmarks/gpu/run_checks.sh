@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU checks, on a bare CUDA machine without network access: the CUDA tests (tests/**/test_*_gpu.py),
+# The GPU checks, on a bare CUDA machine without network access: the CUDA tests (tests/**/test_*_gpu.py,
+# among them the Triton kernels' of tasks/dictionary/kernels, compiled there with the machine's Triton),
 # benchmarks/bench_gpu.py, benchmarks/bench_train.py --device cuda and, where present,
 # benchmarks/bench_scale.py --device cuda --quick. Logs go to OUT_DIR (default $OUT, else ./gpu-checks).
 #
@@ -13,7 +14,7 @@
 # there). Without a GPU every step still runs: the CUDA tests skip, bench_gpu.py runs its small CPU sizes
 # and the CUDA-only benchmarks are left out. Each step has a time limit; a failed step is reported and the
 # next one runs; the exit status is that of the first failure. CHECKS picks the steps (default all:
-# "tests gpu train scale", at most 4 + 3 + 3 + 2 minutes); on a machine lent for 10-minute commands, run
+# "tests gpu train scale", at most 4 + 4 + 3 + 2 minutes); on a machine lent for 10-minute commands, run
 # CHECKS="tests gpu" and CHECKS="train scale" as two calls.
 set -uo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
@@ -89,7 +90,7 @@ if [[ $checks == *" tests "* ]]; then
   step "cuda tests" 240 tests.log "$py" -m pytest -q -p no:cacheprovider -rs "${gpu_tests[@]}"
 fi
 if [[ $checks == *" gpu "* ]] && [ "$cuda" = 1 ]; then
-  step "bench_gpu" 180 bench_gpu.log "$py" benchmarks/bench_gpu.py
+  step "bench_gpu" 240 bench_gpu.log "$py" benchmarks/bench_gpu.py
 elif [[ $checks == *" gpu "* ]]; then  # a CPU smoke run: one small size, two timed rounds
   step "bench_gpu" 300 bench_gpu.log "$py" benchmarks/bench_gpu.py --device cpu --d-sae 512 --steps 2
 fi
