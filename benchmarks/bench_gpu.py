@@ -11,8 +11,8 @@ dead-latent bookkeeping):
                                     on CUDA), and under bf16 autocast (`autocast: bf16`);
   batchtopk_bf16, matryoshka_bf16   the rest of the family under bf16 autocast;
   topk_bf16_triton, topk_bf16_torch topk_bf16 with the sparse path's Triton kernels forced on (CUDA only)
-                                    and off (tasks.dictionary.kernels); the rows above run the default,
-                                    which is the kernels on CUDA when Triton imports;
+                                    and off (tasks.dictionary.kernels); the rows above run the default
+                                    (off, unless FEATUREATLAS_SPARSE_KERNELS says otherwise);
   sparsify                          EleutherAI's `SparseCoder` (bf16 autocast inside its forward, its Triton
                                     sparse decoder on CUDA), stepped as its trainer steps it, with Adam;
   dictionary_learning               `TopKTrainer.update` (float32).

@@ -78,6 +78,8 @@ def test_training_step_with_kernels_equals_the_torch_one(method, n_dead):
 def test_the_mode_picks_the_path(monkeypatch):
     cpu = torch.device("cpu")
     monkeypatch.delenv(kernels.MODE_ENV, raising=False)
+    assert not use_kernels(cpu)  # off by default
+    monkeypatch.setenv(kernels.MODE_ENV, "auto")
     assert not use_kernels(cpu)  # auto: CPU keeps the torch path
     monkeypatch.setenv(kernels.MODE_ENV, "on")
     assert use_kernels(cpu)

@@ -14,8 +14,10 @@ the encoder gradient gathers the inputs per latent into a [d_sae, d_in] buffer a
 
 All sums run in float32 whatever the storage dtype, so the results equal the torch path's up to summation
 order. Which path runs is set by `FEATUREATLAS_SPARSE_KERNELS` (or `sparse_kernels(...)` in code):
-"auto" (default) uses the kernels on CUDA when Triton imports, "off" never, "on" always (on CPU tensors only
-under the Triton interpreter, TRITON_INTERPRET=1, which the tests use). Nothing here imports Triton until a
+"off" (the default) never uses them, "auto" uses them on CUDA when Triton imports, "on" always (on CPU
+tensors only under the Triton interpreter, TRITON_INTERPRET=1, which the tests use). They are opt-in: they
+equal the torch path in the tests (Triton's interpreter, and compiled for sm_90), but become the default
+only once `benchmarks/gpu/run_checks.sh` has measured them correct and faster on a GPU. Nothing here imports Triton until a
 kernel is first called, so CPU-only installs never need it.
 """
 
@@ -37,8 +39,8 @@ _override: str | None = None
 
 
 def kernels_mode() -> str:
-    """The current setting: `sparse_kernels`' if inside one, else $FEATUREATLAS_SPARSE_KERNELS, else auto."""
-    mode = _override or os.environ.get(MODE_ENV, "auto")
+    """The current setting: `sparse_kernels`' if inside one, else $FEATUREATLAS_SPARSE_KERNELS, else off."""
+    mode = _override or os.environ.get(MODE_ENV, "off")
     if mode not in MODES:
         raise ValueError(f"{MODE_ENV}={mode!r} is not a mode; choose one of {', '.join(MODES)}")
     return mode
