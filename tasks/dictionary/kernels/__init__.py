@@ -17,8 +17,8 @@ order. Which path runs is set by `FEATUREATLAS_SPARSE_KERNELS` (or `sparse_kerne
 "off" (the default) never uses them, "auto" uses them on CUDA when Triton imports, "on" always (on CPU
 tensors only under the Triton interpreter, TRITON_INTERPRET=1, which the tests use). They are opt-in: they
 equal the torch path in the tests (Triton's interpreter, and compiled for sm_90), but become the default
-only once `benchmarks/gpu/run_checks.sh` has measured them correct and faster on a GPU. Nothing here imports Triton until a
-kernel is first called, so CPU-only installs never need it.
+only once `benchmarks/gpu/run_checks.sh` has measured them correct and faster on a GPU. Nothing here imports
+Triton until a kernel is first called, so CPU-only installs never need it.
 """
 
 from __future__ import annotations
