@@ -17,8 +17,9 @@ firing over those steps is compared with its group's target and its bias moved b
 by gamma_minus times its largest pre-activation, raised by gamma_plus times the group's mean largest
 pre-activation when dead), biases kept in [-1, 0] on unit-scale inputs, no sparsity penalty. It presents GBA
 as needing no frequency tuning: the groups cover whatever rates the features have, and each feature is
-learned by latents whose rate is near its own ("neuron resonance"). It fixes the highest and lowest targets
-by hand for its runs, not by a rule from the data, and its reference code was not found to compare with.
+learned by latents whose rate is near its own ("neuron resonance"). As read here, the highest and lowest
+targets are hyperparameters there, not derived from the data; the paper's reference code was not available
+to compare with.
 
 What the range does here. A group aimed well above every feature's rate fires densely, reconstructs the input
 with mixtures on its own (there is no sparsity penalty) and starves the resonant latents; a group aimed well
@@ -30,11 +31,11 @@ and the bias-adaptation toy at 0.156.
 
 The default rule (this implementation's, empirical, not the paper's): freq_high = 0.8 / sqrt(d_in)
 (`FREQ_HIGH_SCALE`) and freq_low = freq_high / 2 (`FREQ_SPAN`). Features that a tied linear read-out
-separates from a superposition fire rarely (each on L0 / n of the tokens, n >= d_in features); a random
-unit direction reads a feature at cosine ~1 / sqrt(d_in), and a target near that sits above the rates of
-every family recovered so far while its densest group does not yet reconstruct on its own. Measured with
-d_sae twice the features, batch 256, at cosine 0.8 (0.9), for top x span of 1 x 5 (the former rule),
-1 x 2, and 0.8 x 2 (the default):
+separates from a superposition fire rarely (each on L0 / n of the tokens, n >= d_in features), and the
+scale 1 / sqrt(d_in) (a random direction's cosine with a feature) is a heuristic: 0.8 of it sits above the
+rates of every family recovered so far while the densest group does not yet reconstruct on its own.
+Measured with d_sae twice the features, batch 256, at cosine 0.8 (0.9), for top x span of 1 x 5 (the
+former rule), 1 x 2, and 0.8 x 2 (the default):
     bias-adaptation toy, 128 at 0.09 in 42 dims (4000 steps)    0.875 (0.664)  0.922 (0.688)  0.938 (0.758)
     48 features at rate 0.06 in 24 dims (3000 steps)            0.958 (0.854)  0.958 (0.563)  1.000 (0.813)
     160 features at rates 0.005-0.05 in 64 dims (3000 steps)    1.000 (0.944)  1.000 (0.731)  1.000 (0.906)
