@@ -3,9 +3,10 @@
 1. The bias-adaptation toy of "Taming Polysemanticity" (Chen et al. 2025): 128 random unit-norm features in 42
    dimensions; each sample is a non-negative combination of 3 of them (half the samples) or 20 of them (the
    other half), coefficients uniform in [0.5, 1.5) (`synthetic.bias_adaptation_toy`). BA at the true
-   frequency (seeds 0-2; at every default, lr included; with a fast bias schedule), GBA (default and a tuned
-   range), TopK (k = 20, 30, and 3, 8 below the dense half's 20), ReLU-L1 and JumpReLU, at their defaults
-   unless named; `frr_08_at_init` is the recovery before any step (it must be ~0: the toy is not the init).
+   frequency (seeds 0-2; at every default, lr included; with a fast bias schedule), GBA (default, seeds 0-1;
+   the former wider default range; a range around the true rate), TopK (k = 20, 30, and 3, 8 below the dense
+   half's 20), ReLU-L1 and JumpReLU, at their defaults unless named; `frr_08_at_init` is the recovery before
+   any step (it must be ~0: the toy is not the init).
    For BA/GBA also the median firing rate of the latents and their median bias.
 2. The hierarchical toy (`tasks.dictionary.synthetic.hierarchical_toy`): mutually exclusive parents, each with
    mutually exclusive children leaning towards it, plus independent singletons. MP-SAE against BatchTopK at
@@ -76,8 +77,11 @@ def ba_toy(steps: int, d_sae: int) -> dict[str, dict[str, float]]:
         "ba_seed2": BAConfig(**(ba | {"seed": 2})),
         "ba_lr_4e-4": BAConfig(**OTHER_LR, **ba),
         "ba_fast_schedule": BAConfig(update_every=5, **ba),
+        # The default range follows d_in: 0.8 / sqrt(42) = 0.123 down to half of it.
         "gba": GBAConfig(**common),
-        # A range around the true frequency (0.09) instead of the default 1/sqrt(42) = 0.154 .. 0.0077.
+        "gba_seed1": GBAConfig(**(common | {"seed": 1})),
+        # The former rule, 1 / sqrt(42) = 0.154 down to a fifth, and a wide range around the true rate (0.09).
+        "gba_wide": GBAConfig(freq_high=0.154, freq_low=0.0309, **common),
         "gba_tuned": GBAConfig(freq_high=0.3, freq_low=0.03, **common),
         "topk_20": TopKConfig(k=20, lr=3e-3, **common),
         "topk_30": TopKConfig(k=30, lr=3e-3, **common),
@@ -85,7 +89,7 @@ def ba_toy(steps: int, d_sae: int) -> dict[str, dict[str, float]]:
         "topk_3": TopKConfig(k=3, lr=3e-3, **common),
         "topk_8": TopKConfig(k=8, lr=3e-3, **common),
         "relu": ReLUConfig(lr=1e-3, **common),
-        "jumprelu": JumpReLUConfig(lr=1e-3, **common),
+        "jumprelu": JumpReLUConfig(**common),  # its default lr is 1e-3
     }
     results: dict[str, dict[str, float]] = {}
     for name, cfg in settings.items():

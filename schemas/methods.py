@@ -1,7 +1,11 @@
 """One config per dictionary-learning method, joined in a union keyed by `method`.
 
-Adding a method: write its config here (with `method: Literal["name"]`), add it to `DictionaryConfig`, and
-register its module under the same name in `tasks.dictionary.registry`.
+This module holds the TopK family (TopK, BatchTopK, Matryoshka) and the union; the shared fields live in
+`schemas.methods_base`, the other SAE variants in `schemas.methods_sae`, bias adaptation, matching pursuit
+and semi-NMF in `schemas.methods_other`. Every config is importable from here.
+
+Adding a method: write its config (with `method: Literal["name"]`) in the module of its family, add it to
+`DictionaryConfig`, and register its module under the same name in `tasks.dictionary.registry`.
 """
 
 from __future__ import annotations
@@ -10,136 +14,29 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import Field, model_validator
 
-from featureatlas.schemas.base import Contract
+from featureatlas.schemas.methods_base import DATA_PARALLEL_METHODS, TRANSCODER_METHODS, TrainingConfig
+from featureatlas.schemas.methods_other import BAConfig, GBAConfig, MPConfig, SemiNMFConfig
+from featureatlas.schemas.methods_sae import GatedConfig, JumpReLUConfig, ReLUConfig, ThresholdConfig
 
-# Methods whose code can encode one hookpoint and reconstruct another (tasks.dictionary.transcoder): the
-# linear-encoder SAEs. Not GBA/BA (tied weights), MP (pursuit on its own residual) or semi-NMF (factorises).
-TRANSCODER_METHODS = ("topk", "batchtopk", "matryoshka", "relu", "jumprelu", "gated", "threshold")
-# Methods that can train data-parallel (tasks.dictionary.distributed): every gradient-trained one whose state
-# lives in its parameters. Not GBA/BA (bias updates outside the gradient) or semi-NMF (its own fit): their
-# state would be per-rank.
-DATA_PARALLEL_METHODS = (*TRANSCODER_METHODS, "mp")
-
-
-class TrainingConfig(Contract):
-    """Fields every trained dictionary shares."""
-
-    hookpoint: str | None = Field(None, description="Hookpoint to train on; default: every cached hookpoint.")
-    target_hookpoint: str | None = Field(
-        None,
-        # Left out of dumps (so of fingerprints and cfg.json) when unset: plain dictionaries are unchanged.
-        exclude_if=lambda v: v is None,
-        description="Train a transcoder: encode `hookpoint`'s activations, reconstruct this hookpoint's "
-        "(e.g. hookpoint 'model.layers.3.post_attention_layernorm', target 'mlp_out.3'). Both must be cached "
-        "and of the same width. Not for gba, ba, mp or snmf.",
-    )
-    d_sae: int = Field(2048, ge=1, description="Number of latents.")
-    lr: float = Field(4e-4, gt=0, description="Peak AdamW learning rate (reached after `warmup_steps`).")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay (0: plain Adam).")
-    warmup_steps: int = Field(0, ge=0, description="Steps of linear learning-rate warm-up from 0 to `lr`.")
-    decay_fraction: float = Field(
-        0.0, ge=0, le=1, description="Final fraction of the steps over which the lr decays linearly to 0."
-    )
-    b_dec_init: Literal["mean", "geometric_median", "zeros"] = Field(
-        "mean",
-        description="Initial decoder bias: the data mean, its geometric median (outlier-robust) or zeros.",
-    )
-    batch_size: int = Field(1024, ge=1, description="Token rows per optimizer step.")
-    epochs: int = Field(1, ge=1, description="Passes over the training tokens (ignored if `steps` is set).")
-    steps: int | None = Field(
-        None, ge=1, description="Optimizer steps; default: `epochs` passes over the data."
-    )
-    seed: int = Field(0, description="Seed for initialisation and the data order.")
-    device: str = Field("auto", description="'auto' (CUDA when present, else CPU), 'cpu' or 'cuda[:N]'.")
-    log_every: int = Field(20, ge=1, description="Log loss, FVU and L0 to MLflow every this many steps.")
-    # the trainer loop: checkpoints and CUDA speed-ups
-    checkpoint_every: int = Field(
-        1000,
-        ge=1,
-        description="Steps between checkpoints (weights + optimizer state) that a killed run resumes from; "
-        "written when the trainer is given a checkpoint folder (the pipeline always gives one).",
-    )
-    autocast: Literal["none", "bf16"] = Field(
-        "none",
-        description="Mixed precision of the forward pass: 'bf16' runs it under bfloat16 autocast (weights "
-        "and optimizer stay float32). Meant for CUDA; it also works on CPU, more slowly.",
-    )
-    compile: bool = Field(
-        False, description="Compile the training loss with torch.compile (worth it on CUDA, for long runs)."
-    )
-    tf32: bool = Field(
-        True,
-        # Left out of dumps at its default (so of fingerprints and cfg.json): it changes speed, not method.
-        exclude_if=lambda v: v is True,
-        description="On CUDA, run float32 matmuls in TF32 (~8x faster on Ampere and later, ~1e-3 relative "
-        "error); false keeps full float32. No effect on CPU or under autocast: bf16.",
-    )
-    # data-parallel training from the spec
-    nproc_per_node: int = Field(
-        1,
-        ge=1,
-        # Left out of dumps at 1 (so of fingerprints and cfg.json): single-process dictionaries are unchanged.
-        exclude_if=lambda v: v == 1,
-        description="Train data-parallel in this many processes (torchrun, DistributedDataParallel; one per "
-        "GPU, NCCL on GPUs, gloo on CPU), each on batch_size / nproc_per_node rows of every batch. Above 1 "
-        "the dictionary trains alone (not in a sweep's shared pass), without checkpoints, and differs from "
-        "the 1-process result (losses are normalised per process's share), so it is a different dictionary.",
-    )
-
-    @model_validator(mode="after")
-    def _transcoder_fields(self) -> TrainingConfig:
-        if self.target_hookpoint is None:
-            return self
-        method = getattr(self, "method", None)
-        if method not in TRANSCODER_METHODS:
-            raise ValueError(
-                f"method {method!r} cannot be trained as a transcoder (target_hookpoint is set); use one of "
-                f"{', '.join(TRANSCODER_METHODS)}, or drop target_hookpoint"
-            )
-        if self.hookpoint is None:
-            raise ValueError(
-                f"a transcoder (target_hookpoint {self.target_hookpoint!r}) needs `hookpoint`, its input "
-                "site; set it, e.g. hookpoint: model.layers.3.post_attention_layernorm"
-            )
-        if self.hookpoint == self.target_hookpoint:
-            raise ValueError(
-                f"target_hookpoint equals hookpoint ({self.hookpoint!r}); drop target_hookpoint for a plain "
-                "dictionary, or name the site the transcoder should predict"
-            )
-        return self
-
-    @model_validator(mode="after")
-    def _data_parallel_fields(self) -> TrainingConfig:
-        n = self.nproc_per_node
-        if n == 1:
-            return self
-        method = getattr(self, "method", None)
-        if method not in DATA_PARALLEL_METHODS:
-            raise ValueError(
-                f"method {method!r} cannot train data-parallel (nproc_per_node={n}): its updates outside the "
-                f"gradient would differ per process; drop nproc_per_node, or use one of "
-                f"{', '.join(DATA_PARALLEL_METHODS)}"
-            )
-        unsupported = [
-            name
-            for name, on in (
-                ("target_hookpoint", self.target_hookpoint is not None),
-                ("autocast", self.autocast != "none"),
-                ("compile", self.compile),
-            )
-            if on
-        ]
-        if unsupported:
-            raise ValueError(
-                f"nproc_per_node={n} does not support {', '.join(unsupported)} yet; drop it, or train in "
-                "one process (nproc_per_node: 1)"
-            )
-        if self.batch_size % n:
-            raise ValueError(
-                f"batch_size {self.batch_size} does not split over nproc_per_node={n} processes; use a "
-                f"multiple of {n}, e.g. {self.batch_size - self.batch_size % n or n}"
-            )
-        return self
+__all__ = [
+    "DATA_PARALLEL_METHODS",
+    "TOPK_LR_AT_16K",
+    "TRANSCODER_METHODS",
+    "BAConfig",
+    "BatchTopKConfig",
+    "DictionaryConfig",
+    "GBAConfig",
+    "GatedConfig",
+    "JumpReLUConfig",
+    "MPConfig",
+    "MatryoshkaConfig",
+    "ReLUConfig",
+    "SemiNMFConfig",
+    "ThresholdConfig",
+    "TopKConfig",
+    "TrainingConfig",
+    "topk_lr",
+]
 
 
 # The TopK family's learning rate at 2^14 latents; it falls as 1/sqrt(d_sae) (Gao et al. 2024, fig. 3).
@@ -198,154 +95,6 @@ class TopKConfig(TrainingConfig):
         return self
 
 
-# ---- bias adaptation, matching pursuit, semi-NMF ----------------------------------------------
-
-
-class _BiasAdaptationFields(TrainingConfig):
-    """Fields shared by BA and GBA (Chen et al. 2025, "Taming Polysemanticity"): biases move by rule."""
-
-    # Adam moves only the unit-norm tied rows W (and the scales a) on unit-scale inputs, so the other methods'
-    # lr 4e-4 barely turns W: on the bias-adaptation toy (benchmarks/bench_recovery.py, 4000 steps) BA
-    # recovers 0.000 of the features at 4e-4, 0.430 at 3e-3, 0.797 at 1e-2 and 0.977 at 3e-2 with this decay.
-    lr: float = Field(
-        3e-2, gt=0, description="Peak Adam learning rate for W and a (reached after `warmup_steps`)."
-    )
-    decay_fraction: float = Field(
-        0.3, ge=0, le=1, description="Final fraction of the steps over which the lr decays linearly to 0."
-    )
-
-    update_every: int = Field(
-        50,
-        ge=1,
-        description="T: steps between bias updates; firing frequencies are counted over these steps.",
-    )
-    gamma_minus: float = Field(
-        0.01,
-        gt=0,
-        description="Bias decrease per update, times the latent's max pre-activation, if it fires too often.",
-    )
-    gamma_plus: float = Field(
-        0.01,
-        gt=0,
-        description="Bias increase per update, times its group's mean max pre-activation, if it never fires.",
-    )
-    dead_eps: float = Field(
-        1e-6,
-        ge=0,
-        description="A latent firing on a smaller share of the recent tokens than this counts as dead.",
-    )
-
-
-class GBAConfig(_BiasAdaptationFields):
-    """Group Bias Adaptation: a tied ReLU SAE whose latent groups aim at geometric target frequencies."""
-
-    method: Literal["gba"] = "gba"
-    n_groups: int = Field(
-        10, ge=1, description="K: number of latent groups, each with its own target frequency."
-    )
-    freq_high: float | None = Field(
-        None,
-        gt=0,
-        le=1,
-        description="Target firing frequency of the first (densest) group. None: 1 / sqrt(d_in), above the "
-        "rates of features a linear read-out separates from a superposition (see tasks.dictionary.gba).",
-    )
-    freq_low: float | None = Field(
-        None,
-        gt=0,
-        le=1,
-        description="Target firing frequency of the last (sparsest) group. None: freq_high / 5.",
-    )
-
-    @model_validator(mode="after")
-    def _groups_fit(self) -> GBAConfig:
-        if self.n_groups > self.d_sae:
-            raise ValueError(f"n_groups={self.n_groups} exceeds d_sae={self.d_sae}; choose n_groups <= d_sae")
-        if self.freq_low is not None and self.freq_high is not None and self.freq_low > self.freq_high:
-            raise ValueError(f"freq_low={self.freq_low} is above freq_high={self.freq_high}; swap them")
-        return self
-
-
-class BAConfig(_BiasAdaptationFields):
-    """Bias Adaptation: GBA with a single group, every latent aiming at one target firing frequency."""
-
-    method: Literal["ba"] = "ba"
-    target_freq: float = Field(
-        0.01, gt=0, le=1, description="Target share of tokens each latent fires on (the features' true rate)."
-    )
-
-
-class MPConfig(TrainingConfig):
-    """Matching-pursuit SAE: greedy selection of unit-norm atoms on the residual, k steps per token."""
-
-    method: Literal["mp"] = "mp"
-    k: int = Field(16, ge=1, description="Greedy steps (selected atoms, with repeats) per token in training.")
-    residual_threshold: float = Field(
-        0.0,
-        ge=0,
-        lt=1,
-        description="Stop a token early once ||residual|| <= this times ||x - b_dec|| (0: always k steps).",
-    )
-
-    @model_validator(mode="after")
-    def _k_below_d_sae(self) -> MPConfig:
-        if self.k > self.d_sae:
-            raise ValueError(f"k={self.k} exceeds d_sae={self.d_sae}; choose k <= d_sae")
-        return self
-
-
-class SemiNMFConfig(TrainingConfig):
-    """Semi-NMF A ~ F G^T: signed features F (sparse combinations of neurons), token weights G >= 0.
-
-    Not gradient-trained: `lr`, `epochs` and `steps` are unused; `batch_size` is the token chunk of each pass.
-    """
-
-    method: Literal["snmf"] = "snmf"
-    sparsity: float = Field(
-        0.01, gt=0, le=1, description="Share of each column of F kept (largest magnitudes) after its update."
-    )
-    init: Literal["random", "svd", "kmeans"] = Field(
-        "svd",
-        description="Start from random G, from the activations' top singular directions, or from k-means "
-        "clusters of the tokens (G = cluster indicators + 0.2, as Ding, Li & Jordan).",
-    )
-    init_passes: int = Field(
-        100,
-        ge=0,
-        description="Unsparsified semi-NMF passes after `init`, before F is first sparsified (part of the "
-        "initialisation: sparsifying before G separates the features locks columns onto mixed supports).",
-    )
-    max_iters: int = Field(
-        200, ge=1, description="Most alternating F/G updates (each one pass over the tokens)."
-    )
-    patience: int = Field(
-        10, ge=1, description="Stop after this many passes without a relative loss improvement above `tol`."
-    )
-    tol: float = Field(1e-4, ge=0, description="Relative loss improvement that counts as progress.")
-    encode_iters: int = Field(
-        100, ge=1, description="Multiplicative NNLS iterations per token in `encode` (codes against F)."
-    )
-
-
-# ---- relu, batchtopk, matryoshka, jumprelu, gated, threshold ----------------------------
-
-
-class ReLUConfig(TrainingConfig):
-    """ReLU SAE with an L1 penalty; `scaled_l1` is Anthropic's April-2024 variant (penalty weighted by decoder
-    row norms, decoder unconstrained)."""
-
-    method: Literal["relu"] = "relu"
-    # 2.0: on SmolLM2-135M layer 6 (inputs scaled to mean squared norm d_in; 1024 latents, 300 steps), L1
-    # weights 1 / 2 / 5 gave held-out L0 181 / 94 / 30 at FVU 0.23 / 0.36 / 0.64 (see the README).
-    l1_coef: float = Field(2.0, ge=0, description="L1 penalty weight, relative to the summed squared error.")
-    scaled_l1: bool = Field(
-        False,
-        description="Weight each latent's |code| by its decoder row norm and leave the decoder unconstrained "
-        "(False: plain L1 with unit-norm decoder rows).",
-    )
-    l1_warmup_steps: int = Field(0, ge=0, description="Steps over which the L1 weight ramps linearly from 0.")
-
-
 class BatchTopKConfig(TopKConfig):
     """BatchTopK SAE (Bussmann et al. 2024): keep the top k*batch pre-activations across the whole batch."""
 
@@ -385,55 +134,6 @@ class MatryoshkaConfig(BatchTopKConfig):
         if self.prefixes is not None:
             return self.prefixes
         return tuple(sorted({max(1, self.d_sae // div) for div in (8, 4, 2, 1)}))
-
-
-class JumpReLUConfig(TrainingConfig):
-    """JumpReLU SAE (Rajamanoharan et al. 2024): per-latent learnable thresholds, straight-through grads."""
-
-    method: Literal["jumprelu"] = "jumprelu"
-    sparsity: Literal["step", "tanh"] = Field(
-        "step", description="L0 penalty: the step function (with STE) or Anthropic's tanh(c |z| ||d||)."
-    )
-    l0_coef: float = Field(1.0, ge=0, description="Sparsity penalty weight, relative to squared error.")
-    # Scaled units: input scaling gives the initial pre-activations a standard deviation near 1, so these are
-    # in units of that spread. Chosen on planted families (see tasks.dictionary.jumprelu), against SAELens.
-    bandwidth: float = Field(2.0, gt=0, description="Width of the STE's rectangle kernel (scaled units).")
-    init_threshold: float = Field(1.5, gt=0, description="Initial threshold of every latent (scaled units).")
-    tanh_c: float = Field(4.0, gt=0, description="Steepness c of the tanh penalty (sparsity='tanh').")
-
-    @model_validator(mode="after")
-    def _bandwidth_below_threshold(self) -> JumpReLUConfig:
-        if self.bandwidth > 2 * self.init_threshold:
-            raise ValueError(
-                f"bandwidth={self.bandwidth} is wider than 2 x init_threshold={self.init_threshold}: the STE "
-                "window would reach negative pre-activations; lower bandwidth or raise init_threshold"
-            )
-        return self
-
-
-class GatedConfig(TrainingConfig):
-    """Gated SAE (Rajamanoharan et al. 2024): a gate path picks latents, a magnitude path sizes them."""
-
-    method: Literal["gated"] = "gated"
-    l1_coef: float = Field(5.0, ge=0, description="Weight of the L1 penalty on the gate pre-activations.")
-
-
-class ThresholdConfig(TrainingConfig):
-    """Threshold-activated SAE ("Towards Atoms of LLMs"): z = (W_enc x) * 1[W_enc x >= tau]."""
-
-    method: Literal["threshold"] = "threshold"
-    tau: float | None = Field(
-        None,
-        gt=0,
-        description="Global activation threshold (scaled units), fixed during training. None: fitted at "
-        "initialisation as `tau_sigmas` robust standard deviations of the initial pre-activations.",
-    )
-    tau_sigmas: float = Field(
-        2.0,
-        gt=0,
-        description="With tau None: tau in robust standard deviations of the initial pre-activations.",
-    )
-    use_bias: bool = Field(False, description="Learn b_enc and b_dec (False: the paper's bias-free form).")
 
 
 DictionaryConfig = Annotated[
