@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import polars as pl
 import pytest
@@ -103,3 +104,8 @@ def test_the_api_and_the_cli_read_the_same_frame(planted):
     listed = json.loads(out.stdout)
     assert [r["id"] for r in listed] == api["id"].to_list()
     assert [r["fvu"] for r in listed] == api["fvu"].to_list() and listed[1]["status"] == "labeled"
+
+
+def test_the_api_page_names_every_column():
+    page = (Path(__file__).resolve().parents[2] / "docs" / "pages" / "api.md").read_text()
+    assert [c for c in COLUMNS if f"`{c}`" not in page] == []
