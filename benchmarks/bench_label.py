@@ -28,7 +28,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from featureatlas.tasks.common.store import ActivationCache, ShardWriter  # noqa: E402
+from featureatlas.tasks.common.shards import ShardWriter  # noqa: E402
+from featureatlas.tasks.common.store import ActivationCache  # noqa: E402
 from featureatlas.tasks.labeling.features import build_feature_table  # noqa: E402
 from featureatlas.tasks.labeling.sharded import ShardedActs  # noqa: E402
 from featureatlas.tasks.labeling.stat_labeler import count_ngrams  # noqa: E402

@@ -25,7 +25,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from featureatlas.schemas.methods import TopKConfig  # noqa: E402
-from featureatlas.tasks.common.store import ActivationCache, ShardWriter, atomic_write_text  # noqa: E402
+from featureatlas.tasks.common.shards import ShardWriter, atomic_write_text  # noqa: E402
+from featureatlas.tasks.common.store import ActivationCache  # noqa: E402
 from featureatlas.tasks.dictionary.data import CacheSource  # noqa: E402
 from featureatlas.tasks.dictionary.train import train_dictionaries, train_dictionary  # noqa: E402
 

@@ -234,19 +234,28 @@ def ui(
     port: Annotated[int, typer.Option(metavar="PORT", help="Port to listen on.")] = 5000,
     host: Annotated[str, typer.Option(metavar="HOST", help="Interface to listen on.")] = "127.0.0.1",
 ) -> None:
-    """Open the MLflow UI on the featureatlas store (runs nested per pipeline, inputs show lineage)."""
+    """Open the MLflow UI on the featureatlas store (runs nested per pipeline, inputs show lineage).
+
+    Prints the server's address and the URL of the experiment's runs table in model-training mode, with
+    each dictionary's FVU, L0 and CE-loss score as columns.
+    """
     from featureatlas.flows.cli_process import port_in_use, run_child
+    from featureatlas.tasks.tracking.lineage import runs_table_route
     from featureatlas.tasks.tracking.secrets import mask_url
+    from featureatlas.tasks.tracking.stage import tracker_for
 
     settings = current_settings()
     if port_in_use(host, port):
         raise fail(
             f"port {port} on {host} is already in use; pass --port with a free one (or stop what uses it)"
         )
+    address = f"http://{host}:{port}"
+    # the experiment is created here if no pipeline ran yet, so the runs table's URL opens either way
+    experiment_id = tracker_for(settings).experiment_id
     console.print(
-        f"MLflow UI on http://{host}:{port} (store {mask_url(settings.mlflow_uri)}); Ctrl-C stops it",
-        markup=False,
+        f"MLflow UI on {address} (store {mask_url(settings.mlflow_uri)}); Ctrl-C stops it", markup=False
     )
+    console.print(f"runs table: {address}/{runs_table_route(experiment_id)}", markup=False)
     cmd = [sys.executable, "-m", "mlflow", "server", "--host", host, "--port", str(port), "--workers", "1"]
     # the store URL may hold a password: through the environment, never on a command line `ps` shows
     env = os.environ.copy() | {"MLFLOW_BACKEND_STORE_URI": settings.mlflow_uri}

@@ -1,5 +1,6 @@
 """`featureatlas catalog ...`: list (with the columns that tell dictionaries apart), show, trace the lineage
-of, and remove registered artifacts. The table comes from `tasks/tracking/catalog_view.py::catalog_frame`."""
+of, and remove registered artifacts. `catalog list` formats the frame of
+`tasks/tracking/catalog_view.py::list_artifacts`, the one `featureatlas.catalog().list()` returns."""
 
 from __future__ import annotations
 
@@ -59,13 +60,14 @@ def catalog_list(
         ),
     ] = None,
     sort: Annotated[
-        str, typer.Option("--sort", metavar="COLUMN", help="Column to sort by, e.g. fvu, l0, created.")
-    ] = "created",
+        str,
+        typer.Option("--sort", metavar="COLUMN", help="Column to sort by, e.g. fvu, l0, created_at."),
+    ] = "created_at",
     descending: Annotated[bool, typer.Option("--desc", help="Sort in descending order.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """List registered artifacts with method, hookpoint, d_sae, k, L0, FVU, CE-loss score and status."""
-    from featureatlas.tasks.tracking.catalog_view import catalog_frame, filter_frame
+    from featureatlas.tasks.tracking.catalog_view import list_artifacts
 
     if kind is not None and kind not in KINDS:
         raise typer.BadParameter(
@@ -73,23 +75,17 @@ def catalog_list(
         )
     cat = _catalog()
     try:
-        frame = filter_frame(
-            catalog_frame(cat),
-            kind=kind,
-            method=method,
-            hookpoint=hookpoint,
-            where=where,
-            sort=sort,
-            descending=descending,
+        frame = list_artifacts(
+            cat, kind, where, method=method, hookpoint=hookpoint, sort=sort, descending=descending
         )
     except ValueError as e:
         raise fail(str(e), 2) from None
-    if as_json:
-        rows = {r.id: (k, r) for k, r in cat.list(kind)}
-        out = []
-        for row in frame.iter_rows(named=True):
-            if row["id"] in rows:
-                out.append(_row_dict(*rows[row["id"]]) | {c: row[c] for c in _COMPARE})
+    if as_json:  # the frame's columns, and the config each artifact was made with
+        configs = {r.id: r.config for _, r in cat.list(kind)}
+        out = [
+            row | {"created_at": row["created_at"].isoformat(), "config": configs.get(row["id"])}
+            for row in frame.iter_rows(named=True)
+        ]
         print(json.dumps(out, indent=1))
         return
     table = Table(title=f"catalog: {frame.height} artifacts")
@@ -119,12 +115,9 @@ def catalog_list(
             _num(r["fvu"], ".3f"),
             _num(r["ce_loss_score"], ".3f"),
             "[red]missing[/red]" if r["status"] == "missing" else r["status"],
-            r["created"].strftime("%Y-%m-%d %H:%M"),
+            r["created_at"].strftime("%Y-%m-%d %H:%M"),
         )
     console.print(table)
-
-
-_COMPARE = ("method", "hookpoint", "d_sae", "k", "l0", "fvu", "ce_loss_score", "status")
 
 
 def _get(artifact_id: str):
@@ -229,7 +222,7 @@ def catalog_remove(
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
 ) -> None:
     """Remove an artifact and everything derived from it: catalog rows, lineage edges and folders."""
-    from featureatlas.tasks.tracking.catalog_view import removal_plan, remove
+    from featureatlas.tasks.tracking.catalog_removal import removal_plan, remove
 
     cat = _catalog()
     try:

@@ -1,9 +1,9 @@
 """The catalog as data: every registered artifact as one Polars frame, typed references, lineage trees.
 
-`catalog_frame` is the one place that turns catalog rows into the comparison table (method, hookpoint,
-d_sae, k and the headline metrics FVU, L0, CE-loss score of the newest evaluation), so the Python API and
-the command line show the same columns. Heavy imports (Polars, SQLAlchemy, pydantic models) happen inside
-the functions: `import featureatlas` stays fast.
+The comparison table itself (method, hookpoint, d_sae, k and the headline metrics FVU, L0, CE-loss score
+of the newest evaluation) is built, filtered and sorted in `featureatlas.tasks.tracking.catalog_view`, the
+one implementation the command line formats too; `FRAME_COLUMNS` and `catalog_frame` are its. Heavy
+imports (Polars, SQLAlchemy, pydantic models) happen inside the functions: `import featureatlas` stays fast.
 """
 
 from __future__ import annotations
@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from featureatlas.tasks.tracking.catalog_view import COLUMNS as FRAME_COLUMNS
+from featureatlas.tasks.tracking.catalog_view import catalog_frame
+
 if TYPE_CHECKING:
     import polars as pl
 
@@ -19,88 +22,6 @@ if TYPE_CHECKING:
     from featureatlas.tasks.tracking.catalog import Catalog as SQLCatalog
 
 __all__ = ["FRAME_COLUMNS", "CatalogView", "Lineage", "catalog", "catalog_frame"]
-
-# column -> Polars dtype name; the frame always has these columns, in this order, even when empty
-FRAME_COLUMNS: dict[str, str] = {
-    "id": "String",
-    "kind": "String",
-    "created_at": "Datetime",
-    "method": "String",
-    "hookpoint": "String",
-    "d_in": "Int64",
-    "d_sae": "Int64",
-    "k": "Int64",
-    "fvu": "Float64",
-    "l0": "Float64",
-    "ce_loss_score": "Float64",
-    "dead_fraction": "Float64",
-    "n_tokens": "Int64",
-    "dictionary_id": "String",
-    "evaluation_id": "String",
-    "cache_id": "String",
-    "path": "String",
-    "mlflow_run_id": "String",
-    "fingerprint": "String",
-}
-_METRICS = ("fvu", "l0", "ce_loss_score", "dead_fraction")
-
-
-def _dictionary_facts(ref: dict) -> dict[str, Any]:
-    cfg = ref.get("config") or {}
-    return {
-        "method": cfg.get("method"),
-        "hookpoint": ref.get("hookpoint"),
-        "d_in": ref.get("d_in"),
-        "d_sae": ref.get("d_sae"),
-        "k": cfg.get("k"),
-        "cache_id": ref.get("cache_id"),
-    }
-
-
-def catalog_frame(cat: SQLCatalog, kind: str | None = None) -> pl.DataFrame:
-    """One row per registered artifact (of `kind`, or all), oldest first, with the columns of FRAME_COLUMNS.
-
-    A dictionary row carries the metrics of its newest evaluation (null when it was never evaluated); an
-    evaluation or labeling row carries its dictionary's method, hookpoint, d_sae and k, and an evaluation
-    its own metrics. Used by `CatalogView.list` and by `featureatlas catalog list`.
-    """
-    import polars as pl
-
-    rows = cat.list()
-    by_id = {r.id: (k, r) for k, r in rows}
-    newest_eval: dict[str, Any] = {}
-    for k, r in rows:  # oldest first, so the newest evaluation of a dictionary wins
-        if k == "evaluation":
-            newest_eval[r.ref["dictionary_id"]] = r
-    records = []
-    for k, r in rows:
-        if kind not in (None, k):
-            continue
-        rec: dict[str, Any] = {
-            "id": r.id,
-            "kind": k,
-            "created_at": r.created_at,
-            "path": r.uri,
-            "mlflow_run_id": r.mlflow_run_id,
-            "fingerprint": r.fingerprint,
-            "n_tokens": r.ref.get("n_tokens"),
-        }
-        if k == "dictionary":
-            rec |= _dictionary_facts(r.ref) | {"dictionary_id": r.id}
-            ev = newest_eval.get(r.id)
-            if ev is not None:
-                rec |= {m: ev.ref.get(m) for m in _METRICS} | {"evaluation_id": ev.id}
-        elif k in ("evaluation", "labeling", "interactions") and r.ref.get("dictionary_id") in by_id:
-            rec |= _dictionary_facts(by_id[r.ref["dictionary_id"]][1].ref)
-            rec["dictionary_id"] = r.ref["dictionary_id"]
-            if k == "evaluation":
-                rec |= {m: r.ref.get(m) for m in _METRICS} | {"evaluation_id": r.id}
-        elif k == "activation_cache":
-            rec["cache_id"] = r.id
-        records.append(rec)
-    schema = {c: getattr(pl, t) for c, t in FRAME_COLUMNS.items()}
-    schema["created_at"] = pl.Datetime("us", "UTC")
-    return pl.DataFrame(records, schema=schema)
 
 
 @dataclass(frozen=True)
@@ -146,33 +67,22 @@ class CatalogView:
         *,
         method: str | None = None,
         hookpoint: str | None = None,
+        sort: str | None = None,
+        descending: bool = False,
     ) -> pl.DataFrame:
         """Registered artifacts as a Polars frame (columns: FRAME_COLUMNS), oldest first.
 
         `kind`: one of model, corpus, activation_cache, dictionary, evaluation, labeling, interactions.
         `where`: a Polars expression or a SQL condition on the columns, e.g. `"fvu < 0.3 AND k >= 8"`.
         `method`, `hookpoint`: keep only rows with this method or hookpoint.
+        `sort`, `descending`: order by this column instead (nulls last).
+        The same frame `featureatlas catalog list` prints (`featureatlas.tasks.tracking.catalog_view`).
         """
-        import polars as pl
+        from featureatlas.tasks.tracking.catalog_view import list_artifacts
 
-        from featureatlas.schemas.catalog import ROWS
-
-        if kind is not None and kind not in ROWS:
-            raise ValueError(f"unknown kind {kind!r}; choose one of {', '.join(ROWS)}")
-        frame = catalog_frame(self.sql, kind)
-        if method is not None:
-            frame = frame.filter(pl.col("method") == method)
-        if hookpoint is not None:
-            frame = frame.filter(pl.col("hookpoint") == hookpoint)
-        if where is not None:
-            try:
-                frame = frame.filter(pl.sql_expr(where) if isinstance(where, str) else where)
-            except (pl.exceptions.PolarsError, ValueError) as e:  # SQL syntax, unknown column, wrong type
-                why = f"{type(e).__name__}: {str(e).splitlines()[0]}"
-                raise ValueError(
-                    f"where={where!r} cannot filter the catalog ({why}); columns: {', '.join(FRAME_COLUMNS)}"
-                ) from None
-        return frame
+        return list_artifacts(
+            self.sql, kind, where, method=method, hookpoint=hookpoint, sort=sort, descending=descending
+        )
 
     def row(self, artifact_id: str) -> tuple[str, Any]:
         """(kind, SQL row) of an artifact; ValueError names the fix when the id is unknown."""

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from featureatlas.tasks.common.hooks import capture_activations
 from featureatlas.tasks.common.models import DTYPES, LoadedModel
-from featureatlas.tasks.common.store import shard_statistics, summarize
+from featureatlas.tasks.common.shards import shard_statistics, summarize
 
 if TYPE_CHECKING:
     from featureatlas.tasks.common.store import ActivationCache

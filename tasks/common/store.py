@@ -22,24 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from featureatlas.tasks.common.models import DTYPES
-
-# the writing side, re-exported: the caching stage and older callers import it from here
-from featureatlas.tasks.common.shards import (  # noqa: F401
-    STATS_CHUNK_ROWS,
-    CacheIntegrityError,
-    ShardWriter,
-    atomic_save_safetensors,
-    atomic_write_text,
-    check_shard_size,
-    finished_shards,
-    hookpoint_dir,
-    record_shard_sha256,
-    recorded_sha256,
-    sha256_file,
-    shard_statistics,
-    summarize,
-    write_acts_shard,
-)
+from featureatlas.tasks.common.shards import CacheIntegrityError, check_shard_size, sha256_file
 
 if TYPE_CHECKING:  # polars loads with the token table only: reading shards does not need it
     import polars as pl
@@ -51,8 +34,6 @@ FORMAT_VERSION = 2  # 2: token column is_special, per-hookpoint layout, rms and 
 class StreamBatch(NamedTuple):
     acts: torch.Tensor  # [batch, d_in]
     rows: torch.Tensor  # [batch] int64: the rows of the token table they belong to
-
-
 
 
 class ActivationCache:

@@ -1,93 +1,128 @@
-"""The catalog as one table to compare runs by; removing an artifact with everything derived from it.
+"""The catalog as one table to compare runs by: a Polars frame, its filters and its sorting.
 
-`catalog_frame` gives one row per artifact with what tells dictionaries apart (method, hookpoint, d_sae, k)
-and their headline evaluation (L0, FVU, CE-loss score), filled in for dictionaries, evaluations and labelings
-alike, and a status: `trained`, `evaluated`, `labeled` for dictionaries, `ok` for the rest, `missing` when
-the artifact's folder is gone. Filters and sorting are Polars expressions, so the CLI and any notebook share
-them (`filter_frame`). `removal_plan` walks the lineage edges down from an artifact (its descendants cannot
-exist without it); `remove` deletes their rows and edges in one transaction, children first, then folders.
+`catalog_frame` gives one row per registered artifact with what tells dictionaries apart (method, hookpoint,
+d_in, d_sae, k) and the headline figures of the newest evaluation (FVU, L0, CE-loss score, dead fraction),
+filled in for dictionaries, evaluations and labelings alike, and a status: `trained`,
+`evaluated`, `labeled` for dictionaries, `ok` for the rest, `missing` when the artifact's folder is gone.
+`list_artifacts` adds the filters and the sorting. The Python API (`featureatlas.catalog().list()`) returns
+this frame and `featureatlas catalog list` only formats it, so a notebook and the terminal show the same rows.
+
+Polars and the SQL row classes are imported inside the functions: `import featureatlas` re-exports `COLUMNS`
+and must stay cheap.
 """
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, Any
 
-import polars as pl
-from sqlalchemy import delete, or_
-from sqlalchemy.orm import Session
+if TYPE_CHECKING:
+    import polars as pl
 
-from featureatlas.schemas.catalog import ROWS, LineageEdge
+    from featureatlas.tasks.tracking.catalog import Catalog
 
-COLUMNS = {
-    "id": pl.String,
-    "kind": pl.String,
-    "method": pl.String,
-    "hookpoint": pl.String,
-    "d_sae": pl.Int64,
-    "k": pl.Int64,
-    "l0": pl.Float64,
-    "fvu": pl.Float64,
-    "ce_loss_score": pl.Float64,
-    "status": pl.String,
-    "created": pl.Datetime(time_zone="UTC"),
-    "path": pl.String,
-    "mlflow_run_id": pl.String,
+__all__ = ["COLUMNS", "catalog_frame", "filter_frame", "list_artifacts"]
+
+# column -> Polars dtype name; the frame always has these columns, in this order, even when empty
+COLUMNS: dict[str, str] = {
+    "id": "String",
+    "kind": "String",
+    "created_at": "Datetime",
+    "method": "String",
+    "hookpoint": "String",
+    "d_in": "Int64",
+    "d_sae": "Int64",
+    "k": "Int64",
+    "fvu": "Float64",
+    "l0": "Float64",
+    "ce_loss_score": "Float64",
+    "dead_fraction": "Float64",
+    "status": "String",
+    "n_tokens": "Int64",
+    "dictionary_id": "String",
+    "evaluation_id": "String",
+    "cache_id": "String",
+    "path": "String",
+    "mlflow_run_id": "String",
+    "fingerprint": "String",
 }
-# children before parents: the order rows must be deleted in (foreign keys point up the lineage)
-_DELETE_ORDER = (
-    "interactions",
-    "labeling",
-    "evaluation",
-    "dictionary",
-    "activation_cache",
-    "corpus",
-    "model",
-)
+_METRICS = ("fvu", "l0", "ce_loss_score", "dead_fraction")
+_WHERE_EXAMPLE = '"fvu < 0.2 AND d_sae >= 4096"'
 
 
-def catalog_frame(catalog) -> pl.DataFrame:
-    """Every artifact of `catalog` (a `Catalog`) with its dictionary's facts and headline metrics."""
-    listed = catalog.list()
-    dictionaries = {r.id: r for k, r in listed if k == "dictionary"}
-    evaluations: dict[str, dict] = {}
+def _schema() -> dict[str, Any]:
+    import polars as pl
+
+    schema = {c: getattr(pl, t) for c, t in COLUMNS.items()}
+    schema["created_at"] = pl.Datetime("us", "UTC")
+    return schema
+
+
+def _dictionary_facts(ref: dict) -> dict[str, Any]:
+    cfg = ref.get("config") or {}
+    return {
+        "method": cfg.get("method"),
+        "hookpoint": ref.get("hookpoint"),
+        "d_in": ref.get("d_in"),
+        "d_sae": ref.get("d_sae"),
+        "k": cfg.get("k"),
+        "cache_id": ref.get("cache_id"),
+    }
+
+
+def _status(kind: str, artifact_id: str, uri: str, evaluated: dict, labeled: set[str]) -> str:
+    if not Path(uri).exists():
+        return "missing"
+    if kind != "dictionary":
+        return "ok"
+    if artifact_id in labeled:
+        return "labeled"
+    return "evaluated" if artifact_id in evaluated else "trained"
+
+
+def catalog_frame(catalog: Catalog, kind: str | None = None) -> pl.DataFrame:
+    """One row per registered artifact (of `kind`, or all), oldest first, with the columns of COLUMNS.
+
+    A dictionary or labeling row carries the dictionary's method, hookpoint, d_sae, k and the figures of
+    its newest evaluation (null when it was never evaluated), so `fvu < 0.2` finds the labelings of good
+    dictionaries too; an evaluation row carries its dictionary's facts and its own figures.
+    """
+    import polars as pl
+
+    rows = catalog.list()  # per kind, oldest first: the newest evaluation of a dictionary is seen last
+    refs = {r.id: r.ref for _, r in rows}
+    newest_eval: dict[str, Any] = {}
     labeled: set[str] = set()
-    for kind, r in listed:
-        if kind == "evaluation":
-            evaluations[r.dictionary_id] = r.metrics or {}
-        elif kind == "labeling":
-            labeled.add(r.dictionary_id)
-    rows = []
-    for kind, r in listed:
-        exists = Path(r.uri).exists()
-        dict_id = r.id if kind == "dictionary" else getattr(r, "dictionary_id", None)
-        d = dictionaries.get(dict_id) if dict_id else None
-        metrics = (r.metrics or {}) if kind == "evaluation" else evaluations.get(dict_id, {})
-        if not exists:
-            status = "missing"
-        elif kind == "dictionary":
-            status = "labeled" if r.id in labeled else ("evaluated" if r.id in evaluations else "trained")
-        else:
-            status = "ok"
-        rows.append(
-            {
-                "id": r.id,
-                "kind": kind,
-                "method": d.method if d else None,
-                "hookpoint": d.hookpoint if d else None,
-                "d_sae": d.d_sae if d else None,
-                "k": (d.config or {}).get("k") if d else None,
-                "l0": metrics.get("l0"),
-                "fvu": metrics.get("fvu"),
-                "ce_loss_score": metrics.get("ce_loss_score"),
-                "status": status,
-                "created": r.created_at,
-                "path": r.uri,
-                "mlflow_run_id": r.mlflow_run_id,
-            }
-        )
-    return pl.DataFrame(rows, schema=COLUMNS, orient="row")
+    for k, r in rows:
+        if k == "evaluation":
+            newest_eval[r.ref["dictionary_id"]] = r
+        elif k == "labeling":
+            labeled.add(r.ref["dictionary_id"])
+    records = []
+    for k, r in rows:
+        if kind not in (None, k):
+            continue
+        rec: dict[str, Any] = {
+            "id": r.id,
+            "kind": k,
+            "created_at": r.created_at,
+            "status": _status(k, r.id, r.uri, newest_eval, labeled),
+            "n_tokens": r.ref.get("n_tokens"),
+            "path": r.uri,
+            "mlflow_run_id": r.mlflow_run_id,
+            "fingerprint": r.fingerprint,
+        }
+        dictionary_id = r.id if k == "dictionary" else r.ref.get("dictionary_id")
+        if dictionary_id in refs:  # a dictionary, or an evaluation or labeling of one
+            rec |= _dictionary_facts(refs[dictionary_id]) | {"dictionary_id": dictionary_id}
+            ev = r if k == "evaluation" else newest_eval.get(dictionary_id)
+            if ev is not None:
+                rec |= {m: ev.ref.get(m) for m in _METRICS} | {"evaluation_id": ev.id}
+        elif k == "activation_cache":
+            rec["cache_id"] = r.id
+        records.append(rec)
+    frame = pl.DataFrame(records, schema=_schema())
+    return frame.sort("created_at", maintain_order=True)
 
 
 def filter_frame(
@@ -96,74 +131,56 @@ def filter_frame(
     kind: str | None = None,
     method: str | None = None,
     hookpoint: str | None = None,
-    where: str | None = None,
+    where: str | pl.Expr | None = None,
     sort: str | None = None,
     descending: bool = False,
 ) -> pl.DataFrame:
-    """Rows matching every filter given; `where` is a SQL condition over the columns (`fvu < 0.2`)."""
+    """Rows matching every filter given, sorted by `sort` (nulls last).
+
+    `where` is a Polars expression or a SQL condition over the columns, e.g. `"fvu < 0.2 AND k >= 8"`.
+    """
+    import polars as pl
+
     for column, value in (("kind", kind), ("method", method), ("hookpoint", hookpoint)):
         if value is not None:
             frame = frame.filter(pl.col(column) == value)
-    if where:
+    if where is not None:
         try:
-            frame = frame.filter(pl.sql_expr(where))
-        except (pl.exceptions.PolarsError, ValueError) as e:
+            frame = frame.filter(pl.sql_expr(where) if isinstance(where, str) else where)
+        except (pl.exceptions.PolarsError, ValueError) as e:  # SQL syntax, unknown column, wrong type
             first = str(e).strip().splitlines()[0]
             raise ValueError(
-                f"--where {where!r} is not a condition over the columns {', '.join(COLUMNS)} ({first}); "
-                'e.g. "fvu < 0.2 AND d_sae >= 4096"'
+                f"where {where!r} is not a condition over the columns ({type(e).__name__}: {first}); "
+                f"columns: {', '.join(COLUMNS)}; e.g. {_WHERE_EXAMPLE}"
             ) from None
-    if sort:
+    if sort is not None:
         if sort not in COLUMNS:
             raise ValueError(f"cannot sort by {sort!r}; columns: {', '.join(COLUMNS)}")
-        frame = frame.sort(sort, descending=descending, nulls_last=True)
+        frame = frame.sort(sort, descending=descending, nulls_last=True, maintain_order=True)
     return frame
 
 
-class Removal(NamedTuple):
-    ids: list[str]  # the artifact and its descendants, children first
-    kinds: dict[str, str]
-    paths: dict[str, str]
-    edges: int  # lineage edges that touch them
+def list_artifacts(
+    catalog: Catalog,
+    kind: str | None = None,
+    where: str | pl.Expr | None = None,
+    *,
+    method: str | None = None,
+    hookpoint: str | None = None,
+    sort: str | None = None,
+    descending: bool = False,
+) -> pl.DataFrame:
+    """`catalog_frame` with `filter_frame`'s filters and sorting; an unknown `kind` names the known ones."""
+    from featureatlas.schemas.catalog import ROWS
 
-
-def removal_plan(catalog, artifact_id: str) -> Removal:
-    """What `remove` would delete: the artifact, everything derived from it, their edges and folders."""
-    found = catalog.get(artifact_id)
-    if found is None:
-        raise ValueError(
-            f"no artifact {artifact_id!r} in the catalog; `featureatlas catalog list` shows the ids"
-        )
-    seen, todo = {artifact_id}, [artifact_id]
-    while todo:
-        for child in catalog.children(todo.pop()):
-            if child not in seen:
-                seen.add(child)
-                todo.append(child)
-    kinds, paths = {}, {}
-    for kind, r in catalog.list():
-        if r.id in seen:
-            kinds[r.id], paths[r.id] = kind, r.uri
-    ids = sorted(seen, key=lambda i: (_DELETE_ORDER.index(kinds[i]), i))
-    edges = sum(1 for child, parent in catalog.edges() if child in seen or parent in seen)
-    return Removal(ids, kinds, paths, edges)
-
-
-def remove(catalog, plan: Removal) -> list[str]:
-    """Delete the plan's rows and edges in one transaction, then their folders (returned)."""
-    with Session(catalog.engine) as s, s.begin():
-        s.execute(
-            delete(LineageEdge).where(
-                or_(LineageEdge.child_id.in_(plan.ids), LineageEdge.parent_id.in_(plan.ids))
-            )
-        )
-        for artifact_id in plan.ids:
-            row_cls = ROWS[plan.kinds[artifact_id]]
-            s.execute(delete(row_cls).where(row_cls.id == artifact_id))
-    removed = []
-    for artifact_id in plan.ids:
-        folder = Path(plan.paths[artifact_id])
-        if folder.is_dir():
-            shutil.rmtree(folder)
-            removed.append(str(folder))
-    return removed
+    if kind is not None and kind not in ROWS:
+        raise ValueError(f"unknown kind {kind!r}; choose one of {', '.join(ROWS)}")
+    return filter_frame(
+        catalog_frame(catalog),
+        kind=kind,
+        method=method,
+        hookpoint=hookpoint,
+        where=where,
+        sort=sort,
+        descending=descending,
+    )

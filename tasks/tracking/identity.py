@@ -24,7 +24,7 @@ from featureatlas.schemas.spec import (
     LabelSpec,
     ModelSpec,
 )
-from featureatlas.tasks.common.store import sha256_file
+from featureatlas.tasks.common.shards import sha256_file
 
 STAGE_VERSIONS = {
     "model": 1,

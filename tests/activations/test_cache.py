@@ -12,7 +12,8 @@ from featureatlas.schemas.spec import CacheSpec, CorpusSpec
 from featureatlas.tasks.activations.cache import write_cache
 from featureatlas.tasks.common.corpus import build_contexts, load_documents
 from featureatlas.tasks.common.models import LoadedModel
-from featureatlas.tasks.common.store import ActivationCache, CacheIntegrityError
+from featureatlas.tasks.common.shards import CacheIntegrityError
+from featureatlas.tasks.common.store import ActivationCache
 from tests.helpers import TINY_TEXT, build_tiny_llama, build_tiny_tokenizer
 
 

@@ -13,7 +13,8 @@ from featureatlas.schemas.spec import CacheSpec, CorpusSpec
 from featureatlas.tasks.activations.cache import write_cache
 from featureatlas.tasks.common.corpus import load_documents
 from featureatlas.tasks.common.models import LoadedModel
-from featureatlas.tasks.common.store import ActivationCache, CacheIntegrityError
+from featureatlas.tasks.common.shards import CacheIntegrityError
+from featureatlas.tasks.common.store import ActivationCache
 from tests.helpers import TINY_TEXT, build_tiny_llama, build_tiny_tokenizer
 
 
@@ -88,7 +89,7 @@ def test_shard_writer_makes_safetensors_bytes(tmp_path, dtype):
 
     from safetensors.torch import save
 
-    from featureatlas.tasks.common.store import write_acts_shard
+    from featureatlas.tasks.common.shards import write_acts_shard
 
     acts = torch.randn(7, 5).to(dtype)
     sha = write_acts_shard(acts, tmp_path / "s.safetensors")

@@ -20,7 +20,8 @@ from mlflow.tracking import MlflowClient
 from featureatlas.schemas.methods import ReLUConfig, TopKConfig
 from featureatlas.schemas.settings import Settings
 from featureatlas.schemas.spec import SpecError, parse_spec
-from featureatlas.tasks.common.store import ActivationCache, write_acts_shard
+from featureatlas.tasks.common.shards import write_acts_shard
+from featureatlas.tasks.common.store import ActivationCache
 from featureatlas.tasks.dictionary import load_dictionary
 from featureatlas.tasks.dictionary.data import BadActivations, CacheSource
 from featureatlas.tasks.dictionary.task import CHECKPOINTS, train_dictionaries_task

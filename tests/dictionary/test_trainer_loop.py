@@ -15,7 +15,8 @@ from featureatlas.schemas.spec import CacheSpec, CorpusSpec
 from featureatlas.tasks.activations.cache import write_cache
 from featureatlas.tasks.common.corpus import load_documents
 from featureatlas.tasks.common.models import LoadedModel
-from featureatlas.tasks.common.store import ActivationCache, write_acts_shard
+from featureatlas.tasks.common.shards import write_acts_shard
+from featureatlas.tasks.common.store import ActivationCache
 from featureatlas.tasks.dictionary.checkpoint import latest
 from featureatlas.tasks.dictionary.data import BadActivations, CacheSource, TensorSource, batches
 from featureatlas.tasks.dictionary.train import train_dictionaries, train_dictionary

@@ -1,4 +1,5 @@
-"""`featureatlas ui` serves the MLflow UI on loopback over the featureatlas store, showing the run tree."""
+"""`featureatlas ui` serves the MLflow UI on loopback over the featureatlas store, showing the run tree, and
+prints the URL of the experiment's runs table with the dictionaries' columns."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import sys
 import time
 import urllib.request
 
+from featureatlas.tasks.tracking.lineage import runs_table_route
 from featureatlas.tasks.tracking.stage import tracker_for
 
 
@@ -27,7 +29,7 @@ def test_ui_serves_the_run_tree(home):
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-c", "from featureatlas.flows.cli import main; main()", "ui", "--port", str(port)],
-        env=os.environ.copy(),
+        env=os.environ | {"PYTHONUNBUFFERED": "1"},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         start_new_session=True,
@@ -52,6 +54,12 @@ def test_ui_serves_the_run_tree(home):
         tags = {r["info"]["run_name"]: {t["key"]: t["value"] for t in r["data"]["tags"]} for r in runs}
         assert tags["train_dictionary"]["mlflow.parentRunId"] == parent.run_id
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as r:
+            assert r.status == 200 and b"<html" in r.read(2000).lower()
+        printed = [proc.stdout.readline().decode().strip() for _ in range(2)]  # printed before serving
+        assert printed[0].startswith(f"MLflow UI on http://127.0.0.1:{port} (store "), printed
+        runs_url = f"http://127.0.0.1:{port}/{runs_table_route(tracker.experiment_id)}"
+        assert printed[1] == f"runs table: {runs_url}"
+        with urllib.request.urlopen(runs_url, timeout=10) as r:  # the route is the page's fragment
             assert r.status == 200 and b"<html" in r.read(2000).lower()
     finally:
         os.killpg(proc.pid, signal.SIGTERM)

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from featureatlas.flows.cli import app
 from featureatlas.schemas.spec import SpecError, parse_spec
-from featureatlas.tasks.common.store import sha256_file
+from featureatlas.tasks.common.shards import sha256_file
 from featureatlas.tasks.interactions.probe import token_class
 from featureatlas.tasks.tracking.catalog import open_catalog
 from tests.flows.test_pipeline import tiny_spec

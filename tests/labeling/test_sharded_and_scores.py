@@ -8,7 +8,8 @@ import os
 import pytest
 import torch
 
-from featureatlas.tasks.common.store import ActivationCache, ShardWriter
+from featureatlas.tasks.common.shards import ShardWriter
+from featureatlas.tasks.common.store import ActivationCache
 from featureatlas.tasks.labeling.scoring import embedding_scores, load_minilm
 from featureatlas.tasks.labeling.sharded import ShardedActs
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from featureatlas.tasks.common.store import ActivationCache, CacheIntegrityError, ShardWriter
+from featureatlas.tasks.common.shards import CacheIntegrityError, ShardWriter
+from featureatlas.tasks.common.store import ActivationCache
 from tests.activations.cache_worker import run
 from tests.helpers import TINY_TEXT
 

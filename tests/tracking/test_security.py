@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from featureatlas.schemas.artifacts import CorpusRef
 from featureatlas.schemas.spec import CorpusSpec
-from featureatlas.tasks.common.store import CacheIntegrityError, check_shard_size
+from featureatlas.tasks.common.shards import CacheIntegrityError, check_shard_size
 from featureatlas.tasks.tracking.catalog import open_catalog
 from featureatlas.tasks.tracking.identity import Identity, identity
 from featureatlas.tasks.tracking.paths import check_name, inside
