@@ -73,8 +73,20 @@ class Cluster:
     def start(self) -> None:
         log = self.data.parent / "log"
         done = subprocess.run(
-            [*self.user_prefix, str(self.bin / "pg_ctl"), "-D", str(self.data), "-l", str(log),
-             "-o", self.options, "-w", "-t", "120", "start"],  # fmt: skip
+            [
+                *self.user_prefix,
+                str(self.bin / "pg_ctl"),
+                "-D",
+                str(self.data),
+                "-l",
+                str(log),
+                "-o",
+                self.options,
+                "-w",
+                "-t",
+                "120",
+                "start",
+            ],  # fmt: skip
             capture_output=True,
             text=True,
             timeout=180,
@@ -85,8 +97,16 @@ class Cluster:
 
     def stop(self) -> None:
         subprocess.run(
-            [*self.user_prefix, str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w",
-             "stop"],  # fmt: skip
+            [
+                *self.user_prefix,
+                str(self.bin / "pg_ctl"),
+                "-D",
+                str(self.data),
+                "-m",
+                "immediate",
+                "-w",
+                "stop",
+            ],  # fmt: skip
             capture_output=True,
             timeout=60,
         )
@@ -109,12 +129,23 @@ def start_cluster() -> Cluster:
     if prefix:
         shutil.chown(pwfile, "postgres")
     run = [*prefix]
-    subprocess.run(
-        [*run, "mkdir", "-m", "700", str(sock)], check=True, capture_output=True, timeout=30
-    )
+    subprocess.run([*run, "mkdir", "-m", "700", str(sock)], check=True, capture_output=True, timeout=30)
     init = subprocess.run(
-        [*run, str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "--pwfile", str(pwfile),
-         "--auth-local=trust", "--auth-host=scram-sha-256", "-E", "UTF8", "--no-sync"],  # fmt: skip
+        [
+            *run,
+            str(bin_dir / "initdb"),
+            "-D",
+            str(data),
+            "-U",
+            "postgres",
+            "--pwfile",
+            str(pwfile),
+            "--auth-local=trust",
+            "--auth-host=scram-sha-256",
+            "-E",
+            "UTF8",
+            "--no-sync",
+        ],  # fmt: skip
         capture_output=True,
         text=True,
         timeout=300,

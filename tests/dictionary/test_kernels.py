@@ -8,8 +8,6 @@ is tests/dictionary/test_kernels_gpu.py's. Triton is not a dependency of CPU ins
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -17,10 +15,6 @@ from featureatlas.tasks.dictionary import kernels
 from featureatlas.tasks.dictionary.kernels import sparse_kernels, use_kernels
 from tests.dictionary.kernel_cases import check_bag_sum, check_select_pre, entries
 from tests.dictionary.test_sparse_decoder import D_SAE, hand_set, step
-
-if not torch.cuda.is_available():
-    # Read when the kernels are first compiled (decorated), which happens on their first call, below.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 pytestmark = [
     pytest.mark.skipif(not kernels.triton_available(), reason="needs Triton (pip install triton)"),

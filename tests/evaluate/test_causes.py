@@ -16,8 +16,6 @@ from tests.helpers import build_tiny_llama
 HOOKPOINT = "model.layers.1"
 
 
-
-
 @pytest.fixture(scope="module")
 def model():
     return build_tiny_llama(seed=0, initializer_range=0.3)

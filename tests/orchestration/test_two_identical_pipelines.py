@@ -33,8 +33,13 @@ def test_two_identical_pipelines_at_once_build_each_artifact_once(tmp_path, pref
                         "PYTHONPATH": str(REPO)}  # fmt: skip
     # the slowed model keeps the first run caching while the second arrives at the same stage
     procs = [
-        subprocess.Popen([sys.executable, "-m", "tests.orchestration.slow_run", str(spec_path)], env=env,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        subprocess.Popen(
+            [sys.executable, "-m", "tests.orchestration.slow_run", str(spec_path)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
         for _ in range(2)
     ]
     errors = [p.communicate(timeout=900)[1] for p in procs]

@@ -73,9 +73,20 @@ def test_two_processes_register_at_once_without_loss_or_duplicates(db_url, tmp_p
     # 0-59 and 30-89: the 30 in the middle are registered by both processes, racing
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "tests.tracking.catalog_writer", db_url, str(a), str(b),
-             str(tmp_path / f"ready{a}"), str(go)],  # fmt: skip
-            env=env, stderr=subprocess.PIPE, text=True, cwd=REPO,
+            [
+                sys.executable,
+                "-m",
+                "tests.tracking.catalog_writer",
+                db_url,
+                str(a),
+                str(b),
+                str(tmp_path / f"ready{a}"),
+                str(go),
+            ],  # fmt: skip
+            env=env,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
         )
         for a, b in ((0, 60), (30, 90))
     ]

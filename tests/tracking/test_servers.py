@@ -44,8 +44,16 @@ def test_servers_start_answer_and_stop(backend, home, request, monkeypatch, tmp_
     mlflow_port, prefect_port = free_port(), free_port()
     try:
         started = runner.invoke(
-            app, ["server", "start", "--mlflow-port", str(mlflow_port), "--prefect-port", str(prefect_port),
-                  "--json"],  # fmt: skip
+            app,
+            [
+                "server",
+                "start",
+                "--mlflow-port",
+                str(mlflow_port),
+                "--prefect-port",
+                str(prefect_port),
+                "--json",
+            ],  # fmt: skip
         )
         assert started.exit_code == 0, started.output
         rows = {r["name"]: r for r in json.loads(started.stdout)}

@@ -32,9 +32,18 @@ def test_several_processes_open_a_new_store_at_once(store, tmp_path, request):
     env = os.environ | {"PYTHONPATH": str(REPO)}
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "tests.tracking.tracker_opener", uri, str(tmp_path / "art"),
-             str(tmp_path / f"ready{i}"), str(go)],  # fmt: skip
-            env=env, stderr=subprocess.PIPE, text=True,
+            [
+                sys.executable,
+                "-m",
+                "tests.tracking.tracker_opener",
+                uri,
+                str(tmp_path / "art"),
+                str(tmp_path / f"ready{i}"),
+                str(go),
+            ],  # fmt: skip
+            env=env,
+            stderr=subprocess.PIPE,
+            text=True,
         )  # fmt: skip
         for i in range(N)
     ]
