@@ -8,6 +8,8 @@ import polars as pl
 import pytest
 import torch
 
+from featureatlas.tasks.labeling import feature_stats
+from featureatlas.tasks.labeling.code_stream import SparseBatch
 from featureatlas.tasks.labeling.feature_stats import activation_statistics, decoder_neighbours, logit_effects
 from featureatlas.tasks.labeling.features import FEATURE_COLUMNS, Unembedding, build_feature_table
 from featureatlas.tasks.labeling.scoring import balanced_accuracy
@@ -97,6 +99,23 @@ def test_streamed_statistics_equal_brute_force(budget):
     jac.fill_diagonal_(-1)
     top = torch.topk(jac, 3, dim=1).values
     assert torch.allclose(stats.cooc_jaccard, top, atol=1e-9)
+
+
+@pytest.mark.parametrize("dense_cost", [0, 10**9])  # 0: always count pairs; 10^9: always one matmul
+@pytest.mark.parametrize(("lo", "n", "max_pairs"), [(0, 40, 1 << 22), (7, 13, 50), (30, 10, 1)])
+def test_cooccurrence_counts_equal_the_firing_matrix_product(monkeypatch, dense_cost, lo, n, max_pairs):
+    monkeypatch.setattr(feature_stats, "DENSE_PAIR_COST", dense_cost)
+    gen = torch.Generator().manual_seed(3)
+    d_sae, rows, start = 40, 64, 100
+    # rows fire on 0..9 latents each (row 5 on none), so the padded tables have empty slots
+    fired = (torch.rand(rows, d_sae, generator=gen) < torch.rand(rows, 1, generator=gen) / 4).float()
+    fired[5] = 0
+    r, lat = fired.nonzero(as_tuple=True)
+    batch = SparseBatch(start, rows, r + start, lat, torch.rand(len(r), generator=gen) + 0.1)
+    counts = torch.full((n, d_sae), 2.0, dtype=torch.float64)  # added to, not overwritten
+    feature_stats._cooc_add(counts, batch, lo, d_sae, max_pairs=max_pairs)
+    expected = 2.0 + (fired[:, lo : lo + n].T @ fired).double()
+    assert torch.equal(counts, expected)
 
 
 def test_decoder_neighbours_and_logit_effects_exact():
