@@ -233,6 +233,8 @@ def child(args) -> dict:
         result, t_mem = timed(lambda: train_dictionary(topk, memory), device, "train_memory")
         stages["train_memory"] = (t_mem, steps * args.train_batch)
         memory = None  # the in-memory rows go before the streamed stages are measured
+        if not store.stored:  # a fresh reader, as a training process has: no shard left from the load above
+            store.attach_model(loaded)
         name = "train_cache" if store.stored else "train_stream"
         result, t_train = timed(lambda: train_dictionary(topk, source), device, name)
         stages[name] = (t_train, steps * args.train_batch)
