@@ -51,7 +51,7 @@ class ActivationStats:
 def _histogram(b: SparseBatch, hist: Tensor, scale: Tensor, n_bins: int) -> None:
     """Add this batch's firings to `hist [d_sae, n_bins]` (equal bins over [0, max_activation])."""
     bins = (b.values * scale[b.latents]).long().clamp(0, n_bins - 1) + b.latents * n_bins
-    hist.view(-1).index_add_(0, bins, torch.ones(len(bins), dtype=torch.float64))
+    hist.view(-1).add_(torch.bincount(bins, minlength=hist.numel()))  # a count, not a scatter of ones
 
 
 # A dense [rows, n]^T @ [rows, d_sae] product of 0/1 firing matrices costs about this many multiply-adds per
@@ -66,7 +66,7 @@ def _cooc_add(counts: Tensor, b: SparseBatch, lo: int, d_sae: int, max_pairs: in
     `DENSE_PAIR_COST` per firing pair): one matmul of the 0/1 firing matrices, exact in float32 since a batch
     has far fewer than 2^24 rows. Otherwise the firing pairs are counted: each row's chunk firings and all its
     firings laid out in padded [rows, k] tables, every (chunk latent, latent) pair of a row turned into one
-    flat index, and the indices counted with one `bincount` per block of rows (at most `max_pairs` pairs), so
+    flat index, and the indices counted with one `bincount` per block of rows (about `max_pairs` pairs), so
     the cost is rows x (chunk firings per row) x (firings per row), never rows x n x d_sae."""
     n = counts.shape[0]
     local = b.rows - b.start
@@ -92,7 +92,8 @@ def _cooc_add(counts: Tensor, b: SparseBatch, lo: int, d_sae: int, max_pairs: in
     chunk = torch.full((b.n, k_a), n, dtype=torch.int64)  # n: an empty slot
     chunk[a_local, slot_a] = b.latents[sel] - lo
     width = (n + 1) * (d_sae + 1)
-    step = max(1, max_pairs // (k * k_a))
+    # blocks of at least `width` pairs: each bincount's zeroed [width] output is paid for by as many pairs
+    step = max(1, max(max_pairs, width) // (k * k_a))
     for r in range(0, b.n, step):
         idx = chunk[r : r + step, :, None] * (d_sae + 1) + every[r : r + step, None, :]
         found = torch.bincount(idx.view(-1), minlength=width).view(n + 1, d_sae + 1)

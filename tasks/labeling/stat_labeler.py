@@ -49,8 +49,9 @@ def count_ngrams(context_tokens: Tensor) -> NgramCounts:
     vocab = int(ids.max()) + 1 if ids.numel() else 1
     pairs = ids[:, :-1][pair_ok] * vocab + ids[:, 1:][pair_ok]
     bi, bcnt = torch.unique(pairs, return_counts=True)
-    unigrams = Counter({(int(t),): int(c) for t, c in zip(uni, cnt)})
-    bigrams = Counter({(int(p) // vocab, int(p) % vocab): int(c) for p, c in zip(bi, bcnt)})
+    # lists, not tensors, are iterated: one Python int per entry instead of one 0-d tensor
+    unigrams = Counter({(t,): c for t, c in zip(uni.tolist(), cnt.tolist())})
+    bigrams = Counter({(p // vocab, p % vocab): c for p, c in zip(bi.tolist(), bcnt.tolist())})
     return NgramCounts(unigrams, bigrams, int(valid.sum()))
 
 
