@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import polars as pl
 import pytest
@@ -152,3 +153,20 @@ def test_feature_table_round_trips_parquet(tmp_path):
     df = build_feature_table(dictionary, acts, rc, rp, tokens, token_strings, count_ngrams(tokens), top_k=3)
     df.write_parquet(tmp_path / "f.parquet")
     assert pl.read_parquet(tmp_path / "f.parquet").equals(df)
+
+
+@pytest.mark.parametrize("chunk_tokens", [7, 1 << 22])  # merged across chunks of contexts, or counted at once
+def test_ngram_counts_equal_counting_by_hand(chunk_tokens):
+    gen = torch.Generator().manual_seed(4)
+    tokens = torch.randint(0, 6, (9, 5), generator=gen)
+    tokens[2, 3:] = -1  # a short context: padding is neither a token nor half of a bigram
+    counts = count_ngrams(tokens, chunk_tokens=chunk_tokens)
+    uni, bi = Counter(), Counter()
+    for row in tokens.tolist():
+        real = [t for t in row if t >= 0]
+        uni.update((t,) for t in real)
+        bi.update(zip(real[:-1], real[1:]))
+    assert counts.n == sum(uni.values())
+    for gram in [*((t,) for t in range(8)), *((a, b) for a in range(-1, 8) for b in range(8))]:
+        assert counts.count(gram) == (uni if len(gram) == 1 else bi).get(gram, 0), gram
+    assert counts.rate((0, 0)) == (bi[(0, 0)] + 1) / (counts.n + 1)
