@@ -27,6 +27,7 @@ safetensors and pydantic.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import logging
@@ -66,6 +67,7 @@ def _source_tree_package() -> None:
         sys.modules[spec.name] = module
         spec.loader.exec_module(module)
         setattr(package, name, module)
+
 
 log = logging.getLogger("bench_scale")
 HOOKPOINT = "resid_post.{layer}"
@@ -116,16 +118,19 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-RSS_AFTER: list[float] = []  # resident set after each timed stage, GB: where memory grew
+STAGE_RSS: dict[str, dict[str, float]] = {}  # per timed stage: peak and resident set after it, GB
 
 
-def timed(fn, device: torch.device):
+def timed(fn, device: torch.device, name: str):
+    """(fn(), seconds); records the stage's own peak resident set (the kernel's high-water mark is reset
+    first, where Linux allows it) and the resident set after it, so growth is seen where it happens."""
+    _reset_peak()
     _sync(device)
     t0 = time.perf_counter()
     out = fn()
     _sync(device)
     seconds = time.perf_counter() - t0
-    RSS_AFTER.append(round(_rss_gb(), 3))
+    STAGE_RSS[name] = {"peak": round(_rss_gb("VmHWM"), 3), "after": round(_rss_gb(), 3)}
     return out, seconds
 
 
@@ -187,8 +192,9 @@ def child(args) -> dict:
     stages: dict[str, tuple[float, int]] = {}
     warm = contexts._replace(input_ids=contexts.input_ids[: args.batch_size])
     bare_forward(loaded, warm, hookpoint, args.batch_size)  # untimed: one-time set-up of the first pass
-    RSS_AFTER.clear()
-    _, t_forward = timed(lambda: bare_forward(loaded, contexts, hookpoint, args.batch_size), device)
+    STAGE_RSS.clear()
+    forward = lambda: bare_forward(loaded, contexts, hookpoint, args.batch_size)  # noqa: E731
+    _, t_forward = timed(forward, device, "forward")
     stages["forward"] = (t_forward, n)
     rows = train_rows(contexts)
     d_in = cfg.hidden_size
@@ -212,7 +218,7 @@ def child(args) -> dict:
                 docs = _documents(contexts, has_polars)
                 assemble(loaded.tokenizer, docs, plan, spec, folder, header={}, token_table=has_polars)
 
-            stages["cache"] = (timed(cache, device)[1], n)
+            stages["cache"] = (timed(cache, device, "cache")[1], n)
         else:
             docs = _documents(contexts, has_polars)
             write_unstored(loaded, docs, plan, spec, folder, header={}, token_table=has_polars)
@@ -224,15 +230,17 @@ def child(args) -> dict:
         memory = store.load(hookpoint, rows[: args.memory_rows]).to(device)
         # warm-up, untimed: the first training in a process pays one-time kernel and allocator set-up
         train_dictionary(topk.model_copy(update={"steps": 2, "log_every": 2}), memory)
-        result, t_mem = timed(lambda: train_dictionary(topk, memory), device)
+        result, t_mem = timed(lambda: train_dictionary(topk, memory), device, "train_memory")
         stages["train_memory"] = (t_mem, steps * args.train_batch)
         memory = None  # the in-memory rows go before the streamed stages are measured
+        if not store.stored:  # a fresh reader, as a training process has: no shard left from the load above
+            store.attach_model(loaded)
         name = "train_cache" if store.stored else "train_stream"
-        result, t_train = timed(lambda: train_dictionary(topk, source), device)
+        result, t_train = timed(lambda: train_dictionary(topk, source), device, name)
         stages[name] = (t_train, steps * args.train_batch)
         sae = result.dictionary.to(device)
         label_rows = rows[: args.label_tokens] if args.label_tokens else rows
-        _, t_enc = timed(lambda: _encode_pass(sae, store, hookpoint, label_rows, device), device)
+        _, t_enc = timed(lambda: _encode_pass(sae, store, hookpoint, label_rows, device), device, "encode")
         stages["encode"] = (t_enc, label_rows.numel())
         if args.no_label:
             pass
@@ -243,9 +251,11 @@ def child(args) -> dict:
             log.info("polars is not installed: labeling skipped")
     out = {
         "stages": {k: {"seconds": round(s, 3), "tokens": t} for k, (s, t) in stages.items()},
-        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "peak_rss_gb": max(
+            _PEAK[0], _rss_gb("VmHWM"), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        ),
         "base_rss_gb": base_rss,
-        "rss_after_stages_gb": RSS_AFTER,
+        "stage_rss_gb": STAGE_RSS,
         "acts_gb": n * d_in * torch.finfo(store_dtype(plan)).bits / 8 / 2**30,
         "tokens": n,
     }
@@ -254,12 +264,23 @@ def child(args) -> dict:
     return out
 
 
-def _rss_gb() -> float:
-    """Resident set size now (Linux), GB."""
+def _rss_gb(field: str = "VmRSS") -> float:
+    """Resident set size now (VmRSS) or its high-water mark (VmHWM), Linux, GB."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 2**20
     return 0.0
+
+
+_PEAK = [0.0]  # the process' peak resident set before the last reset, GB
+
+
+def _reset_peak() -> None:
+    """Reset the kernel's peak resident set (VmHWM) to the current one (Linux >= 4.0; else left as is),
+    keeping the peak so far in `_PEAK`."""
+    _PEAK[0] = max(_PEAK[0], _rss_gb("VmHWM"))
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
 
 
 def store_dtype(plan) -> torch.dtype:
@@ -292,7 +313,6 @@ def _label(sae, store, hookpoint: str, rows, contexts, device: torch.device) -> 
 
     length = contexts.input_ids.shape[1]
     tokens = contexts.input_ids
-    counts = count_ngrams(tokens)
     view = ShardedActs(store, hookpoint, rows)
     _, seconds = timed(
         lambda: build_feature_table(
@@ -302,11 +322,12 @@ def _label(sae, store, hookpoint: str, rows, contexts, device: torch.device) -> 
             rows % length,
             tokens,
             lambda ids: [f"<{i}>" for i in ids],
-            counts,
+            count_ngrams(tokens),  # the corpus n-gram counts are part of labeling
             top_k=10,
             window=4,
         ),
         device,
+        "label",
     )
     return seconds
 

@@ -24,7 +24,7 @@ def _token_strings(tokenizer, ids: list[int]) -> dict[int, str]:
     return {i: tokenizer.decode([i]) for i in sorted(set(ids))}
 
 
-TOKEN_CHUNK_ROWS = 1 << 20  # token-table rows built and written at a time: memory set by this, not the corpus
+TOKEN_CHUNK_ROWS = 1 << 18  # rows built and written at a time (~40 MB): memory set by this, not the corpus
 
 
 def _context_chunks(contexts: Contexts, rows: int) -> list[tuple[int, int]]:

@@ -8,8 +8,11 @@ and labeling cannot tell the two apart. A batch straddling two shards runs once 
 one batch per shard.
 
 Every hookpoint of the cache comes from the same pass, and the last `keep` shards are kept, so dictionaries
-of several hookpoints reading the same shard share its forward passes. Each shard computed for the first time
-adds to the float64 statistics of what was seen (`seen`), summed on the model's device.
+of several hookpoints reading the same shard share its forward passes. The first shards read are also held
+until they are read a second time, up to `hold_rows` rows: a trainer first reads a data sample (input scale,
+`b_dec`) of whole shards, then the epoch reads those shards again, and without the hold each of them would
+run its forward passes twice. Memory stays bounded by `keep` shards plus `hold_rows` rows. Each shard computed
+for the first time adds to the float64 statistics of what was seen (`seen`), summed on the model's device.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ class Recompute:
         shard_tokens: int,
         batch_size: int,
         keep: int = 2,
+        hold_rows: int = 1 << 16,
     ) -> None:
         self.loaded, self.hookpoints = loaded, hookpoints
         self.ids, self.mask = input_ids, attention_mask
@@ -53,6 +57,10 @@ class Recompute:
         self.n_rows = int(self.row_end[-1]) if len(self.row_end) else 0
         self.dtype, self.T, self.bs, self.keep = DTYPES[dtype], shard_tokens, batch_size, keep
         self._shards: OrderedDict[int, dict[str, Tensor]] = OrderedDict()
+        # shards read once so far, held for their second read while they fit in hold_rows
+        self.hold = max(0, -(-hold_rows // shard_tokens)) if hold_rows else 0
+        self._held: dict[int, tuple[dict[str, Tensor], set[str]]] = {}  # shard, hookpoints that read it
+        self._held_ever: set[int] = set()
         self._done: set[int] = set()
         self._lock = threading.Lock()
         self._sums: dict[str, list] = {}
@@ -90,11 +98,20 @@ class Recompute:
         if hookpoint not in self.hookpoints:
             raise ValueError(f"hookpoint {hookpoint!r} is not in this cache; cached: {self.hookpoints}")
         with self._lock:
-            if index not in self._shards:
+            held = self._held.get(index)
+            if held is not None:
+                if hookpoint in held[1]:  # its second read: the hold is released
+                    del self._held[index]
+                held[1].add(hookpoint)
+                self._shards[index] = held[0]
+            elif index not in self._shards:
                 self._shards[index] = self._compute(index)
-                while len(self._shards) > self.keep:
-                    self._shards.popitem(last=False)
+                if len(self._held_ever) < self.hold and index not in self._held_ever:
+                    self._held_ever.add(index)
+                    self._held[index] = (self._shards[index], {hookpoint})
             self._shards.move_to_end(index)
+            while len(self._shards) > self.keep:
+                self._shards.popitem(last=False)
             return self._shards[index][hookpoint]
 
     def _compute(self, index: int) -> dict[str, Tensor]:

@@ -51,36 +51,53 @@ class ActivationStats:
 def _histogram(b: SparseBatch, hist: Tensor, scale: Tensor, n_bins: int) -> None:
     """Add this batch's firings to `hist [d_sae, n_bins]` (equal bins over [0, max_activation])."""
     bins = (b.values * scale[b.latents]).long().clamp(0, n_bins - 1) + b.latents * n_bins
-    hist.view(-1).index_add_(0, bins, torch.ones(len(bins), dtype=torch.float64))
+    hist.view(-1).add_(torch.bincount(bins, minlength=hist.numel()))  # a count, not a scatter of ones
+
+
+# A dense [rows, n]^T @ [rows, d_sae] product of 0/1 firing matrices costs about this many multiply-adds per
+# counted firing pair before a scatter of the pairs is cheaper (CPU BLAS vs one bincount element).
+DENSE_PAIR_COST = 256
 
 
 def _cooc_add(counts: Tensor, b: SparseBatch, lo: int, d_sae: int, max_pairs: int = 1 << 22) -> None:
     """Add to `counts [n, d_sae]` how often latent lo+i fires on the same row as each latent (itself too).
 
-    Pairs are enumerated from the sparse firings (each firing of a chunk latent with every firing of its row),
-    in blocks of at most `max_pairs`, so the cost is the number of such pairs, not rows x n x d_sae."""
+    Two exact ways, the cheaper one chosen per batch. Few latents (the product's multiply-adds within
+    `DENSE_PAIR_COST` per firing pair): one matmul of the 0/1 firing matrices, exact in float32 since a batch
+    has far fewer than 2^24 rows. Otherwise the firing pairs are counted: each row's chunk firings and all its
+    firings laid out in padded [rows, k] tables, every (chunk latent, latent) pair of a row turned into one
+    flat index, and the indices counted with one `bincount` per block of rows (about `max_pairs` pairs), so
+    the cost is rows x (chunk firings per row) x (firings per row), never rows x n x d_sae."""
     n = counts.shape[0]
     local = b.rows - b.start
+    if len(local) == 0:
+        return
     per_row = torch.bincount(local, minlength=b.n)
-    row_start = per_row.cumsum(0) - per_row
     sel = (b.latents >= lo) & (b.latents < lo + n)
-    a_row, a_lat = local[sel], b.latents[sel] - lo
-    reps = per_row[a_row]
-    ends = reps.cumsum(0)
-    flat = counts.view(-1)
-    first = 0
-    while first < len(reps):
-        # the longest run of chunk firings whose pairs fit in one block (at least one firing)
-        last = max(
-            first + 1, int(torch.searchsorted(ends, ends[first] - reps[first] + max_pairs, right=True))
-        )
-        r, reps_b = a_row[first:last], reps[first:last]
-        owner = torch.repeat_interleave(torch.arange(len(r)), reps_b)
-        offset = torch.arange(len(owner)) - (reps_b.cumsum(0) - reps_b)[owner]
-        partner = row_start[r][owner] + offset
-        idx = a_lat[first:last][owner] * d_sae + b.latents[partner]
-        flat.index_add_(0, idx, torch.ones(len(idx), dtype=counts.dtype))
-        first = last
+    per_row_a = torch.bincount(local[sel], minlength=b.n)
+    k, k_a = int(per_row.max()), int(per_row_a.max())
+    if k_a == 0:
+        return
+    if b.n * n * d_sae <= DENSE_PAIR_COST * int((per_row_a * per_row).sum()):
+        fired = torch.zeros(b.n, d_sae, device=counts.device)
+        fired[local, b.latents] = 1.0
+        counts += (fired[:, lo : lo + n].T @ fired).to(counts.dtype)
+        return
+    # slot of each firing within its row's (all / chunk) firings; rows are sorted, so a cumulative count
+    slot = torch.arange(len(local)) - (per_row.cumsum(0) - per_row)[local]
+    every = torch.full((b.n, k), d_sae, dtype=torch.int64)  # d_sae: an empty slot
+    every[local, slot] = b.latents
+    a_local = local[sel]
+    slot_a = torch.arange(len(a_local)) - (per_row_a.cumsum(0) - per_row_a)[a_local]
+    chunk = torch.full((b.n, k_a), n, dtype=torch.int64)  # n: an empty slot
+    chunk[a_local, slot_a] = b.latents[sel] - lo
+    width = (n + 1) * (d_sae + 1)
+    # blocks of at least `width` pairs: each bincount's zeroed [width] output is paid for by as many pairs
+    step = max(1, max(max_pairs, width) // (k * k_a))
+    for r in range(0, b.n, step):
+        idx = chunk[r : r + step, :, None] * (d_sae + 1) + every[r : r + step, None, :]
+        found = torch.bincount(idx.view(-1), minlength=width).view(n + 1, d_sae + 1)
+        counts += found[:n, :d_sae].to(counts.dtype)
 
 
 def _quantile_edges(hist: Tensor, max_act: Tensor, n_q: int) -> Tensor:

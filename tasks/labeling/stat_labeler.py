@@ -18,6 +18,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -26,32 +27,55 @@ __all__ = ["NgramCounts", "StatLabel", "count_ngrams", "matches", "statistical_l
 Ngram = tuple[int, ...]
 
 
+NGRAM_CHUNK_TOKENS = 1 << 22  # positions counted at a time: memory set by this and the distinct n-grams
+
+
 @dataclass
 class NgramCounts:
-    """Corpus counts of unigrams and bigrams (token ids), and the number of positions counted."""
+    """Corpus counts of unigrams (`unigrams [vocab]`, by id) and bigrams (sorted keys `a * vocab + b` with
+    their counts), and the number of positions counted. Arrays, not dicts of tuples: a 10^8-token corpus
+    holds millions of distinct bigrams, 16 bytes each here instead of a few hundred as Python objects."""
 
-    unigrams: Counter
-    bigrams: Counter
+    unigrams: np.ndarray
+    bigram_keys: np.ndarray
+    bigram_counts: np.ndarray
+    vocab: int
     n: int
+
+    def count(self, gram: Ngram) -> int:
+        if any(not 0 <= t < self.vocab for t in gram):
+            return 0
+        if len(gram) == 1:
+            return int(self.unigrams[gram[0]])
+        key = gram[0] * self.vocab + gram[1]
+        at = int(np.searchsorted(self.bigram_keys, key))
+        found = at < len(self.bigram_keys) and self.bigram_keys[at] == key
+        return int(self.bigram_counts[at]) if found else 0
 
     def rate(self, gram: Ngram) -> float:
         # add-one smoothing: an n-gram never seen in the corpus still gets a finite lift
-        table = self.unigrams if len(gram) == 1 else self.bigrams
-        return (table.get(gram, 0) + 1) / (self.n + 1)
+        return (self.count(gram) + 1) / (self.n + 1)
 
 
-def count_ngrams(context_tokens: Tensor) -> NgramCounts:
-    """Unigram and bigram counts over every real token of `context_tokens [n_ctx, L]` (negative = padding)."""
-    ids = context_tokens.long()
-    valid = ids >= 0
-    uni, cnt = torch.unique(ids[valid], return_counts=True)
-    pair_ok = valid[:, 1:] & valid[:, :-1]
-    vocab = int(ids.max()) + 1 if ids.numel() else 1
-    pairs = ids[:, :-1][pair_ok] * vocab + ids[:, 1:][pair_ok]
-    bi, bcnt = torch.unique(pairs, return_counts=True)
-    unigrams = Counter({(int(t),): int(c) for t, c in zip(uni, cnt)})
-    bigrams = Counter({(int(p) // vocab, int(p) % vocab): int(c) for p, c in zip(bi, bcnt)})
-    return NgramCounts(unigrams, bigrams, int(valid.sum()))
+def count_ngrams(context_tokens: Tensor, chunk_tokens: int = NGRAM_CHUNK_TOKENS) -> NgramCounts:
+    """Unigram and bigram counts over every real token of `context_tokens [n_ctx, L]` (negative = padding),
+    counted `chunk_tokens` positions at a time and merged, so memory follows the distinct n-grams."""
+    n_ctx, length = context_tokens.shape if context_tokens.ndim == 2 else (0, 1)
+    vocab = max(int(context_tokens.max()) + 1, 1) if context_tokens.numel() else 1
+    unigrams = torch.zeros(vocab, dtype=torch.int64)
+    keys, counts = torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64)
+    n = 0
+    step = max(1, chunk_tokens // max(length, 1))
+    for a in range(0, n_ctx, step):
+        ids = context_tokens[a : a + step].long()
+        valid = ids >= 0
+        n += int(valid.sum())
+        unigrams += torch.bincount(ids[valid], minlength=vocab)
+        pair_ok = valid[:, 1:] & valid[:, :-1]
+        new, c = torch.unique(ids[:, :-1][pair_ok] * vocab + ids[:, 1:][pair_ok], return_counts=True)
+        keys, where = torch.unique(torch.cat([keys, new]), return_inverse=True)
+        counts = torch.zeros(len(keys), dtype=torch.int64).index_add_(0, where, torch.cat([counts, c]))
+    return NgramCounts(unigrams.numpy(), keys.numpy(), counts.numpy(), vocab, n)
 
 
 @dataclass

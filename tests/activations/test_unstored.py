@@ -109,3 +109,22 @@ def test_a_killed_streaming_run_resumes_to_the_same_weights(caches, tmp_path):
     # the resumed run ran the forward passes of the shards its last 10 steps read, not those of the whole
     # run (the initial data sample and every epoch: 2,994 forward tokens here, against 799 resumed)
     assert store.recompute.forward_tokens < 0.5 * fresh.recompute.forward_tokens
+
+
+def test_the_data_sample_shards_are_not_recomputed_by_the_first_epoch(caches):
+    loaded, _, unstored_dir = caches
+    hp = "model.layers.0"
+    once = _open(loaded, unstored_dir).recompute
+    for s in range(-(-once.n_rows // once.T)):  # every shard read once, in order: one pass of the corpus
+        once.shard(hp, s)
+    cfg = TopKConfig(d_sae=32, k=4, batch_size=24, epochs=1, log_every=5, device="cpu")
+    held = _open(loaded, unstored_dir)
+    train_dictionary(cfg, CacheSource(held, hp, buffer_shards=1))
+    # the initial data sample read every shard (the cache is smaller than the sample), and the epoch read
+    # each again: held, they ran their forward passes once (the last batch, which reaches into the second
+    # epoch, may add one shard)
+    assert once.forward_tokens <= held.recompute.forward_tokens <= once.forward_tokens + once.T
+    unheld = _open(loaded, unstored_dir)
+    unheld._recompute.hold = 0
+    train_dictionary(cfg, CacheSource(unheld, hp, buffer_shards=1))
+    assert unheld.recompute.forward_tokens > 1.5 * once.forward_tokens

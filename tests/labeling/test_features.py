@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import polars as pl
 import pytest
 import torch
 
+from featureatlas.tasks.labeling import feature_stats
+from featureatlas.tasks.labeling.code_stream import SparseBatch
 from featureatlas.tasks.labeling.feature_stats import activation_statistics, decoder_neighbours, logit_effects
 from featureatlas.tasks.labeling.features import FEATURE_COLUMNS, Unembedding, build_feature_table
 from featureatlas.tasks.labeling.scoring import balanced_accuracy
@@ -99,6 +102,23 @@ def test_streamed_statistics_equal_brute_force(budget):
     assert torch.allclose(stats.cooc_jaccard, top, atol=1e-9)
 
 
+@pytest.mark.parametrize("dense_cost", [0, 10**9])  # 0: always count pairs; 10^9: always one matmul
+@pytest.mark.parametrize(("lo", "n", "max_pairs"), [(0, 40, 1 << 22), (7, 13, 50), (30, 10, 1)])
+def test_cooccurrence_counts_equal_the_firing_matrix_product(monkeypatch, dense_cost, lo, n, max_pairs):
+    monkeypatch.setattr(feature_stats, "DENSE_PAIR_COST", dense_cost)
+    gen = torch.Generator().manual_seed(3)
+    d_sae, rows, start = 40, 64, 100
+    # rows fire on 0..9 latents each (row 5 on none), so the padded tables have empty slots
+    fired = (torch.rand(rows, d_sae, generator=gen) < torch.rand(rows, 1, generator=gen) / 4).float()
+    fired[5] = 0
+    r, lat = fired.nonzero(as_tuple=True)
+    batch = SparseBatch(start, rows, r + start, lat, torch.rand(len(r), generator=gen) + 0.1)
+    counts = torch.full((n, d_sae), 2.0, dtype=torch.float64)  # added to, not overwritten
+    feature_stats._cooc_add(counts, batch, lo, d_sae, max_pairs=max_pairs)
+    expected = 2.0 + (fired[:, lo : lo + n].T @ fired).double()
+    assert torch.equal(counts, expected)
+
+
 def test_decoder_neighbours_and_logit_effects_exact():
     # Rows 0 and 1 are at 45 degrees, row 2 is opposite row 0.
     W_dec = torch.tensor([[1.0, 0.0], [1.0, 1.0], [-1.0, 0.0]])
@@ -133,3 +153,20 @@ def test_feature_table_round_trips_parquet(tmp_path):
     df = build_feature_table(dictionary, acts, rc, rp, tokens, token_strings, count_ngrams(tokens), top_k=3)
     df.write_parquet(tmp_path / "f.parquet")
     assert pl.read_parquet(tmp_path / "f.parquet").equals(df)
+
+
+@pytest.mark.parametrize("chunk_tokens", [7, 1 << 22])  # merged across chunks of contexts, or counted at once
+def test_ngram_counts_equal_counting_by_hand(chunk_tokens):
+    gen = torch.Generator().manual_seed(4)
+    tokens = torch.randint(0, 6, (9, 5), generator=gen)
+    tokens[2, 3:] = -1  # a short context: padding is neither a token nor half of a bigram
+    counts = count_ngrams(tokens, chunk_tokens=chunk_tokens)
+    uni, bi = Counter(), Counter()
+    for row in tokens.tolist():
+        real = [t for t in row if t >= 0]
+        uni.update((t,) for t in real)
+        bi.update(zip(real[:-1], real[1:]))
+    assert counts.n == sum(uni.values())
+    for gram in [*((t,) for t in range(8)), *((a, b) for a in range(-1, 8) for b in range(8))]:
+        assert counts.count(gram) == (uni if len(gram) == 1 else bi).get(gram, 0), gram
+    assert counts.rate((0, 0)) == (bi[(0, 0)] + 1) / (counts.n + 1)
