@@ -113,7 +113,8 @@ def test_topk_lr_and_warmup_rules():
     assert cfg.lr == pytest.approx(2e-4 * math.sqrt(16384 / 4608))
     assert TopKConfig(d_sae=16384, lr=None).lr == pytest.approx(2e-4)
     assert topk_lr(65536) == pytest.approx(1e-4)
-    assert TopKConfig(d_sae=4608).lr == 4e-4  # the default stays a constant
+    assert TopKConfig(d_sae=4608).lr == cfg.lr  # the default follows the law; an explicit lr as given
+    assert TopKConfig(d_sae=4608, lr=4e-4).lr == 4e-4
     assert TopKConfig.model_validate(cfg.model_dump()) == cfg  # dumps carry the number: round trip
     # warm-up: null is 5% of the run, at most 1000 steps; an explicit count as given
     assert warmup_for(None, 245) == 12 and warmup_for(None, 100_000) == 1000 and warmup_for(7, 245) == 7
