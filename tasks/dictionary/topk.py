@@ -72,6 +72,13 @@ class TopKSAE(TranscoderSites, Dictionary):
         self.b_enc.zero_()
         self.b_dec.zero_()
 
+    @classmethod
+    def upgrade_cfg(cls, raw: dict) -> dict:
+        """Dictionaries saved before `unit_grad_norm` existed were trained without it."""
+        raw = super().upgrade_cfg(raw)
+        raw.setdefault("unit_grad_norm", False)
+        return raw
+
     @torch.no_grad()
     def init_from_data(self, acts: Tensor, targets: Tensor | None = None) -> None:
         """Fit `input_scale` so E||acts * scale||^2 = d_in; set b_dec per `b_dec_init`
@@ -233,10 +240,25 @@ class TopKSAE(TranscoderSites, Dictionary):
 
     @torch.no_grad()
     def before_optimizer_step(self) -> None:
-        """Drop the gradient along each decoder row: with unit-norm rows it would only change their length."""
+        """Drop the gradient along each decoder row (with unit-norm rows it would only change their length),
+        then, with `unit_grad_norm`, scale the whole gradient to unit L2 norm.
+
+        Why the normalisation: Adam divides by the root of a running mean of squared gradients whose memory
+        (beta2 0.999: ~1000 steps) outlasts most runs. The gradient shrinks as the loss falls (on SmolLM2
+        activations the decoder's halves in 40 steps), so that mean stays dominated by the first, large
+        gradients and every later step comes out smaller: a decay of the learning rate nobody asked for.
+        With unit-norm gradients Adam's steps follow the lr schedule alone. (dictionary_learning gets the same
+        by clipping at norm 1 a raw-unit loss whose gradient norm is far above 1 on every step.) The norm
+        stays a device tensor: no host sync, and `torch.compile` sees no data-dependent branch.
+        """
         grad = self.W_dec.grad
         if grad is not None:
             grad -= (grad * self.W_dec).sum(-1, keepdim=True) * self.W_dec
+        if getattr(self.cfg, "unit_grad_norm", False):
+            grads = [p.grad for p in self.parameters() if p.grad is not None]
+            if grads:
+                total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+                torch._foreach_div_(grads, total.clamp_min(_EPS))
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:

@@ -113,7 +113,8 @@ def test_topk_lr_and_warmup_rules():
     assert cfg.lr == pytest.approx(2e-4 * math.sqrt(16384 / 4608))
     assert TopKConfig(d_sae=16384, lr=None).lr == pytest.approx(2e-4)
     assert topk_lr(65536) == pytest.approx(1e-4)
-    assert TopKConfig(d_sae=4608).lr == 4e-4  # the default stays a constant
+    assert TopKConfig(d_sae=4608).lr == cfg.lr  # the default follows the law; an explicit lr as given
+    assert TopKConfig(d_sae=4608, lr=4e-4).lr == 4e-4
     assert TopKConfig.model_validate(cfg.model_dump()) == cfg  # dumps carry the number: round trip
     # warm-up: null is 5% of the run, at most 1000 steps; an explicit count as given
     assert warmup_for(None, 245) == 12 and warmup_for(None, 100_000) == 1000 and warmup_for(7, 245) == 7
@@ -155,3 +156,24 @@ def test_trainer_revives_dead_latents_through_the_host_side_bound():
     latents must still be revived (and stay dead without AuxK)."""
     assert dead_after_training(0.0) == 0.5
     assert dead_after_training(1 / 32) < 0.1
+
+
+@pytest.mark.parametrize("cfg_cls", [TopKConfig, BatchTopKConfig, MatryoshkaConfig])
+def test_fast_and_plain_paths_train_to_the_same_heldout_fvu(cfg_cls):
+    """A whole run (the default schedule, AuxK, the decoder constraint) on the sparse path and on the dense
+    one: float rounding may move single codes, but the held-out FVU must agree within 1%."""
+    truth = plant(8192)
+    fresh = plant(2048, data_seed=7).acts
+    cfg = cfg_cls(
+        d_sae=D_SAE, k=3, lr=2e-3, batch_size=256, steps=150, dead_tokens=1024, log_every=50, device="cpu"
+    )
+    fvus = []
+    for sparse in (False, True):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(TopKSAE, "sparse_decoder", sparse)
+            sae = train_dictionary(cfg, truth.acts).dictionary
+        with torch.no_grad():
+            sse = (fresh - sae(fresh).acts_hat).pow(2).sum()
+        fvus.append(float(sse / (fresh - fresh.mean(0)).pow(2).sum()))
+    assert fvus[0] < 0.5, f"the plain path barely trained (FVU {fvus[0]:.3f}): the comparison says little"
+    assert fvus[1] == pytest.approx(fvus[0], rel=0.01)
