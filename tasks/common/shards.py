@@ -11,9 +11,9 @@ import hashlib
 import json
 import os
 import struct
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -22,9 +22,6 @@ from safetensors.torch import load_file, save_file
 from featureatlas.tasks.common.models import DTYPES
 from featureatlas.tasks.tracking.errors import Refusal
 from featureatlas.tasks.tracking.paths import inside
-
-if TYPE_CHECKING:  # polars loads with the token table only: reading shards does not need it
-    pass
 
 
 def sha256_file(path: Path) -> str:
@@ -47,8 +44,12 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> Non
 _ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
 
-def write_acts_shard(acts: torch.Tensor, path: Path) -> str:
+def write_acts_shard(
+    acts: torch.Tensor, path: Path, before_rename: Callable[[str], None] | None = None
+) -> str:
     """Write `acts [rows, d_in]` as a one-tensor safetensors file, atomically; return its sha256.
+
+    `before_rename(sha256)` runs once the file is complete and fsynced, before it takes its final name.
 
     The same bytes `safetensors.torch.save({"acts": acts})` makes (a test holds them equal), streamed from the
     tensor's memory without the serialised copy, and hashed on the way out instead of read back.
@@ -67,6 +68,8 @@ def write_acts_shard(acts: torch.Tensor, path: Path) -> str:
         f.flush()
         os.fsync(f.fileno())
     tmp.chmod(0o644)
+    if before_rename is not None:
+        before_rename(h.hexdigest())
     os.replace(tmp, path)
     return h.hexdigest()
 
@@ -222,11 +225,10 @@ class ShardWriter:
     def _write(self, shard: torch.Tensor | Future, path: Path) -> None:
         if isinstance(shard, Future):
             shard = shard.result()
-        sha256 = write_acts_shard(shard, path)
         if self.stats:
-            self._record(shard.shape[0], path, sha256)
+            self._record(shard.shape[0], path, write_acts_shard(shard, path))
         else:  # a part of a resumable cache: the resume state keeps the checksum until assembly
-            record_shard_sha256(path, sha256)
+            write_acts_shard(shard, path, before_rename=lambda sha256: record_shard_sha256(path, sha256))
 
     def _add_stats(self, shard: torch.Tensor | Future) -> None:
         if isinstance(shard, Future):
@@ -283,9 +285,10 @@ def _sha256_record(path: Path) -> Path:
 def record_shard_sha256(path: Path, sha256: str) -> None:
     """Record the sha256 of the shard just written at `path` in the resume state: a file beside it.
 
-    Written after the shard is renamed into place, so a shard with a record is complete as written; a kill
-    in between leaves a shard without one, which a resumed run recomputes. The assembly step deletes the
-    records once the manifest lists every checksum.
+    Written once the shard is complete, just before it is renamed into place, so every shard under its final
+    name has a record (a resumed run adopts every shard it finds that hashes to it); a kill in between
+    leaves a record without a shard, and the shard is recomputed and the record rewritten. The assembly
+    step deletes the records once the manifest lists every checksum.
     """
     atomic_write_text(sha256, _sha256_record(path))
 
@@ -329,7 +332,6 @@ def finished_shards(
             break
         n += 1
     return n - start
-
 
 
 class CacheIntegrityError(Refusal):

@@ -114,7 +114,10 @@ def test_ui_passes_the_store_by_environment_and_stops_with_its_server(home):
                 assert time.monotonic() < deadline, "the MLflow UI did not answer within 180 s"
                 time.sleep(1)
         for p in descendants(proc.pid):
-            cmdline = " ".join(p.cmdline())
+            try:
+                cmdline = " ".join(p.cmdline())
+            except psutil.NoSuchProcess:  # a child that exited (or a zombie not yet reaped) since the listing
+                continue
             assert "--backend-store-uri" not in cmdline and home.mlflow_uri not in cmdline
         stop_and_check(proc)
     finally:
