@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from featureatlas.tasks.dictionary.kernels.triton_sparse import gather_sum, scatter_cols, scatter_rows
+from featureatlas.tasks.dictionary.sparse_decoder import SelectedPre
 
 
 def bag_of_entries(ptr: Tensor, nnz: int) -> Tensor:
@@ -45,7 +46,7 @@ class GatherSum(torch.autograd.Function):
         return None, grad_table, grad_weights, None
 
 
-class SelectedPreKernel(torch.autograd.Function):
+class SelectedPreKernel(SelectedPre):
     """`sparse_decoder.SelectedPre` (pre[rows, cols] of pre = (x - b_dec) @ W_enc + b_enc, the values
     computed beforehand without grad) with the W_enc and b_enc gradients from `scatter_cols`.
 
@@ -55,13 +56,7 @@ class SelectedPreKernel(torch.autograd.Function):
     g_e W_enc[:, cols_e] over the entries of token b (a gather over W_enc's columns, only if x needs it).
     """
 
-    @staticmethod
-    def forward(ctx, x, b_dec, W_enc, b_enc, rows, cols, values):
-        del b_enc  # an input only so that autograd hands its gradient to `backward`
-        x_c = x.to(W_enc.dtype) - b_dec.detach()
-        ctx.save_for_backward(x_c, W_enc, rows, cols)
-        ctx.x_dtype = x.dtype
-        return values.clone()
+    # forward: SelectedPre's (it only saves x - b_dec, W_enc and the entries)
 
     @staticmethod
     def backward(ctx, grad):
