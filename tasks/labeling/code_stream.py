@@ -5,8 +5,11 @@ reads the same codes. Encoding costs a `[batch, d_in] @ [d_in, d_sae]` matmul pe
 `[batch, d_sae]` temporaries, while the firing codes of a sparse dictionary are a few per token. So the first
 pass encodes and writes each batch's firing codes (local row, latent, value; 12 bytes each) to a temporary
 folder, and later passes read them back: one encode instead of one per pass, and every later step costs
-O(firing codes) instead of O(rows x d_sae). Memory stays at one batch; disk holds the firing codes. If they
-would pass `spill_budget` bytes (a dense dictionary), the spill is dropped and every pass encodes again.
+O(firing codes) instead of O(rows x d_sae). The codes stay on the device the dictionary encodes on (the
+model's, a GPU at scale), so every pass over them runs there; the first `resident_budget` bytes of them stay
+in that device's memory, and only the rest take the round trip through disk (written from the host, read
+back to the device). Memory stays at one batch plus that budget; disk holds the rest. If they would pass
+`spill_budget` bytes (a dense dictionary), the spill is dropped and every pass encodes again.
 
 `smallest_per_group` is the one selection primitive the passes share: within each group (a latent, or a
 latent's quantile bin), keep the entries with the k smallest scores, merging a running selection with a batch.
@@ -33,7 +36,7 @@ __all__ = ["CodeStream", "SparseBatch", "kth_per_group", "lookup", "smallest_per
 
 
 class SparseBatch(NamedTuple):
-    """The firing codes of rows start..start+n, sorted by row then latent (all on the CPU)."""
+    """The firing codes of rows start..start+n, sorted by row then latent (on the encoding device)."""
 
     start: int
     n: int
@@ -56,15 +59,18 @@ class CodeStream:
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
         spill_budget: int = 8 << 30,
+        resident_budget: int = 1 << 30,
         spill_dir: str | Path | None = None,
     ):
         self.dictionary, self.batches = dictionary, batches
         self.device, self.dtype = device, dtype
         self.d_sae: int = dictionary.d_sae
-        self.spill_budget = spill_budget
+        self.spill_budget, self.resident_budget = spill_budget, resident_budget
         self._spill_parent = spill_dir
         self._folder: Path | None = None
-        self._files: list[tuple[int, int, Path]] | None = None  # (start, n, file) once a pass completed
+        # (start, n, file or resident (rows, latents, values)) once a pass completed
+        self._files: list[tuple[int, int, Path | tuple[Tensor, Tensor, Tensor]]] | None = None
+        self._device: torch.device | None = None
         self.n_rows: int | None = None
         self.encode_passes = 0
 
@@ -82,9 +88,12 @@ class CodeStream:
 
     def __iter__(self) -> Iterator[SparseBatch]:
         if self._files is not None:
-            for start, n, path in self._files:
-                t = load_file(str(path))
-                yield SparseBatch(start, n, t["rows"].long() + start, t["latents"].long(), t["values"])
+            for start, n, kept in self._files:
+                if isinstance(kept, Path):
+                    t = load_file(str(kept), device=str(self._device))
+                    kept = (t["rows"], t["latents"], t["values"])
+                rows, latents, values = kept
+                yield SparseBatch(start, n, rows.long() + start, latents.long(), values)
             return
         yield from self._encode_pass()
 
@@ -92,9 +101,9 @@ class CodeStream:
     def _encode(self, acts: Tensor, start: int) -> SparseBatch:
         x = acts.to(device=self.device or acts.device, dtype=self.dtype or acts.dtype)
         codes = firing_codes(self.dictionary, x)
+        self._device = codes.device
         r, lat = (codes > 0).nonzero(as_tuple=True)  # row-major: sorted by row, then latent
-        vals = codes[r, lat].cpu()
-        return SparseBatch(start, acts.shape[0], r.cpu() + start, lat.cpu(), vals)
+        return SparseBatch(start, acts.shape[0], r + start, lat, codes[r, lat])
 
     def _encode_pass(self) -> Iterator[SparseBatch]:
         self.encode_passes += 1
@@ -102,6 +111,7 @@ class CodeStream:
         if spill:
             self._folder = Path(tempfile.mkdtemp(prefix="featureatlas-codes-", dir=self._spill_parent))
         files, size, start = [], 0, 0
+        resident = 0
         try:
             for acts in self.batches():
                 batch = self._encode(acts, start)
@@ -110,18 +120,16 @@ class CodeStream:
                     if size > self.spill_budget:
                         log.info("firing codes pass %d bytes: re-encoding on every pass", self.spill_budget)
                         shutil.rmtree(self._folder, ignore_errors=True)
-                        self._folder, spill = None, False
+                        self._folder, spill, files = None, False, []
                     else:
-                        path = self._folder / f"{len(files):06d}.safetensors"
-                        save_file(
-                            {
-                                "rows": (batch.rows - start).int(),
-                                "latents": batch.latents.int(),
-                                "values": batch.values.contiguous(),
-                            },
-                            str(path),
-                        )
-                        files.append((start, batch.n, path))
+                        kept = ((batch.rows - start).int(), batch.latents.int(), batch.values.contiguous())
+                        resident += 12 * len(batch.values)
+                        if resident > self.resident_budget:
+                            path = self._folder / f"{len(files):06d}.safetensors"
+                            names = ("rows", "latents", "values")
+                            save_file({k: t.cpu() for k, t in zip(names, kept)}, str(path))
+                            kept = path
+                        files.append((start, batch.n, kept))
                 start += batch.n
                 yield batch
         except BaseException:
@@ -145,9 +153,7 @@ def smallest_per_group(group: Tensor, score: Tensor, k: int) -> Tensor:
         order = torch.argsort(score, stable=True)
         order = order[torch.argsort(group[order], stable=True)]
     g = group[order]
-    rank = torch.arange(len(g)) - torch.searchsorted(
-        g, g
-    )  # g is sorted: searchsorted finds each group's start
+    rank = torch.arange(len(g), device=g.device) - torch.searchsorted(g, g)  # g sorted: each group's start
     return order[rank < k]
 
 
@@ -155,8 +161,8 @@ def kth_per_group(group: Tensor, score: Tensor, k: int, n_groups: int, empty: fl
     """[n_groups] the k-th smallest score of each group in a `smallest_per_group` selection (ordered by
     group, then score); `empty` where a group holds fewer than k. A new entry enters a full group only below
     it."""
-    out = torch.full((n_groups,), empty)
-    rank = torch.arange(len(group)) - torch.searchsorted(group, group)
+    out = torch.full((n_groups,), empty, device=score.device, dtype=score.dtype)
+    rank = torch.arange(len(group), device=group.device) - torch.searchsorted(group, group)
     last = rank == k - 1
     out[group[last]] = score[last]
     return out
@@ -167,6 +173,6 @@ def lookup(batch: SparseBatch, d_sae: int, rows: Tensor, latents: Tensor) -> Ten
     keys = (batch.rows - batch.start) * d_sae + batch.latents  # sorted: rows, then latents
     want = (rows - batch.start) * d_sae + latents
     if len(keys) == 0:
-        return torch.zeros(len(want))
+        return torch.zeros(len(want), device=want.device)
     at = torch.searchsorted(keys, want).clamp_max(len(keys) - 1)
-    return torch.where(keys[at] == want, batch.values[at], torch.zeros(()))
+    return torch.where(keys[at] == want, batch.values[at], torch.zeros((), device=want.device))

@@ -10,6 +10,9 @@ the work grows with the number of firings, not rows x d_sae:
 - `n_random` silent rows per latent: uniform random candidate rows, the first ones where it does not fire;
 - co-occurrence: Jaccard index of firing sets, counted from the pairs of firings on each row, in chunks of
   latents so that the count matrix stays below `cooc_budget` entries (one more pass per further chunk).
+Every table lives on the device of the firing codes (the dictionary's): only the final per-latent tables
+come back to the CPU. The seeded uniform keys and candidate rows are drawn on the CPU and moved, so the
+result does not depend on the device.
 `decoder_neighbours` and `logit_effects` only need weights.
 """
 
@@ -50,13 +53,15 @@ class ActivationStats:
 
 def _histogram(b: SparseBatch, hist: Tensor, scale: Tensor, n_bins: int) -> None:
     """Add this batch's firings to `hist [d_sae, n_bins]` (equal bins over [0, max_activation])."""
-    bins = (b.values * scale[b.latents]).long().clamp(0, n_bins - 1) + b.latents * n_bins
+    bins = (b.values * scale[b.latents]).long().clamp_(0, n_bins - 1).add_(b.latents * n_bins)
     hist.view(-1).add_(torch.bincount(bins, minlength=hist.numel()))  # a count, not a scatter of ones
 
 
 # A dense [rows, n]^T @ [rows, d_sae] product of 0/1 firing matrices costs about this many multiply-adds per
-# counted firing pair before a scatter of the pairs is cheaper (CPU BLAS vs one bincount element).
+# counted firing pair before a scatter of the pairs is cheaper (CPU BLAS vs one bincount element); a GPU's
+# matmul is far cheaper next to its scattered atomics.
 DENSE_PAIR_COST = 256
+DENSE_PAIR_COST_GPU = 4096
 
 
 def _cooc_add(counts: Tensor, b: SparseBatch, lo: int, d_sae: int, max_pairs: int = 1 << 22) -> None:
@@ -68,7 +73,7 @@ def _cooc_add(counts: Tensor, b: SparseBatch, lo: int, d_sae: int, max_pairs: in
     firings laid out in padded [rows, k] tables, every (chunk latent, latent) pair of a row turned into one
     flat index, and the indices counted with one `bincount` per block of rows (about `max_pairs` pairs), so
     the cost is rows x (chunk firings per row) x (firings per row), never rows x n x d_sae."""
-    n = counts.shape[0]
+    n, dev = counts.shape[0], counts.device
     local = b.rows - b.start
     if len(local) == 0:
         return
@@ -78,18 +83,19 @@ def _cooc_add(counts: Tensor, b: SparseBatch, lo: int, d_sae: int, max_pairs: in
     k, k_a = int(per_row.max()), int(per_row_a.max())
     if k_a == 0:
         return
-    if b.n * n * d_sae <= DENSE_PAIR_COST * int((per_row_a * per_row).sum()):
-        fired = torch.zeros(b.n, d_sae, device=counts.device)
+    cost = DENSE_PAIR_COST if dev.type == "cpu" else DENSE_PAIR_COST_GPU
+    if b.n * n * d_sae <= cost * int((per_row_a * per_row).sum()):
+        fired = torch.zeros(b.n, d_sae, device=dev)
         fired[local, b.latents] = 1.0
         counts += (fired[:, lo : lo + n].T @ fired).to(counts.dtype)
         return
     # slot of each firing within its row's (all / chunk) firings; rows are sorted, so a cumulative count
-    slot = torch.arange(len(local)) - (per_row.cumsum(0) - per_row)[local]
-    every = torch.full((b.n, k), d_sae, dtype=torch.int64)  # d_sae: an empty slot
+    slot = torch.arange(len(local), device=dev) - (per_row.cumsum(0) - per_row)[local]
+    every = torch.full((b.n, k), d_sae, dtype=torch.int64, device=dev)  # d_sae: an empty slot
     every[local, slot] = b.latents
     a_local = local[sel]
-    slot_a = torch.arange(len(a_local)) - (per_row_a.cumsum(0) - per_row_a)[a_local]
-    chunk = torch.full((b.n, k_a), n, dtype=torch.int64)  # n: an empty slot
+    slot_a = torch.arange(len(a_local), device=dev) - (per_row_a.cumsum(0) - per_row_a)[a_local]
+    chunk = torch.full((b.n, k_a), n, dtype=torch.int64, device=dev)  # n: an empty slot
     chunk[a_local, slot_a] = b.latents[sel] - lo
     width = (n + 1) * (d_sae + 1)
     # blocks of at least `width` pairs: each bincount's zeroed [width] output is paid for by as many pairs
@@ -102,12 +108,12 @@ def _cooc_add(counts: Tensor, b: SparseBatch, lo: int, d_sae: int, max_pairs: in
 
 def _quantile_edges(hist: Tensor, max_act: Tensor, n_q: int) -> Tensor:
     """[d_sae, n_q + 1] activation edges splitting each latent's firings into n_q equal-count bins."""
-    n_bins = hist.shape[1]
-    cum = hist.cumsum(1) / hist.sum(1, keepdim=True).clamp_min(1)
-    targets = torch.arange(1, n_q, dtype=torch.float64) / n_q
+    n_bins, dev = hist.shape[1], hist.device
+    cum = hist.double().cumsum(1) / hist.double().sum(1, keepdim=True).clamp_min(1)
+    targets = torch.arange(1, n_q, dtype=torch.float64, device=dev) / n_q
     idx = torch.searchsorted(cum.contiguous(), targets.expand(hist.shape[0], -1).contiguous())
     inner = (idx + 1).double() / n_bins * max_act[:, None].double()
-    zeros = torch.zeros(hist.shape[0], 1, dtype=torch.float64)
+    zeros = torch.zeros(hist.shape[0], 1, dtype=torch.float64, device=dev)
     return torch.cat([zeros, inner, max_act[:, None].double() * (1 + 1e-6)], dim=1)
 
 
@@ -119,13 +125,14 @@ class _QuantileSampler:
         self.inner = edges[:, 1:-1].float()  # a firing's bin: how many inner edges it reaches
         self.top = edges[:, -1].float()
         self.n_q, self.per_bin, self.gen = edges.shape[1] - 1, per_bin, gen
-        self.group = torch.empty(0, dtype=torch.int64)
-        self.key, self.val = torch.empty(0), torch.empty(0)
-        self.row = torch.empty(0, dtype=torch.int64)
-        self.ceiling = torch.full((edges.shape[0] * self.n_q,), 2.0)  # keys are < 1: 2 admits any
+        dev = self.dev = edges.device
+        self.group = torch.empty(0, dtype=torch.int64, device=dev)
+        self.key, self.val = torch.empty(0, device=dev), torch.empty(0, device=dev)
+        self.row = torch.empty(0, dtype=torch.int64, device=dev)
+        self.ceiling = torch.full((edges.shape[0] * self.n_q,), 2.0, device=dev)  # keys < 1: 2 admits any
 
     def add(self, b: SparseBatch) -> None:
-        key = torch.rand(len(b.values), generator=self.gen)
+        key = torch.rand(len(b.values), generator=self.gen).to(self.dev, non_blocking=True)
         q = (b.values[:, None] >= self.inner[b.latents]).sum(1)
         group = b.latents * self.n_q + q
         # only keys below their full bin's per_bin-th smallest key can enter it
@@ -138,9 +145,9 @@ class _QuantileSampler:
         self.ceiling = kth_per_group(self.group, self.key, self.per_bin, len(self.ceiling), empty=2.0)
 
     def result(self, d_sae: int) -> tuple[Tensor, Tensor]:
-        rows = torch.full((d_sae * self.n_q, self.per_bin), -1, dtype=torch.int64)
-        vals = torch.full(rows.shape, float("nan"), dtype=torch.float64)
-        slot = torch.arange(len(self.group)) - torch.searchsorted(self.group, self.group)
+        rows = torch.full((d_sae * self.n_q, self.per_bin), -1, dtype=torch.int64, device=self.dev)
+        vals = torch.full(rows.shape, float("nan"), dtype=torch.float64, device=self.dev)
+        slot = torch.arange(len(self.group), device=self.dev) - torch.searchsorted(self.group, self.group)
         rows[self.group, slot], vals[self.group, slot] = self.row, self.val.double()
         shape = (d_sae, self.n_q, self.per_bin)
         return rows.view(shape), vals.view(shape)
@@ -165,11 +172,13 @@ def activation_statistics(
     per_bin: int = 3,
     n_random: int = 10,
     n_cooc: int = 5,
-    cooc_budget: int = 1 << 24,
+    cooc_budget: int | None = None,
     seed: int = 0,
     codes: CodeStream | None = None,
 ) -> ActivationStats:
-    """Stream `batches()` (or the shared `codes`); `max_activation [d_sae]` comes from the top-k pass."""
+    """Stream `batches()` (or the shared `codes`); `max_activation [d_sae]` comes from the top-k pass.
+
+    `cooc_budget`: entries of one co-occurrence count chunk (default 2^24 on the CPU, 2^28 on a GPU)."""
     own = codes is None
     if codes is None:
         codes = CodeStream(dictionary, batches)
@@ -184,48 +193,61 @@ def activation_statistics(
 
 def _statistics(codes, max_activation, n_bins, n_quantiles, per_bin, n_random, n_cooc, cooc_budget, seed):
     d_sae = codes.d_sae
-    max_act = max_activation.double().clamp_min(0)
-    chunk = max(1, min(d_sae, cooc_budget // max(d_sae, 1)))
-    chunks = list(range(0, d_sae, chunk))
     counts = {}  # co-occurrence count chunks, each [chunk, d_sae]; two ride along the first passes
 
     def take_top(lo: int, c: Tensor) -> None:
+        c = c.double()
         union = fired_n[lo : lo + c.shape[0], None] + fired_n[None, :] - c
         jac = c / union.clamp_min(1)
-        jac[torch.arange(c.shape[0]), torch.arange(lo, lo + c.shape[0])] = -1  # not itself
+        at = torch.arange(c.shape[0], device=dev)
+        jac[at, at + lo] = -1  # not itself
         vals, idx = torch.topk(jac, cooc_lat.shape[1], dim=1)
         cooc_lat[lo : lo + c.shape[0]], cooc_jac[lo : lo + c.shape[0]] = idx, vals
 
-    # Pass 1: histograms, firing counts, the first co-occurrence chunk.
-    hist = torch.zeros(d_sae, n_bins, dtype=torch.float64)
-    fired_n = torch.zeros(d_sae, dtype=torch.float64)
-    scale = (n_bins / max_act.clamp_min(1e-12)).float()
-    counts[0] = torch.zeros(min(chunk, d_sae), d_sae, dtype=torch.float64)
+    # Pass 1: histograms, firing counts, the first co-occurrence chunk. Tables go where the codes are.
+    dev = hist = None
     n_rows = 0
     for b in codes:
+        if dev is None:
+            dev = b.latents.device
+            if cooc_budget is None:  # a GPU holds a larger count matrix: fewer passes over the codes
+                cooc_budget = 1 << (28 if dev.type == "cuda" else 24)
+            chunk = max(1, min(d_sae, cooc_budget // max(d_sae, 1)))
+            max_act = max_activation.to(dev, torch.float64).clamp_min(0)
+            scale = (n_bins / max_act.clamp_min(1e-12)).float()
+            hist = torch.zeros(d_sae, n_bins, dtype=torch.int64, device=dev)
+            fired_n = torch.zeros(d_sae, dtype=torch.int64, device=dev)
+            # exact integer counts: int32 holds up to 2^31 rows, and halves the matrix next to int64
+            counts[0] = torch.zeros(min(chunk, d_sae), d_sae, dtype=torch.int32, device=dev)
         _histogram(b, hist, scale, n_bins)
-        fired_n += torch.bincount(b.latents, minlength=d_sae).double()
+        fired_n += torch.bincount(b.latents, minlength=d_sae)
         _cooc_add(counts[0], b, 0, d_sae)
         n_rows = b.start + b.n
-    cooc_lat = torch.empty(d_sae, min(n_cooc, d_sae - 1), dtype=torch.int64)
-    cooc_jac = torch.empty(cooc_lat.shape, dtype=torch.float64)
+    if dev is None:
+        raise ValueError("the activation stream yielded no rows; label on at least one activation row")
+    hist, fired_n = hist.double(), fired_n.double()
+    chunks = list(range(0, d_sae, chunk))
+    cooc_lat = torch.empty(d_sae, min(n_cooc, d_sae - 1), dtype=torch.int64, device=dev)
+    cooc_jac = torch.empty(cooc_lat.shape, dtype=torch.float64, device=dev)
     take_top(0, counts.pop(0))
 
     # Pass 2: quantile samples, the silent check of random candidate rows, the second co-occurrence chunk.
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)  # on the CPU: the same draws whatever the device
     edges = _quantile_edges(hist, max_act, n_quantiles)
     sampler = _QuantileSampler(edges, per_bin, gen)
-    cand = _silent_candidates(d_sae, max(n_rows, 1), n_random, gen)
+    cand = _silent_candidates(d_sae, max(n_rows, 1), n_random, gen).to(dev)
     flat_c = cand.flatten()
     order = torch.argsort(flat_c)
-    cand_rows, cand_lat = flat_c[order], torch.arange(d_sae).repeat_interleave(cand.shape[1])[order]
-    fires = torch.zeros(len(flat_c), dtype=torch.bool)
+    lat_of = torch.arange(d_sae, device=dev).repeat_interleave(cand.shape[1])
+    cand_rows, cand_lat = flat_c[order], lat_of[order]
+    fires = torch.zeros(len(flat_c), dtype=torch.bool, device=dev)
     second = chunks[1] if len(chunks) > 1 else None
     if second is not None:
-        counts[second] = torch.zeros(min(chunk, d_sae - second), d_sae, dtype=torch.float64)
+        counts[second] = torch.zeros(min(chunk, d_sae - second), d_sae, dtype=torch.int32, device=dev)
     for b in codes:
         sampler.add(b)
-        lo, hi = torch.searchsorted(cand_rows, torch.tensor([b.start, b.start + b.n])).tolist()
+        bounds = torch.tensor([b.start, b.start + b.n], device=dev)
+        lo, hi = torch.searchsorted(cand_rows, bounds).tolist()
         if lo < hi:
             fires[order[lo:hi]] = lookup(b, d_sae, cand_rows[lo:hi], cand_lat[lo:hi]) > 0
         if second is not None:
@@ -237,17 +259,18 @@ def _statistics(codes, max_activation, n_bins, n_quantiles, per_bin, n_random, n
     # the first n_random silent candidates of each latent, in candidate order
     rank = (silent >= 0).long().cumsum(1)
     keep = (silent >= 0) & (rank <= n_random)
-    random_rows = torch.full((d_sae, n_random), -1, dtype=torch.int64)
+    random_rows = torch.full((d_sae, n_random), -1, dtype=torch.int64, device=dev)
     lat_i, col = keep.nonzero(as_tuple=True)
     random_rows[lat_i, rank[lat_i, col] - 1] = silent[lat_i, col]
 
     # Further passes: the remaining co-occurrence chunks (over the spilled firing codes, no re-encoding).
     for lo in chunks[2:]:
-        c = torch.zeros(min(chunk, d_sae - lo), d_sae, dtype=torch.float64)
+        c = torch.zeros(min(chunk, d_sae - lo), d_sae, dtype=torch.int32, device=dev)
         for b in codes:
             _cooc_add(c, b, lo, d_sae)
         take_top(lo, c)
-    return ActivationStats(hist, edges, sample_rows, sample_vals, random_rows, cooc_lat, cooc_jac)
+    out = (hist, edges, sample_rows, sample_vals, random_rows, cooc_lat, cooc_jac)
+    return ActivationStats(*(t.cpu() for t in out))  # only the small per-latent tables leave the device
 
 
 @torch.no_grad()

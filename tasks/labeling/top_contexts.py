@@ -82,14 +82,18 @@ def _validate(
 
 def _stream_top_k(codes: CodeStream, top_k: int) -> tuple[Tensor, Tensor, Tensor, int]:
     """Per latent: the top_k codes `[d_sae, top_k]` (0 past its firings) and their rows, how many rows it
-    fired on, and the number of rows."""
+    fired on, and the number of rows. The running selection lives on the codes' device; the result is on
+    the CPU."""
     d_sae = codes.d_sae
-    kept_lat = torch.empty(0, dtype=torch.int64)
-    kept_val, kept_row = torch.empty(0), torch.empty(0, dtype=torch.int64)
-    fired = torch.zeros(d_sae, dtype=torch.int64)
+    dev = kept_lat = None
     n = 0
-    floor = torch.zeros(d_sae)  # a firing enters latent j's top_k only above floor[j] (its k-th best so far)
     for b in codes:
+        if dev is None:
+            dev = b.latents.device
+            kept_lat = torch.empty(0, dtype=torch.int64, device=dev)
+            kept_val, kept_row = torch.empty(0, device=dev), torch.empty(0, dtype=torch.int64, device=dev)
+            fired = torch.zeros(d_sae, dtype=torch.int64, device=dev)
+            floor = torch.zeros(d_sae, device=dev)  # a firing enters latent j's top_k only above floor[j]
         fired += torch.bincount(b.latents, minlength=d_sae)
         n = b.start + b.n
         enter = b.values > floor[b.latents]
@@ -100,11 +104,13 @@ def _stream_top_k(codes: CodeStream, top_k: int) -> tuple[Tensor, Tensor, Tensor
         keep = smallest_per_group(lat, -val, top_k)
         kept_lat, kept_val, kept_row = lat[keep], val[keep], row[keep]
         floor = -kth_per_group(kept_lat, -kept_val, top_k, d_sae, empty=0.0)
-    rank = torch.arange(len(kept_lat)) - torch.searchsorted(kept_lat, kept_lat)
-    top_vals = torch.zeros(d_sae, top_k)
-    top_rows = torch.zeros(d_sae, top_k, dtype=torch.int64)
+    if dev is None:
+        raise ValueError("the activation stream yielded no rows; label on at least one activation row")
+    rank = torch.arange(len(kept_lat), device=dev) - torch.searchsorted(kept_lat, kept_lat)
+    top_vals = torch.zeros(d_sae, top_k, device=dev)
+    top_rows = torch.zeros(d_sae, top_k, dtype=torch.int64, device=dev)
     top_vals[kept_lat, rank], top_rows[kept_lat, rank] = kept_val, kept_row
-    return top_vals, top_rows, fired, n
+    return top_vals.cpu(), top_rows.cpu(), fired.cpu(), n
 
 
 def _rows_at(row_context: Tensor, row_position: Tensor, length: int, ctx: Tensor, pos: Tensor) -> Tensor:
@@ -122,10 +128,13 @@ def _gather_codes(codes: CodeStream, rows: Tensor, latents: Tensor) -> Tensor:
     out = torch.full((len(rows),), float("nan"))
     order = torch.argsort(rows)
     rows_s, lat_s = rows[order], latents[order]
+    on = None  # the (rows, latents) wanted, moved once to the codes' device
     for b in codes:
         lo, hi = torch.searchsorted(rows_s, torch.tensor([b.start, b.start + b.n])).tolist()
         if lo < hi:
-            out[order[lo:hi]] = lookup(b, codes.d_sae, rows_s[lo:hi], lat_s[lo:hi])
+            if on is None:
+                on = rows_s.to(b.rows.device), lat_s.to(b.rows.device)
+            out[order[lo:hi]] = lookup(b, codes.d_sae, on[0][lo:hi], on[1][lo:hi]).cpu()
     return out
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from featureatlas.tasks.labeling.code_stream import CodeStream, smallest_per_group
@@ -26,16 +27,23 @@ def _dense(stream, n, d_sae):
     return out
 
 
-def test_stream_encodes_once_and_matches_the_dense_codes():
+@pytest.mark.parametrize("resident_budget", [1 << 30, 0, 12 * 400])  # in memory, on disk, both
+def test_stream_encodes_once_and_matches_the_dense_codes(resident_budget):
     dictionary, acts, *_ = planted_toy()
     model = Counting(dictionary)
     expected = torch.relu(dictionary.encode(acts)).detach()
-    with CodeStream(model, lambda: acts.split(37)) as stream:
+    with CodeStream(model, lambda: acts.split(37), resident_budget=resident_budget) as stream:
         for _ in range(3):
             assert torch.allclose(_dense(stream, len(acts), 12), expected)
         assert stream.encode_passes == 1 and model.calls == len(acts.split(37)) and stream.n_rows == len(acts)
         folder = stream._folder
-        assert folder is not None and any(folder.iterdir())
+        on_disk = sum(1 for _ in folder.iterdir())
+        if resident_budget == 1 << 30:
+            assert on_disk == 0
+        elif resident_budget == 0:
+            assert on_disk == len(stream._files)
+        else:
+            assert 0 < on_disk < len(stream._files)
     assert not folder.exists()  # the spill is removed on close
 
 
