@@ -18,6 +18,7 @@ result does not depend on the device.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -57,22 +58,24 @@ def _histogram(b: SparseBatch, hist: Tensor, scale: Tensor, n_bins: int) -> None
     hist.view(-1).add_(torch.bincount(bins, minlength=hist.numel()))  # a count, not a scatter of ones
 
 
-# A dense [rows, n]^T @ [rows, d_sae] product of 0/1 firing matrices costs about this many multiply-adds per
-# counted firing pair before a scatter of the pairs is cheaper (CPU BLAS vs one bincount element); a GPU's
-# matmul is far cheaper next to its scattered atomics.
-DENSE_PAIR_COST = 256
-DENSE_PAIR_COST_GPU = 4096
+# Multiply-adds a matrix product may spend per counted firing pair before counting the pairs (one `bincount`
+# element each) is cheaper. On a GPU a dense [rows, n]^T @ [rows, d_sae] product of the 0/1 firing matrices
+# (its matmul is cheap next to scattered atomics); on the CPU the chunk's firings as a sparse CSR matrix times
+# the dense firing matrix (chunk firings x d_sae multiply-adds, a fraction of the dense product's).
+DENSE_PAIR_COST = 4096
+SPARSE_PAIR_COST = 64
 
 
 def _cooc_add(counts: Tensor, b: SparseBatch, lo: int, d_sae: int, max_pairs: int = 1 << 22) -> None:
     """Add to `counts [n, d_sae]` how often latent lo+i fires on the same row as each latent (itself too).
 
-    Two exact ways, the cheaper one chosen per batch. Few latents (the product's multiply-adds within
-    `DENSE_PAIR_COST` per firing pair): one matmul of the 0/1 firing matrices, exact in float32 since a batch
-    has far fewer than 2^24 rows. Otherwise the firing pairs are counted: each row's chunk firings and all its
-    firings laid out in padded [rows, k] tables, every (chunk latent, latent) pair of a row turned into one
-    flat index, and the indices counted with one `bincount` per block of rows (about `max_pairs` pairs), so
-    the cost is rows x (chunk firings per row) x (firings per row), never rows x n x d_sae."""
+    Exact ways, the cheapest chosen per batch. Few latents (the product's multiply-adds within
+    `DENSE_PAIR_COST` / `SPARSE_PAIR_COST` per firing pair): one product of the 0/1 firing matrices, exact in
+    float32 since a batch has far fewer than 2^24 rows. Otherwise the firing pairs are counted: each row's
+    chunk firings and all its firings laid out in padded [rows, k] tables, every (chunk latent, latent) pair
+    of a row turned into one flat index, and the indices counted with one `bincount` per block of rows (about
+    `max_pairs` pairs), so the cost is rows x (chunk firings per row) x (firings per row), never
+    rows x n x d_sae."""
     n, dev = counts.shape[0], counts.device
     local = b.rows - b.start
     if len(local) == 0:
@@ -80,15 +83,27 @@ def _cooc_add(counts: Tensor, b: SparseBatch, lo: int, d_sae: int, max_pairs: in
     per_row = torch.bincount(local, minlength=b.n)
     sel = (b.latents >= lo) & (b.latents < lo + n)
     per_row_a = torch.bincount(local[sel], minlength=b.n)
-    k, k_a = int(per_row.max()), int(per_row_a.max())
-    if k_a == 0:
+    n_sel, pairs = int(per_row_a.sum()), int((per_row_a * per_row).sum())
+    if n_sel == 0:
         return
-    cost = DENSE_PAIR_COST if dev.type == "cpu" else DENSE_PAIR_COST_GPU
-    if b.n * n * d_sae <= cost * int((per_row_a * per_row).sum()):
+    if dev.type == "cpu" and n_sel * d_sae <= SPARSE_PAIR_COST * pairs:
+        fired = torch.zeros(b.n, d_sae)
+        fired[local, b.latents] = 1.0
+        lat_a = b.latents[sel] - lo
+        order = torch.argsort(lat_a, stable=True)  # CSR rows: the chunk's latents
+        crow = torch.zeros(n + 1, dtype=torch.int64)
+        crow[1:] = torch.bincount(lat_a, minlength=n).cumsum(0)
+        with warnings.catch_warnings():  # "sparse CSR support is in beta": the product used here is stable
+            warnings.simplefilter("ignore", UserWarning)
+            chunk_t = torch.sparse_csr_tensor(crow, local[sel][order], torch.ones(n_sel), (n, b.n))
+            counts += (chunk_t @ fired).to(counts.dtype)
+        return
+    if dev.type != "cpu" and b.n * n * d_sae <= DENSE_PAIR_COST * pairs:
         fired = torch.zeros(b.n, d_sae, device=dev)
         fired[local, b.latents] = 1.0
         counts += (fired[:, lo : lo + n].T @ fired).to(counts.dtype)
         return
+    k, k_a = int(per_row.max()), int(per_row_a.max())
     # slot of each firing within its row's (all / chunk) firings; rows are sorted, so a cumulative count
     slot = torch.arange(len(local), device=dev) - (per_row.cumsum(0) - per_row)[local]
     every = torch.full((b.n, k), d_sae, dtype=torch.int64, device=dev)  # d_sae: an empty slot
