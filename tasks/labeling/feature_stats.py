@@ -294,11 +294,12 @@ def decoder_neighbours(W_dec: Tensor, n: int = 5, chunk: int = 1024) -> tuple[Te
     d_sae = W_dec.shape[0]
     unit = torch.nn.functional.normalize(W_dec.float(), dim=1)
     n = min(n, d_sae - 1)
-    idx = torch.empty(d_sae, n, dtype=torch.int64)
-    cos = torch.empty(d_sae, n)
+    idx = torch.empty(d_sae, n, dtype=torch.int64, device=W_dec.device)
+    cos = torch.empty(d_sae, n, device=W_dec.device)
     for lo in range(0, d_sae, chunk):
         sim = unit[lo : lo + chunk] @ unit.T
-        sim[torch.arange(sim.shape[0]), torch.arange(lo, lo + sim.shape[0])] = -2  # not itself
+        at = torch.arange(sim.shape[0], device=sim.device)
+        sim[at, at + lo] = -2  # not itself
         cos[lo : lo + chunk], idx[lo : lo + chunk] = torch.topk(sim, n, dim=1)
     return idx, cos
 
@@ -320,6 +321,8 @@ def logit_effects(
     promoted token ids and logits and the top-k suppressed ones, each [d_sae, k].
     """
     k = min(k, W_U.shape[0])
+    W_U = W_U.to(W_dec.device)  # on the dictionary's device: a [chunk, d_in] x [d_in, vocab] matmul per chunk
+    norm_weight = None if norm_weight is None else norm_weight.to(W_dec.device)
     outs = [[], [], [], []]
     for lo in range(0, W_dec.shape[0], chunk):
         d = W_dec[lo : lo + chunk].float()
@@ -332,5 +335,5 @@ def logit_effects(
         dn_v, dn_i = torch.topk(logits, k, dim=1, largest=False)
         for o, t in zip(outs, (up_i, up_v, dn_i, dn_v)):
             o.append(t)
-    up_i, up_v, dn_i, dn_v = (torch.cat(o) for o in outs)
+    up_i, up_v, dn_i, dn_v = (torch.cat(o).cpu() for o in outs)
     return up_i, up_v, dn_i, dn_v

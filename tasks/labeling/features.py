@@ -11,24 +11,24 @@ frequent latents, scored the same way. `labels` lists every label of a latent wi
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import polars as pl
 import torch
 from torch import Tensor, nn
 
-from featureatlas.tasks.evaluate.metrics import dictionary_placement
 from featureatlas.tasks.labeling.code_stream import CodeStream
+from featureatlas.tasks.labeling.corpus import CacheRows, TensorRows, wanted_ngrams
 from featureatlas.tasks.labeling.feature_stats import activation_statistics, decoder_neighbours, logit_effects
 from featureatlas.tasks.labeling.llm_labels import LLMLabeler
 from featureatlas.tasks.labeling.scoring import MiniLM, balanced_accuracy, embedding_scores
 from featureatlas.tasks.labeling.stat_labeler import NgramCounts, matches, statistical_label
-from featureatlas.tasks.labeling.top_contexts import _mark, top_activating_contexts
+from featureatlas.tasks.labeling.top_contexts import _mark, _top_contexts, _validate
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FEATURE_COLUMNS", "Unembedding", "build_feature_table"]
+__all__ = ["FEATURE_COLUMNS", "Unembedding", "build_feature_table", "feature_table"]
 
 EXAMPLE = pl.Struct(
     {
@@ -94,48 +94,63 @@ def build_feature_table(
     row_position: Tensor,
     context_tokens: Tensor,
     token_strings: Callable[[list[int]], list[str]],
-    counts: NgramCounts,
+    counts: NgramCounts | None = None,
+    *,
+    batch_size: int = 4096,
+    **kwargs,
+) -> pl.DataFrame:
+    """`acts`: a `[n, d_in]` tensor or a `ShardedActs` view; the rest as in `top_activating_contexts`
+    (`counts`: the corpus n-gram counts, default counted from `context_tokens`). Keywords: `feature_table`'s.
+    """
+    _validate(acts, row_context, row_position, context_tokens, dictionary.d_in)
+    if acts.shape[0] == 0:
+        raise ValueError("acts has no rows; label on at least one activation row")
+
+    def batches():
+        return (acts[lo : lo + batch_size] for lo in range(0, acts.shape[0], batch_size))
+
+    corpus = TensorRows(row_context, row_position, context_tokens)
+    return feature_table(dictionary, batches, corpus, token_strings, counts, **kwargs)
+
+
+def feature_table(
+    dictionary: nn.Module,
+    batches: Callable[[], Iterable[Tensor]],
+    corpus: TensorRows | CacheRows,
+    token_strings: Callable[[list[int]], list[str]],
+    counts: NgramCounts | None = None,
     *,
     unembedding: Unembedding | None = None,
     embedder: MiniLM | None = None,
     llm: LLMLabeler | None = None,
     top_k: int = 10,
     window: int = 8,
-    batch_size: int = 4096,
     n_bins: int = 20,
     n_logits: int = 10,
     embed_latents: int = 256,
     embed_contexts: int = 6,
     spill_budget: int = 8 << 30,
 ) -> pl.DataFrame:
-    """`acts`: a `[n, d_in]` tensor or a `ShardedActs` view; the rest as in `top_activating_contexts`.
+    """The feature table of the activation rows `batches()` yields (fresh each call, in row order), whose
+    contexts `corpus` knows. `counts`: the corpus n-gram counts (default: `corpus.ngram_counts` of the
+    n-grams the top contexts ask about).
 
-    The dictionary encodes `acts` once: every later pass reads the spilled firing codes (`CodeStream`; past
-    `spill_budget` bytes of them, or with 0, every pass encodes again)."""
-    device, dtype = dictionary_placement(dictionary, acts.device, acts.dtype)
-
-    def batches():
-        return (acts[lo : lo + batch_size] for lo in range(0, acts.shape[0], batch_size))
-
+    The dictionary encodes the rows once, on its own device: every later pass reads the firing codes there
+    (`CodeStream`; past `spill_budget` bytes of them, or with 0, every pass encodes again). Only the
+    per-latent tables and the few rows shown (top contexts, quantile examples, silent rows) come back to the
+    CPU."""
+    if top_k < 1 or window < 0:
+        raise ValueError(f"need top_k >= 1, window >= 0; got {top_k}, {window}")
+    param = next(iter(dictionary.parameters()), None)
+    device, dtype = (None, None) if param is None else (param.device, param.dtype)
     with CodeStream(dictionary, batches, device=device, dtype=dtype, spill_budget=spill_budget) as codes:
-        table = top_activating_contexts(
-            dictionary,
-            acts,
-            row_context,
-            row_position,
-            context_tokens,
-            token_strings,
-            top_k=top_k,
-            window=window,
-            batch_size=batch_size,
-            codes=codes,
-        )
+        table = _top_contexts(codes, corpus, token_strings, top_k, window)
         max_act = torch.tensor(table["max_activation"].to_list()).clamp_min(0)
         stats = activation_statistics(dictionary, batches, max_act, n_bins=n_bins, codes=codes)
     d_sae = dictionary.d_sae
     with torch.no_grad():
-        W_dec = dictionary.decoder_directions().detach().float().cpu()
-    nb_idx, nb_cos = decoder_neighbours(W_dec)
+        W_dec = dictionary.decoder_directions().detach().float()
+    nb_idx, nb_cos = (t.cpu() for t in decoder_neighbours(W_dec))
     promoted = suppressed = None
     if unembedding is not None:
         up_i, up_v, dn_i, dn_v = logit_effects(
@@ -152,40 +167,49 @@ def build_feature_table(
             for i, vv in zip(dn_i.tolist(), dn_v.tolist())
         ]
 
-    rc, rp = row_context.cpu(), row_position.cpu()
-    needed = {
-        r for r in stats.sample_rows.flatten().tolist() + stats.random_rows.flatten().tolist() if r >= 0
-    }
-    texts = _window_texts(sorted(needed), rc, rp, context_tokens, token_strings, window)
+    # Every (context, position) shown or scored: the top contexts, the quantile examples, the silent rows;
+    # their windows fetched once (half-width at least 1: a label's bigram ends at the centre).
+    tops = [[(c["context"], c["position"]) for c in cs] for cs in table["contexts"].to_list()]
+    shown_rows = torch.cat([stats.sample_rows.flatten(), stats.random_rows.flatten()])
+    shown_rows = torch.unique(shown_rows[shown_rows >= 0])
+    row_ctx, row_pos = corpus.locate(shown_rows)
+    place = dict(zip(shown_rows.tolist(), zip(row_ctx.tolist(), row_pos.tolist())))
+    keys = sorted({*place.values(), *(cp for top in tops for cp in top)})
+    half = max(window, 1)
+    key_t = torch.tensor(keys, dtype=torch.int64).view(-1, 2)
+    win = corpus.windows(key_t[:, 0], key_t[:, 1], half)
+    at = {k: i for i, k in enumerate(keys)}
+    if counts is None:
+        top_keys = torch.tensor([at[cp] for top in tops for cp in top], dtype=torch.int64)
+        counts = corpus.ngram_counts(wanted_ngrams(win[top_keys], half))
+    win_np = win.numpy()  # indexed per element below: numpy's scalar indexing is cheap
+    texts = _window_texts(win_np, [at[place[r]] for r in place], half, window, token_strings)
+    texts = dict(zip(place, texts))
 
     rows_out, pos_texts, neg_texts = [], [], []
+    sample_rows, sample_vals = stats.sample_rows.tolist(), stats.sample_vals.tolist()
     for latent in range(d_sae):
-        top = [(c["context"], c["position"]) for c in table["contexts"][latent]]
+        top = tops[latent]
         top_promoted = up_i[latent, :1].tolist() if unembedding is not None else []
-        lab = statistical_label(top, context_tokens, counts, token_strings, promoted=top_promoted)
+        lab = statistical_label(
+            [(at[cp], half) for cp in top], win_np, counts, token_strings, promoted=top_promoted
+        )
         examples, pos_rows = [], []
-        for q, (rs, vs) in enumerate(
-            zip(stats.sample_rows[latent].tolist(), stats.sample_vals[latent].tolist())
-        ):
+        for q, (rs, vs) in enumerate(zip(sample_rows[latent], sample_vals[latent])):
             for r, v in zip(rs, vs):
                 if r >= 0:
+                    ctx, pos = place[r]
                     examples.append(
-                        {
-                            "quantile": q,
-                            "context": int(rc[r]),
-                            "position": int(rp[r]),
-                            "activation": v,
-                            "text": texts[r],
-                        }
+                        {"quantile": q, "context": ctx, "position": pos, "activation": v, "text": texts[r]}
                     )
                     pos_rows.append(r)
         top_set = set(top)
-        held_out = [r for r in pos_rows if (int(rc[r]), int(rp[r])) not in top_set] or pos_rows
+        held_out = [r for r in pos_rows if place[r] not in top_set] or pos_rows
         neg_rows = [r for r in stats.random_rows[latent].tolist() if r >= 0]
         detection = None
         if lab.items:
-            hit = [matches(lab.items, context_tokens, int(rc[r]), int(rp[r])) for r in held_out]
-            miss = [matches(lab.items, context_tokens, int(rc[r]), int(rp[r])) for r in neg_rows]
+            hit = [matches(lab.items, win_np, at[place[r]], half) for r in held_out]
+            miss = [matches(lab.items, win_np, at[place[r]], half) for r in neg_rows]
             detection = balanced_accuracy(hit, miss)
         pos_texts.append([texts[r] for r in held_out])
         neg_texts.append([texts[r] for r in neg_rows])
@@ -263,16 +287,14 @@ def _add_llm_labels(llm, table, rows_out, promoted, pos_texts, neg_texts, embedd
     log.info("LLM-labeled %d of %d latents (%s)", sum(map(bool, labels)), len(chosen), llm.source)
 
 
-def _window_texts(rows, rc, rp, context_tokens, token_strings, window) -> dict[int, str]:
-    """Marked text windows (as in the top contexts) for activation rows, token strings fetched once."""
-    spans = {}
-    for r in rows:
-        ctx, pos = int(rc[r]), int(rp[r])
-        lo = max(pos - window, 0)
-        ids = [t for t in context_tokens[ctx, lo : pos + window + 1].tolist()]
-        before = [t for t in ids[: pos - lo] if t >= 0]
-        after = [t for t in ids[pos - lo + 1 :] if t >= 0]
-        spans[r] = ([*before, ids[pos - lo], *after], len(before))
-    distinct = sorted({t for ids, _ in spans.values() for t in ids})
+def _window_texts(win, index: list[int], half: int, window: int, token_strings) -> list[str]:
+    """Marked text windows (as in the top contexts) of the fetched windows `win[index]` (half-width
+    `half` >= `window`), token strings fetched once."""
+    spans = []
+    for ids in win[index, half - window : half + window + 1].tolist():
+        before = [t for t in ids[:window] if t >= 0]
+        after = [t for t in ids[window + 1 :] if t >= 0]
+        spans.append(([*before, ids[window], *after], len(before)))
+    distinct = sorted({t for ids, _ in spans for t in ids})
     display = dict(zip(distinct, token_strings(distinct))) if distinct else {}
-    return {r: _mark([display[t] for t in ids], c) for r, (ids, c) in spans.items()}
+    return [_mark([display[t] for t in ids], c) for ids, c in spans]

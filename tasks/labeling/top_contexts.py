@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from featureatlas.tasks.evaluate.metrics import dictionary_placement
 from featureatlas.tasks.labeling.code_stream import CodeStream, kth_per_group, lookup, smallest_per_group
+from featureatlas.tasks.labeling.corpus import TensorRows
 
 log = logging.getLogger(__name__)
 
@@ -113,16 +114,6 @@ def _stream_top_k(codes: CodeStream, top_k: int) -> tuple[Tensor, Tensor, Tensor
     return top_vals.cpu(), top_rows.cpu(), fired.cpu(), n
 
 
-def _rows_at(row_context: Tensor, row_position: Tensor, length: int, ctx: Tensor, pos: Tensor) -> Tensor:
-    """The activation row of each (ctx, pos) pair, -1 where `acts` holds no row for it."""
-    keys = row_context.long() * length + row_position.long()
-    sorted_keys, order = torch.sort(keys)
-    want = ctx.long() * length + pos.long()
-    at = torch.searchsorted(sorted_keys, want).clamp_max(max(len(keys) - 1, 0))
-    found = sorted_keys[at] == want if len(keys) else torch.zeros_like(want, dtype=torch.bool)
-    return torch.where(found, order[at], torch.full_like(want, -1))
-
-
 def _gather_codes(codes: CodeStream, rows: Tensor, latents: Tensor) -> Tensor:
     """codes[rows[i], latents[i]] for every pair (nan where rows[i] < 0), in one pass."""
     out = torch.full((len(rows),), float("nan"))
@@ -186,38 +177,35 @@ def top_activating_contexts(
             dtype=dtype,
         )
     try:
-        return _top_contexts(codes, row_context, row_position, context_tokens, token_strings, top_k, window)
+        return _top_contexts(
+            codes, TensorRows(row_context, row_position, context_tokens), token_strings, top_k, window
+        )
     finally:
         if own:
             codes.close()
 
 
-def _top_contexts(codes, row_context, row_position, context_tokens, token_strings, top_k, window):
+def _top_contexts(codes, corpus, token_strings, top_k, window):
     top_vals, top_rows, fired, n = _stream_top_k(codes, top_k)
-    context_tokens = context_tokens.cpu()
 
     # Gather every window first so the (possibly slow) token_strings runs once on the distinct ids.
     vals_list, rows_list = top_vals.tolist(), top_rows.tolist()
-    kept_rows = sorted({r for vals, rows in zip(vals_list, rows_list) for v, r in zip(vals, rows) if v > 0})
-    ctx_of, pos_of = row_context.cpu()[kept_rows].tolist(), row_position.cpu()[kept_rows].tolist()
+    kept_rows = torch.unique(top_rows[top_vals > 0])
+    ctx_t, pos_t = corpus.locate(kept_rows)
+    ids_all = corpus.windows(ctx_t, pos_t, window).tolist()
     windows: dict[int, tuple[int, int, list[int], int]] = {}
-    for row, ctx, pos in zip(kept_rows, ctx_of, pos_of):
-        lo = max(pos - window, 0)
-        ids = context_tokens[ctx, lo : pos + window + 1].tolist()
-        centre = pos - lo
-        if ids[centre] < 0:
+    for row, ctx, pos, ids in zip(kept_rows.tolist(), ctx_t.tolist(), pos_t.tolist(), ids_all):
+        if ids[window] < 0:
             raise ValueError(
-                f"activation row {row} points at position {pos} of context {ctx}, which holds no token "
-                f"(id {ids[centre]}); row_context/row_position must match context_tokens"
+                f"activation row {row} points at position {pos} of context {ctx}, which holds no token; "
+                "row_context/row_position must match context_tokens"
             )
-        # Negative ids mark the end of a short context: drop them from the window.
-        before = [t for t in ids[:centre] if t >= 0]
-        after = [t for t in ids[centre + 1 :] if t >= 0]
-        windows[row] = (ctx, pos, [*before, ids[centre], *after], len(before))
+        # -1 marks the end of a short context (or a position outside it): drop them from the window.
+        before = [t for t in ids[:window] if t >= 0]
+        after = [t for t in ids[window + 1 :] if t >= 0]
+        windows[row] = (ctx, pos, [*before, ids[window], *after], len(before))
     distinct = sorted({t for *_, ids, _ in windows.values() for t in ids})
-    token_acts = _window_activations(
-        codes, row_context, row_position, context_tokens.shape[1], vals_list, rows_list, windows
-    )
+    token_acts = _window_activations(codes, corpus, vals_list, rows_list, windows)
     strings = token_strings(distinct)
     if len(strings) != len(distinct):
         raise ValueError(f"token_strings returned {len(strings)} strings for {len(distinct)} token ids")
@@ -262,9 +250,7 @@ def _top_contexts(codes, row_context, row_position, context_tokens, token_string
     return df
 
 
-def _window_activations(
-    codes, row_context, row_position, length, vals_list, rows_list, windows
-) -> dict[tuple[int, int], list[float | None]]:
+def _window_activations(codes, corpus, vals_list, rows_list, windows) -> dict[tuple[int, int], list]:
     """{(latent, row): the latent's code at each token of the row's window} for every kept top context."""
     keys, lat, ctx, pos, sizes = [], [], [], [], []
     for latent, (vals, rows) in enumerate(zip(vals_list, rows_list)):
@@ -278,7 +264,7 @@ def _window_activations(
                 pos += range(p - centre, p - centre + len(ids))  # the window is contiguous in its context
     if not keys:
         return {}
-    rows = _rows_at(row_context.cpu(), row_position.cpu(), length, torch.tensor(ctx), torch.tensor(pos))
+    rows = corpus.rows_at(torch.tensor(ctx), torch.tensor(pos))
     got = _gather_codes(codes, rows, torch.tensor(lat)).tolist()
     out, at = {}, 0
     for key, size in zip(keys, sizes):
