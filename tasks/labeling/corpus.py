@@ -185,6 +185,17 @@ class CacheRows:
             out[here] = window_ids(tokens, ctx[here] - a, pos[here], half)
         return out
 
+    def token_names(self) -> dict[int, str]:
+        """{token id: display string} of every distinct token of the token table: bounded by the vocabulary,
+        read a chunk at a time."""
+        names: dict[int, str] = {}
+        for batch in self._parquet.iter_batches(batch_size=self.chunk_rows, columns=["token_id", "token"]):
+            ids = batch.column("token_id").to_numpy()
+            _, first = np.unique(ids, return_index=True)
+            tokens = batch.column("token").take(first).to_pylist()
+            names.update(zip(ids[first].tolist(), tokens))
+        return names
+
     def ngram_counts(self, bigrams: Tensor) -> NgramCounts:
         """Unigram counts of the whole corpus and the counts of the given bigrams (keys `a * 2^32 + b`) only:
         tables bounded by the vocabulary and by the bigrams asked for, whatever the corpus."""

@@ -1,8 +1,9 @@
-"""A lazy, read-only view of selected activation rows of a cache, one shard in memory at a time.
+"""Lazy, read-only access to selected activation rows of a cache, one shard in memory at a time.
 
-`ShardedActs` answers `.shape`, `.ndim`, `.dtype`, `.device` and contiguous slices `view[a:b]`, which is all
-the streamed labeling passes ask of an activation tensor, so they run over caches larger than memory. The
-shards' checksums were verified when the `ActivationCache` was opened.
+`ShardRows(store, hookpoint)(rows)` reads the activations of any ascending cache rows; `ShardedActs` is a
+view of a fixed row selection that answers `.shape`, `.ndim`, `.dtype`, `.device` and contiguous slices
+`view[a:b]`, which is all the streamed labeling passes ask of an activation tensor, so they run over caches
+larger than memory. The shards' checksums were verified when the `ActivationCache` was opened.
 """
 
 from __future__ import annotations
@@ -14,38 +15,31 @@ import torch
 
 from featureatlas.tasks.common.store import ActivationCache
 
-__all__ = ["ShardedActs"]
+__all__ = ["ShardRows", "ShardedActs"]
 
 
-class ShardedActs:
-    def __init__(self, store: ActivationCache, hookpoint: str, rows: torch.Tensor):
+class ShardRows:
+    """Activations of cache rows read shard by shard (stored, or recomputed for an unstored cache)."""
+
+    def __init__(self, store: ActivationCache, hookpoint: str):
         info = store.manifest["hookpoints"].get(hookpoint)
         if info is None:
             raise ValueError(f"hookpoint {hookpoint!r} is not in this cache; cached: {store.hookpoints}")
         self.store, self.hookpoint = store, hookpoint
-        self.files = list(range(len(info["shards"])))  # read through the store: stored or recomputed
         self.starts = [0]
         for s in info["shards"]:
             self.starts.append(self.starts[-1] + int(s["rows"]))
-        self.rows = rows.long()
-        self.shape = torch.Size([len(self.rows), int(info["d_in"])])
-        self.ndim = 2
-        self.device = torch.device("cpu")
+        self.d_in = int(info["d_in"])
         self._cached: tuple[int, torch.Tensor] | None = None
-        self.dtype = self._shard(0).dtype if self.files else torch.float32
+        self.dtype = self._shard(0).dtype if info["shards"] else torch.float32
 
     def _shard(self, i: int) -> torch.Tensor:
         if self._cached is None or self._cached[0] != i:
             self._cached = (i, self.store.read_shard(self.hookpoint, i))
         return self._cached[1]
 
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def __getitem__(self, index: slice) -> torch.Tensor:
-        if not isinstance(index, slice) or index.step not in (None, 1):
-            raise TypeError("ShardedActs supports contiguous slices only, e.g. view[a:b]")
-        wanted = self.rows[index]
+    def __call__(self, wanted: torch.Tensor) -> torch.Tensor:
+        """`[len(wanted), d_in]` activations of the ascending cache rows `wanted`."""
         parts = []
         lo = 0
         while lo < len(wanted):
@@ -54,7 +48,25 @@ class ShardedActs:
             hi = lo + int(torch.searchsorted(wanted[lo:], torch.tensor(end)))
             parts.append(self._shard(shard)[wanted[lo:hi] - self.starts[shard]])
             lo = hi
-        return torch.cat(parts) if parts else torch.empty(0, self.shape[1], dtype=self.dtype)
+        return torch.cat(parts) if parts else torch.empty(0, self.d_in, dtype=self.dtype)
+
+
+class ShardedActs:
+    def __init__(self, store: ActivationCache, hookpoint: str, rows: torch.Tensor):
+        self.reader = ShardRows(store, hookpoint)
+        self.rows = rows.long()
+        self.shape = torch.Size([len(self.rows), self.reader.d_in])
+        self.ndim = 2
+        self.device = torch.device("cpu")
+        self.dtype = self.reader.dtype
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index: slice) -> torch.Tensor:
+        if not isinstance(index, slice) or index.step not in (None, 1):
+            raise TypeError("ShardedActs supports contiguous slices only, e.g. view[a:b]")
+        return self.reader(self.rows[index])
 
     def batches(self, batch_size: int = 4096) -> Iterator[torch.Tensor]:
         for lo in range(0, len(self), batch_size):

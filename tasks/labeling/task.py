@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import polars as pl
-import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
@@ -16,11 +15,11 @@ from featureatlas.tasks.common.progress import StageProgress
 from featureatlas.tasks.common.store import ActivationCache
 from featureatlas.tasks.dictionary import load_dictionary
 from featureatlas.tasks.labeling.atlas import write_atlas
-from featureatlas.tasks.labeling.features import Unembedding, build_feature_table
+from featureatlas.tasks.labeling.corpus import CacheRows
+from featureatlas.tasks.labeling.features import Unembedding, feature_table
 from featureatlas.tasks.labeling.llm_labels import build_labeler
 from featureatlas.tasks.labeling.scoring import load_minilm
-from featureatlas.tasks.labeling.sharded import ShardedActs
-from featureatlas.tasks.labeling.stat_labeler import count_ngrams
+from featureatlas.tasks.labeling.sharded import ShardRows
 from featureatlas.tasks.labeling.top_contexts import write_feature_table
 from featureatlas.tasks.tracking.identity import labeling_identity, ref_identity
 from featureatlas.tasks.tracking.mlflow_runs import StageRun
@@ -28,6 +27,7 @@ from featureatlas.tasks.tracking.stage import StageContext, run_stage, stage_log
 
 # rough shares of a labeling's time, for the progress bar's ETA
 PHASES = {"loading": 1, "feature statistics and labels": 8, "writing the table and atlas": 1}
+BATCH_ROWS = 4096  # activation rows encoded at a time
 
 
 @task(name="label_features", cache_policy=NO_CACHE)
@@ -43,13 +43,9 @@ def label_features(
     def label(folder: Path, run: StageRun, progress: StageProgress) -> tuple[dict, dict]:
         progress.step("loading")
         store = ActivationCache(cache.path)
-        rows = store.select_rows(None)
-        if spec.max_tokens is not None:
-            rows = rows[: spec.max_tokens]
-        tokens = store.tokens
-        contexts = store.contexts()
-        vocab = dict(zip(tokens["token_id"].to_list(), tokens["token"].to_list()))
-        input_ids = contexts["input_ids"].masked_fill(contexts["attention_mask"] == 0, -1)
+        # the token table and contexts are read in chunks on demand: memory does not grow with the corpus
+        corpus = CacheRows(store, spec.max_tokens)
+        vocab = corpus.token_names()  # bounded by the vocabulary
         unembedding, decode = None, lambda i: f"<{i}>"
         if spec.logit_effects:
             m = cache.model
@@ -58,18 +54,17 @@ def label_features(
             # tokens the cache never saw (promoted/suppressed ones) are decoded by the model's tokenizer
             decode = lambda i, tok=loaded.tokenizer: tok.decode([i])  # noqa: E731
             del loaded
-        # on the model's device: the one encode pass is a [batch, d_in] x [d_in, d_sae] matmul per batch
+        # on the model's device: the one encode pass is a [batch, d_in] x [d_in, d_sae] matmul per batch, and
+        # every statistic over the firing codes runs there too
         sae = load_dictionary(dictionary.path, device=str(resolve_device(cache.model.spec.device)))
         llm = build_labeler(spec.llm, online=ctx.settings.online) if spec.llm is not None else None
+        reader = ShardRows(store, dictionary.hookpoint)
         progress.step("feature statistics and labels")
-        table = build_feature_table(
+        table = feature_table(
             sae,
-            ShardedActs(store, dictionary.hookpoint, rows),
-            torch.from_numpy(tokens["context"].to_numpy()[rows.numpy()].astype("int64")),
-            torch.from_numpy(tokens["position"].to_numpy()[rows.numpy()].astype("int64")),
-            input_ids,
+            lambda: (reader(rows) for rows in corpus.cache_rows(BATCH_ROWS)),
+            corpus,
             lambda ids: [vocab[i] if i in vocab else decode(i) for i in ids],
-            count_ngrams(input_ids),
             unembedding=unembedding,
             embedder=load_minilm() if spec.embedding_score else None,
             llm=llm,
