@@ -59,8 +59,8 @@ def token_strings(ids):
     return [f" w{i}" for i in ids]
 
 
-def toy_table(**kwargs) -> pl.DataFrame:
-    dictionary = ToyRelu()
+def toy_table(dictionary: torch.nn.Module | None = None, **kwargs) -> pl.DataFrame:
+    dictionary = ToyRelu() if dictionary is None else dictionary
     acts, rc, rp, tokens = toy_corpus()
     W_U = torch.randn(VOCAB, 16, generator=torch.Generator().manual_seed(2))
     return build_feature_table(
