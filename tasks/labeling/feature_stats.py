@@ -81,23 +81,26 @@ def _cooc_add(counts: Tensor, b: SparseBatch, lo: int, d_sae: int, max_pairs: in
     if len(local) == 0:
         return
     per_row = torch.bincount(local, minlength=b.n)
-    sel = (b.latents >= lo) & (b.latents < lo + n)
-    per_row_a = torch.bincount(local[sel], minlength=b.n)
+    whole = lo == 0 and n == d_sae  # one chunk holds every latent: nothing to select
+    sel = None if whole else (b.latents >= lo) & (b.latents < lo + n)
+    per_row_a = per_row if whole else torch.bincount(local[sel], minlength=b.n)
     n_sel, pairs = int(per_row_a.sum()), int((per_row_a * per_row).sum())
     if n_sel == 0:
         return
     if dev.type == "cpu" and n_sel * d_sae <= SPARSE_PAIR_COST * pairs:
         fired = torch.zeros(b.n, d_sae)
         fired[local, b.latents] = 1.0
-        lat_a = b.latents[sel] - lo
+        lat_a, local_a = (b.latents, local) if whole else (b.latents[sel] - lo, local[sel])
         order = torch.argsort(lat_a, stable=True)  # CSR rows: the chunk's latents
         crow = torch.zeros(n + 1, dtype=torch.int64)
         crow[1:] = torch.bincount(lat_a, minlength=n).cumsum(0)
         with warnings.catch_warnings():  # "sparse CSR support is in beta": the product used here is stable
             warnings.simplefilter("ignore", UserWarning)
-            chunk_t = torch.sparse_csr_tensor(crow, local[sel][order], torch.ones(n_sel), (n, b.n))
+            chunk_t = torch.sparse_csr_tensor(crow, local_a[order], torch.ones(n_sel), (n, b.n))
             counts += (chunk_t @ fired).to(counts.dtype)
         return
+    if sel is None:
+        sel = torch.ones_like(b.latents, dtype=torch.bool)
     if dev.type != "cpu" and b.n * n * d_sae <= DENSE_PAIR_COST * pairs:
         fired = torch.zeros(b.n, d_sae, device=dev)
         fired[local, b.latents] = 1.0
