@@ -64,6 +64,7 @@ def _histogram(b: SparseBatch, hist: Tensor, scale: Tensor, n_bins: int) -> None
 # the dense firing matrix (chunk firings x d_sae multiply-adds, a fraction of the dense product's).
 DENSE_PAIR_COST = 4096
 SPARSE_PAIR_COST = 64
+BINCOUNT_DEVICES = ("cpu",)  # where counting the pairs with one bincount per block beats atomic adds
 
 
 def _cooc_add(counts: Tensor, b: SparseBatch, lo: int, d_sae: int, max_pairs: int = 1 << 22) -> None:
@@ -115,6 +116,14 @@ def _cooc_add(counts: Tensor, b: SparseBatch, lo: int, d_sae: int, max_pairs: in
     slot_a = torch.arange(len(a_local), device=dev) - (per_row_a.cumsum(0) - per_row_a)[a_local]
     chunk = torch.full((b.n, k_a), n, dtype=torch.int64, device=dev)  # n: an empty slot
     chunk[a_local, slot_a] = b.latents[sel] - lo
+    if dev.type not in BINCOUNT_DEVICES:
+        # a GPU adds each real pair into the count matrix with atomics: no [n, d_sae]-sized temporary
+        flat, step = counts.view(-1), max(1, max_pairs // (k * k_a))
+        for r in range(0, b.n, step):
+            a, e = chunk[r : r + step, :, None], every[r : r + step, None, :]
+            idx = (a * d_sae + e)[(a < n) & (e < d_sae)]
+            flat.index_add_(0, idx, torch.ones(len(idx), dtype=counts.dtype, device=dev))
+        return
     width = (n + 1) * (d_sae + 1)
     # blocks of at least `width` pairs: each bincount's zeroed [width] output is paid for by as many pairs
     step = max(1, max(max_pairs, width) // (k * k_a))

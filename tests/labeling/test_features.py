@@ -102,11 +102,15 @@ def test_streamed_statistics_equal_brute_force(budget):
     assert torch.allclose(stats.cooc_jaccard, top, atol=1e-9)
 
 
+@pytest.mark.parametrize("scatter", [False, True])  # pairs counted by bincount, or added atomically (GPU)
 @pytest.mark.parametrize("product_cost", [0, 10**9])  # 0: always count pairs; 10^9: always one product
 @pytest.mark.parametrize(("lo", "n", "max_pairs"), [(0, 40, 1 << 22), (7, 13, 50), (30, 10, 1)])
-def test_cooccurrence_counts_equal_the_firing_matrix_product(monkeypatch, product_cost, lo, n, max_pairs):
+def test_cooccurrence_counts_equal_the_firing_matrix_product(
+    monkeypatch, scatter, product_cost, lo, n, max_pairs
+):
     monkeypatch.setattr(feature_stats, "DENSE_PAIR_COST", product_cost)
     monkeypatch.setattr(feature_stats, "SPARSE_PAIR_COST", product_cost)
+    monkeypatch.setattr(feature_stats, "BINCOUNT_DEVICES", () if scatter else ("cpu",))
     gen = torch.Generator().manual_seed(3)
     d_sae, rows, start = 40, 64, 100
     # rows fire on 0..9 latents each (row 5 on none), so the padded tables have empty slots
