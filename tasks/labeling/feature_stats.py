@@ -133,6 +133,21 @@ def _cooc_add(counts: Tensor, b: SparseBatch, lo: int, d_sae: int, max_pairs: in
         counts += found[:n, :d_sae].to(counts.dtype)
 
 
+def _top_per_row(scores: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """The n largest scores of each row and their columns, ties to the lower column, ordered by score then
+    column: the same on every device (`torch.topk` leaves the order of ties to the kernel)."""
+    if n == 0:
+        return torch.empty(len(scores), 0, dtype=torch.int64, device=scores.device), scores[:, :0]
+    threshold = torch.topk(scores, n, dim=1).values[:, -1:]
+    above = scores > threshold
+    tied = scores == threshold
+    take = above | (tied & (tied.cumsum(1) <= n - above.sum(1, keepdim=True)))
+    cols = take.nonzero(as_tuple=True)[1].view(len(scores), n)  # row-major: ascending columns
+    vals = scores.gather(1, cols)
+    order = torch.sort(vals, dim=1, descending=True, stable=True).indices
+    return cols.gather(1, order), vals.gather(1, order)
+
+
 def _quantile_edges(hist: Tensor, max_act: Tensor, n_q: int) -> Tensor:
     """[d_sae, n_q + 1] activation edges splitting each latent's firings into n_q equal-count bins."""
     n_bins, dev = hist.shape[1], hist.device
@@ -159,7 +174,7 @@ class _QuantileSampler:
         self.ceiling = torch.full((edges.shape[0] * self.n_q,), 2.0, device=dev)  # keys < 1: 2 admits any
 
     def add(self, b: SparseBatch) -> None:
-        key = torch.rand(len(b.values), generator=self.gen).to(self.dev, non_blocking=True)
+        key = torch.rand(len(b.values), generator=self.gen).to(self.dev)
         q = (b.values[:, None] >= self.inner[b.latents]).sum(1)
         group = b.latents * self.n_q + q
         # only keys below their full bin's per_bin-th smallest key can enter it
@@ -228,7 +243,7 @@ def _statistics(codes, max_activation, n_bins, n_quantiles, per_bin, n_random, n
         jac = c / union.clamp_min(1)
         at = torch.arange(c.shape[0], device=dev)
         jac[at, at + lo] = -1  # not itself
-        vals, idx = torch.topk(jac, cooc_lat.shape[1], dim=1)
+        idx, vals = _top_per_row(jac, cooc_lat.shape[1])
         cooc_lat[lo : lo + c.shape[0]], cooc_jac[lo : lo + c.shape[0]] = idx, vals
 
     # Pass 1: histograms, firing counts, the first co-occurrence chunk. Tables go where the codes are.

@@ -175,3 +175,10 @@ def test_ngram_counts_equal_counting_by_hand(chunk_tokens):
     for gram in [*((t,) for t in range(8)), *((a, b) for a in range(-1, 8) for b in range(8))]:
         assert counts.count(gram) == (uni if len(gram) == 1 else bi).get(gram, 0), gram
     assert counts.rate((0, 0)) == (bi[(0, 0)] + 1) / (counts.n + 1)
+
+
+def test_top_per_row_breaks_ties_to_the_lower_column():
+    scores = torch.tensor([[0.5, 0.2, 0.5, 0.9, 0.5], [0.1, 0.1, 0.1, 0.1, 0.3]], dtype=torch.float64)
+    cols, vals = feature_stats._top_per_row(scores, 3)
+    assert cols.tolist() == [[3, 0, 2], [4, 0, 1]]
+    assert vals.tolist() == [[0.9, 0.5, 0.5], [0.3, 0.1, 0.1]]
