@@ -6,9 +6,10 @@ reads the same codes. Encoding costs a `[batch, d_in] @ [d_in, d_sae]` matmul pe
 pass encodes and writes each batch's firing codes (local row, latent, value; 12 bytes each) to a temporary
 folder, and later passes read them back: one encode instead of one per pass, and every later step costs
 O(firing codes) instead of O(rows x d_sae). The codes stay on the device the dictionary encodes on (the
-model's, a GPU at scale), so every pass over them runs there; the first `resident_budget` bytes of them stay
-in that device's memory, and only the rest take the round trip through disk (written from the host, read
-back to the device). Memory stays at one batch plus that budget; disk holds the rest. If they would pass
+model's, a GPU at scale), so every pass over them runs there; the first `resident_budget` bytes of them
+(default 1 GiB on an accelerator, 64 MiB on the CPU) stay in that device's memory, and only the rest take the
+round trip through disk (written from the host, read back to the device). Memory stays at one batch plus that
+budget; disk holds the rest. If they would pass
 `spill_budget` bytes (a dense dictionary), the spill is dropped and every pass encodes again.
 
 `smallest_per_group` is the one selection primitive the passes share: within each group (a latent, or a
@@ -59,7 +60,7 @@ class CodeStream:
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
         spill_budget: int = 8 << 30,
-        resident_budget: int = 1 << 30,
+        resident_budget: int | None = None,
         spill_dir: str | Path | None = None,
     ):
         self.dictionary, self.batches = dictionary, batches
@@ -97,6 +98,14 @@ class CodeStream:
             return
         yield from self._encode_pass()
 
+    def _resident_budget(self, device: torch.device) -> int:
+        """Bytes of firing codes kept in memory: `resident_budget`, else 1 GiB on an accelerator and 64 MiB
+        in host memory, where the spilled files are served from the page cache anyway and a budget that
+        grows the process with the corpus up to a GiB would show as memory growing with tokens."""
+        if self.resident_budget is not None:
+            return self.resident_budget
+        return 1 << 30 if device.type != "cpu" else 64 << 20
+
     @torch.no_grad()
     def _encode(self, acts: Tensor, start: int) -> SparseBatch:
         x = acts.to(device=self.device or acts.device, dtype=self.dtype or acts.dtype)
@@ -124,7 +133,7 @@ class CodeStream:
                     else:
                         kept = ((batch.rows - start).int(), batch.latents.int(), batch.values.contiguous())
                         resident += 12 * len(batch.values)
-                        if resident > self.resident_budget:
+                        if resident > self._resident_budget(batch.values.device):
                             path = self._folder / f"{len(files):06d}.safetensors"
                             names = ("rows", "latents", "values")
                             save_file({k: t.cpu() for k, t in zip(names, kept)}, str(path))
