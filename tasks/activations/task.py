@@ -197,11 +197,12 @@ def cache_activations(
             summary = write_unstored(loaded, docs, plan, spec, folder, header=header, model_load=how)
             return _registered(run, folder, summary, time.perf_counter() - t0, [0], len(plan.parts))
         prepare_cache(plan, folder)
+        verified: dict[str, set[int]] = {}  # shards hashed in this process: the assembly does not reread them
         if len(plan.parts) == 1 or ctx.settings.task_runner != "dask":
             # in this process, with the plan made above: one job starts no cluster, and on threads the parts
             # would run in turn anyway (they hook the one loaded model)
             batches = [
-                write_part(loaded, plan, spec, folder, p, progress=ctx.progress)
+                write_part(loaded, plan, spec, folder, p, progress=ctx.progress, verified=verified)
                 for p in range(len(plan.parts))
             ]
         else:
@@ -218,7 +219,7 @@ def cache_activations(
             ]
             with task_pool(ctx.settings) as pool:
                 batches = pool.run_all(cache_part, calls)
-        summary = assemble(loaded.tokenizer, docs, plan, spec, folder, header=header)
+        summary = assemble(loaded.tokenizer, docs, plan, spec, folder, header=header, verified=verified)
         return _registered(run, folder, summary, time.perf_counter() - t0, batches, len(plan.parts))
 
     return run_stage(
