@@ -212,11 +212,13 @@ def child(args) -> dict:
         plan = make_plan(loaded, contexts, spec, hookpoint)
         if args.mode == "stored":
 
-            def cache() -> None:
+            def cache() -> None:  # what `write_cache` does in one process
                 prepare_cache(plan, folder)
-                write_part(loaded, plan, spec, folder, 0)
+                verified: dict[str, set[int]] = {}
+                write_part(loaded, plan, spec, folder, 0, verified=verified)
                 docs = _documents(contexts, has_polars)
-                assemble(loaded.tokenizer, docs, plan, spec, folder, header={}, token_table=has_polars)
+                table = {"token_table": has_polars, "verified": verified}
+                assemble(loaded.tokenizer, docs, plan, spec, folder, header={}, **table)
 
             stages["cache"] = (timed(cache, device, "cache")[1], n)
         else:
