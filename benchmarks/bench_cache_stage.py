@@ -11,7 +11,8 @@ shared machine only adds time):
   forward     the bare forward pass to the hookpoint (the baseline)
   cache       `prepare_cache` + `write_part` + `assemble`, as `write_cache` runs them in one process
   write_part  of which: the hooked forward passes with the shards written, hashed and summed
-  assemble    of which: the records summed, the token table, contexts and manifest
+  assemble    of which: the records summed, the token table awaited (written on a thread of its own
+              since the forward passes began), contexts and manifest
 
 Each is timed in wall seconds and in CPU seconds of the whole process (every thread): on a shared machine
 wall time follows the load, while CPU time counts the work, so `cpu_ratio` (cache CPU / forward CPU) is
@@ -73,7 +74,7 @@ def main() -> None:
     scale._source_tree_package()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from featureatlas.schemas.spec import CacheSpec
-    from featureatlas.tasks.activations.cache import assemble, prepare_cache, write_part
+    from featureatlas.tasks.activations.cache import assemble, prepare_cache, start_token_table, write_part
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -97,19 +98,12 @@ def main() -> None:
             scale._sync(device)
             wall, cpu = time.perf_counter(), time.process_time()
             clock.lap("prepare", lambda: prepare_cache(plan, folder))
+            # the token table starts with the forward passes, as `write_cache` starts it
+            table = has_polars and start_token_table(loaded.tokenizer, docs, plan, spec, folder)
             clock.lap("write_part", lambda: write_part(loaded, plan, spec, folder, 0, verified=verified))
+            done = {"token_table": table, "verified": verified}
             clock.lap(
-                "assemble",
-                lambda: assemble(
-                    loaded.tokenizer,
-                    docs,
-                    plan,
-                    spec,
-                    folder,
-                    header={},
-                    token_table=has_polars,
-                    verified=verified,
-                ),
+                "assemble", lambda: assemble(loaded.tokenizer, docs, plan, spec, folder, header={}, **done)
             )
             clock.laps.setdefault("cache", []).append((time.perf_counter() - wall, time.process_time() - cpu))
             log.info("repeat %d: %s", i, {k: [round(x, 3) for x in v[-1]] for k, v in clock.laps.items()})

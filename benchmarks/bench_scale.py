@@ -166,7 +166,7 @@ def child(args) -> dict:
     """One (mode, size) in this process: every stage's seconds and tokens, peak memory."""
     from featureatlas.schemas.methods import TopKConfig
     from featureatlas.schemas.spec import CacheSpec
-    from featureatlas.tasks.activations.cache import assemble, prepare_cache, write_part
+    from featureatlas.tasks.activations.cache import assemble, prepare_cache, start_token_table, write_part
     from featureatlas.tasks.activations.unstored import write_unstored
     from featureatlas.tasks.common.store import ActivationCache
     from featureatlas.tasks.dictionary.data import CacheSource
@@ -214,11 +214,12 @@ def child(args) -> dict:
 
             def cache() -> None:  # what `write_cache` does in one process
                 prepare_cache(plan, folder)
+                docs = _documents(contexts, has_polars)
+                table = has_polars and start_token_table(loaded.tokenizer, docs, plan, spec, folder)
                 verified: dict[str, set[int]] = {}
                 write_part(loaded, plan, spec, folder, 0, verified=verified)
-                docs = _documents(contexts, has_polars)
-                table = {"token_table": has_polars, "verified": verified}
-                assemble(loaded.tokenizer, docs, plan, spec, folder, header={}, **table)
+                done = {"token_table": table, "verified": verified}
+                assemble(loaded.tokenizer, docs, plan, spec, folder, header={}, **done)
 
             stages["cache"] = (timed(cache, device, "cache")[1], n)
         else:

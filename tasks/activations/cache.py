@@ -31,6 +31,7 @@ import hashlib
 import json
 import logging
 import shutil
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -251,7 +252,7 @@ def assemble(
     out_dir: Path,
     *,
     header: dict,
-    token_table: bool = True,
+    token_table: bool | Future = True,
     verified: dict[str, set[int]] | None = None,
 ) -> CacheSummary:
     """Adopt every part's shards, write the token table, contexts and (last) the manifest.
@@ -272,6 +273,18 @@ def assemble(
     )
 
 
+def start_token_table(tokenizer, documents: pl.DataFrame, plan: CachePlan, cache: CacheSpec, out_dir: Path):
+    """Write `out_dir/tokens.parquet` on a thread of its own; returns the future of its counts, for
+    `assemble(token_table=...)`. The table needs the contexts alone, so it is written while the forward
+    passes run, off the caching's critical path (polars and Arrow release the GIL for the bulk of it)."""
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="token-table")
+    path = out_dir / "tokens.parquet"
+    try:
+        return pool.submit(write_token_table, tokenizer, documents, plan.contexts, cache.shard_tokens, path)
+    finally:
+        pool.shutdown(wait=False)
+
+
 def finish_cache(
     tokenizer,
     documents: pl.DataFrame,
@@ -282,16 +295,19 @@ def finish_cache(
     header: dict,
     hookpoints: dict[str, dict],
     extra: dict | None = None,
-    token_table: bool = True,
+    token_table: bool | Future = True,
 ) -> CacheSummary:
     """Write the token table, the contexts and (last) the manifest listing `hookpoints`.
 
     `token_table=False` leaves tokens.parquet out (and polars unloaded): a cache then serves only readers
-    that pass their rows explicitly, as throughput measurements on synthetic token ids do.
+    that pass their rows explicitly, as throughput measurements on synthetic token ids do. A future from
+    `start_token_table` means the table is being written already: its counts are awaited here.
     """
     contexts, T, hp_info = plan.contexts, cache.shard_tokens, hookpoints
     n_ctx, L = contexts.input_ids.shape
-    if token_table:
+    if isinstance(token_table, Future):
+        counts = token_table.result()  # re-raises a failed table here
+    elif token_table:
         counts = write_token_table(tokenizer, documents, contexts, T, out_dir / "tokens.parquet")
     else:
         lengths = contexts.attention_mask.sum(1)
@@ -346,7 +362,14 @@ def write_cache(
     plan = plan_cache(loaded, documents, corpus, cache, hookpoints, header=header)
     log.info("caching %d contexts of up to %d tokens at %s", *plan.contexts.input_ids.shape, hookpoints)
     prepare_cache(plan, out_dir)
+    table = start_token_table(loaded.tokenizer, documents, plan, cache, out_dir)
     verified: dict[str, set[int]] = {}
-    for part in range(len(plan.parts)):
-        write_part(loaded, plan, cache, out_dir, part, progress=progress, verified=verified)
-    return assemble(loaded.tokenizer, documents, plan, cache, out_dir, header=header, verified=verified)
+    try:
+        for part in range(len(plan.parts)):
+            write_part(loaded, plan, cache, out_dir, part, progress=progress, verified=verified)
+    except BaseException:
+        wait([table])  # the table's thread writes into out_dir: it ends before the error goes up
+        raise
+    return assemble(
+        loaded.tokenizer, documents, plan, cache, out_dir, header=header, token_table=table, verified=verified
+    )
