@@ -7,6 +7,8 @@ baseline measured in the same process:
 
   forward        the bare forward pass to the hookpoint (the baseline of caching and streaming)
   cache          forward passes + shards written, hashed, float64 statistics (stored)      / forward
+                 and the rest of `write_cache`: token table (written beside the forward passes),
+                 assembly, contexts and manifest; `bench_cache_stage.py` splits it up
   train_memory   the training step alone, on rows in memory                                 (baseline)
   train_cache    training from the stored cache, streamed shard by shard                    / train_memory
   train_stream   training straight from forward passes, nothing stored            / (forward + train_memory)
