@@ -7,6 +7,8 @@ baseline measured in the same process:
 
   forward        the bare forward pass to the hookpoint (the baseline of caching and streaming)
   cache          forward passes + shards written, hashed, float64 statistics (stored)      / forward
+                 and the rest of `write_cache`: token table (written beside the forward passes),
+                 assembly, contexts and manifest; `bench_cache_stage.py` splits it up
   train_memory   the training step alone, on rows in memory                                 (baseline)
   train_cache    training from the stored cache, streamed shard by shard                    / train_memory
   train_stream   training straight from forward passes, nothing stored            / (forward + train_memory)
@@ -166,7 +168,7 @@ def child(args) -> dict:
     """One (mode, size) in this process: every stage's seconds and tokens, peak memory."""
     from featureatlas.schemas.methods import TopKConfig
     from featureatlas.schemas.spec import CacheSpec
-    from featureatlas.tasks.activations.cache import assemble, prepare_cache, write_part
+    from featureatlas.tasks.activations.cache import assemble, prepare_cache, start_token_table, write_part
     from featureatlas.tasks.activations.unstored import write_unstored
     from featureatlas.tasks.common.store import ActivationCache
     from featureatlas.tasks.dictionary.data import CacheSource
@@ -212,11 +214,14 @@ def child(args) -> dict:
         plan = make_plan(loaded, contexts, spec, hookpoint)
         if args.mode == "stored":
 
-            def cache() -> None:
+            def cache() -> None:  # what `write_cache` does in one process
                 prepare_cache(plan, folder)
-                write_part(loaded, plan, spec, folder, 0)
                 docs = _documents(contexts, has_polars)
-                assemble(loaded.tokenizer, docs, plan, spec, folder, header={}, token_table=has_polars)
+                table = has_polars and start_token_table(loaded.tokenizer, docs, plan, spec, folder)
+                verified: dict[str, set[int]] = {}
+                write_part(loaded, plan, spec, folder, 0, verified=verified)
+                done = {"token_table": table, "verified": verified}
+                assemble(loaded.tokenizer, docs, plan, spec, folder, header={}, **done)
 
             stages["cache"] = (timed(cache, device, "cache")[1], n)
         else:

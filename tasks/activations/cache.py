@@ -12,15 +12,17 @@ or machines:
   write_part     runs the batches that hold the part's missing rows and writes its shards under their final
                  names. Batches are cut at multiples of batch_size from context 0 exactly as in a single run,
                  so every shard holds the same bytes whichever part, or run, wrote it;
-  assemble       re-reads every shard in order (sizes, sha256 and float64 statistics, as one run sums them),
-                 writes the token table and contexts, removes `resume.json` and writes the manifest last.
+  assemble       takes every shard in order (its size, its sha256 and float64 statistics from the record
+                 written beside it, summed as one run sums them; a shard not hashed in this process is
+                 hashed again), writes the token table and contexts, removes `resume.json` and writes the
+                 manifest last.
 `write_cache` calls the three in one process: parts=1 is the same code path as any other split.
 
 Resuming: if `out_dir` already holds a `resume.json` with the same content, every part keeps the full shards
 it finds in its own range (from its first shard on, without a gap, on every hookpoint) that still hash to
-the sha256 recorded beside each when it was written (`<shard>.sha256`), and restarts at the
-batch holding its first missing row, so a killed run recomputes only what is missing and ends with the bytes
-of an uninterrupted one.
+the sha256 recorded beside each when it was written (`<shard>.sha256`, its statistics in `<shard>.stats`),
+and restarts at the batch holding its first missing row, so a killed run recomputes only what is missing
+and ends with the bytes of an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import hashlib
 import json
 import logging
 import shutil
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -157,8 +160,13 @@ def write_part(
     part: int,
     *,
     progress: bool = False,
+    verified: dict[str, set[int]] | None = None,
 ) -> int:
-    """Write the missing shards of part `part` into `out_dir`; return how many batches it ran."""
+    """Write the missing shards of part `part` into `out_dir`; return how many batches it ran.
+
+    `verified[hookpoint]`, where given, gains the shards this call hashed (those it wrote, those it kept), so
+    an assembly in the same process need not read them again.
+    """
     resume_file = out_dir / "resume.json"
     if not resume_file.is_file() or json.loads(resume_file.read_text()) != plan.key:
         raise RuntimeError(
@@ -170,6 +178,9 @@ def write_part(
     T, bs = cache.shard_tokens, cache.batch_size
     # full shards this part finished in an earlier run (on every hookpoint); the tail is always redone
     kept = min(finished_shards(out_dir, hp, T, first, end) for hp in hookpoints)
+    if verified is not None:
+        for hp in hookpoints:
+            verified.setdefault(hp, set()).update(range(first, first + kept))
     row_start = (first + kept) * T
     row_stop = plan.n_rows if part == len(plan.parts) - 1 else end * T
     if row_start >= row_stop:
@@ -200,15 +211,19 @@ def write_part(
         batch_row = int(row_end[start - 1]) if start else 0
         lo, hi = max(row_start - batch_row, 0), row_stop - batch_row
         keep = mask.bool()
+        padded = not bool(keep.all())  # full contexts (the common case): rows are a view, not a copy
         for hp in hookpoints:
             if hp not in writers:
                 d_in, layout = acts[hp].shape[-1], plan.sites[hp].layout()
                 writers[hp] = ShardWriter(
                     out_dir, hp, d_in, plan.dtype, T, layout, first_shard=first + kept, stats=False
                 )
-            writers[hp].add(acts[hp][keep][lo:hi])
-    for w in writers.values():
+            rows = acts[hp][keep] if padded else acts[hp].flatten(0, 1)
+            writers[hp].add(rows[lo:hi])
+    for hp, w in writers.items():
         w.finish()  # the last part flushes the tail; the others end on a shard boundary, with nothing left
+        if verified is not None:
+            verified.setdefault(hp, set()).update(w.verified)
     return len(batches)
 
 
@@ -237,20 +252,37 @@ def assemble(
     out_dir: Path,
     *,
     header: dict,
-    token_table: bool = True,
+    token_table: bool | Future = True,
+    verified: dict[str, set[int]] | None = None,
 ) -> CacheSummary:
-    """Adopt every part's shards, write the token table, contexts and (last) the manifest."""
+    """Adopt every part's shards, write the token table, contexts and (last) the manifest.
+
+    Each shard's statistics come from its record, summed in shard order as one run sums them; a shard is
+    hashed again unless `verified` (filled by `write_part` in this process) says it was hashed here already.
+    """
     T = cache.shard_tokens
     n_shards = -(-plan.n_rows // T)
     hp_info = {}
     for hp in plan.key["hookpoints"]:
         d_in = _shard_width(out_dir, hp, plan.n_rows, T)
         writer = ShardWriter(out_dir, hp, d_in, plan.dtype, T, plan.sites[hp].layout())
-        writer.adopt(n_shards)  # every shard re-read in order: float64 sums as one run makes them
+        writer.adopt(n_shards, (verified or {}).get(hp, ()))
         hp_info[hp] = writer.finish()
     return finish_cache(
         tokenizer, documents, plan, cache, out_dir, header=header, hookpoints=hp_info, token_table=token_table
     )
+
+
+def start_token_table(tokenizer, documents: pl.DataFrame, plan: CachePlan, cache: CacheSpec, out_dir: Path):
+    """Write `out_dir/tokens.parquet` on a thread of its own; returns the future of its counts, for
+    `assemble(token_table=...)`. The table needs the contexts alone, so it is written while the forward
+    passes run, off the caching's critical path (polars and Arrow release the GIL for the bulk of it)."""
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="token-table")
+    path = out_dir / "tokens.parquet"
+    try:
+        return pool.submit(write_token_table, tokenizer, documents, plan.contexts, cache.shard_tokens, path)
+    finally:
+        pool.shutdown(wait=False)
 
 
 def finish_cache(
@@ -263,16 +295,19 @@ def finish_cache(
     header: dict,
     hookpoints: dict[str, dict],
     extra: dict | None = None,
-    token_table: bool = True,
+    token_table: bool | Future = True,
 ) -> CacheSummary:
     """Write the token table, the contexts and (last) the manifest listing `hookpoints`.
 
     `token_table=False` leaves tokens.parquet out (and polars unloaded): a cache then serves only readers
-    that pass their rows explicitly, as throughput measurements on synthetic token ids do.
+    that pass their rows explicitly, as throughput measurements on synthetic token ids do. A future from
+    `start_token_table` means the table is being written already: its counts are awaited here.
     """
     contexts, T, hp_info = plan.contexts, cache.shard_tokens, hookpoints
     n_ctx, L = contexts.input_ids.shape
-    if token_table:
+    if isinstance(token_table, Future):
+        counts = token_table.result()  # re-raises a failed table here
+    elif token_table:
         counts = write_token_table(tokenizer, documents, contexts, T, out_dir / "tokens.parquet")
     else:
         lengths = contexts.attention_mask.sum(1)
@@ -327,6 +362,14 @@ def write_cache(
     plan = plan_cache(loaded, documents, corpus, cache, hookpoints, header=header)
     log.info("caching %d contexts of up to %d tokens at %s", *plan.contexts.input_ids.shape, hookpoints)
     prepare_cache(plan, out_dir)
-    for part in range(len(plan.parts)):
-        write_part(loaded, plan, cache, out_dir, part, progress=progress)
-    return assemble(loaded.tokenizer, documents, plan, cache, out_dir, header=header)
+    table = start_token_table(loaded.tokenizer, documents, plan, cache, out_dir)
+    verified: dict[str, set[int]] = {}
+    try:
+        for part in range(len(plan.parts)):
+            write_part(loaded, plan, cache, out_dir, part, progress=progress, verified=verified)
+    except BaseException:
+        wait([table])  # the table's thread writes into out_dir: it ends before the error goes up
+        raise
+    return assemble(
+        loaded.tokenizer, documents, plan, cache, out_dir, header=header, token_table=table, verified=verified
+    )

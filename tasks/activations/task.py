@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import wait
 from pathlib import Path
 
 import polars as pl
@@ -27,6 +28,7 @@ from featureatlas.tasks.activations.cache import (
     assemble,
     plan_cache,
     prepare_cache,
+    start_token_table,
     write_part,
 )
 from featureatlas.tasks.activations.unstored import write_unstored
@@ -197,28 +199,16 @@ def cache_activations(
             summary = write_unstored(loaded, docs, plan, spec, folder, header=header, model_load=how)
             return _registered(run, folder, summary, time.perf_counter() - t0, [0], len(plan.parts))
         prepare_cache(plan, folder)
-        if len(plan.parts) == 1 or ctx.settings.task_runner != "dask":
-            # in this process, with the plan made above: one job starts no cluster, and on threads the parts
-            # would run in turn anyway (they hook the one loaded model)
-            batches = [
-                write_part(loaded, plan, spec, folder, p, progress=ctx.progress)
-                for p in range(len(plan.parts))
-            ]
-        else:
-            calls = [
-                {
-                    "model": model,
-                    "corpus": corpus,
-                    "hookpoints": hookpoints,
-                    "spec": spec,
-                    "folder": str(folder),
-                }
-                | {"part": p, "progress": ctx.progress}
-                for p in range(len(plan.parts))
-            ]
-            with task_pool(ctx.settings) as pool:
-                batches = pool.run_all(cache_part, calls)
-        summary = assemble(loaded.tokenizer, docs, plan, spec, folder, header=header)
+        table = start_token_table(loaded.tokenizer, docs, plan, spec, folder)  # while the model runs
+        verified: dict[str, set[int]] = {}  # shards hashed in this process: the assembly does not reread them
+        try:
+            batches = _run_parts(ctx, model, corpus, hookpoints, spec, loaded, plan, folder, verified)
+        except BaseException:
+            wait([table])  # the table's thread writes into the folder: it ends before the error goes up
+            raise
+        summary = assemble(
+            loaded.tokenizer, docs, plan, spec, folder, header=header, token_table=table, verified=verified
+        )
         return _registered(run, folder, summary, time.perf_counter() - t0, batches, len(plan.parts))
 
     return run_stage(
@@ -231,3 +221,31 @@ def cache_activations(
         build=build,
         resumable=True,  # a killed run resumes from its last complete shard
     )
+
+
+def _run_parts(
+    ctx: StageContext,
+    model: ModelRef,
+    corpus: CorpusRef,
+    hookpoints: list[str],
+    spec: CacheSpec,
+    loaded,
+    plan,
+    folder: Path,
+    verified: dict[str, set[int]],
+) -> list[int]:
+    """Every part of the cache, here in turn or on the Dask cluster; the batches each ran."""
+    if len(plan.parts) == 1 or ctx.settings.task_runner != "dask":
+        # in this process, with the plan made above: one job starts no cluster, and on threads the parts
+        # would run in turn anyway (they hook the one loaded model)
+        return [
+            write_part(loaded, plan, spec, folder, p, progress=ctx.progress, verified=verified)
+            for p in range(len(plan.parts))
+        ]
+    calls = [
+        {"model": model, "corpus": corpus, "hookpoints": hookpoints, "spec": spec, "folder": str(folder)}
+        | {"part": p, "progress": ctx.progress}
+        for p in range(len(plan.parts))
+    ]
+    with task_pool(ctx.settings) as pool:
+        return pool.run_all(cache_part, calls)

@@ -47,6 +47,7 @@ def write_token_table(
 
     special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.int64)
     strings: dict[int, str] = {}
+    lookup = pl.Series("token", [], dtype=pl.String)  # lookup[id]: the display string of every id seen
     counts = {"n_train_tokens": 0, "n_heldout_tokens": 0, "n_special_tokens": 0}
     row0 = 0
     tmp = path.with_name(path.name + ".tmp")
@@ -60,7 +61,9 @@ def write_token_table(
             position = torch.arange(mask.shape[1]).expand_as(mask)[keep]
             token_ids = contexts.input_ids[a:b][keep]
             new = set(token_ids.unique().tolist()) - strings.keys()
-            strings.update(_token_strings(tokenizer, list(new)))
+            if new:
+                strings.update(_token_strings(tokenizer, list(new)))
+                lookup = pl.Series("token", [strings.get(i) for i in range(max(strings) + 1)], pl.String)
             if contexts.token_doc is not None:
                 doc_rows = contexts.token_doc[a:b][keep]
             else:
@@ -75,7 +78,7 @@ def write_token_table(
                     "context": context_of_row.numpy(),
                     "position": position.numpy(),
                     "token_id": token_ids.numpy(),
-                    "token": [strings[i] for i in token_ids.tolist()],
+                    "token": lookup.gather(token_ids.numpy()),  # in polars: no Python loop over rows
                     "is_special": is_special.numpy(),
                     "doc_id": documents["doc_id"].gather(doc_rows.numpy()),
                     "split": pl.Series(heldout.numpy()).replace_strict({True: "heldout", False: "train"}),

@@ -1,5 +1,6 @@
 """Writing a cache's shards: checksummed, atomically renamed safetensors files, their float64 statistics, and
-the resume state (each shard's sha256 recorded beside it until assembly) that an interrupted run checks.
+the resume state (each shard's sha256 and statistics recorded beside it until assembly) that an interrupted
+run checks and the assembly sums.
 
 `ShardWriter` writes one hookpoint's shards off the caller's thread; `finished_shards` tells a resumed run
 which shards it may keep. Reading a finished cache is `store.ActivationCache`'s work.
@@ -11,7 +12,7 @@ import hashlib
 import json
 import os
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from featureatlas.tasks.common.models import DTYPES
+from featureatlas.tasks.common.shard_stats import shard_statistics, stats_scratch, summarize
 from featureatlas.tasks.tracking.errors import Refusal
 from featureatlas.tasks.tracking.paths import inside
 
@@ -87,41 +89,23 @@ def hookpoint_dir(hookpoint: str) -> str:
     return hookpoint.replace("/", "_")
 
 
-STATS_CHUNK_ROWS = 8192  # float64 statistics in chunks: a whole shard in float64 is 4x its float32 size
-
-
-def shard_statistics(shard: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Per-dimension sum and sum of squares (float64) and the summed row norms of one shard.
-
-    Chunked, so memory stays at a few MB over the shard whatever its size; the same function serves a run
-    and an adoption of its shards, so both sum in the same order and agree to the bit.
-    """
-    d_in = shard.shape[-1]
-    total = torch.zeros(d_in, dtype=torch.float64, device=shard.device)
-    total_sq = torch.zeros(d_in, dtype=torch.float64, device=shard.device)
-    norm_sum = torch.zeros((), dtype=torch.float64, device=shard.device)
-    for start in range(0, shard.shape[0], STATS_CHUNK_ROWS):
-        a64 = shard[start : start + STATS_CHUNK_ROWS].double()
-        sq = a64 * a64
-        total += a64.sum(0)
-        total_sq += sq.sum(0)
-        norm_sum += sq.sum(1).sqrt().sum()
-    return total.cpu(), total_sq.cpu(), float(norm_sum)
-
-
 class ShardWriter:
     """Buffers rows of one hookpoint and writes fixed-size shards, keeping statistics per shard.
 
     Statistics are summed shard by shard (in float64, from the rows as stored), so a cache resumed after a
-    kill, which re-reads its finished shards, ends with exactly the figures of one made in a single run.
+    kill, or assembled from parts, ends with exactly the figures of one made in a single run.
 
-    The caller's thread only converts rows to the stored dtype (on the model's device, so a bfloat16 copy
-    crosses the bus) and appends them; per hookpoint one thread joins, serialises, hashes, fsyncs and renames
-    each shard, and a second one sums its float64 statistics. Hashing, file writes and torch kernels release
-    the GIL, so neither thread holds up the forward passes; at most two shards are in flight.
+    The caller's thread only copies rows into a shard buffer of the stored dtype (cast on the model's device
+    first, so a bfloat16 copy crosses the bus, into pinned memory); nothing else is copied. Per hookpoint one
+    thread sums each full shard's float64 statistics while a second one serialises, hashes, fsyncs and
+    renames it. Hashing, file writes and torch kernels release the GIL, so neither holds up the forward
+    passes; at most two shards are in flight and their buffers are reused, so memory stays at three shards.
+    A failed write or sum is raised in the caller's thread, by the next `add` that waits on it or by `finish`.
 
-    A part of a cache split into jobs (`first_shard`, `stats=False`) only writes its shards, numbered from
-    `first_shard`; the assembly step adopts every shard afterwards and sums the statistics then, in order.
+    A part of a cache split into jobs (`first_shard`, `stats=False`) numbers its shards from `first_shard`
+    and records each one's sha256 and statistics beside it (`record_shard`), so the assembly step sums the
+    statistics in order without reading the shards again. `verified` lists the shards whose sha256 this
+    writer computed from the bytes it wrote.
     """
 
     def __init__(
@@ -148,96 +132,122 @@ class ShardWriter:
             shard_tokens,
         )
         self.layout = layout or {}
-        self.buffer: list[torch.Tensor] = []
-        self.buffered = 0
         self.shards: list[dict] = []
         self.n_shards = first_shard  # next shard number (self.shards lists those recorded)
         self.stats = stats
+        self.verified: set[int] = set()
+        self._fill: torch.Tensor | None = None  # the shard buffer being filled, `buffered` rows so far
+        self.buffered = 0
+        self._free: list[torch.Tensor] = []  # buffers of shards written and summed
+        self._scratch: tuple[torch.Tensor, torch.Tensor] | None = None  # float64 chunks of the statistics
         name = hookpoint_dir(hookpoint)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"shards-{name}")
         self._stats_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"stats-{name}")
-        self._pending: list[tuple[Future, Future | None]] = []
+        self._pending: list[tuple[Future, Future, torch.Tensor]] = []
         # float64 sums: float32 loses the small per-dimension variances over 10^6 rows
         self.sum = torch.zeros(d_in, dtype=torch.float64)
         self.sumsq = torch.zeros(d_in, dtype=torch.float64)
         self.norm_sum = 0.0
         self.rows = 0
 
-    def adopt(self, n_shards: int) -> None:
-        """Take over the first `n_shards` finished shards of an interrupted run; delete any later ones.
+    def adopt(self, n_shards: int, verified: Collection[int] = ()) -> None:
+        """Take over the first `n_shards` finished shards of an interrupted run or of parts; delete any later
+        ones.
 
-        Each shard must still hash to the sha256 recorded when it was written (`record_shard_sha256`); one
-        that does not is deleted, so that running the caching again recomputes it, and refused.
+        Each shard must hash to the sha256 recorded when it was written (`record_shard`); one that does not
+        is deleted, so that running the caching again recomputes it, and refused. Shards in `verified` were
+        hashed in this process already (written, or checked on resuming) and are not read again; the
+        statistics come from each shard's record where it has one, else from the shard itself.
         """
         for i in range(n_shards):
             path = self.folder / f"{i:05d}.safetensors"
-            sha256 = sha256_file(path)
-            if recorded_sha256(path) != sha256:
+            recorded = recorded_sha256(path)
+            sha256 = recorded if i in verified and recorded else sha256_file(path)
+            if recorded != sha256:
                 path.unlink()
                 raise CacheIntegrityError(
                     f"shard {path} of hookpoint {self.hookpoint!r} does not match the checksum recorded when "
                     "it was written (changed on disk, or never finished); it was deleted: run the caching "
                     "again to recompute it"
                 )
-            shard = load_file(str(path))["acts"]
-            self._add_stats(shard)
-            self._record(shard.shape[0], path, sha256)
+            stats = recorded_stats(path, sha256, self.d_in)
+            if stats is None:
+                shard = load_file(str(path))["acts"]
+                stats, rows = shard_statistics(shard), shard.shape[0]
+            else:
+                with safe_open(str(path), "pt") as f:
+                    rows = f.get_slice("acts").get_shape()[0]
+            self._add_stats(stats, rows)
+            self._record(rows, path, sha256)
         self.n_shards = n_shards
         for path in self.folder.iterdir():
             if not path.name.endswith(".safetensors") or int(path.name.split(".")[0]) >= n_shards:
-                path.unlink()  # a later shard, or a temporary file a kill left behind
+                path.unlink()  # a record, a later shard, or a temporary file a kill left behind
 
     def add(self, acts: torch.Tensor) -> None:
+        """Append rows `acts [n, d_in]` (any device and float dtype); full shards go to the writer threads."""
         if acts.shape[-1] != self.d_in:
             raise ValueError(f"{self.hookpoint}: got width {acts.shape[-1]}, expected {self.d_in}")
-        acts = acts.detach().to(self.dtype).to("cpu")  # cast first: half the bytes over the bus
-        self.buffer.append(acts)
-        self.buffered += acts.shape[0]
-        while self.buffered >= self.shard_tokens:
-            self._flush(self.shard_tokens)
+        acts = acts.detach()
+        if acts.device.type != "cpu":
+            acts = acts.to(self.dtype)  # cast first: half the bytes over the bus
+        done = 0
+        while done < acts.shape[0]:
+            if self._fill is None:
+                self._fill = self._buffer(pinned=acts.device.type == "cuda")
+            take = min(acts.shape[0] - done, self.shard_tokens - self.buffered)
+            # one copy into the shard buffer (on CPU it casts on the way)
+            self._fill[self.buffered : self.buffered + take].copy_(acts[done : done + take])
+            self.buffered += take
+            done += take
+            if self.buffered == self.shard_tokens:
+                self._flush()
 
-    def _flush(self, n: int) -> None:
-        pieces, taken = [], 0
-        while taken < n:
-            piece = self.buffer.pop(0)
-            if taken + piece.shape[0] > n:
-                piece, rest = piece[: n - taken], piece[n - taken :]
-                self.buffer.insert(0, rest)
-            pieces.append(piece)
-            taken += piece.shape[0]
-        self.buffered -= n
-        path = self.folder / f"{self.n_shards:05d}.safetensors"
+    def _buffer(self, pinned: bool) -> torch.Tensor:
+        if self._free:
+            return self._free.pop()
+        return torch.empty(self.shard_tokens, self.d_in, dtype=self.dtype, pin_memory=pinned)
+
+    def _flush(self) -> None:
+        buffer, shard = self._fill, self._fill[: self.buffered]
+        self._fill, self.buffered = None, 0
+        index = self.n_shards
         self.n_shards += 1
         # at most two shards in flight: writing may lag behind the model, memory stays bounded
         while len(self._pending) >= 2:
             self._wait(self._pending.pop(0))
-        shard = self._pool.submit(torch.cat, pieces) if len(pieces) > 1 else None
-        written = self._pool.submit(self._write, shard or pieces[0], path)
-        summed = self._stats_pool.submit(self._add_stats, shard or pieces[0]) if self.stats else None
-        self._pending.append((written, summed))
+        summed = self._stats_pool.submit(self._sum, shard)
+        written = self._pool.submit(self._write, shard, index, summed)
+        self._pending.append((written, summed, buffer))
 
-    @staticmethod
-    def _wait(pending: tuple[Future, Future | None]) -> None:
-        for future in pending:
-            if future is not None:
-                future.result()  # re-raises a failed write here, in the caller's thread
+    def _wait(self, pending: tuple[Future, Future, torch.Tensor]) -> None:
+        written, summed, buffer = pending
+        written.result()  # re-raises a failed write (or sum) here, in the caller's thread
+        summed.result()
+        self._free.append(buffer)
 
-    def _write(self, shard: torch.Tensor | Future, path: Path) -> None:
-        if isinstance(shard, Future):
-            shard = shard.result()
-        if self.stats:
-            self._record(shard.shape[0], path, write_acts_shard(shard, path))
-        else:  # a part of a resumable cache: the resume state keeps the checksum until assembly
-            write_acts_shard(shard, path, before_rename=lambda sha256: record_shard_sha256(path, sha256))
+    def _sum(self, shard: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """On the statistics thread: float64 sums of one shard, in chunk buffers kept from shard to shard."""
+        if self._scratch is None:
+            self._scratch = stats_scratch(self.d_in, self.shard_tokens)
+        return shard_statistics(shard, self._scratch)
 
-    def _add_stats(self, shard: torch.Tensor | Future) -> None:
-        if isinstance(shard, Future):
-            shard = shard.result()
-        total, total_sq, norm_sum = shard_statistics(shard)
+    def _write(self, shard: torch.Tensor, index: int, summed: Future) -> None:
+        """On the writer thread, in shard order: write, hash, record and rename, then add the statistics."""
+        path = self.folder / f"{index:05d}.safetensors"
+        # a part of a resumable cache: its records (checksum, statistics) are in place before the rename
+        record = None if self.stats else (lambda sha256: record_shard(path, sha256, summed.result()))
+        sha256 = write_acts_shard(shard, path, before_rename=record)
+        self._add_stats(summed.result(), shard.shape[0])
+        self._record(shard.shape[0], path, sha256)
+        self.verified.add(index)
+
+    def _add_stats(self, stats: tuple[torch.Tensor, torch.Tensor, float], rows: int) -> None:
+        total, total_sq, norm_sum = stats
         self.sum += total
         self.sumsq += total_sq
         self.norm_sum += norm_sum
-        self.rows += shard.shape[0]
+        self.rows += rows
 
     def _record(self, rows: int, path: Path, sha256: str) -> None:
         self.shards.append(
@@ -251,10 +261,10 @@ class ShardWriter:
 
     def finish(self) -> dict:
         if self.buffered:
-            self._flush(self.buffered)
+            self._flush()
         for pending in self._pending:
             self._wait(pending)
-        self._pending = []
+        self._pending, self._free, self._fill, self._scratch = [], [], None, None
         self._pool.shutdown()
         self._stats_pool.shutdown()
         return {"d_in": self.d_in, "rows": self.rows, **self.layout, "shards": self.shards, **self.summary()}
@@ -264,41 +274,53 @@ class ShardWriter:
         return summarize(self.sum, self.sumsq, self.norm_sum, self.rows)
 
 
-def summarize(total: torch.Tensor, total_sq: torch.Tensor, norm_sum: float, rows: int) -> dict:
-    """The manifest's statistics of a hookpoint from its float64 sums over `rows` rows."""
-    n = max(rows, 1)
-    mean = total / n
-    var = total_sq / n - mean**2
-    return {
-        "mean": mean.tolist(),
-        "rms": (total_sq / n).sqrt().tolist(),
-        "total_variance": float(var.clamp_min(0).sum()),
-        "mean_norm": norm_sum / n,
-        "mean_squared_norm": float(total_sq.sum()) / n,
-    }
+def _record_path(path: Path, kind: str) -> Path:
+    return path.with_name(f"{path.name}.{kind}")
 
 
-def _sha256_record(path: Path) -> Path:
-    return path.with_name(path.name + ".sha256")
+def _write_small(data: bytes, path: Path) -> None:
+    """Write a resume record under a temporary name and rename it: never seen half-written. Not fsynced: a
+    record lost in a crash only makes the resumed run recompute its shard, never adopt a wrong one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
 
 
-def record_shard_sha256(path: Path, sha256: str) -> None:
-    """Record the sha256 of the shard just written at `path` in the resume state: a file beside it.
+def record_shard(path: Path, sha256: str, stats: tuple[torch.Tensor, torch.Tensor, float]) -> None:
+    """Record the sha256 and float64 statistics of the shard just written at `path` in the resume state:
+    files beside it (`.stats`: the sha256 it belongs to and the raw float64 sums; `.sha256`, last).
 
     Written once the shard is complete, just before it is renamed into place, so every shard under its final
     name has a record (a resumed run adopts every shard it finds that hashes to it); a kill in between
     leaves a record without a shard, and the shard is recomputed and the record rewritten. The assembly
-    step deletes the records once the manifest lists every checksum.
+    step sums the recorded statistics in shard order, as one run sums them, and deletes the records once the
+    manifest lists every checksum.
     """
-    atomic_write_text(sha256, _sha256_record(path))
+    total, total_sq, norm_sum = stats
+    sums = torch.cat([total, total_sq, torch.tensor([norm_sum], dtype=torch.float64)])
+    _write_small(sha256.encode() + sums.numpy().tobytes(), _record_path(path, "stats"))
+    _write_small(sha256.encode(), _record_path(path, "sha256"))
 
 
 def recorded_sha256(path: Path) -> str | None:
     """The sha256 recorded when the shard at `path` was written, or None if there is no record."""
     try:
-        return _sha256_record(path).read_text().strip()
+        return _record_path(path, "sha256").read_text().strip()
     except FileNotFoundError:
         return None
+
+
+def recorded_stats(path: Path, sha256: str, d_in: int) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+    """The float64 statistics recorded for the shard at `path` with content `sha256`, or None if there is
+    no record of them (an older run's, a cut one, or one of other bytes)."""
+    try:
+        data = _record_path(path, "stats").read_bytes()
+    except FileNotFoundError:
+        return None
+    if len(data) != 64 + 8 * (2 * d_in + 1) or data[:64] != sha256.encode():
+        return None
+    sums = torch.frombuffer(bytearray(data[64:]), dtype=torch.float64)
+    return sums[:d_in], sums[d_in : 2 * d_in], float(sums[-1])
 
 
 def finished_shards(
