@@ -13,7 +13,7 @@ baseline measured in the same process:
   train_cache    training from the stored cache, streamed shard by shard                    / train_memory
   train_stream   training straight from forward passes, nothing stored            / (forward + train_memory)
   encode         one encode pass of the trained dictionary over the labeled rows            (baseline)
-  label          the streamed labeling passes (`build_feature_table`)                       / encode
+  label          the label stage's passes (`feature_table` over the cache's rows)           / encode
 
 The last stdout line is JSON: per mode and size `stage_ratio` (per stage), `tokens_per_s`, `peak_rss_gb`
 (and `peak_gpu_gb` on CUDA); `rss_growth` per mode (peak RSS at the larger size / the smaller).
@@ -244,14 +244,14 @@ def child(args) -> dict:
         result, t_train = timed(lambda: train_dictionary(topk, source), device, name)
         stages[name] = (t_train, steps * args.train_batch)
         sae = result.dictionary.to(device)
-        label_rows = rows[: args.label_tokens] if args.label_tokens else rows
-        _, t_enc = timed(lambda: _encode_pass(sae, store, hookpoint, label_rows, device), device, "encode")
-        stages["encode"] = (t_enc, label_rows.numel())
         if args.no_label:
             pass
-        elif has_polars:
-            t_label = _label(sae, store, hookpoint, label_rows, contexts, device)
-            stages["label"] = (t_label, label_rows.numel())
+        elif has_polars:  # the labeled rows come from the token table
+            labeled = _label_rows(store, args.label_tokens or None)
+            _, t_enc = timed(lambda: _encode_pass(sae, store, hookpoint, labeled, device), device, "encode")
+            stages["encode"] = (t_enc, labeled.n_rows)
+            t_label = _label(sae, store, hookpoint, labeled, device)
+            stages["label"] = (t_label, labeled.n_rows)
         else:
             log.info("polars is not installed: labeling skipped")
     out = {
@@ -302,32 +302,51 @@ def _documents(contexts, has_polars: bool):
     return pl.DataFrame({"doc_id": [f"d{i}" for i in range(contexts.input_ids.shape[0])]})
 
 
-def _encode_pass(sae, store, hookpoint: str, rows: torch.Tensor, device: torch.device) -> None:
-    from featureatlas.tasks.labeling.sharded import ShardedActs
+class LabelRows(NamedTuple):
+    """The rows the label stage labels (`corpus`), and their cache row numbers in batches (`batches()`)."""
 
-    view = ShardedActs(store, hookpoint, rows)
+    corpus: object
+    batches: object
+    n_rows: int
+
+
+def _label_rows(store, max_rows: int | None, batch_rows: int = 4096) -> LabelRows:
+    """The rows the label stage labels, read as it reads them: the token table and contexts a chunk at a time
+    (`CacheRows`, which needs pyarrow); where pyarrow is missing (a bare GPU machine), the same rows with
+    their contexts in memory (`TensorRows`)."""
+    from featureatlas.tasks.labeling.corpus import CacheRows, TensorRows
+
+    if importlib.util.find_spec("pyarrow") is not None:
+        corpus = CacheRows(store, max_rows)
+        return LabelRows(corpus, lambda: corpus.cache_rows(batch_rows), corpus.n_rows)
+    ids = store.contexts()["input_ids"]
+    rows = store.select_rows(None)[:max_rows]
+    length = ids.shape[1]
+    corpus = TensorRows(rows // length, rows % length, ids)
+    return LabelRows(corpus, lambda: iter(rows.split(batch_rows)), len(rows))
+
+
+def _encode_pass(sae, store, hookpoint: str, labeled: LabelRows, device: torch.device) -> None:
+    from featureatlas.tasks.labeling.sharded import ShardRows
+
+    reader = ShardRows(store, hookpoint)
     with torch.inference_mode():
-        for batch in view.batches(4096):
-            sae.encode(batch.to(device, torch.float32))
+        for rows in labeled.batches():
+            sae.encode(reader(rows).to(device, torch.float32))
 
 
-def _label(sae, store, hookpoint: str, rows, contexts, device: torch.device) -> float:
-    from featureatlas.tasks.labeling.features import build_feature_table
-    from featureatlas.tasks.labeling.sharded import ShardedActs
-    from featureatlas.tasks.labeling.stat_labeler import count_ngrams
+def _label(sae, store, hookpoint: str, labeled: LabelRows, device: torch.device) -> float:
+    """The label stage's own passes (`feature_table` over `ShardRows`), n-gram counts included."""
+    from featureatlas.tasks.labeling.features import feature_table
+    from featureatlas.tasks.labeling.sharded import ShardRows
 
-    length = contexts.input_ids.shape[1]
-    tokens = contexts.input_ids
-    view = ShardedActs(store, hookpoint, rows)
+    reader = ShardRows(store, hookpoint)
     _, seconds = timed(
-        lambda: build_feature_table(
+        lambda: feature_table(
             sae,
-            view,
-            rows // length,
-            rows % length,
-            tokens,
+            lambda: (reader(rows) for rows in labeled.batches()),
+            labeled.corpus,
             lambda ids: [f"<{i}>" for i in ids],
-            count_ngrams(tokens),  # the corpus n-gram counts are part of labeling
             top_k=10,
             window=4,
         ),
@@ -358,7 +377,7 @@ def main() -> None:
     ap.add_argument("--train-batch", type=int, default=1024)
     ap.add_argument("--expansion", type=int, default=4)
     ap.add_argument("--k", type=int, default=32)
-    ap.add_argument("--label-tokens", type=int, default=0, help="rows labeled (0: all training rows)")
+    ap.add_argument("--label-tokens", type=int, default=0, help="rows labeled (0: all the cache selects)")
     ap.add_argument("--memory-rows", type=int, default=1 << 16, help="rows of the in-memory baseline")
     ap.add_argument("--no-label", action="store_true", help="leave the labeling stage out")
     ap.add_argument("--tmp", default=None, help="folder for the caches (default: the system's)")
