@@ -14,7 +14,7 @@ the shards are written by `shards.ShardWriter`.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -138,11 +138,13 @@ class ActivationCache:
         are left out; pass False to keep them.
         """
         first, special = self._filters(exclude_first_token, exclude_special_tokens)
-        n_shards = max((len(info["shards"]) for info in self.manifest["hookpoints"].values()), default=0)
+        # every hookpoint has the same shards; a hand-written manifest may list none, or leave n_tokens out
+        listed = [len(info["shards"]) for info in self.manifest["hookpoints"].values()]
+        n_shards = max([*listed, -(-int(self.manifest.get("n_tokens", 0)) // self.shard_tokens)])
         return RowSelection.from_table(
             self.folder / "tokens.parquet",
             self.shard_tokens,
-            max(n_shards, -(-int(self.manifest.get("n_tokens", 0)) // self.shard_tokens)),
+            n_shards,
             split=split,
             exclude_first_token=first,
             exclude_special=special,
@@ -219,10 +221,11 @@ class ActivationCache:
         limit: int | None = None,
         prefetch: bool = True,
         pin_memory: bool = False,
-        check=None,
+        check: Callable[[int, torch.Tensor], None] | None = None,
     ) -> Iterator[StreamBatch]:
         """Shuffled batches of `rows` (default: the train split), at most `buffer_shards` shards in memory
-        (twice that while the next group is read ahead in a background thread).
+        (twice that while the next group is read ahead in a background thread); `check(s, acts)` sees the
+        selected rows of each shard as it is read.
 
         See `tasks.common.stream.stream_batches`.
         """

@@ -110,22 +110,40 @@ def _groups(
     for group in plan.groups[plan.first :]:
         if limit is not None and group.out_start >= limit:
             return
-        perm = torch.randperm(group.n_carry + group.n_own, generator=gen)
+        n = group.n_carry + group.n_own
+        perm = torch.randperm(n, generator=gen)
         own = [selection.shard(s) for s in group.shards]
         rows = torch.cat([carry_rows, *own])[perm]
-        parts = []
+        # each row goes straight to its shuffled place (inv[j]: where source row j lands), one gather from
+        # the shard and one scatter per row, into pinned memory when asked: no concatenated copy in between
+        inv = torch.empty_like(perm)
+        inv[perm] = torch.arange(n)
+        acts: torch.Tensor | None = None
+        at = group.n_carry
         for s, selected in zip(group.shards, own):
-            acts = read(s)[selected - s * T]
+            part = read(s)[selected - s * T]
             if check is not None:
-                check(s, acts)
-            parts.append(acts)
-        if carry_acts is None:
-            carry_acts = parts[0].new_zeros(group.n_carry, parts[0].shape[1]) if parts else None
-        acts = torch.cat([carry_acts, *parts])[perm]
-        if pin_memory:
-            acts = acts.pin_memory()
+                check(s, part)
+            if acts is None:
+                acts = torch.empty(n, part.shape[1], dtype=part.dtype, pin_memory=pin_memory)
+            acts.index_copy_(0, inv[at : at + part.shape[0]], part)
+            at += part.shape[0]
+        if acts is None:  # a group of carried rows alone
+            acts = torch.empty(n, carry_acts.shape[1], dtype=carry_acts.dtype, pin_memory=pin_memory)
+        if carry_acts is None:  # carried in from groups not read: all before `skip`, never yielded
+            acts.index_fill_(0, inv[: group.n_carry], 0)
+        else:
+            acts.index_copy_(0, inv[: group.n_carry], carry_acts)
         carry_rows, carry_acts = rows[group.n_full :], acts[group.n_full :]
         yield group, acts, rows
+
+
+def reader_threads() -> int:
+    """Intra-op threads of the background reader: half the caller's, at least one."""
+    return max(1, torch.get_num_threads() // READER_SHARE)
+
+
+READER_SHARE = 2
 
 
 def _prefetched(items: Iterator) -> Iterator:
@@ -135,7 +153,12 @@ def _prefetched(items: Iterator) -> Iterator:
     wanted = threading.Semaphore(1)  # released when the consumer takes an item: then make the next
     stop = threading.Event()
 
+    threads = reader_threads()
+
     def produce() -> None:
+        # torch's intra-op thread count is per thread: the reader's copies get a share of the cores, so they
+        # do not start a second full team of threads competing with the training step on every core
+        torch.set_num_threads(threads)
         try:
             while True:
                 while not wanted.acquire(timeout=0.1):

@@ -3,8 +3,9 @@
 A source yields each epoch as a sequence of shuffled row chunks; `batches` cuts the back-to-back epochs into
 full batches (a batch may straddle two epochs: a one-row tail batch would have zero variance, leaving the FVU
 undefined). Batch `b` is a pure function of (seed, batch_size, b), so a resumed run, or a dictionary trained
-inside a sweep, sees exactly the batches of an uninterrupted run trained alone. Every chunk is checked before
-any dictionary sees it: width `d_in`, finite values (the shard holding a NaN or inf is named).
+inside a sweep, sees exactly the batches of an uninterrupted run trained alone. Every row is checked before
+any dictionary sees it: width `d_in`, finite values (a cache's rows once per shard read, in the reader's
+thread, naming the shard that holds a NaN or inf).
 
 Initialisation from data (input scale, `b_dec`) uses `init_sample`: all rows when they fit in
 `INIT_SAMPLE_ROWS`, else a bounded sample, so a cache larger than memory is never loaded whole.
