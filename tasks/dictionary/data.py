@@ -200,10 +200,12 @@ class CacheSource:
         return torch.cat(parts)
 
     def materialize(self) -> Tensor:
+        """Every selected row, shard by shard (for the token table's selection: in row order)."""
         acts = self.cache.load(self.hookpoint, self.selection)
         at = 0
         for s, count in enumerate(self.selection.counts.tolist()):
-            self.check_shard(s, acts[at : at + count])
+            if count:
+                self.check_shard(s, acts[at : at + count])
             at += count
         return acts
 
