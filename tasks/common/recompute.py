@@ -5,7 +5,8 @@ An unstored cache keeps the token table and the contexts, not the activations. S
 contexts aligned at multiples of `batch_size` from context 0, exactly as the cache writer cuts them, so a
 recomputed shard holds the bytes the stored one would (on a deterministic device) and training, evaluation
 and labeling cannot tell the two apart. A batch straddling two shards runs once for each; the price is at most
-one batch per shard.
+one batch per shard. The contexts stay in contexts.safetensors: a shard reads the slices of its own batches
+when it is computed, and memory keeps one row offset per batch of contexts, not the token ids.
 
 Every hookpoint of the cache comes from the same pass, and the last `keep` shards are kept, so dictionaries
 of several hookpoints reading the same shard share its forward passes. The first shards read are also held
@@ -20,9 +21,11 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from safetensors import safe_open
 from torch import Tensor
 
 from featureatlas.tasks.common.hooks import capture_activations
@@ -41,8 +44,7 @@ class Recompute:
     def __init__(
         self,
         loaded: LoadedModel,
-        input_ids: Tensor,
-        attention_mask: Tensor,
+        contexts: Path,
         hookpoints: list[str],
         *,
         dtype: str,
@@ -51,11 +53,11 @@ class Recompute:
         keep: int = 2,
         hold_rows: int = 1 << 16,
     ) -> None:
-        self.loaded, self.hookpoints = loaded, hookpoints
-        self.ids, self.mask = input_ids, attention_mask
-        self.row_end = attention_mask.sum(1).cumsum(0)  # row_end[c]: rows before context c + 1
-        self.n_rows = int(self.row_end[-1]) if len(self.row_end) else 0
+        self.loaded, self.hookpoints, self.contexts = loaded, hookpoints, contexts
         self.dtype, self.T, self.bs, self.keep = DTYPES[dtype], shard_tokens, batch_size, keep
+        # batch_row[j]: rows before context j * batch_size; the contexts themselves stay on disk
+        self.batch_row = _batch_rows(contexts, batch_size)
+        self.n_rows = int(self.batch_row[-1])
         self._shards: OrderedDict[int, dict[str, Tensor]] = OrderedDict()
         # shards read once so far, held for their second read while they fit in hold_rows
         self.hold = max(0, -(-hold_rows // shard_tokens)) if hold_rows else 0
@@ -82,11 +84,9 @@ class Recompute:
                 )
             spec = ModelSpec.model_validate(how["spec"])
             loaded = load_model_ref(how["source"], spec, how["path"], how["converted"])
-        contexts = cache.contexts()
         return cls(
             loaded,
-            contexts["input_ids"],
-            contexts["attention_mask"],
+            cache.folder / "contexts.safetensors",
             list(m["hookpoints"]),
             dtype=m["dtype"],
             shard_tokens=int(m["shard_tokens"]),
@@ -119,21 +119,23 @@ class Recompute:
         if not 0 <= lo < hi:
             raise IndexError(f"shard {index} is out of range: the cache has {self.n_rows} rows")
         model, _, device = self.loaded
-        first = int(torch.searchsorted(self.row_end, lo, right=True)) // self.bs * self.bs
-        last = int(torch.searchsorted(self.row_end, hi - 1, right=True)) // self.bs * self.bs
+        # the batches holding rows lo and hi - 1: the last batch starting at or before each
+        first = int(torch.searchsorted(self.batch_row, lo, right=True)) - 1
+        last = int(torch.searchsorted(self.batch_row, hi - 1, right=True)) - 1
         parts: dict[str, list[Tensor]] = {hp: [] for hp in self.hookpoints}
-        for start in range(first, last + 1, self.bs):
-            mask = self.mask[start : start + self.bs].to(device)
-            with torch.inference_mode():
-                acts = capture_activations(
-                    model, self.hookpoints, self.ids[start : start + self.bs].to(device), mask
-                )
-            batch_row = int(self.row_end[start - 1]) if start else 0
-            a, b = max(lo - batch_row, 0), hi - batch_row
-            keep = mask.bool()
-            self.forward_tokens += int(keep.sum())
-            for hp in self.hookpoints:
-                parts[hp].append(acts[hp][keep][a:b].to(self.dtype))
+        with safe_open(str(self.contexts), framework="pt") as f:  # only this shard's contexts are read
+            ids_file, mask_file = f.get_slice("input_ids"), f.get_slice("attention_mask")
+            for batch in range(first, last + 1):
+                start = batch * self.bs
+                ids, mask = ids_file[start : start + self.bs], mask_file[start : start + self.bs].to(device)
+                with torch.inference_mode():
+                    acts = capture_activations(model, self.hookpoints, ids.to(device), mask)
+                batch_row = int(self.batch_row[batch])
+                a, b = max(lo - batch_row, 0), hi - batch_row
+                keep = mask.bool()
+                self.forward_tokens += int(keep.sum())
+                for hp in self.hookpoints:
+                    parts[hp].append(acts[hp][keep][a:b].to(self.dtype))
         out = {hp: torch.cat(p) for hp, p in parts.items()}
         if index not in self._done:
             self._done.add(index)
@@ -151,3 +153,18 @@ class Recompute:
         if sums is None:
             return {"rows": 0, "shards": 0}
         return {"rows": sums[3], "shards": len(self._done), **summarize(*sums)}
+
+
+def _batch_rows(contexts: Path, batch_size: int, chunk: int = 1 << 12) -> Tensor:
+    """Rows before context j * batch_size, for every batch j and the end [n_batches + 1], int64: the
+    attention mask summed a chunk of whole batches at a time, never loaded whole."""
+    step = batch_size * max(1, chunk // batch_size)
+    per_batch = [torch.zeros(1, dtype=torch.int64)]
+    with safe_open(str(contexts), framework="pt") as f:
+        mask = f.get_slice("attention_mask")
+        for a in range(0, mask.get_shape()[0], step):
+            lengths = mask[a : a + step].to(torch.int64).sum(1)
+            per_batch.append(
+                torch.nn.functional.pad(lengths, (0, -len(lengths) % batch_size)).view(-1, batch_size).sum(1)
+            )
+    return torch.cat(per_batch).cumsum(0)

@@ -14,7 +14,7 @@ the shards are written by `shards.ShardWriter`.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from featureatlas.tasks.common.models import DTYPES
+from featureatlas.tasks.common.selection import RowSelection, table_filter, table_head, table_rows
 from featureatlas.tasks.common.shards import CacheIntegrityError, check_shard_size, sha256_file
 
 if TYPE_CHECKING:  # polars loads with the token table only: reading shards does not need it
@@ -108,41 +109,75 @@ class ActivationCache:
     def contexts(self) -> dict[str, torch.Tensor]:
         return load_file(str(self.folder / "contexts.safetensors"))
 
+    def _filters(
+        self, exclude_first_token: bool | None, exclude_special_tokens: bool | None
+    ) -> tuple[bool, bool]:
+        """The cache's own settings where the caller passes None; special tokens only where the table has
+        the column (format 1 had none)."""
+        if exclude_first_token is None:
+            exclude_first_token = self.manifest["exclude_first_token"]
+        if exclude_special_tokens is None:
+            exclude_special_tokens = self.manifest.get("exclude_special_tokens", False)
+        if exclude_special_tokens:
+            import polars as pl
+
+            names = pl.scan_parquet(self.folder / "tokens.parquet").collect_schema().names()
+            exclude_special_tokens = "is_special" in names
+        return bool(exclude_first_token), bool(exclude_special_tokens)
+
+    def selection(
+        self,
+        split: str | None = "train",
+        exclude_first_token: bool | None = None,
+        exclude_special_tokens: bool | None = None,
+    ) -> RowSelection:
+        """The rows of a split ('train', 'heldout' or None for all) as a `RowSelection`: counts per shard,
+        each shard's rows read from the token table when it is read, so no tensor of every row is held.
+
+        By default the cache's own settings decide whether position 0 and special tokens (BOS, CLS, SEP, ...)
+        are left out; pass False to keep them.
+        """
+        first, special = self._filters(exclude_first_token, exclude_special_tokens)
+        # every hookpoint has the same shards; a hand-written manifest may list none, or leave n_tokens out
+        listed = [len(info["shards"]) for info in self.manifest["hookpoints"].values()]
+        n_shards = max([*listed, -(-int(self.manifest.get("n_tokens", 0)) // self.shard_tokens)])
+        return RowSelection.from_table(
+            self.folder / "tokens.parquet",
+            self.shard_tokens,
+            n_shards,
+            split=split,
+            exclude_first_token=first,
+            exclude_special=special,
+        )
+
     def select_rows(
         self,
         split: str | None = None,
         exclude_first_token: bool | None = None,
         exclude_special_tokens: bool | None = None,
+        limit: int | None = None,
     ) -> torch.Tensor:
-        """Row indices of the token table for a split ('train', 'heldout' or None for all).
+        """Row indices of the token table for a split ('train', 'heldout' or None for all), ascending; with
+        `limit`, the first `limit` of them only (the table is then read no further than they reach).
 
-        By default the cache's own settings decide whether position 0 and special tokens (BOS, CLS, SEP, ...)
-        are left out; pass False to keep them.
+        The filters are those of `selection`; prefer `selection` to a tensor of every row of a large corpus.
         """
-        if exclude_first_token is None:
-            exclude_first_token = self.manifest["exclude_first_token"]
-        if exclude_special_tokens is None:
-            exclude_special_tokens = self.manifest.get("exclude_special_tokens", False)  # format 1 had none
-        import polars as pl
+        first, special = self._filters(exclude_first_token, exclude_special_tokens)
+        where = table_filter(split, first, special)
+        path = self.folder / "tokens.parquet"
+        return table_rows(path, where) if limit is None else table_head(path, where, limit)
 
-        # scanned, not loaded: only the filter columns are read and only the row numbers kept
-        df = pl.scan_parquet(self.folder / "tokens.parquet")
-        if split is not None:
-            df = df.filter(pl.col("split") == split)
-        if exclude_first_token:
-            df = df.filter(pl.col("position") > 0)
-        if exclude_special_tokens and "is_special" in df.collect_schema().names():
-            df = df.filter(~pl.col("is_special"))
-        return torch.from_numpy(df.select("row").collect()["row"].to_numpy().astype("int64"))
-
-    def load(self, hookpoint: str, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """Activations of `hookpoint` for the given rows (all rows when None), as one CPU tensor.
+    def load(self, hookpoint: str, rows: torch.Tensor | RowSelection | None = None) -> torch.Tensor:
+        """Activations of `hookpoint` for the given rows (all rows when None), as one CPU tensor, in the order
+        of `rows` (of a `RowSelection`: shard by shard).
 
         Only the shards holding the rows are read (or, unstored, recomputed), one at a time.
         """
         n_shards = self.n_shards(hookpoint)
         if rows is None:
             return torch.cat([self.read_shard(hookpoint, s) for s in range(n_shards)])
+        if isinstance(rows, RowSelection):
+            return self._load_selection(hookpoint, rows)
         rows = rows.to(torch.int64)
         shard_of = rows // self.shard_tokens
         out: torch.Tensor | None = None
@@ -155,14 +190,28 @@ class ActivationCache:
             if out is None:
                 out = torch.empty(rows.numel(), acts.shape[1], dtype=acts.dtype)
             out[where] = acts
-        if out is None:
-            return torch.empty(0, int(self._info(hookpoint)["d_in"]), dtype=DTYPES[self.manifest["dtype"]])
-        return out
+        return self._empty(hookpoint) if out is None else out
+
+    def _load_selection(self, hookpoint: str, selection: RowSelection) -> torch.Tensor:
+        out: torch.Tensor | None = None
+        at = 0
+        for s, count in enumerate(selection.counts.tolist()):
+            if not count:
+                continue
+            acts = self.read_shard(hookpoint, s)
+            if out is None:
+                out = torch.empty(selection.n_rows, acts.shape[1], dtype=acts.dtype)
+            torch.index_select(acts, 0, selection.shard(s) - s * self.shard_tokens, out=out[at : at + count])
+            at += count
+        return self._empty(hookpoint) if out is None else out
+
+    def _empty(self, hookpoint: str) -> torch.Tensor:
+        return torch.empty(0, int(self._info(hookpoint)["d_in"]), dtype=DTYPES[self.manifest["dtype"]])
 
     def stream(
         self,
         hookpoint: str,
-        rows: torch.Tensor | None = None,
+        rows: torch.Tensor | RowSelection | None = None,
         *,
         batch_size: int = 4096,
         seed: int = 0,
@@ -172,21 +221,19 @@ class ActivationCache:
         limit: int | None = None,
         prefetch: bool = True,
         pin_memory: bool = False,
+        check: Callable[[int, torch.Tensor], None] | None = None,
     ) -> Iterator[StreamBatch]:
         """Shuffled batches of `rows` (default: the train split), at most `buffer_shards` shards in memory
-        (twice that while the next group is read ahead in a background thread).
+        (twice that while the next group is read ahead in a background thread); `check(s, acts)` sees the
+        selected rows of each shard as it is read.
 
         See `tasks.common.stream.stream_batches`.
         """
         from featureatlas.tasks.common.stream import stream_batches
 
-        if rows is None:
-            rows = self.select_rows("train")
         return stream_batches(
             lambda s: self.read_shard(hookpoint, s),
-            self.n_shards(hookpoint),
-            self.shard_tokens,
-            rows,
+            self.as_selection(hookpoint, rows),
             batch_size=batch_size,
             seed=seed,
             epoch=epoch,
@@ -195,7 +242,16 @@ class ActivationCache:
             limit=limit,
             prefetch=prefetch,
             pin_memory=pin_memory,
+            check=check,
         )
+
+    def as_selection(self, hookpoint: str, rows: torch.Tensor | RowSelection | None) -> RowSelection:
+        """`rows` as a `RowSelection` over `hookpoint`'s shards (None: the train split)."""
+        if rows is None:
+            return self.selection("train")
+        if isinstance(rows, RowSelection):
+            return rows
+        return RowSelection.from_rows(rows, self.shard_tokens, self.n_shards(hookpoint))
 
     def read_shard(self, hookpoint: str, index: int) -> torch.Tensor:
         """One shard of `hookpoint` [rows, d_in]; a missing or truncated file is refused by name."""

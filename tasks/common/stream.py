@@ -6,12 +6,15 @@ the shards; they are read `buffer_shards` at a time, the selected rows of the gr
 (with the few rows left over from the previous group) and cut into batches. Every selected row is yielded
 exactly once per epoch; the same (seed, epoch) gives the same batches.
 
-The order depends on row numbers alone, never on the data, so it is planned from the row indices first
-(`_plan`): a run resumed at output row `skip` reads (or, for a cache recomputed from the model, runs the
-forward passes of) only the groups holding rows at or after `skip`, and yields exactly the batches an
-uninterrupted epoch yields from there on. A background thread reads the next group while the current one is
-consumed (`prefetch`), and can place it in pinned memory (`pin_memory`), so a host-to-GPU copy with
-`non_blocking=True` overlaps the training step. Memory holds at most two groups plus the carried rows.
+The order depends on row numbers alone, never on the data, so it is planned first (`_plan`) from the
+number of selected rows of each shard: a run resumed at output row `skip` reads (or, for a cache recomputed
+from the model, runs the forward passes of) only the groups holding rows at or after `skip`, and yields
+exactly the batches an uninterrupted epoch yields from there on. The plan holds a few numbers per group and
+one generator state, never a row: each group's permutation is redrawn when the group is read, and its rows
+come from the `RowSelection` shard by shard, so memory does not grow with the corpus. A background thread
+reads the next group while the current one is consumed (`prefetch`), and can place it in pinned memory
+(`pin_memory`), so a host-to-GPU copy with `non_blocking=True` overlaps the training step. Memory holds at
+most two groups plus the carried rows.
 """
 
 from __future__ import annotations
@@ -23,105 +26,124 @@ from typing import NamedTuple
 
 import torch
 
+from featureatlas.tasks.common.selection import RowSelection
 from featureatlas.tasks.common.store import StreamBatch
 
 ShardReader = Callable[[int], torch.Tensor]
+ShardCheck = Callable[[int, torch.Tensor], None]  # (shard, its selected rows' activations): raises if bad
 
 
 class _Group(NamedTuple):
     shards: list[int]
-    own_rows: list[torch.Tensor]  # selected rows of each shard, in shard order
-    perm: torch.Tensor  # permutation of (carried rows, own rows)
+    n_own: int  # selected rows of its shards
     n_carry: int  # rows carried in from the previous group
     out_start: int  # output position of the group's first yielded row
     n_full: int  # rows yielded as full batches; the rest are carried on
-    needed: bool  # some row of the group is yielded at or after `skip`
 
 
-def _by_shard(rows: torch.Tensor, shard_tokens: int, n_shards: int) -> list[torch.Tensor]:
-    """The rows of each shard, in their order in `rows`: one stable sort, not a mask per shard."""
-    shard_of = rows // shard_tokens
-    order = torch.argsort(shard_of, stable=True)
-    bounds = torch.searchsorted(shard_of[order], torch.arange(n_shards + 1)).tolist()
-    return [rows[order[bounds[s] : bounds[s + 1]]] for s in range(n_shards)]
+class _Plan(NamedTuple):
+    groups: list[_Group]
+    first: int  # the first group to read: every row of an earlier group is yielded before `skip`
+    state: torch.Tensor | None  # the generator's state just before group `first` draws its permutation
 
 
-def _plan(
-    per_shard: list[torch.Tensor],
-    batch_size: int,
-    gen: torch.Generator,
-    buffer_shards: int,
-    skip: int,
-    limit: int | None,
-) -> list[_Group]:
-    """Every group's shards, permutation and output positions, from row counts alone (no data read).
+def _plan(counts: list[int], batch_size: int, gen: torch.Generator, buffer_shards: int, skip: int) -> _Plan:
+    """Every group's shards and output positions, from row counts alone (no data read, no row held).
 
-    Output positions grow with the group, and a row carried out of group g passes through every group
-    until it is yielded, so the groups to read are a suffix: from the first group any of whose own rows is
-    yielded at or after `skip`. Rows carried into that group from earlier ones are all yielded before `skip`.
-    With `limit`, the groups whose output starts at or after it are not read either.
+    Group g's permutation is `randperm(n_carry + n_own)`, drawn from `gen` right after group g-1's, so it is
+    not kept: the reader redraws it from the generator state saved before the first group it reads.
+    Output positions grow with the group, and a row carried out of group g passes through later groups until
+    it is yielded, so the groups to read are a suffix, from the first group any of whose own rows is yielded
+    at or after `skip`: the smallest origin among the rows at or after `skip`. Rows before `skip` are all in
+    the groups up to the one holding position `skip`, and rows after it come from there or later, so the
+    permutations are drawn only up to that group, tracking the group of origin of the carried rows alone
+    (fewer than `batch_size`), with the generator states of the groups they come from.
     """
-    order = torch.randperm(len(per_shard), generator=gen).tolist()
-    groups: list[dict] = []
-    carry_origin: torch.Tensor | None = None  # None until the first group with rows
-    last_out: list[int] = []  # per group: the last output position of any of its own rows
-    out = 0
-
-    def note(origin: torch.Tensor, first: int) -> None:
-        for k in torch.unique(origin).tolist():
-            last_out[k] = max(last_out[k], first + int((origin == k).nonzero().max()))
-
+    order = torch.randperm(len(counts), generator=gen).tolist()
+    groups: list[_Group] = []
+    carry_origin = torch.empty(0, dtype=torch.int64)  # group of origin of each carried row
+    states: dict[int, torch.Tensor] = {}  # generator state before each permutation a carried row comes from
+    first: int | None = None
+    out = n_carry = 0
     for start in range(0, len(order), buffer_shards):
-        shards = [s for s in order[start : start + buffer_shards] if per_shard[s].numel()]
-        if not shards and carry_origin is None:
+        shards = [s for s in order[start : start + buffer_shards] if counts[s]]
+        if not shards and not groups:
             continue  # nothing selected yet: no permutation is drawn
         g = len(groups)
-        own = [per_shard[s] for s in shards]
-        n_own = sum(r.numel() for r in own)
-        carried = carry_origin if carry_origin is not None else torch.empty(0, dtype=torch.int64)
-        origin = torch.cat([carried, torch.full((n_own,), g, dtype=torch.int64)])
-        perm = torch.randperm(origin.numel(), generator=gen)
-        origin = origin[perm]
-        full = origin.numel() // batch_size * batch_size
-        last_out.append(-1)
-        note(origin[:full], out)
-        groups.append(
-            {"shards": shards, "own": own, "perm": perm, "n_carry": carried.numel(), "out_start": out}
-        )
-        groups[-1]["n_full"] = full
+        n_own = sum(counts[s] for s in shards)
+        full = (n_carry + n_own) // batch_size * batch_size
+        groups.append(_Group(shards, n_own, n_carry, out, full))
+        if first is None:
+            states[g] = gen.get_state()
+            perm = torch.randperm(n_carry + n_own, generator=gen)
+            origin = torch.cat([carry_origin, torch.full((n_own,), g, dtype=torch.int64)])[perm]
+            if skip < out + full:  # the group holding output position `skip`
+                first = int(origin[skip - out :].min())
+            carry_origin = origin[full:]
+            live = set(carry_origin.tolist())
+            states = {k: v for k, v in states.items() if k in live or k == first}
         out += full
-        carry_origin = origin[full:]
-    if carry_origin is not None:
-        note(carry_origin, out)  # the final short batch
-    first = next((g for g, last in enumerate(last_out) if last >= skip), len(groups))
-    fields = ("shards", "own", "perm", "n_carry", "out_start", "n_full")
-    return [
-        _Group(*(d[k] for k in fields), g >= first and (limit is None or d["out_start"] < limit))
-        for g, d in enumerate(groups)
-    ]
+        n_carry = n_carry + n_own - full
+    if first is None:  # `skip` falls in the final short batch, or past the epoch's end
+        first = int(carry_origin[skip - out :].min()) if skip - out < carry_origin.numel() else len(groups)
+    return _Plan(groups, first, states.get(first))
 
 
 def _groups(
-    plan: list[_Group], read: ShardReader, shard_tokens: int, pin_memory: bool
-) -> Iterator[tuple[_Group, torch.Tensor | None, torch.Tensor]]:
-    """Per group: its shuffled activations (None when not needed) and shuffled rows, carry included."""
+    plan: _Plan,
+    selection: RowSelection,
+    read: ShardReader,
+    limit: int | None,
+    pin_memory: bool,
+    check: ShardCheck | None,
+) -> Iterator[tuple[_Group, torch.Tensor, torch.Tensor]]:
+    """Per group to read: its shuffled activations and rows, carry included, up to the group that starts at
+    or after `limit`. The rows carried into the first group read all come before `skip` and are never
+    yielded: they stand in as zeros (row -1)."""
+    if plan.state is None:
+        return
+    gen = torch.Generator()
+    gen.set_state(plan.state)
+    T = selection.shard_tokens
     carry_acts: torch.Tensor | None = None
-    carry_rows = torch.empty(0, dtype=torch.int64)
-    for group in plan:
-        rows = torch.cat([carry_rows, *group.own_rows])[group.perm]
-        acts = None
-        if group.needed:
-            parts = [] if carry_acts is None else [carry_acts]
-            for s, selected in zip(group.shards, group.own_rows):
-                parts.append(read(s)[selected - s * shard_tokens])
-            if carry_acts is None and group.n_carry:  # carried rows of unread groups: all before `skip`
-                parts.insert(0, parts[0].new_zeros(group.n_carry, parts[0].shape[1]))
-            acts = torch.cat(parts)[group.perm]
-            if pin_memory:
-                acts = acts.pin_memory()
-        carry_rows = rows[group.n_full :]
-        carry_acts = None if acts is None else acts[group.n_full :]
+    carry_rows = torch.full((plan.groups[plan.first].n_carry,), -1, dtype=torch.int64)
+    for group in plan.groups[plan.first :]:
+        if limit is not None and group.out_start >= limit:
+            return
+        n = group.n_carry + group.n_own
+        perm = torch.randperm(n, generator=gen)
+        own = [selection.shard(s) for s in group.shards]
+        rows = torch.cat([carry_rows, *own])[perm]
+        # each row goes straight to its shuffled place (inv[j]: where source row j lands), one gather from
+        # the shard and one scatter per row, into pinned memory when asked: no concatenated copy in between
+        inv = torch.empty_like(perm)
+        inv[perm] = torch.arange(n)
+        acts: torch.Tensor | None = None
+        at = group.n_carry
+        for s, selected in zip(group.shards, own):
+            part = read(s)[selected - s * T]
+            if check is not None:
+                check(s, part)
+            if acts is None:
+                acts = torch.empty(n, part.shape[1], dtype=part.dtype, pin_memory=pin_memory)
+            acts.index_copy_(0, inv[at : at + part.shape[0]], part)
+            at += part.shape[0]
+        if acts is None:  # a group of carried rows alone
+            acts = torch.empty(n, carry_acts.shape[1], dtype=carry_acts.dtype, pin_memory=pin_memory)
+        if carry_acts is None:  # carried in from groups not read: all before `skip`, never yielded
+            acts.index_fill_(0, inv[: group.n_carry], 0)
+        else:
+            acts.index_copy_(0, inv[: group.n_carry], carry_acts)
+        carry_rows, carry_acts = rows[group.n_full :], acts[group.n_full :]
         yield group, acts, rows
+
+
+def reader_threads() -> int:
+    """Intra-op threads of the background reader: half the caller's, at least one."""
+    return max(1, torch.get_num_threads() // READER_SHARE)
+
+
+READER_SHARE = 2
 
 
 def _prefetched(items: Iterator) -> Iterator:
@@ -131,7 +153,12 @@ def _prefetched(items: Iterator) -> Iterator:
     wanted = threading.Semaphore(1)  # released when the consumer takes an item: then make the next
     stop = threading.Event()
 
+    threads = reader_threads()
+
     def produce() -> None:
+        # torch's intra-op thread count is per thread: the reader's copies get a share of the cores, so they
+        # do not start a second full team of threads competing with the training step on every core
+        torch.set_num_threads(threads)
         try:
             while True:
                 while not wanted.acquire(timeout=0.1):
@@ -169,9 +196,7 @@ _END = object()
 
 def stream_batches(
     read: ShardReader,
-    n_shards: int,
-    shard_tokens: int,
-    rows: torch.Tensor,
+    selection: RowSelection,
     *,
     batch_size: int,
     seed: int,
@@ -181,35 +206,29 @@ def stream_batches(
     limit: int | None = None,
     prefetch: bool = True,
     pin_memory: bool = False,
+    check: ShardCheck | None = None,
 ) -> Iterator[StreamBatch]:
-    """Batches of `batch_size` rows (the last one may be smaller), shuffled across shards and sequences.
+    """Batches of `batch_size` of the selected rows (the last one may be smaller), shuffled across shards
+    and sequences.
 
-    `read(s)` returns shard `s` [rows, d_in] (every shard but the last holds `shard_tokens` rows). With
-    `skip`, the epoch's first `skip` rows are left out (the first batch may then be short) and groups that
-    hold none of the rest are not read; with `limit`, no group is read whose rows all come at or after
+    `read(s)` returns shard `s` [rows, d_in] (every shard but the last holds `selection.shard_tokens` rows).
+    With `skip`, the epoch's first `skip` rows are left out (the first batch may then be short) and groups
+    that hold none of the rest are not read; with `limit`, no group is read whose rows all come at or after
     output row `limit` (the batches may then end early): a run that stops mid-epoch reads nothing ahead.
+    `check(s, acts)`, when given, sees the selected rows of each shard as it is read (in the reader thread).
     """
     if batch_size < 1 or buffer_shards < 1:
         raise ValueError(f"batch_size ({batch_size}) and buffer_shards ({buffer_shards}) must be at least 1")
     # one generator per (seed, epoch): epochs differ, reruns agree
     gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    per_shard = _by_shard(rows.to(torch.int64), shard_tokens, n_shards)
-    plan = _plan(per_shard, batch_size, gen, buffer_shards, skip, limit)
-    groups = _groups(plan, read, shard_tokens, pin_memory and torch.cuda.is_available())
+    plan = _plan(selection.counts.tolist(), batch_size, gen, buffer_shards, skip)
+    groups = _groups(plan, selection, read, limit, pin_memory and torch.cuda.is_available(), check)
     if prefetch:
         groups = _prefetched(groups)
-    acts = rows_out = None
-    last: _Group | None = None
-    for group, acts, rows_out in groups:
-        last = group
-        if acts is None:
-            if limit is not None and group.out_start >= limit:
-                return
-            continue
-        for b in range(max(0, skip - group.out_start) // batch_size * batch_size, group.n_full, batch_size):
+    for group, acts, rows in groups:
+        tail = group is plan.groups[-1]  # the last group yields its carried rows as the final short batch
+        end = acts.shape[0] if tail else group.n_full
+        for b in range(max(0, skip - group.out_start) // batch_size * batch_size, end, batch_size):
             lo = max(b, skip - group.out_start)
-            yield StreamBatch(acts[lo : b + batch_size], rows_out[lo : b + batch_size])
-    if last is not None and acts is not None and rows_out is not None:
-        lo = max(last.n_full, skip - last.out_start)
-        if lo < rows_out.numel():
-            yield StreamBatch(acts[lo:], rows_out[lo:])
+            if lo < min(b + batch_size, end):
+                yield StreamBatch(acts[lo : min(b + batch_size, end)], rows[lo : min(b + batch_size, end)])

@@ -3,8 +3,9 @@
 A source yields each epoch as a sequence of shuffled row chunks; `batches` cuts the back-to-back epochs into
 full batches (a batch may straddle two epochs: a one-row tail batch would have zero variance, leaving the FVU
 undefined). Batch `b` is a pure function of (seed, batch_size, b), so a resumed run, or a dictionary trained
-inside a sweep, sees exactly the batches of an uninterrupted run trained alone. Every chunk is checked before
-any dictionary sees it: width `d_in`, finite values (the shard holding a NaN or inf is named).
+inside a sweep, sees exactly the batches of an uninterrupted run trained alone. Every row is checked before
+any dictionary sees it: width `d_in`, finite values (a cache's rows once per shard read, in the reader's
+thread, naming the shard that holds a NaN or inf).
 
 Initialisation from data (input scale, `b_dec`) uses `init_sample`: all rows when they fit in
 `INIT_SAMPLE_ROWS`, else a bounded sample, so a cache larger than memory is never loaded whole.
@@ -18,7 +19,8 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from featureatlas.tasks.common.store import ActivationCache
+from featureatlas.tasks.common.selection import RowSelection
+from featureatlas.tasks.common.store import ActivationCache, StreamBatch
 
 # Rows used to fit the input scale and b_dec: enough for a mean to 3 digits, small enough for any machine.
 INIT_SAMPLE_ROWS = 65_536
@@ -116,13 +118,17 @@ class TensorSource:
 
 
 class CacheSource:
-    """The rows `rows` of one hookpoint of a cache, streamed `buffer_shards` shards at a time."""
+    """The selected rows of one hookpoint of a cache, streamed `buffer_shards` shards at a time.
+
+    `rows` is a `RowSelection` (default: the train split, counted per shard, each shard's rows read when the
+    shard is) or a tensor of row numbers; no tensor of every selected row is made from the token table.
+    """
 
     def __init__(
         self,
         cache: ActivationCache,
         hookpoint: str,
-        rows: Tensor | None = None,
+        rows: Tensor | RowSelection | None = None,
         *,
         buffer_shards: int = 4,
         pin_memory: bool | None = None,
@@ -131,8 +137,8 @@ class CacheSource:
         self.cache, self.hookpoint, self.buffer_shards = cache, hookpoint, buffer_shards
         # pinned host memory lets the trainer's non_blocking copy to the GPU overlap the step
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
-        self.rows = cache.select_rows("train") if rows is None else rows.to(torch.int64)
-        self.n_rows = int(self.rows.numel())
+        self.selection = cache.as_selection(hookpoint, rows)
+        self.n_rows = self.selection.n_rows
         self.d_in = int(info["d_in"])
         self.shard_tokens = int(cache.manifest["shard_tokens"])
         if self.n_rows < 2:
@@ -141,26 +147,26 @@ class CacheSource:
                 "training needs >= 2: cache more tokens (corpus max_tokens) or lower heldout_fraction"
             )
 
-    def _where(self, rows: Tensor) -> str:
-        shard = int(rows.min()) // self.shard_tokens
-        return f"shard {self.cache._info(self.hookpoint)['shards'][shard]['file']} of {self.cache.folder}"
-
-    def _checked(self, acts: Tensor, rows: Tensor) -> Tensor:
-        if acts.shape[-1] != self.d_in or not bool(torch.isfinite(acts).all()):
-            # name the first offending shard, not just the batch
-            bad = ~torch.isfinite(acts).all(dim=1) if acts.shape[-1] == self.d_in else rows == rows
-            _check_chunk(acts[bad], self.d_in, self._where(rows[bad]))
-        return acts
+    def check_shard(self, shard: int, acts: Tensor) -> None:
+        """Refuse the selected rows `acts` of `shard` if they have the wrong width or a NaN or inf, naming
+        the shard's file. Run once per shard read (in the stream's reader thread), not once per batch."""
+        # one pass and no boolean copy: a sum is finite only if every term is (fp16 sums in float32, so a
+        # large but finite shard does not overflow; one that still does is checked element by element)
+        total = acts.sum(dtype=torch.float32 if acts.element_size() < 4 else None)
+        if acts.shape[-1] != self.d_in or not bool(torch.isfinite(total)):
+            file = self.cache._info(self.hookpoint)["shards"][shard]["file"]
+            _check_chunk(acts, self.d_in, f"shard {file} of {self.cache.folder}")
 
     # `epoch(..., skip=a, limit=b)` reads only the shards holding the epoch's rows [a, b)
     skips = True
 
-    def epoch(
+    def stream(
         self, epoch: int, batch_size: int, seed: int, skip: int = 0, limit: int | None = None
-    ) -> Iterator[Tensor]:
-        for b in self.cache.stream(
+    ) -> Iterator[StreamBatch]:
+        """The epoch's batches with their row numbers, every shard checked as it is read."""
+        return self.cache.stream(
             self.hookpoint,
-            self.rows,
+            self.selection,
             batch_size=batch_size,
             seed=seed,
             epoch=epoch,
@@ -168,30 +174,39 @@ class CacheSource:
             skip=skip,
             limit=limit,
             pin_memory=self.pin_memory,
-        ):
-            yield self._checked(b.acts, b.rows)
+            check=self.check_shard,
+        )
+
+    def epoch(
+        self, epoch: int, batch_size: int, seed: int, skip: int = 0, limit: int | None = None
+    ) -> Iterator[Tensor]:
+        for b in self.stream(epoch, batch_size, seed, skip, limit):
+            yield b.acts
 
     def init_sample(self, max_rows: int = INIT_SAMPLE_ROWS) -> Tensor:
         """The selected rows of whole shards, in a fixed shuffled order, until `max_rows` are taken."""
-        n_shards = len(self.cache._info(self.hookpoint)["shards"])
-        shard_of = self.rows // self.shard_tokens
+        counts = self.selection.counts
         parts, taken = [], 0
-        for s in torch.randperm(n_shards, generator=torch.Generator().manual_seed(0)).tolist():
-            selected = self.rows[shard_of == s]
-            if selected.numel() == 0:
+        for s in torch.randperm(counts.numel(), generator=torch.Generator().manual_seed(0)).tolist():
+            if not counts[s]:
                 continue
-            selected = selected[: max_rows - taken]
+            selected = self.selection.shard(s)[: max_rows - taken]
             acts = self.cache.read_shard(self.hookpoint, s)[selected - s * self.shard_tokens]
-            parts.append(self._checked(acts, selected))
+            self.check_shard(s, acts)
+            parts.append(acts)
             taken += selected.numel()
             if taken >= max_rows:
                 break
         return torch.cat(parts)
 
     def materialize(self) -> Tensor:
-        acts = self.cache.load(self.hookpoint, self.rows)
-        for start in range(0, self.n_rows, 65_536):
-            self._checked(acts[start : start + 65_536], self.rows[start : start + 65_536])
+        """Every selected row, shard by shard (for the token table's selection: in row order)."""
+        acts = self.cache.load(self.hookpoint, self.selection)
+        at = 0
+        for s, count in enumerate(self.selection.counts.tolist()):
+            if count:
+                self.check_shard(s, acts[at : at + count])
+            at += count
         return acts
 
 

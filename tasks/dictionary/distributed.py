@@ -188,7 +188,7 @@ def _load_acts(args: argparse.Namespace) -> Tensor:
     from featureatlas.tasks.common.store import ActivationCache
 
     store = ActivationCache(args.cache)
-    return store.load(args.hookpoint, store.select_rows("train"))
+    return store.load(args.hookpoint, store.selection("train"))
 
 
 def _metrics_writer(path: str | None) -> MetricsCallback | None:

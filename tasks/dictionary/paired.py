@@ -77,13 +77,6 @@ class PairedSource:
 def _rows_and_acts(
     source: CacheSource, epoch: int, batch_size: int, seed: int
 ) -> Iterator[tuple[Tensor, Tensor]]:
-    """(row ids, checked acts) of one epoch of a cache source."""
-    for b in source.cache.stream(
-        source.hookpoint,
-        source.rows,
-        batch_size=batch_size,
-        seed=seed,
-        epoch=epoch,
-        buffer_shards=source.buffer_shards,
-    ):
-        yield b.rows, source._checked(b.acts, b.rows)
+    """(row ids, acts) of one epoch of a cache source, every shard checked as it is read."""
+    for b in source.stream(epoch, batch_size, seed):
+        yield b.rows, b.acts

@@ -152,7 +152,7 @@ def evaluate_dictionary(
     def measure(folder: Path, run: StageRun, progress: StageProgress) -> tuple[dict, dict]:
         progress.step("reconstruction")
         store = ActivationCache(cache.path)
-        rows = store.select_rows("heldout")[: spec.max_tokens]
+        rows = store.select_rows("heldout", limit=spec.max_tokens)
         if rows.numel() == 0:
             raise ValueError("the cache has no held-out tokens; raise `corpus.heldout_fraction` above 0")
         loaded = load_model_ref(cache.model.source, cache.model.spec, cache.model.path, cache.model.converted)

@@ -83,6 +83,34 @@ def test_truncated_shard_is_refused_by_name(cache_dir, tmp_path):
         list(unverified.stream("model.layers.0", unverified.select_rows(None), batch_size=32))
 
 
+def test_a_split_is_selected_shard_by_shard_from_the_token_table(cache_dir):
+    """`selection` counts rows per shard and reads a shard's rows when asked: the rows `select_rows` lists,
+    the same activations, the same stream; `limit` bounds what `select_rows` returns."""
+    import polars as pl
+
+    store = ActivationCache(cache_dir)
+    t = store.tokens
+    for split in ("train", "heldout"):
+        want = t.filter((pl.col("split") == split) & (pl.col("position") > 0) & ~pl.col("is_special"))["row"]
+        rows = store.select_rows(split)
+        assert rows.tolist() == want.to_list() and rows.numel() > 20
+        selection = store.selection(split)
+        T = store.shard_tokens
+        assert selection.n_rows == rows.numel() and selection.n_shards == store.n_shards("model.layers.0")
+        assert selection.counts.tolist() == torch.bincount(rows // T, minlength=selection.n_shards).tolist()
+        assert torch.equal(torch.cat([selection.shard(s) for s in range(selection.n_shards)]), rows)
+        assert torch.equal(store.select_rows(split, limit=7), rows[:7])
+        assert torch.equal(selection.rows(), rows) and torch.equal(selection.rows(limit=7), rows[:7])
+        assert torch.equal(store.load("model.layers.0", selection), store.load("model.layers.0", rows))
+        kw = {"batch_size": 16, "seed": 4, "buffer_shards": 2}
+        a = list(store.stream("model.layers.0", selection, **kw))
+        b = list(store.stream("model.layers.0", rows, **kw))
+        for x, y in zip(a, b, strict=True):
+            assert torch.equal(x.rows, y.rows) and torch.equal(x.acts, y.acts)
+    kept = store.selection(None, exclude_first_token=False, exclude_special_tokens=False)
+    assert kept.n_rows == t.height and int(kept.counts.max()) == T  # every row: full shards
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_shard_writer_makes_safetensors_bytes(tmp_path, dtype):
     import hashlib

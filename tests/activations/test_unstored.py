@@ -59,6 +59,10 @@ def test_recomputed_shards_hold_the_stored_bytes(caches):
             assert torch.equal(unstored.read_shard(hp, s), stored.read_shard(hp, s))
     rows = stored.select_rows("heldout")
     assert torch.equal(unstored.load("model.layers.1", rows), stored.load("model.layers.1", rows))
+    # the contexts stay on disk: the reader keeps one row offset per batch of contexts, no token ids
+    held = [v for v in vars(unstored.recompute).values() if isinstance(v, torch.Tensor)]
+    n_batches = -(-unstored.manifest["n_contexts"] // unstored.manifest["batch_size"])
+    assert held and max(t.numel() for t in held) == n_batches + 1 < unstored.manifest["n_tokens"] // 8
     seen = unstored.recompute.seen("model.layers.0")
     assert seen["rows"] > 0 and len(seen["mean"]) == stored.manifest["hookpoints"]["model.layers.0"]["d_in"]
 

@@ -240,6 +240,30 @@ def test_nan_in_a_shard_is_named(cache_dir, tmp_path):
         train_dictionary(cfg, CacheSource(ActivationCache(broken), HOOKPOINT))
 
 
+def test_materialize_and_the_init_sample_hold_the_selected_rows(cache_dir):
+    """The per-shard selection gives the train split in row order (materialize) and a sample of it."""
+    store = ActivationCache(cache_dir)
+    rows, full = store.select_rows("train"), store.load(HOOKPOINT)
+    source = CacheSource(store, HOOKPOINT)
+    assert torch.equal(source.materialize(), full[rows])
+    sample = source.init_sample(max_rows=40)
+    assert sample.shape[0] == 40
+    assert bool((sample[:, None, :] == full[rows][None]).all(-1).any(1).all())  # each a selected row
+
+
+def test_the_shard_check_passes_large_finite_half_values_and_names_an_inf(cache_dir):
+    """Each shard is checked once as it is read, by a float32 sum: finite fp16 rows whose sum is far past
+    fp16's range pass; one inf, or a wrong width, is refused naming the shard's file."""
+    source = CacheSource(ActivationCache(cache_dir), HOOKPOINT)
+    big = torch.full((4096, source.d_in), 60000.0, dtype=torch.float16)
+    source.check_shard(1, big)
+    big[7, 0] = float("inf")
+    with pytest.raises(BadActivations, match=r"shard acts/model.layers.0/00001.safetensors .* NaN or inf"):
+        source.check_shard(1, big)
+    with pytest.raises(BadActivations, match=r"00001.safetensors of .* has width 2"):
+        source.check_shard(1, big[:2, :2])
+
+
 def test_an_empty_training_split_is_refused(cache_dir):
     store = ActivationCache(cache_dir)
     with pytest.raises(BadActivations, match="holds 0 training row.*heldout_fraction"):
