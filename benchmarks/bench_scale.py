@@ -230,7 +230,8 @@ def child(args) -> dict:
         store = ActivationCache(folder)
         if not store.stored:
             store.attach_model(loaded)
-        source = CacheSource(store, hookpoint, rows)
+        # the train split as a training stage reads it: from the token table, shard by shard (polars)
+        source = CacheSource(store, hookpoint, None if has_polars else rows)
         # the training step alone: the same number of steps on at most `memory_rows` rows held in memory
         memory = store.load(hookpoint, rows[: args.memory_rows]).to(device)
         # warm-up, untimed: the first training in a process pays one-time kernel and allocator set-up

@@ -37,11 +37,19 @@ PHASES = {"reconstruction": 1, "CE-loss score": 3, "ablation and steering": 3, "
 
 
 def heldout_contexts(store: ActivationCache, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    ctx = store.contexts()
-    idx = ctx["heldout"].bool().nonzero().squeeze(1)[:n]
-    if idx.numel() == 0:
-        raise ValueError("the cache has no held-out context; raise `corpus.heldout_fraction` above 0")
-    return ctx["input_ids"][idx], ctx["attention_mask"][idx]
+    """The first `n` held-out contexts' token ids and attention masks, read as slices of the contexts file:
+    one flag per context is read whole, the token ids only of the contexts taken."""
+    from safetensors import safe_open
+
+    with safe_open(str(store.folder / "contexts.safetensors"), "pt") as f:
+        idx = f.get_slice("heldout")[:].bool().nonzero().squeeze(1)[:n]
+        if idx.numel() == 0:
+            raise ValueError("the cache has no held-out context; raise `corpus.heldout_fraction` above 0")
+        ids, mask = f.get_slice("input_ids"), f.get_slice("attention_mask")
+        return (
+            torch.cat([ids[i : i + 1] for i in idx.tolist()]),
+            torch.cat([mask[i : i + 1] for i in idx.tolist()]),
+        )
 
 
 def _site_mean(

@@ -60,6 +60,25 @@ def _load_rows(store: ActivationCache, hookpoint: str, rows: np.ndarray) -> torc
     return torch.cat(parts)
 
 
+def sample_rows(store: ActivationCache, max_tokens: int, seed: int) -> np.ndarray:
+    """`max_tokens` of the cache's selected rows drawn uniformly without replacement (all when fewer), in
+    row order. The selection is counted per shard and only the shards holding a drawn row are read, so no
+    array of every row is held."""
+    selection = store.selection(None)
+    n = selection.n_rows
+    if n <= max_tokens:
+        return selection.rows().numpy()
+    # ranks in the selection: the draw `choice(every_row, ...)` makes, without the array of every row
+    picks = np.sort(np.random.default_rng(seed).choice(n, max_tokens, replace=False))
+    starts = np.concatenate([[0], selection.counts.cumsum(0).numpy()])
+    shard_of = np.searchsorted(starts, picks, side="right") - 1
+    parts = []
+    for s in np.unique(shard_of):
+        ranks = picks[shard_of == s] - starts[s]
+        parts.append(selection.shard(int(s)).numpy()[ranks])
+    return np.concatenate(parts)
+
+
 def choose_latents(
     codes: torch.Tensor, y: np.ndarray, train: np.ndarray, n_latents: int, label: str
 ) -> list[int]:
@@ -96,10 +115,14 @@ def dictionary_frame(
 ) -> pl.DataFrame:
     """Columns `latent_<i>` (codes of the kept latents, most correlated first) and `label` (0/1) per token."""
     store = ActivationCache(cache_path)
-    rows = store.select_rows(None).numpy()
-    if len(rows) > max_tokens:
-        rows = np.sort(np.random.default_rng(seed).choice(rows, max_tokens, replace=False))
-    tokens = store.tokens["token"].gather(rows).to_list()
+    rows = sample_rows(store, max_tokens, seed)
+    tokens = (
+        pl.scan_parquet(store.folder / "tokens.parquet")
+        .filter(pl.col("row").is_in(rows.tolist()))
+        .select("token")
+        .collect()["token"]
+        .to_list()
+    )  # the table is in row order, and so are the sampled rows
     y = token_class(tokens, label)
     if y.all() or not y.any():
         raise ValueError(

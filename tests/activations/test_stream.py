@@ -164,3 +164,33 @@ def test_a_bfloat16_model_stores_bfloat16_shards_by_default(tmp_path):
         store = ActivationCache(out)
         assert store.read_shard("model.layers.0", 0).dtype == (expected or torch.float32)
         assert store.manifest["dtype"] == ("bfloat16" if expected else "float32")
+
+
+def test_probe_sample_reads_only_drawn_rows_and_matches_a_draw_over_every_row(cache_dir):
+    """The interaction probe's sample: the rows a seeded draw over the whole row list gives, in row order,
+    from per-shard counts; every row when the cache holds fewer than asked."""
+    import numpy as np
+
+    from featureatlas.tasks.interactions.probe import sample_rows
+
+    store = ActivationCache(cache_dir)
+    every = store.select_rows(None).numpy()
+    for seed in (0, 3):
+        want = np.sort(np.random.default_rng(seed).choice(every, 40, replace=False))
+        got = sample_rows(store, 40, seed)
+        assert np.array_equal(got, want) and np.all(np.diff(got) > 0)
+    assert np.array_equal(sample_rows(store, len(every) + 5, 0), every)
+
+
+def test_heldout_contexts_are_read_as_slices(cache_dir):
+    """Evaluation's held-out contexts: the first n flagged contexts, the same as loading the file whole."""
+    from featureatlas.tasks.evaluate.task import heldout_contexts
+
+    store = ActivationCache(cache_dir)
+    ctx = store.contexts()
+    idx = ctx["heldout"].bool().nonzero().squeeze(1)
+    assert len(idx) >= 2
+    ids, mask = heldout_contexts(store, 2)
+    assert torch.equal(ids, ctx["input_ids"][idx[:2]]) and torch.equal(mask, ctx["attention_mask"][idx[:2]])
+    ids, _ = heldout_contexts(store, 10_000)
+    assert ids.shape[0] == len(idx)
