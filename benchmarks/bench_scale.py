@@ -21,8 +21,8 @@ The last stdout line is JSON: per mode and size `stage_ratio` (per stage), `toke
 `rss_growth` also counts buffers that are bounded by design but not yet full at the smaller size. At the
 default 2^15 and 2^15 * 10 tokens (2 and 20 shards of 16,384 rows) these fill between the two sizes:
   - labeling: `CodeStream`'s resident firing codes, 12 B per firing, capped at 64 MiB on the CPU (about
-    13 MB at 2^15 tokens with k = 32; the cap is reached from about 175,000 rows). It is most of the label
-    stage's growth; the rest is the allocator keeping freed batch buffers of that first pass;
+    13 MB at 2^15 tokens with k = 32; the cap is reached from about 175,000 rows), most of the label
+    stage's growth;
   - training from a cache or from forward passes: `buffer_shards` (4) shards a group, two groups held while
     the next is read: at 2^15 tokens the whole corpus is 2 shards;
   - streaming: `Recompute` holds up to `hold_rows` (2^16) rows of shards read once, for their second read;
