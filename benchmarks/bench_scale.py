@@ -18,6 +18,17 @@ baseline measured in the same process:
 The last stdout line is JSON: per mode and size `stage_ratio` (per stage), `tokens_per_s`, `peak_rss_gb`
 (and `peak_gpu_gb` on CUDA); `rss_growth` per mode (peak RSS at the larger size / the smaller).
 
+`rss_growth` also counts buffers that are bounded by design but not yet full at the smaller size. At the
+default 2^15 and 2^15 * 10 tokens (2 and 20 shards of 16,384 rows) these fill between the two sizes:
+  - labeling: `CodeStream`'s resident firing codes, 12 B per firing, capped at 64 MiB on the CPU (about
+    13 MB at 2^15 tokens with k = 32; the cap is reached from about 175,000 rows), most of the label
+    stage's growth;
+  - training from a cache or from forward passes: `buffer_shards` (4) shards a group, two groups held while
+    the next is read: at 2^15 tokens the whole corpus is 2 shards;
+  - streaming: `Recompute` holds up to `hold_rows` (2^16) rows of shards read once, for their second read;
+  - the in-memory baseline: up to `--memory-rows` rows.
+Growth with tokens alone shows between two sizes that both fill these (e.g. `--tokens 262144`).
+
 The stage functions are called directly: no Prefect, MLflow or catalog, and polars (with it labeling and
 the token table) only when installed, so it runs on a bare CUDA machine with torch, transformers,
 safetensors and pydantic.

@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from featureatlas.tasks.labeling.codes import firing_codes
+from featureatlas.tasks.labeling.sharded import release_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,7 @@ class CodeStream:
                     kept = (t["rows"], t["latents"], t["values"])
                 rows, latents, values = kept
                 yield SparseBatch(start, n, rows.long() + start, latents.long(), values)
+            release_freed_memory()
             return
         yield from self._encode_pass()
 
@@ -145,6 +147,7 @@ class CodeStream:
             self.close()
             raise
         self.n_rows = start
+        release_freed_memory()
         if spill:
             self._files = files
 
