@@ -243,6 +243,7 @@ class ActivationCache:
             prefetch=prefetch,
             pin_memory=pin_memory,
             check=check,
+            full_threads=not self.stored,  # recomputing runs the model there: it keeps every thread
         )
 
     def as_selection(self, hookpoint: str, rows: torch.Tensor | RowSelection | None) -> RowSelection:

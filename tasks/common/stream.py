@@ -146,14 +146,15 @@ def reader_threads() -> int:
 READER_SHARE = 2
 
 
-def _prefetched(items: Iterator) -> Iterator:
+def _prefetched(items: Iterator, threads: int | None = None) -> Iterator:
     """`items`, each produced in a daemon thread while the previous one is consumed (never two ahead, so
-    memory holds two groups); an error there is raised here, in order."""
+    memory holds two groups); an error there is raised here, in order. `threads`: the reader's intra-op
+    threads (None: `reader_threads()`)."""
     q: queue.Queue = queue.Queue()
     wanted = threading.Semaphore(1)  # released when the consumer takes an item: then make the next
     stop = threading.Event()
 
-    threads = reader_threads()
+    threads = reader_threads() if threads is None else threads
 
     def produce() -> None:
         # torch's intra-op thread count is per thread: the reader's copies get a share of the cores, so they
@@ -207,6 +208,7 @@ def stream_batches(
     prefetch: bool = True,
     pin_memory: bool = False,
     check: ShardCheck | None = None,
+    full_threads: bool = False,
 ) -> Iterator[StreamBatch]:
     """Batches of `batch_size` of the selected rows (the last one may be smaller), shuffled across shards
     and sequences.
@@ -216,6 +218,8 @@ def stream_batches(
     that hold none of the rest are not read; with `limit`, no group is read whose rows all come at or after
     output row `limit` (the batches may then end early): a run that stops mid-epoch reads nothing ahead.
     `check(s, acts)`, when given, sees the selected rows of each shard as it is read (in the reader thread).
+    The reader thread gets a share of the intra-op threads for its copies (`reader_threads`); with
+    `full_threads` (a reader that runs the model's forward passes, the bulk of a streamed step) it keeps all.
     """
     if batch_size < 1 or buffer_shards < 1:
         raise ValueError(f"batch_size ({batch_size}) and buffer_shards ({buffer_shards}) must be at least 1")
@@ -224,7 +228,7 @@ def stream_batches(
     plan = _plan(selection.counts.tolist(), batch_size, gen, buffer_shards, skip)
     groups = _groups(plan, selection, read, limit, pin_memory and torch.cuda.is_available(), check)
     if prefetch:
-        groups = _prefetched(groups)
+        groups = _prefetched(groups, torch.get_num_threads() if full_threads else None)
     for group, acts, rows in groups:
         tail = group is plan.groups[-1]  # the last group yields its carried rows as the final short batch
         end = acts.shape[0] if tail else group.n_full

@@ -124,3 +124,25 @@ def test_the_plan_holds_no_tensor_of_the_rows():
 def test_a_selection_from_rows_outside_the_shards_is_refused():
     with pytest.raises(ValueError, match=r"must lie in \[0, 650\)"):
         RowSelection.from_rows(torch.tensor([3, 650]), T, N_SHARDS)
+
+
+@pytest.mark.parametrize("full_threads", [False, True])
+def test_the_reader_thread_keeps_every_thread_only_when_it_runs_the_model(full_threads):
+    """A cache reader's copies run on a share of the intra-op threads; a reader that recomputes shards from
+    the model (`full_threads`) keeps all of them, or its forward passes would run at a fraction of speed."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen = []
+
+        def read(s: int) -> torch.Tensor:  # noqa: ARG001
+            seen.append(torch.get_num_threads())
+            return torch.zeros(8, 3)
+
+        selection = RowSelection.from_rows(torch.arange(16), 8, 2)
+        batches = stream_batches(read, selection, batch_size=4, seed=0, full_threads=full_threads)
+        assert sum(len(b.rows) for b in batches) == 16
+        assert seen and set(seen) == ({2} if full_threads else {1})
+        assert torch.get_num_threads() == 2  # the caller's own count is untouched
+    finally:
+        torch.set_num_threads(before)
