@@ -45,6 +45,7 @@ import importlib.util
 import json
 import logging
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -208,7 +209,6 @@ def child(args) -> dict:
     STAGE_RSS.clear()
     forward = lambda: bare_forward(loaded, contexts, hookpoint, args.batch_size)  # noqa: E731
     _, t_forward = timed(forward, device, "forward")
-    stages["forward"] = (t_forward, n)
     rows = train_rows(contexts)
     d_in = cfg.hidden_size
     steps = rows.numel() // args.train_batch
@@ -225,7 +225,8 @@ def child(args) -> dict:
         plan = make_plan(loaded, contexts, spec, hookpoint)
         if args.mode == "stored":
 
-            def cache() -> None:  # what `write_cache` does in one process
+            def cache(folder: Path, contexts=contexts) -> None:  # what `write_cache` does in one process
+                plan = make_plan(loaded, contexts, spec, hookpoint)
                 prepare_cache(plan, folder)
                 docs = _documents(contexts, has_polars)
                 table = has_polars and start_token_table(loaded.tokenizer, docs, plan, spec, folder)
@@ -234,10 +235,22 @@ def child(args) -> dict:
                 done = {"token_table": table, "verified": verified}
                 assemble(loaded.tokenizer, docs, plan, spec, folder, header={}, **done)
 
-            stages["cache"] = (timed(cache, device, "cache")[1], n)
+            # untimed, as the forward's warm-up: the one-time set-up of a process (pyarrow's import, the
+            # writer's first buffers), which the small size would otherwise carry as a per-token cost
+            cache(Path(tmp) / "warm", SyntheticContexts.make(2 * args.shard_tokens, args.context_length, 64))
+            # forward and cache alternate, the least time of each kept: the load of a shared machine only
+            # ever adds time, and it moves between passes by more than the cost measured here
+            for i in range(args.repeats):
+                if i:
+                    shutil.rmtree(folder)
+                    t_forward = min(t_forward, timed(forward, device, "forward")[1])
+                t_cache = timed(lambda: cache(folder), device, "cache")[1]
+                stages["cache"] = (min(t_cache, stages.get("cache", (t_cache,))[0]), n)
+            shutil.rmtree(Path(tmp) / "warm")
         else:
             docs = _documents(contexts, has_polars)
             write_unstored(loaded, docs, plan, spec, folder, header={}, token_table=has_polars)
+        stages["forward"] = (t_forward, n)
         store = ActivationCache(folder)
         if not store.stored:
             store.attach_model(loaded)
@@ -386,6 +399,7 @@ def main() -> None:
     ap.add_argument("--context-length", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=16, help="contexts per forward pass")
     ap.add_argument("--shard-tokens", type=int, default=16384)
+    ap.add_argument("--repeats", type=int, default=3, help="forward and cache passes alternated (least kept)")
     ap.add_argument("--train-batch", type=int, default=1024)
     ap.add_argument("--expansion", type=int, default=4)
     ap.add_argument("--k", type=int, default=32)

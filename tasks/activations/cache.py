@@ -31,7 +31,7 @@ import hashlib
 import json
 import logging
 import shutil
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, wait
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -50,6 +50,7 @@ from featureatlas.tasks.common.shards import (
     atomic_write_text,
     finished_shards,
     hookpoint_dir,
+    side_pool,
 )
 from featureatlas.tasks.common.store import FORMAT_VERSION
 
@@ -277,7 +278,7 @@ def start_token_table(tokenizer, documents: pl.DataFrame, plan: CachePlan, cache
     """Write `out_dir/tokens.parquet` on a thread of its own; returns the future of its counts, for
     `assemble(token_table=...)`. The table needs the contexts alone, so it is written while the forward
     passes run, off the caching's critical path (polars and Arrow release the GIL for the bulk of it)."""
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="token-table")
+    pool = side_pool("token-table")
     path = out_dir / "tokens.parquet"
     try:
         return pool.submit(write_token_table, tokenizer, documents, plan.contexts, cache.shard_tokens, path)

@@ -4,6 +4,8 @@ failed write raised in the caller's thread."""
 from __future__ import annotations
 
 import json
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -127,11 +129,11 @@ def test_a_failed_write_fails_the_cache(tmp_path, monkeypatch):
     loaded = LoadedModel(build_tiny_llama(), build_tiny_tokenizer(), torch.device("cpu"))
     calls = []
 
-    def fails_on_the_second(acts, path, before_rename=None):
+    def fails_on_the_second(acts, path, before_rename=None, **kwargs):
         calls.append(path)
         if len(calls) == 2:
             raise OSError(5, "Input/output error")
-        return write_acts_shard(acts, path, before_rename)
+        return write_acts_shard(acts, path, before_rename, **kwargs)
 
     write_acts_shard = shards.write_acts_shard
     monkeypatch.setattr(shards, "write_acts_shard", fails_on_the_second)
@@ -142,3 +144,39 @@ def test_a_failed_write_fails_the_cache(tmp_path, monkeypatch):
             ["resid_post.0"], out, header={},
         )  # fmt: skip
     assert not (out / "manifest.json").exists()
+
+
+def test_a_failed_fsync_is_raised_before_the_writer_finishes(tmp_path, monkeypatch):
+    """The fsync runs after the rename, on its own thread; a disk that fails it still fails the writer, by
+    `finish` at the latest, so no manifest is written over a shard that may not be on disk."""
+    synced = []
+
+    def failing_fsync(path):
+        synced.append(path.name)
+        if len(synced) == 2:
+            raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(shards, "fsync_file", failing_fsync)
+    writer = ShardWriter(tmp_path, "resid_post.0", D_IN, "float32", T)
+    with pytest.raises(OSError, match="Input/output error"):
+        for piece in _rows():
+            writer.add(piece)
+        writer.finish()
+    assert synced[:2] == ["00000.safetensors", "00001.safetensors"]  # in shard order, after the rename
+
+
+def test_every_shard_is_fsynced_by_finish(tmp_path, monkeypatch):
+    synced = []
+    monkeypatch.setattr(shards, "fsync_file", lambda path: synced.append(path.name) or time.sleep(0.01))
+    writer = ShardWriter(tmp_path, "resid_post.0", D_IN, "float32", T)
+    for piece in _rows():
+        writer.add(piece)
+    info = writer.finish()
+    assert synced == [Path(s["file"]).name for s in info["shards"]]
+
+
+def test_side_threads_run_torch_on_one_thread():
+    """The writer's, statistics' and token table's threads must not start a second team of intra-op threads
+    beside the model's (on few cores their spin-waits cost more than the work)."""
+    with shards.side_pool("t") as pool:
+        assert pool.submit(torch.get_num_threads).result() == 1
