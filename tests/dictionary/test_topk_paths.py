@@ -110,9 +110,9 @@ def test_row_offsets_by_binary_search_equal_counting():
 
 def test_topk_lr_and_warmup_rules():
     cfg = TopKConfig(d_sae=4608, lr=None)
-    assert cfg.lr == pytest.approx(2e-4 * math.sqrt(16384 / 4608))
-    assert TopKConfig(d_sae=16384, lr=None).lr == pytest.approx(2e-4)
-    assert topk_lr(65536) == pytest.approx(1e-4)
+    assert cfg.lr == pytest.approx(4e-4 * math.sqrt(16384 / 4608))
+    assert TopKConfig(d_sae=16384, lr=None).lr == pytest.approx(4e-4)
+    assert topk_lr(65536) == pytest.approx(2e-4)
     assert TopKConfig(d_sae=4608).lr == cfg.lr  # the default follows the law; an explicit lr as given
     assert TopKConfig(d_sae=4608, lr=4e-4).lr == 4e-4
     assert TopKConfig.model_validate(cfg.model_dump()) == cfg  # dumps carry the number: round trip
