@@ -18,12 +18,12 @@ import polars as pl
 import torch
 from torch import Tensor, nn
 
-from featureatlas.tasks.labeling.code_stream import CodeStream
+from featureatlas.tasks.labeling.code_stream import CodeStream, intra_op_threads
 from featureatlas.tasks.labeling.columns import marked_windows, per_latent, series
 from featureatlas.tasks.labeling.corpus import CacheRows, TensorRows, wanted_ngrams
 from featureatlas.tasks.labeling.detection import detection_scores, scored_rows, scored_texts
 from featureatlas.tasks.labeling.feature_stats import activation_statistics, decoder_neighbours, logit_effects
-from featureatlas.tasks.labeling.llm_labels import LLMLabeler
+from featureatlas.tasks.labeling.llm_labels import LLMLabeler, llm_label_entries
 from featureatlas.tasks.labeling.scoring import MiniLM, embedding_scores
 from featureatlas.tasks.labeling.stat_labeler import NgramCounts, statistical_label
 from featureatlas.tasks.labeling.top_contexts import _top_contexts, _validate
@@ -67,6 +67,7 @@ FEATURE_COLUMNS = {
     "embedding_contrast": pl.Float64,  # embedding_similarity minus the mean cosine with random contexts
     "labels": pl.List(LABEL),  # every label of the latent, statistical and LLM-written, with its scores
 }
+LABEL_THREADS = 1  # intra-op threads of the label stage's work other than encoding
 
 
 @dataclass
@@ -143,9 +144,52 @@ def feature_table(
     CPU."""
     if top_k < 1 or window < 0:
         raise ValueError(f"need top_k >= 1, window >= 0; got {top_k}, {window}")
+    # the encode keeps the caller's intra-op threads; the rest runs on `LABEL_THREADS` (see `code_stream`)
+    threads = torch.get_num_threads()
+    with intra_op_threads(LABEL_THREADS):
+        return _feature_table(
+            dictionary,
+            batches,
+            corpus,
+            token_strings,
+            counts,
+            unembedding=unembedding,
+            embedder=embedder,
+            llm=llm,
+            top_k=top_k,
+            window=window,
+            n_bins=n_bins,
+            n_logits=n_logits,
+            embed_latents=embed_latents,
+            embed_contexts=embed_contexts,
+            spill_budget=spill_budget,
+            encode_threads=threads,
+        )
+
+
+def _feature_table(
+    dictionary,
+    batches,
+    corpus,
+    token_strings,
+    counts,
+    *,
+    unembedding,
+    embedder,
+    llm,
+    top_k,
+    window,
+    n_bins,
+    n_logits,
+    embed_latents,
+    embed_contexts,
+    spill_budget,
+    encode_threads,
+) -> pl.DataFrame:
     param = next(iter(dictionary.parameters()), None)
     device, dtype = (None, None) if param is None else (param.device, param.dtype)
-    with CodeStream(dictionary, batches, device=device, dtype=dtype, spill_budget=spill_budget) as codes:
+    stream = dict(device=device, dtype=dtype, spill_budget=spill_budget, encode_threads=encode_threads)
+    with CodeStream(dictionary, batches, **stream) as codes:
         top = _top_contexts(codes, corpus, token_strings, top_k, window)
         max_act = top.max_activation.clamp_min(0)
         stats = activation_statistics(dictionary, batches, max_act, n_bins=n_bins, codes=codes)
@@ -250,7 +294,7 @@ def feature_table(
         if stat_label[i]
     ]
     if llm is not None:
-        entries += _llm_labels(llm, table, promoted, texts, embedder, embed_contexts)
+        entries += llm_label_entries(llm, table, promoted, texts, embedder, embed_contexts)
     entries.sort(key=lambda e: e[0])  # stable: a latent's statistical label first
     label_frame = pl.DataFrame([e[1:] for e in entries], schema=LABEL.to_schema(), orient="row")
     extra = pl.DataFrame(
@@ -277,34 +321,3 @@ def feature_table(
         schema=pl.Schema(FEATURE_COLUMNS),
     )
     return pl.concat([table, extra], how="horizontal")
-
-
-def _llm_labels(llm, table, promoted, texts, embedder, embed_contexts) -> list[tuple]:
-    """(latent, source, label, detection, similarity, contrast) of the LLM labels of the
-    `llm.max_features` most frequent fired latents."""
-    pos_texts, neg_texts = texts
-    freq = table["frequency"].to_list()
-    chosen = sorted((i for i in range(len(freq)) if freq[i] > 0), key=lambda i: -freq[i])[: llm.max_features]
-    tokens = promoted.list.eval(pl.element().struct.field("token")).to_list()
-    labels = llm.label(
-        [[c["text"] for c in table["contexts"][i]] for i in chosen],
-        [tokens[i] for i in chosen],
-    )
-    detection = llm.detect(labels, [pos_texts[i] for i in chosen], [neg_texts[i] for i in chosen])
-    embedded = [(None, None)] * len(chosen)
-    if embedder is not None:
-        kept = [j for j, lab in enumerate(labels) if lab]
-        scores = embedding_scores(
-            embedder,
-            [labels[j] for j in kept],
-            [pos_texts[chosen[j]][:embed_contexts] for j in kept],
-            [neg_texts[chosen[j]][:embed_contexts] for j in kept],
-        )
-        for j, sc in zip(kept, scores):
-            embedded[j] = sc
-    log.info("LLM-labeled %d of %d latents (%s)", sum(map(bool, labels)), len(chosen), llm.source)
-    return [
-        (i, llm.source, label, det, sim, contrast)
-        for i, label, det, (sim, contrast) in zip(chosen, labels, detection, embedded)
-        if label
-    ]
