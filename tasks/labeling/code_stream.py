@@ -114,13 +114,15 @@ class CodeStream:
 
     def __iter__(self) -> Iterator[SparseBatch]:
         if self._files is not None:
+            read = False
             for start, n, kept in self._files:
                 if isinstance(kept, Path):
                     t = load_file(str(kept), device=str(self._device))
-                    kept = (t["rows"], t["latents"], t["values"])
+                    kept, read = (t["rows"], t["latents"], t["values"]), True
                 rows, latents, values = kept
                 yield SparseBatch(start, n, rows.long() + start, latents.long(), values)
-            release_freed_memory()
+            if read:  # a pass over resident codes frees only per-batch copies, which the next pass reuses
+                release_freed_memory()
             return
         yield from self._encode_pass()
 
