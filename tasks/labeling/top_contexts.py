@@ -16,9 +16,9 @@ import json
 import logging
 import os
 import tempfile
-from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import polars as pl
 import torch
@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from featureatlas.tasks.evaluate.metrics import dictionary_placement
 from featureatlas.tasks.labeling.code_stream import CodeStream, kth_per_group, lookup, smallest_per_group
+from featureatlas.tasks.labeling.columns import marked_windows, per_latent, series
 from featureatlas.tasks.labeling.corpus import TensorRows
 
 log = logging.getLogger(__name__)
@@ -129,14 +130,6 @@ def _gather_codes(codes: CodeStream, rows: Tensor, latents: Tensor) -> Tensor:
     return out
 
 
-def _mark(strings: list[str], centre: int) -> str:
-    """Join token strings, wrapping the centre one in «» with its leading whitespace left outside."""
-    tok = strings[centre]
-    body = tok.lstrip()
-    marked = f"{tok[: len(tok) - len(body)]}«{body}»"
-    return "".join(strings[:centre]) + marked + "".join(strings[centre + 1 :])
-
-
 def top_activating_contexts(
     dictionary: nn.Module,
     acts: Tensor,
@@ -177,100 +170,115 @@ def top_activating_contexts(
             dtype=dtype,
         )
     try:
-        return _top_contexts(
-            codes, TensorRows(row_context, row_position, context_tokens), token_strings, top_k, window
-        )
+        corpus = TensorRows(row_context, row_position, context_tokens)
+        return _top_contexts(codes, corpus, token_strings, top_k, window).table
     finally:
         if own:
             codes.close()
 
 
-def _top_contexts(codes, corpus, token_strings, top_k, window):
+class TopContexts(NamedTuple):
+    """The top-contexts table, and its contexts as flat tensors (by latent, strongest first)."""
+
+    table: pl.DataFrame
+    latent: Tensor  # [m] int64
+    context: Tensor  # [m] int64
+    position: Tensor  # [m] int64
+    max_activation: Tensor  # [d_sae] float32, 0 for a latent that never fired
+
+
+def _top_contexts(codes, corpus, token_strings, top_k, window) -> TopContexts:
     top_vals, top_rows, fired, n = _stream_top_k(codes, top_k)
+    d_sae = codes.d_sae
 
-    # Gather every window first so the (possibly slow) token_strings runs once on the distinct ids.
-    vals_list, rows_list = top_vals.tolist(), top_rows.tolist()
-    kept_rows = torch.unique(top_rows[top_vals > 0])
-    ctx_t, pos_t = corpus.locate(kept_rows)
-    ids_all = corpus.windows(ctx_t, pos_t, window).tolist()
-    windows: dict[int, tuple[int, int, list[int], int]] = {}
-    for row, ctx, pos, ids in zip(kept_rows.tolist(), ctx_t.tolist(), pos_t.tolist(), ids_all):
-        if ids[window] < 0:
-            raise ValueError(
-                f"activation row {row} points at position {pos} of context {ctx}, which holds no token; "
-                "row_context/row_position must match context_tokens"
-            )
-        # -1 marks the end of a short context (or a position outside it): drop them from the window.
-        before = [t for t in ids[:window] if t >= 0]
-        after = [t for t in ids[window + 1 :] if t >= 0]
-        windows[row] = (ctx, pos, [*before, ids[window], *after], len(before))
-    distinct = sorted({t for *_, ids, _ in windows.values() for t in ids})
-    token_acts = _window_activations(codes, corpus, vals_list, rows_list, windows)
-    strings = token_strings(distinct)
-    if len(strings) != len(distinct):
-        raise ValueError(f"token_strings returned {len(strings)} strings for {len(distinct)} token ids")
-    display = dict(zip(distinct, strings))
-    # Per row, once: (context, position, max token string, marked text); a row can top several latents.
-    shown = {}
-    for row, (ctx, pos, ids, centre) in windows.items():
-        toks = [display[t] for t in ids]
-        shown[row] = (ctx, pos, toks[centre], _mark(toks, centre), toks, centre)
-
-    records = []
-    for latent, (vals, rows) in enumerate(zip(vals_list, rows_list)):
-        top = [(v, r, shown[r]) for v, r in zip(vals, rows) if v > 0]
-        top_tokens = [tok for _, _, (_, _, tok, *_) in top]
-        contexts = [
-            {
-                "context": ctx,
-                "position": pos,
-                "activation": v,
-                "text": text,
-                "tokens": toks,
-                "centre": centre,
-                "token_activations": token_acts[latent, r],
-            }
-            for v, r, (ctx, pos, _, text, toks, centre) in top
-        ]
-        # most_common keeps first-seen order on ties, so a tie goes to the token of the strongest context.
-        label, count = Counter(top_tokens).most_common(1)[0] if top_tokens else (None, 0)
-        records.append(
-            {
-                "latent": latent,
-                "frequency": int(fired[latent]) / n,
-                "max_activation": vals[0],
-                "label": None if label is None else json.dumps(label, ensure_ascii=False),
-                "label_share": count / len(top_tokens) if top_tokens else None,
-                "top_tokens": top_tokens,
-                "contexts": contexts,
-            }
+    # The kept (latent, rank) entries, by latent then rank; each distinct row's window is made once.
+    valid = top_vals > 0
+    lat_e, rank_e = valid.nonzero(as_tuple=True)
+    val_e, row_e = top_vals[lat_e, rank_e], top_rows[lat_e, rank_e]
+    kept_rows = torch.unique(row_e)
+    ctx_u, pos_u = corpus.locate(kept_rows)
+    win = corpus.windows(ctx_u, pos_u, window)
+    bad = (win[:, window] < 0).nonzero().flatten()
+    if len(bad):
+        i = int(bad[0])
+        raise ValueError(
+            f"activation row {int(kept_rows[i])} points at position {int(pos_u[i])} of context "
+            f"{int(ctx_u[i])}, which holds no token; row_context/row_position must match context_tokens"
         )
-    df = pl.DataFrame(records, schema=FEATURE_TABLE_SCHEMA)
-    log.info("labeled %d of %d latents from %d rows", int((fired > 0).sum()), codes.d_sae, n)
-    return df
+    shown = marked_windows(win, window, window, token_strings)
+    u_e = torch.searchsorted(kept_rows, row_e)
+    token_acts = _window_activations(codes, corpus, ctx_u, pos_u, shown, lat_e, u_e)
+    at = pl.Series(u_e.numpy())
+    contexts = pl.DataFrame(
+        {
+            "context": ctx_u[u_e].numpy(),
+            "position": pos_u[u_e].numpy(),
+            "activation": series(val_e, pl.Float64),
+            "text": shown.text.gather(at),
+            "tokens": shown.tokens.gather(at),
+            "centre": shown.centre[u_e].numpy(),
+            "token_activations": token_acts,
+        },
+        schema=CONTEXT_STRUCT.to_schema(),
+    )
+    top_tokens = shown.centre_token.gather(at)
+    label, share = _top_token_labels(top_tokens, lat_e, d_sae)
+    df = pl.DataFrame(
+        {
+            "latent": torch.arange(d_sae).numpy(),
+            "frequency": (fired.double() / n).numpy(),
+            "max_activation": series(top_vals[:, 0], pl.Float64),
+            "label": label,
+            "label_share": share,
+            "top_tokens": per_latent(top_tokens, lat_e, d_sae),
+            "contexts": per_latent(contexts, lat_e, d_sae),
+        },
+        schema=FEATURE_TABLE_SCHEMA,
+    )
+    log.info("labeled %d of %d latents from %d rows", int((fired > 0).sum()), d_sae, n)
+    return TopContexts(df, lat_e, ctx_u[u_e], pos_u[u_e], top_vals[:, 0])
 
 
-def _window_activations(codes, corpus, vals_list, rows_list, windows) -> dict[tuple[int, int], list]:
-    """{(latent, row): the latent's code at each token of the row's window} for every kept top context."""
-    keys, lat, ctx, pos, sizes = [], [], [], [], []
-    for latent, (vals, rows) in enumerate(zip(vals_list, rows_list)):
-        for v, r in zip(vals, rows):
-            if v > 0:
-                c, p, ids, centre = windows[r]
-                keys.append((latent, r))
-                sizes.append(len(ids))
-                lat += [latent] * len(ids)
-                ctx += [c] * len(ids)
-                pos += range(p - centre, p - centre + len(ids))  # the window is contiguous in its context
-    if not keys:
-        return {}
-    rows = corpus.rows_at(torch.tensor(ctx), torch.tensor(pos))
-    got = _gather_codes(codes, rows, torch.tensor(lat)).tolist()
-    out, at = {}, 0
-    for key, size in zip(keys, sizes):
-        out[key] = [None if v != v else v for v in got[at : at + size]]  # nan (no row) -> null
-        at += size
-    return out
+def _top_token_labels(top_tokens: pl.Series, lat_e: Tensor, d_sae: int) -> tuple[list, list]:
+    """Per latent: the commonest of its top tokens (flat, by latent), JSON-quoted, ties to the one seen first
+    (the token of the strongest context among them), and its share of them; None for a latent without any."""
+    n_ctx = torch.bincount(lat_e, minlength=d_sae)
+    if not len(lat_e):
+        return [None] * d_sae, [None] * d_sae
+    # equal strings count together, whatever their ids: one class per distinct string; -1 pads
+    classes = top_tokens.to_frame("t").select(pl.col("t").rank("dense"))["t"].to_numpy()
+    slot = torch.arange(len(lat_e)) - (n_ctx.cumsum(0) - n_ctx)[lat_e]
+    cls = torch.full((d_sae, int(n_ctx.max())), -1, dtype=torch.int64)
+    cls[lat_e, slot] = torch.from_numpy(classes.astype("int64"))
+    count = ((cls[:, :, None] == cls[:, None, :]) & (cls[:, None, :] >= 0)).sum(2).masked_fill(cls < 0, -1)
+    best = torch.argmax(count, dim=1)  # the first of the largest counts
+    first = (n_ctx.cumsum(0) - n_ctx + best).tolist()
+    top_count, n_list = count.gather(1, best[:, None]).flatten().tolist(), n_ctx.tolist()
+    strings = top_tokens.to_list()
+    label = [json.dumps(strings[first[i]], ensure_ascii=False) if k else None for i, k in enumerate(n_list)]
+    share = [top_count[i] / k if k else None for i, k in enumerate(n_list)]
+    return label, share
+
+
+def _window_activations(codes, corpus, ctx_u, pos_u, shown, lat_e, u_e) -> pl.Series:
+    """Per kept top context e: latent `lat_e[e]`'s code at each token of the window of row `u_e[e]`
+    (null where the token has no activation row)."""
+    if not len(lat_e):
+        return pl.Series([], dtype=pl.List(pl.Float64))
+    width = int(shown.length.max())
+    # the window is contiguous in its context: its j-th token sits at position pos - centre + j
+    j = torch.arange(width)
+    inside = j < shown.length[:, None]
+    where = inside.nonzero(as_tuple=True)
+    rows_u = torch.full(inside.shape, -1, dtype=torch.int64)
+    rows_u[where] = corpus.rows_at(ctx_u[where[0]], (pos_u - shown.centre)[where[0]] + where[1])
+    wanted = inside[u_e]
+    got = torch.full(wanted.shape, float("nan"))
+    e, col = wanted.nonzero(as_tuple=True)
+    got[e, col] = _gather_codes(codes, rows_u[u_e[e], col], lat_e[e])
+    flat = series(got.flatten(), pl.Float64).fill_nan(None).reshape(tuple(got.shape))
+    frame = pl.DataFrame({"acts": flat, "n": shown.length[u_e].numpy()})
+    return frame.select(pl.col("acts").arr.to_list().list.head(pl.col("n")))["acts"]
 
 
 def write_feature_table(df: pl.DataFrame, path: str | Path) -> Path:

@@ -62,3 +62,20 @@ def test_smallest_per_group_keeps_k_per_group_ties_to_the_first():
     score = torch.tensor([0.5, 0.2, 0.1, 0.5, 0.9, 0.3])
     # group 0: 0.2 (1), 0.9 (4); group 1: 0.1 (2), then the tie 0.5 at 0 and 3 keeps index 0; group 2: 5
     assert smallest_per_group(group, score, 2).tolist() == [1, 4, 2, 0, 5]
+
+
+@pytest.mark.parametrize("resident_budget,trims", [(1 << 30, 0), (0, 1)])
+def test_memory_is_handed_back_after_a_pass_only_when_it_read_spilled_codes(
+    monkeypatch, resident_budget, trims
+):
+    from featureatlas.tasks.labeling import code_stream
+
+    dictionary, acts, *_ = planted_toy()
+    with CodeStream(dictionary, lambda: acts.split(37), resident_budget=resident_budget) as stream:
+        for _ in stream:  # the encode pass hands back its dense batches' memory either way
+            pass
+        calls = []
+        monkeypatch.setattr(code_stream, "release_freed_memory", lambda: calls.append(1))
+        for _ in stream:
+            pass
+        assert len(calls) == trims
