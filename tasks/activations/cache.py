@@ -44,12 +44,11 @@ from featureatlas.tasks.activations.token_table import write_token_table
 from featureatlas.tasks.common.hookpoints import Site
 from featureatlas.tasks.common.hooks import capture_activations, resolve_site
 from featureatlas.tasks.common.models import DTYPES, LoadedModel
+from featureatlas.tasks.common.shard_records import finished_shards, hookpoint_dir
 from featureatlas.tasks.common.shards import (
     ShardWriter,
     atomic_save_safetensors,
     atomic_write_text,
-    finished_shards,
-    hookpoint_dir,
     side_pool,
 )
 from featureatlas.tasks.common.store import FORMAT_VERSION

@@ -2,8 +2,9 @@
 the resume state (each shard's sha256 and statistics recorded beside it until assembly) that an interrupted
 run checks and the assembly sums.
 
-`ShardWriter` writes one hookpoint's shards off the caller's thread; `finished_shards` tells a resumed run
-which shards it may keep. Reading a finished cache is `store.ActivationCache`'s work.
+`ShardWriter` writes one hookpoint's shards off the caller's thread; the resume records and `finished_shards`,
+which tells a resumed run which shards it may keep, are in `shard_records`. Reading a finished cache is
+`store.ActivationCache`'s work.
 """
 
 from __future__ import annotations
@@ -17,10 +18,17 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from featureatlas.tasks.common.models import DTYPES
+from featureatlas.tasks.common.shard_records import (
+    hookpoint_dir,
+    record_shard,
+    recorded_sha256,
+    recorded_stats,
+    sha256_file,
+)
 from featureatlas.tasks.common.shard_stats import shard_statistics, stats_scratch, summarize
 from featureatlas.tasks.tracking.errors import Refusal
 from featureatlas.tasks.tracking.paths import inside
@@ -39,14 +47,6 @@ def side_pool(name: str) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(
         max_workers=1, thread_name_prefix=name, initializer=torch.set_num_threads, initargs=(1,)
     )
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -106,10 +106,6 @@ def atomic_write_text(text: str, path: Path) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-def hookpoint_dir(hookpoint: str) -> str:
-    return hookpoint.replace("/", "_")
 
 
 class ShardWriter:
@@ -254,9 +250,19 @@ class ShardWriter:
 
     def _wait(self, pending: tuple[Future, Future, torch.Tensor]) -> None:
         written, summed, buffer = pending
-        written.result()  # re-raises a failed write (or sum) here, in the caller's thread
-        summed.result()
+        try:
+            written.result()  # re-raises a failed write (or sum) here, in the caller's thread
+            summed.result()
+        except BaseException:
+            self._stop()
+            raise
         self._free.append(buffer)
+
+    def _stop(self) -> None:
+        """After a failure: cancel the queued work and wait for the running, so nothing is written once the
+        error is raised."""
+        for pool in (self._stats_pool, self._pool, self._sync_pool):
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def _sum(self, shard: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
         """On the statistics thread: float64 sums of one shard, in chunk buffers kept from shard to shard."""
@@ -299,8 +305,12 @@ class ShardWriter:
             self._flush()
         for pending in self._pending:
             self._wait(pending)
-        for synced in self._syncs:  # every shard on disk before the caller records it anywhere
-            synced.result()
+        try:
+            for synced in self._syncs:  # every shard on disk before the caller records it anywhere
+                synced.result()
+        except BaseException:
+            self._stop()
+            raise
         self._pending, self._free, self._fill, self._scratch, self._syncs = [], [], None, None, []
         self._pool.shutdown()
         self._stats_pool.shutdown()
@@ -310,89 +320,6 @@ class ShardWriter:
     def summary(self) -> dict:
         """mean, rms, total_variance, mean_norm and mean_squared_norm of the rows summed so far."""
         return summarize(self.sum, self.sumsq, self.norm_sum, self.rows)
-
-
-def _record_path(path: Path, kind: str) -> Path:
-    return path.with_name(f"{path.name}.{kind}")
-
-
-def _write_small(data: bytes, path: Path) -> None:
-    """Write a resume record under a temporary name and rename it: never seen half-written. Not fsynced: a
-    record lost in a crash only makes the resumed run recompute its shard, never adopt a wrong one."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def record_shard(path: Path, sha256: str, stats: tuple[torch.Tensor, torch.Tensor, float]) -> None:
-    """Record the sha256 and float64 statistics of the shard just written at `path` in the resume state:
-    files beside it (`.stats`: the sha256 it belongs to and the raw float64 sums; `.sha256`, last).
-
-    Written once the shard is complete, just before it is renamed into place, so every shard under its final
-    name has a record (a resumed run adopts every shard it finds that hashes to it); a kill in between
-    leaves a record without a shard, and the shard is recomputed and the record rewritten. The assembly
-    step sums the recorded statistics in shard order, as one run sums them, and deletes the records once the
-    manifest lists every checksum.
-    """
-    total, total_sq, norm_sum = stats
-    sums = torch.cat([total, total_sq, torch.tensor([norm_sum], dtype=torch.float64)])
-    _write_small(sha256.encode() + sums.numpy().tobytes(), _record_path(path, "stats"))
-    _write_small(sha256.encode(), _record_path(path, "sha256"))
-
-
-def recorded_sha256(path: Path) -> str | None:
-    """The sha256 recorded when the shard at `path` was written, or None if there is no record."""
-    try:
-        return _record_path(path, "sha256").read_text().strip()
-    except FileNotFoundError:
-        return None
-
-
-def recorded_stats(path: Path, sha256: str, d_in: int) -> tuple[torch.Tensor, torch.Tensor, float] | None:
-    """The float64 statistics recorded for the shard at `path` with content `sha256`, or None if there is
-    no record of them (an older run's, a cut one, or one of other bytes)."""
-    try:
-        data = _record_path(path, "stats").read_bytes()
-    except FileNotFoundError:
-        return None
-    if len(data) != 64 + 8 * (2 * d_in + 1) or data[:64] != sha256.encode():
-        return None
-    sums = torch.frombuffer(bytearray(data[64:]), dtype=torch.float64)
-    return sums[:d_in], sums[d_in : 2 * d_in], float(sums[-1])
-
-
-def finished_shards(
-    folder: Path,
-    hookpoint: str,
-    shard_tokens: int,
-    start: int = 0,
-    stop: int | None = None,
-    *,
-    verify: bool = True,
-) -> int:
-    """How many full shards (`start`, `start` + 1, ... without a gap, before `stop`) an interrupted run left
-    for `hookpoint`.
-
-    A shard is renamed into place once written, and fsynced after (before its cache's manifest): a kill
-    leaves it complete, a power loss may cut it. Its size is checked against its own header, which costs
-    nothing and catches a copy cut short. With `verify`,
-    each shard must also hash to the sha256 recorded when it was written: a shard damaged since (a bad
-    disk, a stray write) or without a record is not adopted, but recomputed from there on.
-    """
-    shard_dir = folder / "acts" / hookpoint_dir(hookpoint)
-    n = start
-    while (stop is None or n < stop) and (path := shard_dir / f"{n:05d}.safetensors").is_file():
-        try:
-            with safe_open(str(path), "pt") as f:
-                rows = f.get_slice("acts").get_shape()[0]
-        except (SafetensorError, OSError):  # cut short or unreadable: not a usable shard
-            break
-        if rows != shard_tokens:
-            break
-        if verify and (recorded_sha256(path) is None or sha256_file(path) != recorded_sha256(path)):
-            break
-        n += 1
-    return n - start
 
 
 class CacheIntegrityError(Refusal):

@@ -48,6 +48,13 @@ def _rows() -> list[torch.Tensor]:
     return list(acts.split([5, 70, 1, 64, 60]))
 
 
+def _write_all(writer: ShardWriter) -> dict:
+    """Every row of `_rows()` through `writer`, finished: its manifest entry."""
+    for piece in _rows():
+        writer.add(piece)
+    return writer.finish()
+
+
 def _write_parts(folder, dtype: str) -> ShardWriter:
     writer = ShardWriter(folder, "resid_post.0", D_IN, dtype, T, stats=False)
     for piece in _rows():
@@ -116,9 +123,7 @@ def test_a_failed_write_is_raised_in_the_callers_thread(tmp_path, monkeypatch):
     monkeypatch.setattr(shards, "write_acts_shard", full_disk)
     writer = ShardWriter(tmp_path, "resid_post.0", D_IN, "float32", T)
     with pytest.raises(OSError, match="No space left"):
-        for piece in _rows():
-            writer.add(piece)
-        writer.finish()
+        _write_all(writer)
 
 
 def test_a_failed_write_fails_the_cache(tmp_path, monkeypatch):
@@ -158,9 +163,7 @@ def test_a_failed_fsync_is_raised_before_the_writer_finishes(tmp_path, monkeypat
     monkeypatch.setattr(shards, "fsync_file", failing_fsync)
     writer = ShardWriter(tmp_path, "resid_post.0", D_IN, "float32", T)
     with pytest.raises(OSError, match="Input/output error"):
-        for piece in _rows():
-            writer.add(piece)
-        writer.finish()
+        _write_all(writer)
     assert synced[:2] == ["00000.safetensors", "00001.safetensors"]  # in shard order, after the rename
 
 
@@ -168,9 +171,7 @@ def test_every_shard_is_fsynced_by_finish(tmp_path, monkeypatch):
     synced = []
     monkeypatch.setattr(shards, "fsync_file", lambda path: synced.append(path) or time.sleep(0.01))
     writer = ShardWriter(tmp_path, "resid_post.0", D_IN, "float32", T)
-    for piece in _rows():
-        writer.add(piece)
-    info = writer.finish()
+    info = _write_all(writer)
     # (paths under this test's folder: a writer another test left failing may still be finishing its shards)
     assert [p for p in synced if p.is_relative_to(tmp_path)] == [tmp_path / s["file"] for s in info["shards"]]
 
@@ -180,3 +181,25 @@ def test_side_threads_run_torch_on_one_thread():
     beside the model's (on few cores their spin-waits cost more than the work)."""
     with shards.side_pool("t") as pool:
         assert pool.submit(torch.get_num_threads).result() == 1
+
+
+def test_a_failed_writer_writes_nothing_after_its_error(tmp_path, monkeypatch):
+    """Once a failure is raised, the writer's queued work is cancelled and its running work waited for: no
+    shard lands on disk behind the caller's back."""
+    write_acts_shard, calls = shards.write_acts_shard, []
+
+    def fails_on_the_first(acts, path, before_rename=None, **kwargs):
+        calls.append(path)
+        if len(calls) == 1:
+            time.sleep(0.05)  # the next shards queue behind it
+            raise OSError(5, "Input/output error")
+        return write_acts_shard(acts, path, before_rename, **kwargs)
+
+    monkeypatch.setattr(shards, "write_acts_shard", fails_on_the_first)
+    writer = ShardWriter(tmp_path, "resid_post.0", D_IN, "float32", T)
+    with pytest.raises(OSError, match="Input/output error"):
+        _write_all(writer)
+    files = sorted(p.name for p in writer.folder.iterdir())
+    time.sleep(0.2)
+    assert sorted(p.name for p in writer.folder.iterdir()) == files
+    assert len(calls) < 4  # the shards queued behind the failure were never written
