@@ -45,13 +45,9 @@ from featureatlas.tasks.common.hookpoints import Site
 from featureatlas.tasks.common.hooks import capture_activations, resolve_site
 from featureatlas.tasks.common.models import DTYPES, LoadedModel
 from featureatlas.tasks.common.shard_records import finished_shards, hookpoint_dir
-from featureatlas.tasks.common.shards import (
-    ShardWriter,
-    atomic_save_safetensors,
-    atomic_write_text,
-    side_pool,
-)
+from featureatlas.tasks.common.shards import ShardWriter, atomic_save_safetensors, atomic_write_text
 from featureatlas.tasks.common.store import FORMAT_VERSION
+from featureatlas.tasks.common.threads import side_pool
 
 if TYPE_CHECKING:  # polars and the corpus code load only where a stage needs them (not for the shards)
     import polars as pl

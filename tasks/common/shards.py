@@ -14,7 +14,7 @@ import json
 import os
 import struct
 from collections.abc import Callable, Collection
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
 
 import torch
@@ -30,23 +30,9 @@ from featureatlas.tasks.common.shard_records import (
     sha256_file,
 )
 from featureatlas.tasks.common.shard_stats import shard_statistics, stats_scratch, summarize
+from featureatlas.tasks.common.threads import side_pool
 from featureatlas.tasks.tracking.errors import Refusal
 from featureatlas.tasks.tracking.paths import inside
-
-
-def side_pool(name: str) -> ThreadPoolExecutor:
-    """One worker thread for work beside the forward passes (writing, hashing, statistics, the token table),
-    whose torch ops run on one intra-op thread.
-
-    torch's intra-op thread count is per thread, and each thread that calls a parallel op starts a team of
-    its own: a side thread left at the default adds a second full team competing with the model's on every
-    core. On 2 cores the token table's few torch ops took 6x the CPU with a team of two (0.98 s for 409,600
-    rows, against 0.17 s on one thread): their workers spin-wait on cores the forward passes hold. The side
-    work is small (about 12 ms of CPU per 16,384-row shard of 128 floats) and needs no team.
-    """
-    return ThreadPoolExecutor(
-        max_workers=1, thread_name_prefix=name, initializer=torch.set_num_threads, initargs=(1,)
-    )
 
 
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:

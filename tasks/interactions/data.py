@@ -14,6 +14,7 @@ import numpy as np
 import polars as pl
 import torch
 
+from featureatlas.tasks.common.threads import intra_op_threads
 from featureatlas.tasks.interactions.fis import Layered, LossName, Predictor
 
 SKLEARN_DATASETS = ("breast_cancer", "diabetes", "wine")
@@ -161,12 +162,8 @@ def _mlp(table: Table, n_classes: int, seed: int, rows: np.ndarray | None) -> La
     if rows is not None:
         X, y = X[rows], y[rows]
     # a net this small trains ~10x faster on one thread: synchronising threads costs more than it saves
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with intra_op_threads(1):
         _train(net, opt, X, y, table.task, out)
-    finally:
-        torch.set_num_threads(threads)
     net.eval().requires_grad_(False)
     first, last, output = net[0], net[2], _output_head(table.task, out)
     return Layered(first.weight, first.bias, lambda H: output(last(torch.relu(H))))

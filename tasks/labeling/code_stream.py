@@ -13,10 +13,8 @@ budget; disk holds the rest. If they would pass
 `spill_budget` bytes (a dense dictionary), the spill is dropped and every pass encodes again.
 
 `encode_threads`: the intra-op threads that read and encode a batch, when the caller runs its own work on
-fewer (`intra_op_threads`): the passes' per-batch bookkeeping works on tensors of a few hundred thousand
-entries at most, where synchronising a team of threads costs more than it saves, and on a loaded machine a
-team waiting for a descheduled member makes a millisecond sort take a hundred; the encode's matmul is
-large enough to want them all.
+fewer (`intra_op_threads`, see `tasks.common.threads`): the passes' per-batch bookkeeping works on tensors of
+a few hundred thousand entries at most, and the encode's matmul is large enough to want the whole team.
 
 `smallest_per_group` is the one selection primitive the passes share: within each group (a latent, or a
 latent's quantile bin), keep the entries with the k smallest scores, merging a running selection with a batch.
@@ -28,7 +26,6 @@ import logging
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
@@ -36,27 +33,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from featureatlas.tasks.common.threads import intra_op_threads
 from featureatlas.tasks.labeling.codes import firing_codes
 from featureatlas.tasks.labeling.sharded import release_freed_memory
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CodeStream", "SparseBatch", "intra_op_threads", "kth_per_group", "lookup", "smallest_per_group"]
-
-
-@contextmanager
-def intra_op_threads(n: int | None) -> Iterator[None]:
-    """torch's intra-op threads of the calling thread set to `n` (None: left as they are) for the block,
-    the caller's restored after."""
-    before = torch.get_num_threads()
-    if n is None or n == before:
-        yield
-        return
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+__all__ = ["CodeStream", "SparseBatch", "kth_per_group", "lookup", "smallest_per_group"]
 
 
 class SparseBatch(NamedTuple):

@@ -18,7 +18,8 @@ import polars as pl
 import torch
 from torch import Tensor, nn
 
-from featureatlas.tasks.labeling.code_stream import CodeStream, intra_op_threads
+from featureatlas.tasks.common.threads import intra_op_threads
+from featureatlas.tasks.labeling.code_stream import CodeStream
 from featureatlas.tasks.labeling.columns import marked_windows, per_latent, series
 from featureatlas.tasks.labeling.corpus import CacheRows, TensorRows, wanted_ngrams
 from featureatlas.tasks.labeling.detection import detection_scores, scored_rows, scored_texts

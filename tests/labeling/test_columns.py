@@ -11,7 +11,8 @@ import polars as pl
 import pytest
 import torch
 
-from featureatlas.tasks.labeling.code_stream import CodeStream, intra_op_threads
+from featureatlas.tasks.common.threads import intra_op_threads
+from featureatlas.tasks.labeling.code_stream import CodeStream
 from featureatlas.tasks.labeling.columns import mark, marked_windows, per_latent
 from featureatlas.tasks.labeling.detection import detection_scores, scored_rows
 from featureatlas.tasks.labeling.feature_stats import ActivationStats
