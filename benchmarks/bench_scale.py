@@ -18,22 +18,24 @@ baseline measured in the same process:
 The last stdout line is JSON: per mode and size `stage_ratio` (per stage), `tokens_per_s`, `peak_rss_gb`
 (and `peak_gpu_gb` on CUDA); `rss_growth` per mode (peak RSS at the larger size / the smaller).
 
-`rss_growth` also counts buffers that are bounded by design but not yet full at the smaller size. At the
-default 2^15 and 2^15 * 10 tokens (2 and 20 shards of 16,384 rows) these fill between the two sizes:
-  - labeling: `CodeStream`'s resident firing codes, 12 B per firing, capped at 64 MiB on the CPU (about
-    13 MB at 2^15 tokens with k = 32; the cap is reached from about 175,000 rows), most of the label
-    stage's growth;
+`rss_growth` would also count buffers that are bounded by design but not yet full at the smaller size, so on
+CPU the default sizes, 2^18 and 2^18 * 10 tokens (16 and 160 shards of 16,384 rows), are the least that
+fill all of them at both sizes:
+  - labeling: `CodeStream`'s resident firing codes, 12 B per firing, capped at 64 MiB on the CPU (the cap
+    is reached from about 175,000 rows with k = 32);
   - training from a cache or from forward passes: `buffer_shards` (4) shards a group, two groups held while
-    the next is read: at 2^15 tokens the whole corpus is 2 shards;
+    the next is read (8 shards);
   - streaming: `Recompute` holds up to `hold_rows` (2^16) rows of shards read once, for their second read;
-  - the in-memory baseline: up to `--memory-rows` rows.
-Growth with tokens alone shows between two sizes that both fill these (e.g. `--tokens 262144`).
+  - the in-memory baseline: up to `--memory-rows` (2^16) rows.
+At 2^15 and 2^15 * 10 tokens (`--tokens 32768`) the smaller corpus is 2 shards and the ratio measures these
+buffers filling, not growth with tokens.
 
 The stage functions are called directly: no Prefect, MLflow or catalog, and polars (with it labeling and
 the token table) only when installed, so it runs on a bare CUDA machine with torch, transformers,
 safetensors and pydantic.
 
-    nice python benchmarks/bench_scale.py                         # CPU: 2^15 and 2^15 * 10 tokens
+    nice python benchmarks/bench_scale.py                         # CPU: 2^18 and 2^18 * 10 tokens
+    python benchmarks/bench_scale.py --quick                      # CPU: 2^12 and 2^12 * 10, a smoke run
     python benchmarks/bench_scale.py --device cuda --quick        # 1B shape, bf16, 2^14 and 2^14 * 10
 """
 
@@ -416,7 +418,7 @@ def main() -> None:
         print(json.dumps(child(args)))  # noqa: T201
         return
     cuda = args.device.startswith("cuda")
-    small = args.tokens or ((1 << 14 if cuda else 1 << 12) if args.quick else 1 << 15)
+    small = args.tokens or ((1 << 14 if cuda else 1 << 12) if args.quick else (1 << 15 if cuda else 1 << 18))
     forwarded = [a for a in sys.argv[1:] if a not in ("--quick",)]
     result: dict = {"device": args.device, "sizes": [small, small * 10]}
     for mode in args.modes:
