@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import polars as pl
 import torch
 
@@ -171,16 +172,36 @@ def split_budgets(spec: CorpusSpec) -> dict[bool, int]:
     return {True: heldout, False: spec.max_tokens - heldout}
 
 
+def _token_ids(tokenizer, text: str) -> np.ndarray:
+    """The document's token ids as one int64 array: a corpus of 10^8 tokens held as Python ints would take
+    ~40 bytes a token (the int and the list's pointer) until the contexts are built."""
+    return np.asarray(tokenizer(text, add_special_tokens=True)["input_ids"], dtype=np.int64)
+
+
+def _padded(windows: list[np.ndarray], length: int, fill: int) -> torch.Tensor:
+    """`windows` (each at most `length` long) as the rows of one int64 tensor, right-padded with `fill`."""
+    out = np.full((len(windows), length), fill, dtype=np.int64)
+    for row, window in zip(out, windows):
+        row[: len(window)] = window
+    return torch.from_numpy(out)
+
+
+def _mask(lengths: list[int], length: int) -> torch.Tensor:
+    """[n, length] int64 attention mask: 1 for the first lengths[i] positions of row i."""
+    return (torch.arange(length) < torch.tensor(lengths, dtype=torch.int64)[:, None]).long()
+
+
 def pack_contexts(documents: pl.DataFrame, tokenizer, spec: CorpusSpec) -> Contexts:
     """Documents end to end (each followed by EOS) in full contexts, train and held-out kept apart.
 
     Each split takes its share of `max_tokens` (`split_budgets`), or all of its documents when they are
-    fewer: every context is full except the last one of each split.
+    fewer: every context is full except the last one of each split. Contexts are filled as int64 arrays and
+    padded once at the end, so building them takes about twice the memory of the result, whatever the corpus.
     """
     L, eos = spec.context_length, tokenizer.eos_token_id
     budget = split_budgets(spec)
-    open_ctx: dict[bool, tuple[list[int], list[int]]] = {False: ([], []), True: ([], [])}
-    done: list[tuple[list[int], list[int], bool]] = []
+    fill = {h: [np.empty(L, np.int64), np.empty(L, np.int64), 0] for h in (False, True)}  # ids, docs, used
+    done: list[tuple[np.ndarray, np.ndarray, bool]] = []
     taken = {False: 0, True: 0}
     for i, (text, split) in enumerate(zip(documents["text"], documents["split"])):
         heldout = split == "heldout"
@@ -188,30 +209,29 @@ def pack_contexts(documents: pl.DataFrame, tokenizer, spec: CorpusSpec) -> Conte
             if all(taken[h] >= budget[h] for h in taken):
                 break
             continue
-        tokens = tokenizer(text, add_special_tokens=True)["input_ids"]
-        if eos is not None and (not tokens or tokens[-1] != eos):
-            tokens.append(eos)  # marks the document boundary for the model
-        ids, docs = open_ctx[heldout]
+        tokens = _token_ids(tokenizer, text)
+        if eos is not None and (not len(tokens) or tokens[-1] != eos):
+            tokens = np.append(tokens, eos)  # marks the document boundary for the model
+        ids, docs, used = fill[heldout]
         pos = 0
         while pos < len(tokens) and taken[heldout] < budget[heldout]:
-            take = min(L - len(ids), len(tokens) - pos, budget[heldout] - taken[heldout])
-            ids.extend(tokens[pos : pos + take])
-            docs.extend([i] * take)
-            pos, taken[heldout] = pos + take, taken[heldout] + take
-            if len(ids) == L:
+            take = min(L - used, len(tokens) - pos, budget[heldout] - taken[heldout])
+            ids[used : used + take] = tokens[pos : pos + take]
+            docs[used : used + take] = i
+            used, pos, taken[heldout] = used + take, pos + take, taken[heldout] + take
+            if used == L:
                 done.append((ids.copy(), docs.copy(), heldout))
-                ids.clear()
-                docs.clear()
-    done.extend((ids, docs, heldout) for heldout, (ids, docs) in open_ctx.items() if ids)
+                used = 0
+        fill[heldout][2] = used
+    done.extend((ids[:used].copy(), docs[:used].copy(), h) for h, (ids, docs, used) in fill.items() if used)
     if not done:
         raise ValueError("the corpus yields no context; add text")
-    pad = _pad_id(tokenizer)
     return Contexts(
-        torch.tensor([ids + [pad] * (L - len(ids)) for ids, _, _ in done], dtype=torch.int64),
-        torch.tensor([[1] * len(ids) + [0] * (L - len(ids)) for ids, _, _ in done], dtype=torch.int64),
-        torch.tensor([docs[0] for _, docs, _ in done], dtype=torch.int64),
+        _padded([ids for ids, _, _ in done], L, _pad_id(tokenizer)),
+        _mask([len(ids) for ids, _, _ in done], L),
+        torch.tensor([int(docs[0]) for _, docs, _ in done], dtype=torch.int64),
         torch.tensor([h for _, _, h in done], dtype=torch.bool),
-        torch.tensor([docs + [-1] * (L - len(docs)) for _, docs, _ in done], dtype=torch.int64),
+        _padded([docs for _, docs, _ in done], L, -1),
     )
 
 
@@ -221,14 +241,14 @@ def build_contexts(documents: pl.DataFrame, tokenizer, spec: CorpusSpec) -> Cont
     Each split takes its share of the budget (`split_budgets`), so evaluation always has held-out tokens
     when the corpus has held-out documents. Windows never cross documents; a document's tail shorter than
     `min_context_tokens` is dropped. With `spec.pack`, documents are packed end to end instead
-    (`pack_contexts`).
+    (`pack_contexts`). Windows are views of each document's int64 ids, padded once at the end.
     """
     if spec.pack:
         return pack_contexts(documents, tokenizer, spec)
     L = spec.context_length
-    pad = _pad_id(tokenizer)
     budget = split_budgets(spec)
-    ids, masks, doc_index, heldout = [], [], [], []
+    windows: list[np.ndarray] = []
+    doc_index, heldout = [], []
     taken = {False: 0, True: 0}
 
     def full(h: bool) -> bool:  # what is left of the split's budget is too short for another window
@@ -240,21 +260,20 @@ def build_contexts(documents: pl.DataFrame, tokenizer, spec: CorpusSpec) -> Cont
             if full(not held):
                 break
             continue
-        tokens = tokenizer(text, add_special_tokens=True)["input_ids"]
+        tokens = _token_ids(tokenizer, text)
         for start in range(0, len(tokens), L):
             window = tokens[start : start + L][: budget[held] - taken[held]]
             if len(window) < spec.min_context_tokens:
                 break
-            ids.append(window + [pad] * (L - len(window)))
-            masks.append([1] * len(window) + [0] * (L - len(window)))
+            windows.append(window)
             doc_index.append(i)
             heldout.append(held)
             taken[held] += len(window)
-    if not ids:
+    if not windows:
         raise ValueError("the corpus yields no context; lower `corpus.min_context_tokens` or add text")
     return Contexts(
-        torch.tensor(ids, dtype=torch.int64),
-        torch.tensor(masks, dtype=torch.int64),
+        _padded(windows, L, _pad_id(tokenizer)),
+        _mask([len(w) for w in windows], L),
         torch.tensor(doc_index, dtype=torch.int64),
         torch.tensor(heldout, dtype=torch.bool),
     )
