@@ -3,6 +3,7 @@ failed write raised in the caller's thread."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 
@@ -12,7 +13,7 @@ from safetensors.torch import load_file
 
 from featureatlas.schemas.spec import CacheSpec, CorpusSpec
 from featureatlas.tasks.activations.cache import write_cache
-from featureatlas.tasks.common import shards, threads
+from featureatlas.tasks.common import shard_stats, shards, threads
 from featureatlas.tasks.common.corpus import load_documents
 from featureatlas.tasks.common.models import LoadedModel
 from featureatlas.tasks.common.shards import ShardWriter, shard_statistics, summarize
@@ -99,6 +100,29 @@ def test_statistics_from_the_records_equal_the_shards_reread(tmp_path, dtype):
     assert [s["rows"] for s in trusted["shards"]] == [64, 64, 64, 8] and trusted["rows"] == 200
     leftovers = [p.name for p in (tmp_path / "a" / "acts" / "resid_post.0").iterdir()]
     assert sorted(leftovers) == [f"{i:05d}.safetensors" for i in range(4)]  # the records are gone
+
+
+def test_wide_shards_are_summed_in_cache_sized_chunks_to_float64_rounding():
+    """At d_in 4096 a chunk is 64 rows (2 MiB of float64); the chunked sums equal one float64 pass."""
+    assert [shard_stats.chunk_rows(d) for d in (24, 2048, 4096, 10**6)] == [1024, 128, 64, 16]
+    shard = torch.randn(300, 4096).to(torch.bfloat16)  # five chunks, the last one short
+    total, total_sq, norm_sum = shard_statistics(shard, shard_stats.stats_scratch(4096))
+    a64 = shard.double()
+    assert torch.allclose(total, a64.sum(0), rtol=1e-12, atol=1e-12)
+    assert torch.allclose(total_sq, (a64 * a64).sum(0), rtol=1e-12)
+    assert norm_sum == pytest.approx(float(a64.norm(dim=1).sum()), rel=1e-12)
+    fresh = shard_statistics(shard)  # fresh memory per chunk or the scratch: the same bits
+    assert torch.equal(fresh[0], total) and torch.equal(fresh[1], total_sq) and fresh[2] == norm_sum
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_rows_hashed_beside_the_write_hash_as_the_file(tmp_path, dtype):
+    """The sha256 computed on a second thread while the rows are written is that of the file's bytes."""
+    acts = torch.cat(_rows()).to(shards.DTYPES[dtype])
+    with threads.side_pool("hash") as pool:
+        beside = shards.write_acts_shard(acts, tmp_path / "a.safetensors", hash_pool=pool)
+    inline = shards.write_acts_shard(acts, tmp_path / "b.safetensors")
+    assert beside == inline == hashlib.sha256((tmp_path / "a.safetensors").read_bytes()).hexdigest()
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
