@@ -2,7 +2,8 @@
 # The GPU checks, on a bare CUDA machine without network access: the CUDA tests (tests/**/test_*_gpu.py,
 # among them the Triton kernels' of tasks/dictionary/kernels, compiled there with the machine's Triton),
 # benchmarks/bench_gpu.py, benchmarks/bench_train.py --device cuda and, where present,
-# benchmarks/bench_scale.py --device cuda --quick. Logs go to OUT_DIR (default $OUT, else ./gpu-checks).
+# benchmarks/bench_scale.py --device cuda --quick, and benchmarks/bench_writer.py (the shard writer on the
+# machine's cores). Logs go to OUT_DIR (default $OUT, else ./gpu-checks).
 #
 #   bash benchmarks/gpu/fetch_wheels.sh          # once, on a machine with network: benchmarks/gpu/wheels/
 #   bash benchmarks/gpu/run_checks.sh [OUT_DIR]  # on the GPU machine, from the repository root
@@ -14,7 +15,7 @@
 # there). Without a GPU every step still runs: the CUDA tests skip, bench_gpu.py runs its small CPU sizes
 # and the CUDA-only benchmarks are left out. Each step has a time limit; a failed step is reported and the
 # next one runs; the exit status is that of the first failure. CHECKS picks the steps (default all:
-# "tests gpu train scale", at most 4 + 4 + 3 + 2 minutes); on a machine lent for 10-minute commands, run
+# "tests gpu train scale", at most 4 + 4 + 3 + 3 minutes); on a machine lent for 10-minute commands, run
 # CHECKS="tests gpu" and CHECKS="train scale" as two calls.
 set -uo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
@@ -102,6 +103,9 @@ elif [[ $checks == *" train "* ]]; then
 fi
 if [ "$cuda" = 1 ] && [[ $checks == *" scale "* ]] && [ -f benchmarks/bench_scale.py ]; then
   step "bench_scale" 120 bench_scale.log "$py" benchmarks/bench_scale.py --device cuda --quick
+fi
+if [[ $checks == *" scale "* ]]; then  # the shard writer on this machine's cores and disk, no GPU needed
+  step "bench_writer" 60 bench_writer.log "$py" benchmarks/bench_writer.py --repeats 2
 fi
 note "status $status"
 exit $status
