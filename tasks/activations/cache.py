@@ -117,7 +117,8 @@ def plan_cache(
         # `parts` left out: it does not change the bytes, so a run killed with one split resumes with another
         "cache": cache.model_dump(mode="json", exclude={"parts"}),
         "header": header,
-        "contexts_sha256": hashlib.sha256(contexts.input_ids.numpy().tobytes()).hexdigest(),
+        # the ids' own buffer, not a bytes copy of them (0.8 GB at 10^8 tokens)
+        "contexts_sha256": hashlib.sha256(contexts.input_ids.contiguous().numpy()).hexdigest(),
         "n_contexts": contexts.input_ids.shape[0],
     }
     n_rows = int(contexts.attention_mask.sum())
