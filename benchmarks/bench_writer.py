@@ -5,7 +5,7 @@ memory, so nothing but the writer is timed.
 
 Per width, bfloat16 rows (the dtype a bfloat16 model caches) go through two writers, alternated `--repeats`
 times, the least time of each kept:
-  inline   the sha256 computed in line with the file write, in turn (`shards.HASH_BESIDE = False`)
+  inline   the sha256 computed in line with the file write, in turn (`ShardWriter(hash_beside=False)`)
   beside   the default: the sha256 on a thread of its own while the rows are written
 Both sum the statistics on a thread of their own. Each run ends with `finish`, so every shard is written,
 hashed, summed and fsynced. The goal is 10^5 rows/s per hookpoint or more: a GPU's forward passes cache at
@@ -51,9 +51,10 @@ def main() -> None:
             best = {}
             for i in range(args.repeats):
                 for name, beside in layouts.items():
-                    shards.HASH_BESIDE = beside
                     folder = Path(tmp) / f"{name}{i}"
-                    writer = shards.ShardWriter(folder, "resid_post.0", d_in, "bfloat16", args.shard_tokens)
+                    writer = shards.ShardWriter(
+                        folder, "resid_post.0", d_in, "bfloat16", args.shard_tokens, hash_beside=beside
+                    )
                     start = time.perf_counter()
                     for batch in rows.split(args.batch):
                         writer.add(batch)

@@ -196,7 +196,8 @@ def pack_contexts(documents: pl.DataFrame, tokenizer, spec: CorpusSpec) -> Conte
 
     Each split takes its share of `max_tokens` (`split_budgets`), or all of its documents when they are
     fewer: every context is full except the last one of each split. Contexts are filled as int64 arrays and
-    padded once at the end, so building them takes about twice the memory of the result, whatever the corpus.
+    padded once at the end, so building them peaks at about 1.4x the memory of the result, whatever the
+    corpus.
     """
     L, eos = spec.context_length, tokenizer.eos_token_id
     budget = split_budgets(spec)

@@ -34,8 +34,6 @@ from featureatlas.tasks.common.threads import side_pool
 from featureatlas.tasks.tracking.errors import Refusal
 from featureatlas.tasks.tracking.paths import inside
 
-HASH_BESIDE = True  # hash each shard on a thread of its own while it is written (False: in line, in turn)
-
 
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
@@ -121,11 +119,12 @@ class ShardWriter:
     thread sums each full shard's float64 statistics while a second one serialises and renames it, a third
     hashes the same rows as they are written and a fourth fsyncs it. Hashing, file writes and torch kernels
     release the GIL, so none holds up the forward passes; at most two shards are in flight and their buffers
-    are reused, so memory stays at three shards. On one core each, bfloat16 shards at d_in 4096: the
-    statistics sum 240,000 rows/s (`shard_stats.chunk_rows`), the sha256 220,000, and writing and hashing
-    in turn ran at 42,000-67,000 (the disk, and the two costs added), below the 10^5 tokens/s per hookpoint of
-    a GPU's forward passes; beside each other a shard costs the longer of the two. A failed write, sum or
-    fsync is raised in the caller's thread, by the next `add` that waits on it or by `finish`.
+    are reused, so memory stays at three shards. The hash beside the write makes a shard cost the longer of
+    the two rather than their sum (`hash_beside=False`: in line, in turn); at d_in 4096 in bfloat16 the
+    sha256 alone runs at about 220,000 rows/s on one core and the statistics at 240,000
+    (`shard_stats.chunk_rows`), above the 10^5 tokens/s per hookpoint of a GPU's forward passes
+    (`benchmarks/bench_writer.py`). A failed write, sum or fsync is raised in the caller's thread, by the next
+    `add` that waits on it or by `finish`.
 
     The fsync comes after the rename, on its own thread, because a shard's buffer is free once its bytes are
     in the page cache: waiting for the disk there held up the forward passes (caching 1.32x the bare forward
@@ -150,6 +149,7 @@ class ShardWriter:
         *,
         first_shard: int = 0,
         stats: bool = True,
+        hash_beside: bool = True,
     ):
         if dtype not in DTYPES:
             raise ValueError(f"shard dtype {dtype!r} not understood; use one of {sorted(DTYPES)}")
@@ -174,7 +174,7 @@ class ShardWriter:
         name = hookpoint_dir(hookpoint)
         self._pool = side_pool(f"shards-{name}")
         self._stats_pool = side_pool(f"stats-{name}")
-        self._hash_pool = side_pool(f"hash-{name}") if HASH_BESIDE else None
+        self._hash_pool = side_pool(f"hash-{name}") if hash_beside else None
         self._sync_pool = side_pool(f"fsync-{name}")
         self._syncs: list[Future] = []  # fsyncs not yet known to be done, in shard order
         self._pending: list[tuple[Future, Future, torch.Tensor]] = []

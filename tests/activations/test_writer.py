@@ -105,6 +105,7 @@ def test_statistics_from_the_records_equal_the_shards_reread(tmp_path, dtype):
 def test_wide_shards_are_summed_in_cache_sized_chunks_to_float64_rounding():
     """At d_in 4096 a chunk is 64 rows (2 MiB of float64); the chunked sums equal one float64 pass."""
     assert [shard_stats.chunk_rows(d) for d in (24, 2048, 4096, 10**6)] == [1024, 128, 64, 16]
+    assert shard_stats.chunk_rows(4096, "cuda") == shard_stats.DEVICE_CHUNK_ROWS  # launches, not cache misses
     shard = torch.randn(300, 4096).to(torch.bfloat16)  # five chunks, the last one short
     total, total_sq, norm_sum = shard_statistics(shard, shard_stats.stats_scratch(4096))
     a64 = shard.double()
