@@ -41,16 +41,16 @@ def deepest_block(model, hookpoints: list[str]) -> int:
 
 
 @torch.inference_mode()
-def bare_forward(model, contexts, batch_size: int, n_blocks: int) -> float:
-    """Seconds for the base model with only the first `n_blocks` blocks, over every context."""
+def bare_forward(model, contexts, batch_size: int, n_blocks: int, stop: int | None = None) -> float:
+    """Seconds for the base model with only the first `n_blocks` blocks, over contexts [0, stop)."""
     base, layers, n_layers = model.model, model.model.layers, model.config.num_hidden_layers
     base.layers, model.config.num_hidden_layers = layers[:n_blocks], n_blocks
     try:
         t0 = time.perf_counter()
-        for s in range(0, contexts.input_ids.shape[0], batch_size):
+        for s in range(0, stop or contexts.n_contexts, batch_size):
             base(
-                input_ids=contexts.input_ids[s : s + batch_size],
-                attention_mask=contexts.attention_mask[s : s + batch_size],
+                input_ids=contexts.ids(s, s + batch_size),
+                attention_mask=contexts.mask(s, s + batch_size),
                 use_cache=False,
             )
         return time.perf_counter() - t0
@@ -76,15 +76,14 @@ def main() -> None:
     )
     docs = load_documents(corpus)
     contexts = build_contexts(docs, loaded.tokenizer, corpus)
-    n_tokens = int(contexts.attention_mask.sum())
+    n_tokens = contexts.n_tokens
     n_blocks = deepest_block(loaded.model, args.hookpoints) + 1
-    print(f"{n_tokens} tokens in {contexts.input_ids.shape[0]} contexts; hookpoints {args.hookpoints}")
+    print(f"{n_tokens} tokens in {contexts.n_contexts} contexts; hookpoints {args.hookpoints}")
     print(f"forward through {n_blocks} of {loaded.model.config.num_hidden_layers} blocks")
 
     # warm-up (allocator, kernels) on two batches, then bare and cache passes alternately: on a shared
     # machine, load drifts; alternating spreads the drift over both sides and the medians ignore outliers
-    warm = type(contexts)(*(None if t is None else t[: 2 * args.batch_size] for t in contexts))
-    bare_forward(loaded.model, warm, args.batch_size, n_blocks)
+    bare_forward(loaded.model, contexts, args.batch_size, n_blocks, stop=2 * args.batch_size)
     spec = CacheSpec(batch_size=args.batch_size, shard_tokens=8192)
     bare_times, cache_times = [], []
     with tempfile.TemporaryDirectory(prefix="bench-cache-") as tmp:

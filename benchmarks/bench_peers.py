@@ -78,9 +78,8 @@ def build_activations(tokens: int, context_length: int, path: Path) -> tuple[tor
     loaded = load_model(resolve_source(spec, online=False), spec)
     contexts = build_contexts(load_documents(corpus), loaded.tokenizer, corpus)
     parts: dict[bool, list[torch.Tensor]] = {False: [], True: []}
-    for start in range(0, contexts.input_ids.shape[0], 16):
-        ids = contexts.input_ids[start : start + 16]
-        mask = contexts.attention_mask[start : start + 16]
+    for start in range(0, contexts.n_contexts, 16):
+        ids, mask = contexts.ids(start, start + 16), contexts.mask(start, start + 16)
         with torch.inference_mode():
             acts = capture_activations(loaded.model, [HOOKPOINT], ids, mask)[HOOKPOINT].float()
         keep = mask.bool()

@@ -99,21 +99,19 @@ class SyntheticTokenizer:
         return "".join(f"<{i}>" for i in ids)
 
 
-class SyntheticContexts(NamedTuple):
-    """Full contexts of random token ids, every tenth one held out; the fields of a corpus' Contexts."""
+def synthetic_contexts(n_tokens: int, length: int, vocab: int, path: Path, seed: int = 0):
+    """Full contexts of random token ids, each its own document and every tenth one held out, built into
+    `path` as a corpus' contexts are (`ContextWriter`): the benchmark holds no more of them than a stage."""
+    from featureatlas.tasks.common.contexts import ContextWriter
 
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    doc_index: torch.Tensor
-    heldout: torch.Tensor
-    token_doc: torch.Tensor | None = None
-
-    @classmethod
-    def make(cls, n_tokens: int, length: int, vocab: int, seed: int = 0) -> SyntheticContexts:
-        n_ctx = max(2, n_tokens // length)
-        gen = torch.Generator().manual_seed(seed)
-        ids = torch.randint(3, vocab, (n_ctx, length), generator=gen)
-        return cls(ids, torch.ones_like(ids), torch.arange(n_ctx), torch.arange(n_ctx) % 10 == 9)
+    n_ctx = max(2, n_tokens // length)
+    gen = torch.Generator().manual_seed(seed)
+    with ContextWriter(length, 0, path) as out:
+        for a in range(0, n_ctx, 1024):
+            ids = torch.randint(3, vocab, (min(1024, n_ctx - a), length), generator=gen).numpy()
+            for c, row in enumerate(ids, start=a):
+                out.add(row, c % 10 == 9, [(0, c)])
+        return out.finish()
 
 
 def build_model(config: Path, device: torch.device, dtype: torch.dtype):
@@ -150,12 +148,13 @@ def timed(fn, device: torch.device, name: str):
     return out, seconds
 
 
-def bare_forward(loaded, contexts, hookpoint: str, batch_size: int) -> None:
+def bare_forward(loaded, contexts, hookpoint: str, batch_size: int, stop: int | None = None) -> None:
+    """The forward passes alone over contexts [0, stop), read from their file as the caching reads them."""
     from featureatlas.tasks.common.hooks import capture_activations
 
     model, _, device = loaded
-    for start in range(0, contexts.input_ids.shape[0], batch_size):
-        ids = contexts.input_ids[start : start + batch_size].to(device)
+    for start in range(0, stop or contexts.n_contexts, batch_size):
+        ids = contexts.ids(start, start + batch_size).to(device)
         with torch.inference_mode():
             capture_activations(model, [hookpoint], ids, torch.ones_like(ids))
 
@@ -164,18 +163,28 @@ def make_plan(loaded, contexts, spec, hookpoint: str):
     from featureatlas.tasks.activations.cache import CachePlan, _split, stored_dtype
     from featureatlas.tasks.common.hooks import resolve_site
 
-    n_rows = int(contexts.attention_mask.sum())
+    n_rows = contexts.n_tokens
     key = {"hookpoints": [hookpoint], "cache": spec.model_dump(mode="json"), "header": {}, "n": n_rows}
     sites = {hookpoint: resolve_site(loaded.model, hookpoint)}
     parts = _split(n_rows, spec.shard_tokens, 1)
     return CachePlan(contexts, sites, key, n_rows, parts, stored_dtype(spec, loaded.model))
 
 
-def train_rows(contexts) -> torch.Tensor:
-    """The training rows a cache selects by default: train contexts, position 0 left out."""
-    n_ctx, length = contexts.input_ids.shape
-    rows = torch.arange(n_ctx * length).view(n_ctx, length)
-    return rows[~contexts.heldout][:, 1:].reshape(-1)
+def n_train_rows(contexts) -> int:
+    """How many rows a cache selects for training by default: train contexts, position 0 left out."""
+    return int((contexts.lengths[~contexts.heldout] - 1).clamp(min=0).sum())
+
+
+def train_rows(contexts, limit: int | None = None) -> torch.Tensor:
+    """The first `limit` (default: all) of those rows' numbers, context by context."""
+    starts = contexts.lengths.cumsum(0) - contexts.lengths
+    out, n = [], 0
+    for c in (~contexts.heldout).nonzero().flatten().tolist():
+        if limit is not None and n >= limit:
+            break
+        out.append(torch.arange(int(starts[c]) + 1, int(starts[c] + contexts.lengths[c])))
+        n += len(out[-1])
+    return torch.cat(out)[:limit] if out else torch.zeros(0, dtype=torch.int64)
 
 
 def child(args) -> dict:
@@ -196,8 +205,11 @@ def child(args) -> dict:
     loaded, cfg = build_model(config, device, dtype)
     base_rss = _rss_gb()  # torch, the model and the libraries: what every size pays alike
     hookpoint = HOOKPOINT.format(layer=cfg.num_hidden_layers // 2)
-    contexts = SyntheticContexts.make(args.tokens, args.context_length, cfg.vocab_size)
-    n = int(contexts.attention_mask.sum())
+    inputs = tempfile.TemporaryDirectory(dir=args.tmp)
+    contexts = synthetic_contexts(
+        args.tokens, args.context_length, cfg.vocab_size, Path(inputs.name) / "contexts.safetensors"
+    )
+    n = contexts.n_tokens
     try:  # the token table and labeling need polars; the rest does not
         import polars  # noqa: F401
 
@@ -206,14 +218,14 @@ def child(args) -> dict:
         has_polars = False
     spec = CacheSpec(shard_tokens=args.shard_tokens, batch_size=args.batch_size, store=args.mode == "stored")
     stages: dict[str, tuple[float, int]] = {}
-    warm = contexts._replace(input_ids=contexts.input_ids[: args.batch_size])
-    bare_forward(loaded, warm, hookpoint, args.batch_size)  # untimed: one-time set-up of the first pass
+    bare_forward(loaded, contexts, hookpoint, args.batch_size, stop=1)  # untimed: the first pass' set-up
     STAGE_RSS.clear()
     forward = lambda: bare_forward(loaded, contexts, hookpoint, args.batch_size)  # noqa: E731
     _, t_forward = timed(forward, device, "forward")
-    rows = train_rows(contexts)
+    # every training row's number only where there is no token table to select them from
+    rows = train_rows(contexts, None if not has_polars else args.memory_rows)
     d_in = cfg.hidden_size
-    steps = rows.numel() // args.train_batch
+    steps = n_train_rows(contexts) // args.train_batch
     topk = TopKConfig(
         d_sae=args.expansion * d_in,
         k=args.k,
@@ -239,7 +251,8 @@ def child(args) -> dict:
 
             # untimed, as the forward's warm-up: the one-time set-up of a process (pyarrow's import, the
             # writer's first buffers), which the small size would otherwise carry as a per-token cost
-            cache(Path(tmp) / "warm", SyntheticContexts.make(2 * args.shard_tokens, args.context_length, 64))
+            small = synthetic_contexts(2 * args.shard_tokens, args.context_length, 64, Path(tmp) / "warm.st")
+            cache(Path(tmp) / "warm", small)
             # forward and cache alternate, the least time of each kept: the load of a shared machine only
             # ever adds time, and it moves between passes by more than the cost measured here
             for i in range(args.repeats):
@@ -293,6 +306,7 @@ def child(args) -> dict:
     }
     if device.type == "cuda":
         out["peak_gpu_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+    inputs.cleanup()
     return out
 
 
@@ -326,7 +340,7 @@ def _documents(contexts, has_polars: bool):
         return None
     import polars as pl
 
-    return pl.DataFrame({"doc_id": [f"d{i}" for i in range(contexts.input_ids.shape[0])]})
+    return pl.DataFrame({"doc_id": [f"d{i}" for i in range(contexts.n_contexts)]})
 
 
 class LabelRows(NamedTuple):

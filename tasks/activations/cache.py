@@ -27,7 +27,6 @@ and ends with the bytes of an uninterrupted one.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -45,14 +44,14 @@ from featureatlas.tasks.common.hookpoints import Site
 from featureatlas.tasks.common.hooks import capture_activations, resolve_site
 from featureatlas.tasks.common.models import DTYPES, LoadedModel
 from featureatlas.tasks.common.shard_records import finished_shards, hookpoint_dir
-from featureatlas.tasks.common.shards import ShardWriter, atomic_save_safetensors, atomic_write_text
+from featureatlas.tasks.common.shards import ShardWriter, atomic_write_text
 from featureatlas.tasks.common.store import FORMAT_VERSION
 from featureatlas.tasks.common.threads import side_pool
 
 if TYPE_CHECKING:  # polars and the corpus code load only where a stage needs them (not for the shards)
     import polars as pl
 
-    from featureatlas.tasks.common.corpus import Contexts
+    from featureatlas.tasks.common.contexts import Contexts
 
 log = logging.getLogger(__name__)
 
@@ -99,29 +98,37 @@ def stored_dtype(cache: CacheSpec, model: torch.nn.Module) -> str:
 
 def plan_cache(
     loaded: LoadedModel,
-    documents: pl.DataFrame,
-    corpus: CorpusSpec,
+    documents: pl.DataFrame | Path | None,
+    corpus: CorpusSpec | None,
     cache: CacheSpec,
     hookpoints: list[str],
     *,
     header: dict,
+    folder: Path | None = None,
+    contexts: Contexts | None = None,
 ) -> CachePlan:
-    """Contexts, sites and the parts' shard ranges; no disk and no forward pass."""
+    """Contexts, sites and the parts' shard ranges; no forward pass.
+
+    The contexts are built from `documents` (the frame or documents.parquet) into `folder`'s
+    contexts.safetensors, where they stay and are read a slice at a time; without a folder, in memory. A
+    part on another process passes the `contexts` opened from that file instead (`open_contexts`).
+    """
     # fail before any work, with close matches (or why an alias does not resolve) in the message
     from featureatlas.tasks.common.corpus import build_contexts
 
     sites = {hp: resolve_site(loaded.model, hp) for hp in hookpoints}
-    contexts = build_contexts(documents, loaded.tokenizer, corpus)
+    if contexts is None:
+        path = folder / "contexts.safetensors" if folder is not None else None
+        contexts = build_contexts(documents, loaded.tokenizer, corpus, path)
     key = {
         "hookpoints": hookpoints,
         # `parts` left out: it does not change the bytes, so a run killed with one split resumes with another
         "cache": cache.model_dump(mode="json", exclude={"parts"}),
         "header": header,
-        # the ids' own buffer, not a bytes copy of them (0.8 GB at 10^8 tokens)
-        "contexts_sha256": hashlib.sha256(contexts.input_ids.contiguous().numpy()).hexdigest(),
-        "n_contexts": contexts.input_ids.shape[0],
+        "contexts_sha256": contexts.sha256(),  # a block of ids at a time
+        "n_contexts": contexts.n_contexts,
     }
-    n_rows = int(contexts.attention_mask.sum())
+    n_rows = contexts.n_tokens
     parts = _split(n_rows, cache.shard_tokens, cache.parts)
     if len(parts) < cache.parts:
         log.info(
@@ -183,9 +190,9 @@ def write_part(
     if row_start >= row_stop:
         log.info("part %d (shards %d-%d): all finished", part, first, end - 1)
         return 0
-    ids_all, mask_all = plan.contexts.input_ids, plan.contexts.attention_mask
-    row_end = mask_all.sum(1).cumsum(0)  # row_end[c]: rows before context c + 1
-    n_ctx = ids_all.shape[0]
+    contexts = plan.contexts
+    row_end = contexts.lengths.cumsum(0)  # row_end[c]: rows before context c + 1
+    n_ctx = contexts.n_contexts
     # the batch holding the part's first missing row, aligned as a single run aligns it
     first_batch = int(torch.searchsorted(row_end, row_start, right=True)) // bs * bs
     last_batch = int(torch.searchsorted(row_end, row_stop - 1, right=True)) // bs * bs
@@ -201,9 +208,10 @@ def write_part(
     writers: dict[str, ShardWriter] = {}
     batches = range(first_batch, last_batch + 1, bs)
     for start in tqdm(batches, desc=f"caching activations, part {part}", unit="batch", disable=not progress):
-        mask = mask_all[start : start + bs].to(device)
+        mask = contexts.mask(start, start + bs).to(device)
+        ids = contexts.ids(start, start + bs).to(device)  # read from the contexts file, a batch at a time
         with torch.inference_mode():  # ~15% faster than no_grad on CPU: no version counters
-            acts = capture_activations(model, hookpoints, ids_all[start : start + bs].to(device), mask)
+            acts = capture_activations(model, hookpoints, ids, mask)
         # rows [batch_row, ...) of the cache are in this batch; keep those inside [row_start, row_stop)
         batch_row = int(row_end[start - 1]) if start else 0
         lo, hi = max(row_start - batch_row, 0), row_stop - batch_row
@@ -301,26 +309,21 @@ def finish_cache(
     `start_token_table` means the table is being written already: its counts are awaited here.
     """
     contexts, T, hp_info = plan.contexts, cache.shard_tokens, hookpoints
-    n_ctx, L = contexts.input_ids.shape
+    n_ctx, L = contexts.n_contexts, contexts.length
     if isinstance(token_table, Future):
         counts = token_table.result()  # re-raises a failed table here
     elif token_table:
         counts = write_token_table(tokenizer, documents, contexts, T, out_dir / "tokens.parquet")
     else:
-        lengths = contexts.attention_mask.sum(1)
-        n_held = int(lengths[contexts.heldout.bool()].sum())
+        n_held = int(contexts.lengths[contexts.heldout].sum())
         special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.int64)
-        n_special = int(torch.isin(contexts.input_ids[contexts.attention_mask.bool()], special).sum())
-        counts = {"n_train_tokens": int(lengths.sum()) - n_held, "n_heldout_tokens": n_held}
+        n_special = sum(
+            int(torch.isin(contexts.ids(a, b)[contexts.mask(a, b).bool()], special).sum())
+            for a, b in contexts.blocks()
+        )
+        counts = {"n_train_tokens": contexts.n_tokens - n_held, "n_heldout_tokens": n_held}
         counts["n_special_tokens"] = n_special
-    atomic_save_safetensors(
-        {
-            "input_ids": contexts.input_ids,
-            "attention_mask": contexts.attention_mask,
-            "heldout": contexts.heldout.to(torch.uint8),
-        },
-        out_dir / "contexts.safetensors",
-    )
+    contexts.save(out_dir / "contexts.safetensors")  # nothing to do where they were built into it
     manifest = {
         "format_version": FORMAT_VERSION,
         **header,
@@ -356,8 +359,9 @@ def write_cache(
 
     `out_dir` is empty, or holds what an interrupted call with the same arguments left there: it resumes.
     """
-    plan = plan_cache(loaded, documents, corpus, cache, hookpoints, header=header)
-    log.info("caching %d contexts of up to %d tokens at %s", *plan.contexts.input_ids.shape, hookpoints)
+    plan = plan_cache(loaded, documents, corpus, cache, hookpoints, header=header, folder=out_dir)
+    n, length = plan.contexts.n_contexts, plan.contexts.length
+    log.info("caching %d contexts of up to %d tokens at %s", n, length, hookpoints)
     prepare_cache(plan, out_dir)
     table = start_token_table(loaded.tokenizer, documents, plan, cache, out_dir)
     verified: dict[str, set[int]] = {}

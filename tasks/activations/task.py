@@ -32,6 +32,7 @@ from featureatlas.tasks.activations.cache import (
     write_part,
 )
 from featureatlas.tasks.activations.unstored import write_unstored
+from featureatlas.tasks.common.contexts import open_contexts
 from featureatlas.tasks.common.corpus import load_documents
 from featureatlas.tasks.common.models import (
     describe,
@@ -135,10 +136,12 @@ def cache_part(
     progress: bool = False,
 ) -> int:
     """Write the shards of one part of a cache into `folder` (prepared by `cache_activations`); returns
-    the batches it ran. Everything comes as references, so a Dask worker loads the model and corpus itself."""
+    the batches it ran. Everything comes as references, so a Dask worker loads the model itself and reads
+    the contexts `cache_activations` built into the folder."""
     loaded = load_model_ref(model.source, model.spec, model.path, model.converted)
-    docs = pl.read_parquet(Path(corpus.path) / "documents.parquet")
-    plan = plan_cache(loaded, docs, corpus.spec, spec, hookpoints, header=_cache_header(model, corpus))
+    contexts = open_contexts(Path(folder) / "contexts.safetensors")
+    header = _cache_header(model, corpus)
+    plan = plan_cache(loaded, None, corpus.spec, spec, hookpoints, header=header, contexts=contexts)
     return write_part(loaded, plan, spec, Path(folder), part, progress=progress)
 
 
@@ -189,10 +192,11 @@ def cache_activations(
 
     def build(folder: Path, run: StageRun) -> tuple[dict, dict]:
         loaded = load_model_ref(model.source, model.spec, model.path, model.converted)
-        docs = pl.read_parquet(Path(corpus.path) / "documents.parquet")
+        documents = Path(corpus.path) / "documents.parquet"
+        docs = pl.read_parquet(documents, columns=["doc_id"])  # for the token table; texts come in batches
         t0 = time.perf_counter()
         header = _cache_header(model, corpus)
-        plan = plan_cache(loaded, docs, corpus.spec, spec, hookpoints, header=header)
+        plan = plan_cache(loaded, documents, corpus.spec, spec, hookpoints, header=header, folder=folder)
         if not spec.store:
             how = {"source": model.source, "spec": model.spec.model_dump(mode="json")}
             how |= {"path": model.path, "converted": model.converted}

@@ -16,7 +16,7 @@ import torch
 if TYPE_CHECKING:
     import polars as pl
 
-    from featureatlas.tasks.common.corpus import Contexts
+    from featureatlas.tasks.common.contexts import Contexts
 
 
 def _token_strings(tokenizer, ids: list[int]) -> dict[int, str]:
@@ -29,7 +29,7 @@ TOKEN_CHUNK_ROWS = 1 << 18  # rows built and written at a time (~40 MB): memory 
 
 def _context_chunks(contexts: Contexts, rows: int) -> list[tuple[int, int]]:
     """Context ranges [a, b) of about `rows` real tokens each."""
-    ends = contexts.attention_mask.sum(1).cumsum(0)
+    ends = contexts.lengths.cumsum(0)
     bounds = [0]
     while bounds[-1] < len(ends):
         done = int(ends[bounds[-1] - 1]) if bounds[-1] else 0
@@ -54,20 +54,17 @@ def write_token_table(
     writer = None
     try:
         for a, b in _context_chunks(contexts, TOKEN_CHUNK_ROWS):
-            mask = contexts.attention_mask[a:b]
-            lengths = mask.sum(1)
+            mask = contexts.mask(a, b)
+            lengths = contexts.lengths[a:b]
             keep = mask.bool()
             context_of_row = torch.repeat_interleave(torch.arange(a, b), lengths)
             position = torch.arange(mask.shape[1]).expand_as(mask)[keep]
-            token_ids = contexts.input_ids[a:b][keep]
+            token_ids = contexts.ids(a, b)[keep]
             new = set(token_ids.unique().tolist()) - strings.keys()
             if new:
                 strings.update(_token_strings(tokenizer, list(new)))
                 lookup = pl.Series("token", [strings.get(i) for i in range(max(strings) + 1)], pl.String)
-            if contexts.token_doc is not None:
-                doc_rows = contexts.token_doc[a:b][keep]
-            else:
-                doc_rows = torch.repeat_interleave(contexts.doc_index[a:b], lengths)
+            doc_rows = contexts.doc_rows(a, b)
             heldout = contexts.heldout[context_of_row]
             is_special = torch.isin(token_ids, special)
             row = torch.arange(row0, row0 + int(lengths.sum()))

@@ -45,7 +45,7 @@ def write_unstored(
     out_dir.mkdir(parents=True, exist_ok=True)
     model, _, device = loaded
     hookpoints, T = plan.key["hookpoints"], cache.shard_tokens
-    ids, mask = plan.contexts.input_ids[:1], plan.contexts.attention_mask[:1]
+    ids, mask = plan.contexts.ids(0, 1), plan.contexts.mask(0, 1)
     with torch.inference_mode():
         acts = capture_activations(model, hookpoints, ids.to(device), mask.to(device))
     n_shards = -(-plan.n_rows // T)

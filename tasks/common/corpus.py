@@ -13,13 +13,12 @@ import json
 import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import polars as pl
-import torch
 
 from featureatlas.schemas.spec import CorpusSpec
+from featureatlas.tasks.common.contexts import Contexts, ContextWriter
 
 _MIN_DOCSTRING_CHARS = 200
 
@@ -146,20 +145,6 @@ def load_documents(spec: CorpusSpec) -> pl.DataFrame:
     return df.sort("_order").drop("_order")
 
 
-class Contexts(NamedTuple):
-    input_ids: torch.Tensor  # [n_ctx, L] int64, padded with the pad id
-    attention_mask: torch.Tensor  # [n_ctx, L] int64, 1 for real tokens
-    doc_index: torch.Tensor  # [n_ctx] int64: row of the (first) document in the documents frame
-    heldout: torch.Tensor  # [n_ctx] bool
-    token_doc: torch.Tensor | None = None  # [n_ctx, L] int64 document row per position (-1: padding)
-
-    def doc_of_tokens(self) -> torch.Tensor:
-        """Document row of every real token, in row order [n_tokens]."""
-        if self.token_doc is not None:
-            return self.token_doc[self.attention_mask.bool()]
-        return torch.repeat_interleave(self.doc_index, self.attention_mask.sum(1))
-
-
 def _pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
 
@@ -178,103 +163,100 @@ def _token_ids(tokenizer, text: str) -> np.ndarray:
     return np.asarray(tokenizer(text, add_special_tokens=True)["input_ids"], dtype=np.int64)
 
 
-def _padded(windows: list[np.ndarray], length: int, fill: int) -> torch.Tensor:
-    """`windows` (each at most `length` long) as the rows of one int64 tensor, right-padded with `fill`."""
-    out = np.full((len(windows), length), fill, dtype=np.int64)
-    for row, window in zip(out, windows):
-        row[: len(window)] = window
-    return torch.from_numpy(out)
+def _texts(documents: pl.DataFrame | Path, rows: int = 64) -> Iterator[tuple[str, str]]:
+    """(text, split) of every document in order, from the frame or from documents.parquet, `rows` documents
+    at a time: building contexts never holds the corpus's text as Python strings."""
+    if isinstance(documents, pl.DataFrame):
+        batches = (b.to_arrow() for b in documents.select("text", "split").iter_slices(rows))
+    else:
+        import pyarrow.parquet as pq
+
+        batches = pq.ParquetFile(documents).iter_batches(batch_size=rows, columns=["text", "split"])
+    for batch in batches:
+        yield from zip(batch.column("text").to_pylist(), batch.column("split").to_pylist())
 
 
-def _mask(lengths: list[int], length: int) -> torch.Tensor:
-    """[n, length] int64 attention mask: 1 for the first lengths[i] positions of row i."""
-    return (torch.arange(length) < torch.tensor(lengths, dtype=torch.int64)[:, None]).long()
-
-
-def pack_contexts(documents: pl.DataFrame, tokenizer, spec: CorpusSpec) -> Contexts:
+def pack_contexts(
+    documents: pl.DataFrame | Path, tokenizer, spec: CorpusSpec, path: Path | None = None
+) -> Contexts:
     """Documents end to end (each followed by EOS) in full contexts, train and held-out kept apart.
 
     Each split takes its share of `max_tokens` (`split_budgets`), or all of its documents when they are
-    fewer: every context is full except the last one of each split. Contexts are filled as int64 arrays and
-    padded once at the end, so building them peaks at about 1.4x the memory of the result, whatever the
-    corpus.
+    fewer: every context is full except the last one of each split. A context goes to the writer when it is
+    full (`build_contexts` says where it ends up), so building holds one context per split.
     """
     L, eos = spec.context_length, tokenizer.eos_token_id
     budget = split_budgets(spec)
-    fill = {h: [np.empty(L, np.int64), np.empty(L, np.int64), 0] for h in (False, True)}  # ids, docs, used
-    done: list[tuple[np.ndarray, np.ndarray, bool]] = []
+    fill = {h: [np.empty(L, np.int64), [], 0] for h in (False, True)}  # ids, runs (position, doc), used
     taken = {False: 0, True: 0}
-    for i, (text, split) in enumerate(zip(documents["text"], documents["split"])):
-        heldout = split == "heldout"
-        if taken[heldout] >= budget[heldout]:
-            if all(taken[h] >= budget[h] for h in taken):
-                break
-            continue
-        tokens = _token_ids(tokenizer, text)
-        if eos is not None and (not len(tokens) or tokens[-1] != eos):
-            tokens = np.append(tokens, eos)  # marks the document boundary for the model
-        ids, docs, used = fill[heldout]
-        pos = 0
-        while pos < len(tokens) and taken[heldout] < budget[heldout]:
-            take = min(L - used, len(tokens) - pos, budget[heldout] - taken[heldout])
-            ids[used : used + take] = tokens[pos : pos + take]
-            docs[used : used + take] = i
-            used, pos, taken[heldout] = used + take, pos + take, taken[heldout] + take
-            if used == L:
-                done.append((ids.copy(), docs.copy(), heldout))
-                used = 0
-        fill[heldout][2] = used
-    done.extend((ids[:used].copy(), docs[:used].copy(), h) for h, (ids, docs, used) in fill.items() if used)
-    if not done:
-        raise ValueError("the corpus yields no context; add text")
-    return Contexts(
-        _padded([ids for ids, _, _ in done], L, _pad_id(tokenizer)),
-        _mask([len(ids) for ids, _, _ in done], L),
-        torch.tensor([int(docs[0]) for _, docs, _ in done], dtype=torch.int64),
-        torch.tensor([h for _, _, h in done], dtype=torch.bool),
-        _padded([docs for _, docs, _ in done], L, -1),
-    )
+    with ContextWriter(L, _pad_id(tokenizer), path) as out:
+        for i, (text, split) in enumerate(_texts(documents)):
+            heldout = split == "heldout"
+            if taken[heldout] >= budget[heldout]:
+                if all(taken[h] >= budget[h] for h in taken):
+                    break
+                continue
+            tokens = _token_ids(tokenizer, text)
+            if eos is not None and (not len(tokens) or tokens[-1] != eos):
+                tokens = np.append(tokens, eos)  # marks the document boundary for the model
+            ids, runs, used = fill[heldout]
+            pos = 0
+            while pos < len(tokens) and taken[heldout] < budget[heldout]:
+                take = min(L - used, len(tokens) - pos, budget[heldout] - taken[heldout])
+                ids[used : used + take] = tokens[pos : pos + take]
+                runs.append((used, i))
+                used, pos, taken[heldout] = used + take, pos + take, taken[heldout] + take
+                if used == L:
+                    out.add(ids, heldout, runs)
+                    runs.clear()
+                    used = 0
+            fill[heldout][2] = used
+        for h, (ids, runs, used) in fill.items():
+            if used:
+                out.add(ids[:used], h, runs)
+        if not len(out):
+            raise ValueError("the corpus yields no context; add text")
+        return out.finish()
 
 
-def build_contexts(documents: pl.DataFrame, tokenizer, spec: CorpusSpec) -> Contexts:
+def build_contexts(
+    documents: pl.DataFrame | Path, tokenizer, spec: CorpusSpec, path: Path | None = None
+) -> Contexts:
     """Cut each document into windows of `context_length` tokens until `max_tokens` real tokens are taken.
+
+    `documents` is the documents frame or its parquet file (read a batch of rows at a time). With `path` the
+    contexts are written there (contexts.safetensors) as they are made and read back a slice at a time, so
+    building and holding them take memory set by a block of contexts, not by the corpus; without one they are
+    held in memory.
 
     Each split takes its share of the budget (`split_budgets`), so evaluation always has held-out tokens
     when the corpus has held-out documents. Windows never cross documents; a document's tail shorter than
     `min_context_tokens` is dropped. With `spec.pack`, documents are packed end to end instead
-    (`pack_contexts`). Windows are views of each document's int64 ids, padded once at the end.
+    (`pack_contexts`).
     """
     if spec.pack:
-        return pack_contexts(documents, tokenizer, spec)
+        return pack_contexts(documents, tokenizer, spec, path)
     L = spec.context_length
     budget = split_budgets(spec)
-    windows: list[np.ndarray] = []
-    doc_index, heldout = [], []
     taken = {False: 0, True: 0}
 
     def full(h: bool) -> bool:  # what is left of the split's budget is too short for another window
         return budget[h] - taken[h] < max(spec.min_context_tokens, 1)
 
-    for i, (text, split) in enumerate(zip(documents["text"], documents["split"])):
-        held = split == "heldout"
-        if full(held):
-            if full(not held):
-                break
-            continue
-        tokens = _token_ids(tokenizer, text)
-        for start in range(0, len(tokens), L):
-            window = tokens[start : start + L][: budget[held] - taken[held]]
-            if len(window) < spec.min_context_tokens:
-                break
-            windows.append(window)
-            doc_index.append(i)
-            heldout.append(held)
-            taken[held] += len(window)
-    if not windows:
-        raise ValueError("the corpus yields no context; lower `corpus.min_context_tokens` or add text")
-    return Contexts(
-        _padded(windows, L, _pad_id(tokenizer)),
-        _mask([len(w) for w in windows], L),
-        torch.tensor(doc_index, dtype=torch.int64),
-        torch.tensor(heldout, dtype=torch.bool),
-    )
+    with ContextWriter(L, _pad_id(tokenizer), path) as out:
+        for i, (text, split) in enumerate(_texts(documents)):
+            held = split == "heldout"
+            if full(held):
+                if full(not held):
+                    break
+                continue
+            tokens = _token_ids(tokenizer, text)
+            for start in range(0, len(tokens), L):
+                window = tokens[start : start + L][: budget[held] - taken[held]]
+                if len(window) < spec.min_context_tokens:
+                    break
+                out.add(window, held, [(0, i)])
+                taken[held] += len(window)
+        if not len(out):
+            raise ValueError("the corpus yields no context; lower `corpus.min_context_tokens` or add text")
+        return out.finish()

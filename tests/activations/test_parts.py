@@ -22,6 +22,7 @@ from featureatlas.tasks.activations.cache import (
     write_cache,
     write_part,
 )
+from featureatlas.tasks.common.contexts import open_contexts
 from featureatlas.tasks.common.corpus import load_documents
 from featureatlas.tasks.common.models import LoadedModel
 from featureatlas.tasks.tracking.identity import Identity, cache_identity
@@ -104,6 +105,33 @@ def test_parts_in_any_order_give_the_bytes_of_one_run(tmp_path, corpus_args, sha
     # write_cache with parts=3 is the same too
     write_cache(loaded, docs, corpus, three, HOOKPOINTS, tmp_path / "call", header=HEADER)
     assert _files(tmp_path / "call") == reference
+
+
+def test_parts_on_other_processes_read_the_contexts_built_into_the_folder(tmp_path, corpus_args):
+    # as `cache_part` on a Dask worker: the contexts come from the folder's file, not from the documents
+    corpus, loaded = CorpusSpec(**corpus_args | {"pack": True}), _loaded()
+    docs = load_documents(corpus)
+    spec = CacheSpec(shard_tokens=64, batch_size=3, parts=3)
+    write_cache(
+        loaded,
+        docs,
+        corpus,
+        spec.model_copy(update={"parts": 1}),
+        HOOKPOINTS,
+        tmp_path / "one",
+        header=HEADER,
+    )
+    out = tmp_path / "parts"
+    plan = plan_cache(loaded, docs, corpus, spec, HOOKPOINTS, header=HEADER, folder=out)
+    assert (out / "contexts.safetensors").is_file() and not list(out.glob(".contexts-*"))
+    prepare_cache(plan, out)
+    for part in (2, 0, 1):
+        opened = open_contexts(out / "contexts.safetensors")
+        worker = plan_cache(loaded, None, None, spec, HOOKPOINTS, header=HEADER, contexts=opened)
+        assert worker.key == plan.key and worker.parts == plan.parts
+        write_part(loaded, worker, spec, out, part)
+    assemble(loaded.tokenizer, docs, plan, spec, out, header=HEADER)
+    assert _files(out) == _files(tmp_path / "one")
 
 
 def test_more_parts_than_shards_are_cut_down(tmp_path, corpus_args):

@@ -6,7 +6,7 @@ import polars as pl
 import torch
 
 from featureatlas.tasks.activations import token_table
-from featureatlas.tasks.common.corpus import Contexts
+from featureatlas.tasks.common.contexts import Contexts
 from tests.helpers import build_tiny_tokenizer
 
 
@@ -15,7 +15,7 @@ def test_token_table_in_chunks_equals_the_table_at_once(monkeypatch, tmp_path):
     ids = torch.randint(3, 300, (11, 8), generator=gen)
     mask = torch.ones_like(ids)
     mask[3, 5:] = 0  # a short context: its padding gets no row
-    contexts = Contexts(ids, mask, torch.arange(11) // 2, torch.arange(11) % 4 == 3)
+    contexts = Contexts.from_tensors(ids, mask, torch.arange(11) // 2, torch.arange(11) % 4 == 3)
     docs = pl.DataFrame({"doc_id": [f"d{i}" for i in range(6)]})
     tokenizer = build_tiny_tokenizer()
     whole = token_table.write_token_table(tokenizer, docs, contexts, 16, tmp_path / "whole.parquet")

@@ -1,5 +1,6 @@
-"""Building contexts: the same tensors as the plain list-of-lists definition, in less than twice the memory of
-the result (a corpus held as Python ints takes ~40 bytes a token until the tensors are made)."""
+"""Building contexts: the same tensors as the plain list-of-lists definition, held in memory or written to
+contexts.safetensors (the bytes `save_file` writes for them) in memory set by a block of contexts, not by the
+corpus."""
 
 from __future__ import annotations
 
@@ -9,8 +10,11 @@ import tracemalloc
 import polars as pl
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from featureatlas.schemas.spec import CorpusSpec
+from featureatlas.tasks.common import contexts as contexts_module
+from featureatlas.tasks.common.contexts import open_contexts
 from featureatlas.tasks.common.corpus import build_contexts, split_budgets
 
 
@@ -77,7 +81,7 @@ def _documents(rng: random.Random, n: int, max_words: int) -> pl.DataFrame:
 
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("pack", [False, True])
-def test_contexts_equal_the_plain_definition(seed, pack):
+def test_contexts_equal_the_plain_definition(tmp_path, seed, pack):
     rng = random.Random(seed)
     documents = _documents(rng, rng.randint(20, 80), max_words=rng.choice([10, 40, 150]))
     total = sum(len(t.split()) + 2 for t in documents["text"])
@@ -96,17 +100,62 @@ def test_contexts_equal_the_plain_definition(seed, pack):
         with pytest.raises(ValueError, match="no context"):
             build_contexts(documents, tok, spec)
         return
-    got = build_contexts(documents, tok, spec)
     names = ["input_ids", "attention_mask", "doc_index", "heldout", "token_doc"]
-    for name, w, g in zip(names, want, got if pack else (*got[:4], want[4])):
-        assert g.dtype == w.dtype and torch.equal(g, w), name
+    held = build_contexts(documents, tok, spec)
+    on_disk = build_contexts(documents, tok, spec, tmp_path / "contexts.safetensors")
+    for got in (held, on_disk):
+        for name, w in zip(names, want):
+            g = getattr(got, name)
+            assert g.dtype == w.dtype and torch.equal(g, w), name
+    # the file is what save_file writes for the tensors, and reads back the same (without the documents)
+    save_file(
+        dict(zip(["input_ids", "attention_mask"], want[:2])) | {"heldout": want[3].to(torch.uint8)},
+        tmp_path / "ref",
+    )
+    assert (tmp_path / "contexts.safetensors").read_bytes() == (tmp_path / "ref").read_bytes()
+    held.save(tmp_path / "saved.safetensors")
+    assert (tmp_path / "saved.safetensors").read_bytes() == (tmp_path / "ref").read_bytes()
+    opened = open_contexts(tmp_path / "contexts.safetensors")
+    for name in names[:2]:
+        assert torch.equal(getattr(opened, name), getattr(held, name)), name
+    assert torch.equal(opened.heldout, held.heldout) and opened.sha256() == held.sha256()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["contexts.safetensors", "ref", "saved.safetensors"]
+
+
+def _words(n_docs: int, words: int) -> pl.DataFrame:
+    return pl.DataFrame({"text": [" ".join(["gamma"] * words)] * n_docs, "split": ["train"] * n_docs})
 
 
 @pytest.mark.parametrize("pack", [False, True])
-def test_building_contexts_takes_less_than_twice_the_memory_of_the_result(pack):
-    # 200 documents of 2,000 words, 400,000 tokens: Python lists of ids, masks (and documents) took 48-56
-    # bytes a token while they were built, 2.3-3x the tensors they became
-    documents = pl.DataFrame({"text": [" ".join(["gamma"] * 2000)] * 200, "split": ["train"] * 200})
+def test_building_contexts_into_their_file_takes_memory_set_by_a_block(tmp_path, monkeypatch, pack):
+    # 1 MiB blocks; 100 and 400 documents of 2,000 words: 1.6 and 6.4 MB of ids. Held whole, the ids, mask
+    # (and each token's document) took 16-24 bytes a token, and building them more
+    monkeypatch.setattr(contexts_module, "BLOCK_BYTES", 1 << 20)
+    spec = CorpusSpec(
+        sources=["unused"], context_length=512, max_tokens=10**7, heldout_fraction=0.0, pack=pack
+    )
+    peaks = []
+    for n_docs in (1, 100, 400):  # the first loads pyarrow, read in the second and third
+        documents = tmp_path / f"{n_docs}.parquet"
+        _words(n_docs, 2000).write_parquet(documents)
+        tracemalloc.start()
+        try:
+            contexts = build_contexts(documents, WordTokenizer(), spec, tmp_path / f"{n_docs}.safetensors")
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert contexts.n_tokens == n_docs * (2001 + pack)
+        peaks.append(peak)
+    peaks = peaks[1:]
+    ids_bytes = 400 * (2001 + pack) * 8
+    # the writer's block, and a block read back from the raw file
+    assert peaks[1] < 3 * 2**20 + 0.05 * ids_bytes, f"peak {peaks[1] / 2**20:.2f} MiB"
+    assert peaks[1] - peaks[0] < 0.05 * ids_bytes, f"{peaks[0] / 2**20:.2f} -> {peaks[1] / 2**20:.2f} MiB"
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_contexts_held_in_memory_take_their_ids_once(pack):
+    documents = _words(200, 2000)
     spec = CorpusSpec(
         sources=["unused"], context_length=512, max_tokens=10**6, heldout_fraction=0.0, pack=pack
     )
@@ -116,6 +165,6 @@ def test_building_contexts_takes_less_than_twice_the_memory_of_the_result(pack):
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    result = sum(t.nbytes for t in contexts if t is not None)
-    assert int(contexts.attention_mask.sum()) == 200 * (2001 + pack)
-    assert peak < 2 * result, f"peak {peak / result:.2f}x the contexts' bytes"
+    ids = contexts.input_ids.nbytes
+    assert contexts.n_tokens == 200 * (2001 + pack)
+    assert peak < 1.2 * ids + contexts_module.BLOCK_BYTES, f"peak {peak / ids:.2f}x the ids' bytes"
