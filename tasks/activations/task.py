@@ -33,7 +33,7 @@ from featureatlas.tasks.activations.cache import (
 )
 from featureatlas.tasks.activations.unstored import write_unstored
 from featureatlas.tasks.common.contexts import open_contexts
-from featureatlas.tasks.common.corpus import load_documents
+from featureatlas.tasks.common.documents import write_documents
 from featureatlas.tasks.common.models import (
     describe,
     export_model,
@@ -87,21 +87,14 @@ def register_model(ctx: StageContext, spec: ModelSpec) -> ModelRef:
 
 @task(name="prepare_corpus", cache_policy=NO_CACHE)
 def prepare_corpus(ctx: StageContext, spec: CorpusSpec) -> CorpusRef:
-    """Read the corpus once into `documents.parquet` (doc_id, source, text, split)."""
+    """Read the corpus once into `documents.parquet` (doc_id, source, text, split), a bucket at a time."""
 
     def build(folder: Path, run: StageRun) -> tuple[dict, dict]:
-        docs = load_documents(spec)
-        docs.write_parquet(folder / "documents.parquet")
-        n_chars = int(docs["text"].str.len_chars().sum())
-        run.log_metrics(
-            {
-                "n_documents": docs.height,
-                "n_chars": n_chars,
-                "n_heldout_documents": int((docs["split"] == "heldout").sum()),
-            }
-        )
-        return {"spec": spec, "n_documents": docs.height, "n_chars": n_chars}, {
-            "n_documents": docs.height,
+        counts = write_documents(spec, folder / "documents.parquet")
+        run.log_metrics(counts)
+        n_docs, n_chars = counts["n_documents"], counts["n_chars"]
+        return {"spec": spec, "n_documents": n_docs, "n_chars": n_chars}, {
+            "n_documents": n_docs,
             "n_chars": n_chars,
         }
 

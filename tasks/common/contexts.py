@@ -176,7 +176,7 @@ def _compose(path: Path, contexts: Contexts, id_blocks) -> int:
     offset of the ids in the file. Written under a temporary name, fsynced, then renamed."""
     n, L = contexts.n_contexts, contexts.length
     head = _header(n, L)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
     try:
         with tmp.open("wb") as f:
             f.write(head)
@@ -218,6 +218,25 @@ def open_contexts(path: Path) -> Contexts:
     return Contexts(lengths, heldout, L, path=Path(path), offset=offset)
 
 
+def remove_stale(path: Path) -> None:
+    """Delete what a killed build of `path` left beside it (`.<name>.<pid>.*`, its raw ids or its unrenamed
+    file), where that process is gone; a live one's files are its own."""
+    for f in path.parent.glob(f".{path.name}.*"):
+        pid = f.name[len(path.name) + 2 :].split(".")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            f.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
 def _tensor(buffer, dtype: torch.dtype) -> torch.Tensor:
     return torch.frombuffer(buffer, dtype=dtype).clone() if len(buffer) else torch.zeros(0, dtype=dtype)
 
@@ -233,10 +252,12 @@ class ContextWriter:
         self.length, self.pad, self.path = length, pad, path
         self._block = np.full((block_contexts(length), length), pad, dtype=np.int64)
         self._used = 0
-        folder = path.parent if path is not None else None
-        if folder is not None:
+        folder, prefix = None, ".contexts."
+        if path is not None:
+            folder, prefix = path.parent, f".{path.name}.{os.getpid()}."
             folder.mkdir(parents=True, exist_ok=True)
-        fd, raw = tempfile.mkstemp(prefix=".contexts-", suffix=".ids", dir=folder)
+            remove_stale(path)
+        fd, raw = tempfile.mkstemp(prefix=prefix, suffix=".ids", dir=folder)
         self._raw, self._file = Path(raw), os.fdopen(fd, "wb")
         self._lengths, self._heldout = array("q"), bytearray()
         self._starts, self._docs = array("q"), array("q")

@@ -1,16 +1,7 @@
-"""Documents from the built-in corpora, local files or saved `datasets`, cut or packed into token contexts.
-
-Built-in corpora ship with every Python: `pydoc_data.topics` (the topic help, ~113k SmolLM2 tokens) and the
-docstrings of the standard library (~300k tokens). Held-out documents are chosen by a hash of the document id,
-so the split is the same on every machine and does not move when other documents are added.
-"""
+"""A corpus's documents (`tasks.common.documents`) cut or packed into token contexts."""
 
 from __future__ import annotations
 
-import ast
-import hashlib
-import json
-import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,130 +10,9 @@ import polars as pl
 
 from featureatlas.schemas.spec import CorpusSpec
 from featureatlas.tasks.common.contexts import Contexts, ContextWriter
+from featureatlas.tasks.common.documents import load_documents, write_documents
 
-_MIN_DOCSTRING_CHARS = 200
-
-
-def _pydoc_topics() -> Iterator[tuple[str, str]]:
-    from pydoc_data.topics import topics
-
-    for name in sorted(topics):
-        yield f"pydoc:{name}", topics[name]
-
-
-def _stdlib_docstrings() -> Iterator[tuple[str, str]]:
-    root = Path(sysconfig.get_paths()["stdlib"])
-    skip = {"test", "tests", "idle_test", "site-packages", "dist-packages", "lib2to3"}
-    for path in sorted(root.rglob("*.py")):
-        rel = path.relative_to(root)
-        if skip & set(rel.parts):
-            continue
-        try:
-            tree = ast.parse(path.read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError, ValueError):
-            continue  # a few stdlib files are templates or in other encodings; they are not prose anyway
-        nodes = [tree] + [n for n in ast.walk(tree) if isinstance(n, (ast.ClassDef, ast.FunctionDef))]
-        for node in nodes:
-            doc = ast.get_docstring(node)
-            if doc and len(doc) >= _MIN_DOCSTRING_CHARS:
-                name = getattr(node, "name", "<module>")
-                yield f"stdlib:{rel.as_posix()}:{name}:{getattr(node, 'lineno', 0)}", doc
-
-
-def _saved_dataset(path: Path, text_field: str) -> Iterator[tuple[str, str]]:
-    """Records of a `datasets` Dataset or DatasetDict (every split, in name order) saved with save_to_disk."""
-    from datasets import Dataset, load_from_disk
-
-    loaded = load_from_disk(str(path))
-    parts = {"": loaded} if isinstance(loaded, Dataset) else {f"{k}:": loaded[k] for k in sorted(loaded)}
-    for prefix, ds in parts.items():
-        if text_field not in ds.column_names:
-            raise ValueError(
-                f"{path}: no column {text_field!r} (columns: {ds.column_names}); set `corpus.text_field`"
-            )
-        for i, text in enumerate(ds[text_field]):
-            yield f"{path.name}:{prefix}{i}", str(text)
-
-
-def _folder(path: Path, text_field: str) -> Iterator[tuple[str, str]]:
-    """Every .txt, .jsonl and .parquet file under a plain folder, in path order (a corpus that grows)."""
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in _FOLDER_SUFFIXES)
-    if not files:
-        raise ValueError(
-            f"corpus folder {str(path)!r} holds no {', '.join(_FOLDER_SUFFIXES)} files (and is not a "
-            "dataset saved with save_to_disk); add files or fix `corpus.sources`"
-        )
-    for f in files:
-        rel = f.relative_to(path).as_posix()
-        for doc_id, text in _local_file(f, text_field):
-            yield f"{path.name}/{rel}{doc_id[len(f.name) :]}", text
-
-
-_FOLDER_SUFFIXES = (".txt", ".jsonl", ".parquet")
-
-
-def _local_file(path: Path, text_field: str) -> Iterator[tuple[str, str]]:
-    if not path.exists():
-        raise FileNotFoundError(f"corpus file {str(path)!r} does not exist; fix `corpus.sources` in the spec")
-    if path.is_dir():
-        if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
-            yield from _saved_dataset(path, text_field)
-        else:
-            yield from _folder(path, text_field)
-    elif path.suffix == ".txt":
-        yield f"{path.name}", path.read_text(encoding="utf-8")
-    elif path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as f:
-            for i, line in enumerate(f):
-                if not line.strip():
-                    continue
-                record = json.loads(line)
-                if text_field not in record:
-                    raise ValueError(f"{path}:{i + 1}: no field {text_field!r}; set `corpus.text_field`")
-                yield f"{path.name}:{i}", str(record[text_field])
-    else:
-        df = pl.read_parquet(path)
-        if text_field not in df.columns:
-            raise ValueError(
-                f"{path}: no column {text_field!r} (columns: {df.columns}); set `corpus.text_field`"
-            )
-        for i, text in enumerate(df[text_field].to_list()):
-            yield f"{path.name}:{i}", str(text)
-
-
-def _split(doc_id: str, heldout_fraction: float) -> str:
-    h = int(hashlib.sha256(doc_id.encode()).hexdigest()[:8], 16) / 2**32
-    return "heldout" if h < heldout_fraction else "train"
-
-
-def load_documents(spec: CorpusSpec) -> pl.DataFrame:
-    """All documents as a frame (doc_id, source, text, split), in a fixed, hash-shuffled order."""
-    rows = []
-    for source in spec.sources:
-        if source == "builtin:pydoc_topics":
-            docs = _pydoc_topics()
-        elif source == "builtin:stdlib_docstrings":
-            docs = _stdlib_docstrings()
-        else:
-            docs = _local_file(Path(source), spec.text_field)
-        rows.extend((doc_id, source, text) for doc_id, text in docs if text.strip())
-    if not rows:
-        raise ValueError(f"corpus sources {spec.sources} hold no text")
-    df = pl.DataFrame(rows, schema=["doc_id", "source", "text"], orient="row")
-    if df["doc_id"].n_unique() != df.height:
-        # two local files with one name: make ids unique by prefixing the source path
-        df = df.with_columns(doc_id=pl.col("source") + "::" + pl.col("doc_id"))
-    # order by a hash of the id: a token budget then samples every source, and the order is reproducible.
-    # A salted hash, not the one that picks the split: otherwise held-out documents would all come first.
-    df = df.with_columns(
-        split=pl.col("doc_id").map_elements(
-            lambda d: _split(d, spec.heldout_fraction), return_dtype=pl.String
-        ),
-        _order=pl.col("doc_id").map_elements(
-            lambda d: hashlib.sha256(f"order:{d}".encode()).hexdigest(), return_dtype=pl.String
-        ),
-    )
-    return df.sort("_order").drop("_order")
+__all__ = ["build_contexts", "load_documents", "pack_contexts", "split_budgets", "write_documents"]
 
 
 def _pad_id(tokenizer) -> int:

@@ -168,3 +168,55 @@ def test_contexts_held_in_memory_take_their_ids_once(pack):
     ids = contexts.input_ids.nbytes
     assert contexts.n_tokens == 200 * (2001 + pack)
     assert peak < 1.2 * ids + contexts_module.BLOCK_BYTES, f"peak {peak / ids:.2f}x the ids' bytes"
+
+
+_KILLED_BUILD = """
+import sys, time
+import polars as pl
+from pathlib import Path
+from featureatlas.schemas.spec import CorpusSpec
+from featureatlas.tasks.common import contexts
+from featureatlas.tasks.common.corpus import build_contexts
+from tests.common.test_contexts_build import WordTokenizer
+
+contexts.BLOCK_BYTES = 4096  # blocks of 64 contexts: rows reach the raw file early
+
+class Slow(WordTokenizer):
+    def __call__(self, text, add_special_tokens=True):
+        time.sleep(0.05)
+        return super().__call__(text, add_special_tokens)
+
+docs = pl.DataFrame({"text": ["alpha beta gamma"] * 10_000, "split": ["train"] * 10_000})
+spec = CorpusSpec(sources=["unused"], context_length=8, max_tokens=10**6, heldout_fraction=0.0, min_context_tokens=2)
+build_contexts(docs, Slow(), spec, Path(sys.argv[1]))
+"""
+
+
+def test_a_killed_build_leaves_nothing_the_next_one_keeps(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    path = tmp_path / "contexts.safetensors"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_BUILD, str(path)], env=env)
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob(".contexts.safetensors.*.ids")):
+        assert proc.poll() is None and time.monotonic() < deadline, "the build did not start in time"
+        time.sleep(0.02)
+    time.sleep(0.5)  # some blocks written
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not path.exists()
+    live = tmp_path / f".contexts.safetensors.{os.getpid()}.abcd.ids"  # a build still running: kept
+    live.write_bytes(b"")
+    documents = _words(30, 20)
+    spec = CorpusSpec(
+        sources=["unused"], context_length=8, max_tokens=10**4, heldout_fraction=0.0, min_context_tokens=2
+    )
+    built = build_contexts(documents, WordTokenizer(), spec, path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, live.name])
+    assert torch.equal(built.input_ids, build_contexts(documents, WordTokenizer(), spec).input_ids)
