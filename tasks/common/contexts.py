@@ -1,10 +1,11 @@
 """A corpus's contexts: what is per context in memory, the token ids on disk, read a slice at a time.
 
 At 10^8 tokens the `[n_ctx, L]` int64 ids and mask take 1.6 GB held whole (2.4 GB packed, with each token's
-document). Here memory holds only what is per context (its length, first document and split: 17 bytes a
-context) and where each run of one document's tokens starts (16 bytes a run). `ContextWriter` appends padded
-rows to a raw file a block at a time and lays them out as `contexts.safetensors` at the end, and readers take
-slices with plain reads (`Contexts.ids`): a memory map would count every page it touched in the RSS.
+document). Here memory holds only what is per context (its length and split: 9 bytes a context) and where
+each run of one document's tokens starts (16 bytes a run: one per window, a few per packed context).
+`ContextWriter` appends padded rows to a raw file a block at a time and lays them out as
+`contexts.safetensors` at the end, and readers take slices with plain reads (`Contexts.ids`): a memory map
+would count every page it touched in the RSS.
 
 The attention mask is never held: contexts are right-padded, so row c's mask is its first `lengths[c]`
 positions (`Contexts.mask`). The file keeps the layout `safetensors.torch.save_file` gives the same tensors
@@ -13,6 +14,7 @@ positions (`Contexts.mask`). The file keeps the layout `safetensors.torch.save_f
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -23,9 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-BLOCK_BYTES = (
-    1 << 24
-)  # rows buffered, copied or hashed at a time (16 MiB): memory set by this, not the corpus
+# rows buffered, copied or hashed at a time (16 MiB): memory is set by this, not by the corpus
+BLOCK_BYTES = 1 << 24
 
 
 def block_contexts(length: int) -> int:
@@ -119,8 +120,6 @@ class Contexts:
 
     def sha256(self) -> str:
         """sha256 of the ids' bytes, as of `input_ids.numpy()` whole, a block at a time."""
-        import hashlib
-
         h = hashlib.sha256()
         for a, b in self.blocks():
             h.update(self.ids(a, b).numpy())
