@@ -11,6 +11,7 @@ import polars as pl
 from featureatlas.schemas.spec import CorpusSpec
 from featureatlas.tasks.common.contexts import Contexts, ContextWriter
 from featureatlas.tasks.common.documents import load_documents, write_documents
+from featureatlas.tasks.common.parquet import open_parquet
 
 __all__ = ["build_contexts", "load_documents", "pack_contexts", "split_budgets", "write_documents"]
 
@@ -39,9 +40,7 @@ def _texts(documents: pl.DataFrame | Path, rows: int = 64) -> Iterator[tuple[str
     if isinstance(documents, pl.DataFrame):
         batches = (b.to_arrow() for b in documents.select("text", "split").iter_slices(rows))
     else:
-        import pyarrow.parquet as pq
-
-        batches = pq.ParquetFile(documents).iter_batches(batch_size=rows, columns=["text", "split"])
+        batches = open_parquet(documents).iter_batches(batch_size=rows, columns=["text", "split"])
     for batch in batches:
         yield from zip(batch.column("text").to_pylist(), batch.column("split").to_pylist())
 

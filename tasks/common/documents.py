@@ -25,6 +25,7 @@ import numpy as np
 import polars as pl
 
 from featureatlas.schemas.spec import CorpusSpec
+from featureatlas.tasks.common.parquet import open_parquet
 
 _MIN_DOCSTRING_CHARS = 200
 
@@ -110,9 +111,7 @@ def _local_file(path: Path, text_field: str) -> Iterator[tuple[str, str]]:
                     raise ValueError(f"{path}:{i + 1}: no field {text_field!r}; set `corpus.text_field`")
                 yield f"{path.name}:{i}", str(record[text_field])
     else:
-        import pyarrow.parquet as pq
-
-        file = pq.ParquetFile(path)
+        file = open_parquet(path)
         if text_field not in file.schema_arrow.names:
             raise ValueError(
                 f"{path}: no column {text_field!r} (columns: {file.schema_arrow.names}); "
@@ -143,25 +142,28 @@ def _sources(spec: CorpusSpec) -> Iterator[tuple[str, str, str]]:
 
 
 _BUCKETS = 256  # by the order hash's first byte: a bucket holds 1/256 of the corpus
-_FLUSH_CHARS = 1 << 18  # a bucket's documents go to its file once they hold this much text
-_SCHEMA = {name: pl.String for name in ("doc_id", "source", "text", "split", "_order")}
+_FLUSH_CHARS = 1 << 16  # a bucket's documents go to its file once they hold this much text (16 MiB in all)
+_COLUMNS = ("doc_id", "source", "text", "split", "_order")
 
 
 def _bucket(spec: CorpusSpec, folder: Path, prefixed: bool) -> tuple[int, bool]:
-    """Every document into `folder/<bucket>.parquet` (row groups appended as buckets fill); returns how
-    many documents there were and whether their ids are unique."""
-    import pyarrow.parquet as pq
+    """Every document into `folder/<bucket>.arrow`, an Arrow stream a bucket's batch appended at a time (a
+    Parquet writer per bucket would keep its encoders' buffers: 0.1 GB over 256 of them); returns how many
+    documents there were and whether their ids are unique."""
+    import pyarrow as pa
 
     pending: dict[int, list[tuple]] = {}
     chars = [0] * _BUCKETS
-    writers: dict[int, pq.ParquetWriter] = {}
+    writers: dict[int, pa.ipc.RecordBatchStreamWriter] = {}
     keys = array("Q")  # 8 bytes of each order hash: the ids' uniqueness without holding them
+    schema = pa.schema([(name, pa.string()) for name in _COLUMNS])
 
     def flush(b: int) -> None:
-        table = pl.DataFrame(pending.pop(b), schema=_SCHEMA, orient="row").to_arrow()
+        columns = list(zip(*pending.pop(b)))
+        batch = pa.record_batch([pa.array(c, pa.string()) for c in columns], schema=schema)
         if b not in writers:
-            writers[b] = pq.ParquetWriter(str(folder / f"{b:03d}.parquet"), table.schema)
-        writers[b].write_table(table)
+            writers[b] = pa.ipc.new_stream(str(folder / f"{b:03d}.arrow"), schema)
+        writers[b].write_batch(batch)
         chars[b] = 0
 
     try:
@@ -189,6 +191,7 @@ def _bucket(spec: CorpusSpec, folder: Path, prefixed: bool) -> tuple[int, bool]:
 def write_documents(spec: CorpusSpec, path: Path) -> dict:
     """Write documents.parquet (doc_id, source, text, split) in a fixed, hash-shuffled order, atomically;
     return its counts (n_documents, n_chars, n_heldout_documents). Memory: one bucket, 1/256 of the text."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -198,17 +201,20 @@ def write_documents(spec: CorpusSpec, path: Path) -> dict:
         if not n:
             raise ValueError(f"corpus sources {spec.sources} hold no text")
         if not unique:  # two local files with one name: ids made unique by their source's path
-            for f in folder.glob("*.parquet"):
+            for f in folder.glob("*.arrow"):
                 f.unlink()
             _bucket(spec, folder, prefixed=True)
         counts = {"n_documents": 0, "n_chars": 0, "n_heldout_documents": 0}
         out = folder / "documents.parquet"
-        with pq.ParquetWriter(str(out), pl.DataFrame(schema=_SCHEMA).drop("_order").to_arrow().schema) as w:
+        schema = pl.DataFrame(schema=dict.fromkeys(_COLUMNS[:-1], pl.String)).to_arrow().schema
+        with pq.ParquetWriter(str(out), schema) as w:
             for b in range(_BUCKETS):
-                if not (folder / f"{b:03d}.parquet").is_file():
+                bucket = folder / f"{b:03d}.arrow"
+                if not bucket.is_file():
                     continue
-                part = pl.read_parquet(folder / f"{b:03d}.parquet").sort("_order").drop("_order")
-                (folder / f"{b:03d}.parquet").unlink()
+                with pa.ipc.open_stream(str(bucket)) as reader:
+                    part = pl.from_arrow(reader.read_all()).sort("_order").drop("_order")
+                bucket.unlink()
                 w.write_table(part.to_arrow())
                 counts["n_documents"] += part.height
                 counts["n_chars"] += int(part["text"].str.len_chars().sum())

@@ -162,9 +162,7 @@ def device_present(device: str) -> bool:
     return torch.cuda.is_available()
 
 
-def check_fits(
-    estimates: list[StageMemory], available=available_bytes, *, skip_absent: bool = False
-) -> None:
+def check_fits(estimates: list[StageMemory], available=available_bytes, *, skip_absent: bool = False) -> None:
     """Refuse the first stage whose estimate exceeds the free memory of its device, saying what to lower.
 
     `skip_absent` (planning): a stage on a device this machine lacks (a GPU spec planned on a laptop) is

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from featureatlas.tasks.common.parquet import open_parquet
 from featureatlas.tasks.labeling.stat_labeler import NgramCounts, count_ngrams
 
 __all__ = ["CacheRows", "TensorRows", "window_ids"]
@@ -87,12 +88,11 @@ class CacheRows:
     def __init__(
         self, store, max_rows: int | None = None, chunk_rows: int = 1 << 18, chunk_contexts: int = 4096
     ):
-        import pyarrow.parquet as pq
         from safetensors import safe_open
 
         self.folder = store.folder
         self.max_rows, self.chunk_rows, self.chunk_contexts = max_rows, chunk_rows, chunk_contexts
-        self._parquet = pq.ParquetFile(self.folder / "tokens.parquet")
+        self._parquet = open_parquet(self.folder / "tokens.parquet")  # a row group at a time
         names = self._parquet.schema_arrow.names
         self.exclude_first = bool(store.manifest["exclude_first_token"])
         self.exclude_special = bool(store.manifest.get("exclude_special_tokens", False)) and (
