@@ -37,10 +37,11 @@ class ByteTokenizer:
 
     pad_token_id, eos_token_id = 0, 2
 
-    def __call__(self, text: str, add_special_tokens: bool = True) -> dict:  # noqa: ARG002
+    def __call__(self, texts: list[str], add_special_tokens: bool = True) -> dict:  # noqa: ARG002
         import numpy as np
 
-        return {"input_ids": np.frombuffer(text.encode(), dtype=np.uint8)[::4].astype(np.int64) + 3}
+        ids = [np.frombuffer(t.encode(), dtype=np.uint8)[::4].astype(np.int64) + 3 for t in texts]
+        return {"input_ids": ids}
 
 
 def _phase(out: dict, name: str, fn):

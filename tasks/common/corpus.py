@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -28,21 +28,49 @@ def split_budgets(spec: CorpusSpec) -> dict[bool, int]:
     return {True: heldout, False: spec.max_tokens - heldout}
 
 
-def _token_ids(tokenizer, text: str) -> np.ndarray:
-    """The document's token ids as one int64 array: a corpus of 10^8 tokens held as Python ints would take
-    ~40 bytes a token (the int and the list's pointer) until the contexts are built."""
-    return np.asarray(tokenizer(text, add_special_tokens=True)["input_ids"], dtype=np.int64)
+GROUP_DOCUMENTS, GROUP_CHARS = 64, 1 << 20  # tokenized in one call: up to 64 documents or 1 MiB of text
 
 
-def _texts(documents: pl.DataFrame | Path, rows: int = 64) -> Iterator[tuple[str, str]]:
-    """(text, split) of every document in order, from the frame or from documents.parquet, `rows` documents
-    at a time: building contexts never holds the corpus's text as Python strings."""
+def _groups(documents: pl.DataFrame | Path) -> Iterator[tuple[list[str], list[bool]]]:
+    """(texts, held out) of consecutive documents, `GROUP_DOCUMENTS` or `GROUP_CHARS` of text at a time (a
+    document longer than that alone), read from the frame or from documents.parquet in batches."""
     if isinstance(documents, pl.DataFrame):
-        batches = (b.to_arrow() for b in documents.select("text", "split").iter_slices(rows))
+        batches = (b.to_arrow() for b in documents.select("text", "split").iter_slices(GROUP_DOCUMENTS))
     else:
-        batches = open_parquet(documents).iter_batches(batch_size=rows, columns=["text", "split"])
+        file = open_parquet(documents)
+        batches = file.iter_batches(batch_size=GROUP_DOCUMENTS, columns=["text", "split"])
+    texts, held, chars = [], [], 0
     for batch in batches:
-        yield from zip(batch.column("text").to_pylist(), batch.column("split").to_pylist())
+        for text, split in zip(batch.column("text").to_pylist(), batch.column("split").to_pylist()):
+            texts.append(text)
+            held.append(split == "heldout")
+            chars += len(text)
+            if len(texts) == GROUP_DOCUMENTS or chars >= GROUP_CHARS:
+                yield texts, held
+                texts, held, chars = [], [], 0
+    if texts:
+        yield texts, held
+
+
+def _tokenized(
+    documents: pl.DataFrame | Path, tokenizer, wanted: Callable[[bool], bool]
+) -> Iterator[tuple[int, bool, np.ndarray | None]]:
+    """(row, held out, token ids) of every document in order.
+
+    Documents come a group at a time (`_groups`), so neither the corpus's text nor its ids are ever held
+    whole, and a group is tokenized in one call: a fast tokenizer spreads it over the cores. A document whose
+    split is not `wanted` when its group starts (its budget is spent: it stays spent) comes without ids. Ids
+    are int64 arrays: 10^8 tokens held as Python ints would take ~40 bytes a token.
+    """
+    first = 0
+    for texts, held in _groups(documents):
+        todo = [j for j, h in enumerate(held) if wanted(h)]
+        ids = tokenizer([texts[j] for j in todo], add_special_tokens=True)["input_ids"] if todo else []
+        tokens = dict(zip(todo, ids))
+        for j, h in enumerate(held):
+            t = tokens.get(j)
+            yield first + j, h, None if t is None else np.asarray(t, dtype=np.int64)
+        first += len(texts)
 
 
 def pack_contexts(
@@ -59,13 +87,11 @@ def pack_contexts(
     fill = {h: [np.empty(L, np.int64), [], 0] for h in (False, True)}  # ids, runs (position, doc), used
     taken = {False: 0, True: 0}
     with ContextWriter(L, _pad_id(tokenizer), path) as out:
-        for i, (text, split) in enumerate(_texts(documents)):
-            heldout = split == "heldout"
+        for i, heldout, tokens in _tokenized(documents, tokenizer, lambda h: taken[h] < budget[h]):
             if taken[heldout] >= budget[heldout]:
                 if all(taken[h] >= budget[h] for h in taken):
                     break
                 continue
-            tokens = _token_ids(tokenizer, text)
             if eos is not None and (not len(tokens) or tokens[-1] != eos):
                 tokens = np.append(tokens, eos)  # marks the document boundary for the model
             ids, runs, used = fill[heldout]
@@ -113,13 +139,11 @@ def build_contexts(
         return budget[h] - taken[h] < max(spec.min_context_tokens, 1)
 
     with ContextWriter(L, _pad_id(tokenizer), path) as out:
-        for i, (text, split) in enumerate(_texts(documents)):
-            held = split == "heldout"
+        for i, held, tokens in _tokenized(documents, tokenizer, lambda h: not full(h)):
             if full(held):
                 if full(not held):
                     break
                 continue
-            tokens = _token_ids(tokenizer, text)
             for start in range(0, len(tokens), L):
                 window = tokens[start : start + L][: budget[held] - taken[held]]
                 if len(window) < spec.min_context_tokens:
