@@ -5,7 +5,8 @@ hookpoint, so caching an early layer does not pay for the rest of the model.
 
 Three steps, so that the forward passes can be split into jobs (`cache.parts`) that run on other processes
 or machines:
-  plan_cache     tokenise, check the hookpoints, and cut the rows into parts: part p owns the full shards
+  plan_cache     tokenise into the folder's contexts.safetensors (a part on another process opens that file),
+                 check the hookpoints, and cut the rows into parts: part p owns the full shards
                  [first_p, end_p) (shard s holds rows [s*T, (s+1)*T)), the last part also the trailing
                  partial shard; `prepare_cache` then records the run in `resume.json` (or discards the
                  shards of another run);

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from featureatlas.tasks.common.models import DTYPES
 from featureatlas.tasks.common.shard_records import (
@@ -33,16 +33,6 @@ from featureatlas.tasks.common.shard_stats import shard_statistics, stats_scratc
 from featureatlas.tasks.common.threads import side_pool
 from featureatlas.tasks.tracking.errors import Refusal
 from featureatlas.tasks.tracking.paths import inside
-
-
-def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    tmp.chmod(0o644)  # safetensors creates files readable by the owner alone; caches are shared in a lab
-    with tmp.open("rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
 
 _ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
