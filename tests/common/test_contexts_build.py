@@ -14,8 +14,8 @@ from safetensors.torch import save_file
 
 from featureatlas.schemas.spec import CorpusSpec
 from featureatlas.tasks.common import contexts as contexts_module
-from featureatlas.tasks.common.contexts import open_contexts
 from featureatlas.tasks.common import corpus
+from featureatlas.tasks.common.contexts import open_contexts
 from featureatlas.tasks.common.corpus import build_contexts, split_budgets
 
 
@@ -152,9 +152,10 @@ def test_building_contexts_into_their_file_takes_memory_set_by_a_block(tmp_path,
         peaks.append(peak)
     peaks = peaks[1:]
     ids_bytes = 400 * (2001 + pack) * 8
-    # the writer's block, and a block read back from the raw file
-    assert peaks[1] < 3 * 2**20 + 0.05 * ids_bytes, f"peak {peaks[1] / 2**20:.2f} MiB"
-    assert peaks[1] - peaks[0] < 0.05 * ids_bytes, f"{peaks[0] / 2**20:.2f} -> {peaks[1] / 2**20:.2f} MiB"
+    # the writer's block and a block read back from the raw file (~3 MiB), less than the ids alone: held
+    # whole, the ids and mask (and documents) took two to three times them
+    assert peaks[1] < 0.75 * ids_bytes, f"peak {peaks[1] / 2**20:.2f} MiB"
+    assert peaks[1] - peaks[0] < 0.1 * ids_bytes, f"{peaks[0] / 2**20:.2f} -> {peaks[1] / 2**20:.2f} MiB"
 
 
 @pytest.mark.parametrize("pack", [False, True])
@@ -193,7 +194,9 @@ class Slow(WordTokenizer):
         return super().__call__(text, add_special_tokens)
 
 docs = pl.DataFrame({"text": ["alpha beta gamma"] * 10_000, "split": ["train"] * 10_000})
-spec = CorpusSpec(sources=["unused"], context_length=8, max_tokens=10**6, heldout_fraction=0.0, min_context_tokens=2)
+spec = CorpusSpec(
+    sources=["unused"], context_length=8, max_tokens=10**6, heldout_fraction=0.0, min_context_tokens=2
+)
 build_contexts(docs, Slow(), spec, Path(sys.argv[1]))
 """
 

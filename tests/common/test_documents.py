@@ -84,6 +84,6 @@ def test_writing_documents_holds_a_bucket_not_the_corpus(tmp_path, monkeypatch):
         finally:
             tracemalloc.stop()
         peaks.append(peak)
-    small, large = peaks[1:]
+    small, large = peaks[1:]  # measured: 0.68 and 0.76 MB
     assert large < 4e6, f"peak {large / 1e6:.1f} MB for 16 MB of text"
-    assert large < 1.5 * small, f"{small / 1e6:.1f} -> {large / 1e6:.1f} MB"
+    assert large - small < 1e6, f"{small / 1e6:.1f} -> {large / 1e6:.1f} MB while the text grew by 12 MB"
