@@ -211,8 +211,10 @@ def open_contexts(path: Path) -> Contexts:
         for a in range(0, n, step):
             b = min(a + step, n)
             f.seek(8 + size + meta["attention_mask"]["data_offsets"][0] + a * L * 8)
-            rows = np.fromfile(f, dtype="<i8", count=(b - a) * L).reshape(b - a, L)
-            lengths[a:b] = torch.from_numpy(rows.sum(1))
+            rows = torch.from_numpy(np.fromfile(f, dtype="<i8", count=(b - a) * L).reshape(b - a, L))
+            lengths[a:b] = rows.sum(1)
+            if not torch.equal(rows, _mask(lengths[a:b], L)):
+                raise ValueError(f"{path}: an attention mask is not right-padded; cache the corpus again")
     offset = 8 + size + meta["input_ids"]["data_offsets"][0]
     return Contexts(lengths, heldout, L, path=Path(path), offset=offset)
 

@@ -229,3 +229,17 @@ def test_a_killed_build_leaves_nothing_the_next_one_keeps(tmp_path):
     built = build_contexts(documents, WordTokenizer(), spec, path)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, live.name])
     assert torch.equal(built.input_ids, build_contexts(documents, WordTokenizer(), spec).input_ids)
+
+
+def test_a_contexts_file_whose_mask_is_not_right_padded_is_refused(tmp_path):
+    ids = torch.arange(12).view(3, 4)
+    mask = torch.tensor([[1, 1, 1, 1], [0, 1, 1, 1], [1, 1, 0, 0]])  # row 1 left-padded
+    save_file(
+        {"input_ids": ids, "attention_mask": mask, "heldout": torch.zeros(3, dtype=torch.uint8)},
+        tmp_path / "c",
+    )
+    with pytest.raises(ValueError, match="not right-padded"):
+        open_contexts(tmp_path / "c")
+    (tmp_path / "c").write_bytes((tmp_path / "c").read_bytes()[:-2])  # cut short
+    with pytest.raises(ValueError, match="not the size its header says"):
+        open_contexts(tmp_path / "c")
