@@ -290,7 +290,7 @@ class ContextWriter:
         self._heldout.append(heldout)
 
     def _flush(self) -> None:
-        self._file.write(self._block[: self._used].tobytes())
+        self._file.write(self._block[: self._used])  # the rows' own buffer: no 16 MiB bytes copy
         self._used = 0
 
     def finish(self) -> Contexts:
